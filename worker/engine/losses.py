@@ -1,0 +1,136 @@
+"""Loss terms as pure functions of tensors.
+
+Shapes: B sequences, L response positions, V vocabulary. `logits[b, t]` is the distribution over
+response token t of sequence b (already aligned: it was produced from the tokens before it).
+`mask[b, t]` is 1 where response token t is a real target: every sampled or gold token up to and
+including the first EOS, never padding. Per-token functions return (B, L) and leave the reduction to
+`masked_mean`, so callers decide how to average and tests can weight sequences exactly.
+
+All vocabulary-wide arithmetic is fp32 whatever the model's precision: bf16 log-softmax over 49k
+entries loses most of the probability mass of rare tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` (B, L) over positions where `mask` (B, L) is set; 0 if none are."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[tokens]: (B, L, V), (B, L) -> (B, L) in fp32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a‖b) = Σ_v a (log a − log b) over the last axis, with 0·log 0 = 0."""
+    a = log_a.exp()
+    terms = a * (log_a - log_b)
+    return torch.where(a > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Exact KL(q_student ‖ p_teacher) per position over the whole vocabulary: (B, L, V) x2 -> (B, L).
+
+    This is MiniLLM's single-step term: its gradient flows through q in both the weight and the log.
+    """
+    return _kl(torch.log_softmax(student_logits.float(), -1), torch.log_softmax(teacher_logits.float(), -1))
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Exact KL(p_teacher ‖ q_student) per position: (B, L, V) x2 -> (B, L). Word-level KD.
+
+    Same gradient as the teacher-student cross-entropy the reference code uses (they differ by the
+    teacher's entropy, a constant); KL reads as a distance, 0 when the student matches.
+    """
+    return _kl(torch.log_softmax(teacher_logits.float(), -1), torch.log_softmax(student_logits.float(), -1))
+
+
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, mask: Tensor, kd_ratio: float
+) -> Tensor:
+    """(1 − kd_ratio)·cross-entropy on `targets` + kd_ratio·forward KL, token mean. Scalar.
+
+    kd_ratio 0 is plain SFT and needs no teacher logits.
+    """
+    loss = -(1 - kd_ratio) * token_log_probs(student_logits, targets)
+    if kd_ratio > 0:
+        loss = loss + kd_ratio * forward_kl(student_logits, teacher_logits)
+    return masked_mean(loss, mask)
+
+
+def importance_weights(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
+    """w_t = q(y_t) / p̃(y_t) with p̃ = α·p + (1−α)·q, per token: (B, L) x2 -> (B, L).
+
+    The paper's single-step approximation of the importance weight (Eq. 5), computed in log space so
+    that a token the teacher gives zero probability still gets a finite weight.
+    """
+    if alpha == 0:
+        return torch.ones_like(student_logp)
+    if alpha == 1:
+        return (student_logp - teacher_logp).exp()
+    log_mix = torch.logaddexp(math.log(1 - alpha) + student_logp, math.log(alpha) + teacher_logp)
+    return (student_logp - log_mix).exp()
+
+
+def long_term_returns(rewards: Tensor, mask: Tensor, gamma: float, length_normalization: bool) -> Tensor:
+    """R_{t+1}: the (discounted) sum of rewards after token t, per token: (B, L) x2 -> (B, L).
+
+    With `length_normalization` it is divided by the (discounted) number of valid future tokens, the
+    paper's Eq. 6: without it the sum of negative-on-average rewards favours short responses. The
+    current token's reward is left out on purpose: its expectation is the single-step term, computed
+    exactly over the vocabulary, so including it (as the reference code does) would count it twice.
+    The last valid token has no future and gets 0.
+    """
+    mask = mask.to(rewards.dtype)
+    future_sum = torch.zeros_like(rewards[:, 0])
+    future_count = torch.zeros_like(future_sum)
+    returns = torch.zeros_like(rewards)
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        returns[:, t] = future_sum / future_count.clamp(min=1e-8) if length_normalization else future_sum
+        returns[:, t] = torch.where(future_count > 0, returns[:, t], torch.zeros_like(future_sum))
+        future_sum = rewards[:, t] * mask[:, t] + gamma * future_sum
+        future_count = mask[:, t] + gamma * future_count
+    return returns * mask
+
+
+def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
+    """[count, sum, sum of squares] of the valid entries, as one tensor that ranks can all-reduce."""
+    mask = mask.to(torch.float64)
+    v = values.to(torch.float64) * mask
+    return torch.stack([mask.sum(), v.sum(), (v * v).sum()])
+
+
+def whiten(values: Tensor, mask: Tensor, moments: Tensor) -> Tensor:
+    """(values − mean) / std using `masked_moments` (possibly summed over ranks); padding stays 0.
+
+    Unlike the reference code, padding is left out of the statistics: pads carry reward 0 and would
+    pull the mean towards 0 by an amount that depends on how long the responses happen to be.
+    """
+    count, total, total_sq = moments.tolist()
+    mean = total / max(count, 1.0)
+    var = max(total_sq / max(count, 1.0) - mean * mean, 0.0)
+    return ((values - mean) / math.sqrt(var + 1e-8)) * mask.to(values.dtype)
+
+
+def ppo_policy_loss(
+    logp: Tensor, logp_old: Tensor, weights: Tensor, advantages: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor]:
+    """PPO-clipped policy-gradient term per token, and whether the clip was active: (B, L) each.
+
+    ratio = q_θ(y_t) / p̃_old(y_t) = exp(log q_θ − log q_old) · w_t, with p̃ frozen at sampling time.
+    On the first update after sampling ratio = w_t, and its gradient is w_t ∇log q_θ: the importance-
+    weighted policy gradient. The pessimistic max() of the two surrogate losses bounds the step, and is
+    also the only bound on w, as in the reference code.
+    """
+    ratio = (logp - logp_old).exp() * weights
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped)

@@ -1,0 +1,253 @@
+"""The training methods. Each stage turns one optimizer step index into metrics.
+
+- `FinetuneStage`: SFT (cross-entropy on responses), word-level KD ((1−r)·CE + r·forward KL to the
+  teacher, teacher-forced on the same responses) and the SFT part of SeqKD (responses the teacher
+  sampled).
+- `MiniLLMStage`: the paper's policy gradient on the reverse KL, in phases: sample rollouts with
+  teacher-mixed sampling, score them, then run `ppo_epochs` passes of clipped updates over them.
+
+Every random choice is drawn from a generator seeded by (seed, what, index), never from a global
+stream, so the step a job resumes at sees exactly the data and samples it would have seen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .batch import SequenceBatch, collate, response_logits
+from .data import Example, sample_order
+from .distributed import all_reduce_sum, rank, world_size
+from .losses import (
+    importance_weights,
+    kd_loss,
+    long_term_returns,
+    masked_mean,
+    masked_moments,
+    ppo_policy_loss,
+    reverse_kl,
+    token_log_probs,
+    whiten,
+)
+from .sampling import sample
+from .spec import JobSpec
+
+
+@dataclass
+class Context:
+    """What every stage trains with."""
+
+    spec: JobSpec
+    engine: object  # deepspeed.DeepSpeedEngine
+    teacher: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    vocab_size: int
+    device: torch.device
+
+    def batch(self, examples: list[Example], indices: list[int]) -> SequenceBatch:
+        return collate([(examples[i].prompt_ids, examples[i].response_ids) for i in indices], self.tokenizer.pad_token_id).to(
+            self.device
+        )
+
+    def micro_batch_indices(self, n: int, seed: int, micro_step: int) -> list[int]:
+        """This rank's share of global micro-batch `micro_step` from the shuffled stream over n items."""
+        b = self.spec.training.batch_size
+        return sample_order(n, seed, (micro_step * world_size() + rank()) * b, b)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        return response_logits(self.teacher, batch, self.vocab_size)
+
+
+@dataclass
+class Schedule:
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    lr_schedule: str
+
+    def lr(self, step: int) -> float:
+        """Learning rate for 0-based optimizer step `step` of this stage."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        if self.lr_schedule == "cosine":
+            return self.learning_rate * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        if self.lr_schedule == "linear":
+            return self.learning_rate * (1 - progress)
+        return self.learning_rate
+
+
+class FinetuneStage:
+    def __init__(self, name: str, ctx: Context, examples: list[Example], kd_ratio: float, schedule: Schedule):
+        self.name, self.ctx, self.examples, self.kd_ratio, self.schedule = name, ctx, examples, kd_ratio, schedule
+
+    def train_step(self, step: int) -> dict[str, float]:
+        ctx, spec = self.ctx, self.ctx.spec
+        engine, ga = ctx.engine, spec.training.gradient_accumulation
+        engine.train()
+        totals = {"loss": 0.0}
+        tokens, start = 0, time.perf_counter()
+        for k in range(ga):
+            batch = ctx.batch(self.examples, ctx.micro_batch_indices(len(self.examples), spec.training.seed, step * ga + k))
+            logits = response_logits(engine, batch, ctx.vocab_size)
+            teacher_logits = ctx.teacher_logits(batch) if self.kd_ratio > 0 else None
+            loss = kd_loss(logits, teacher_logits, batch.response_ids, batch.response_mask, self.kd_ratio)
+            engine.backward(loss)
+            engine.step()
+            totals["loss"] += loss.item() / ga
+            tokens += int(batch.response_mask.sum())
+        totals["tokens_per_s"] = tokens * world_size() / (time.perf_counter() - start)
+        return totals
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Rollouts:
+    """One phase's samples and everything the updates need, all (N, Lr) beside the batch."""
+
+    batch: SequenceBatch
+    logp_old: torch.Tensor  # student log-prob of each sampled token, right after sampling
+    weights: torch.Tensor  # importance weight q_old / p̃ per token
+    advantages: torch.Tensor  # detached, normalised long-term returns
+    rewards: torch.Tensor  # log p_teacher − log q_old per token (for reporting)
+
+
+class MiniLLMStage:
+    def __init__(self, ctx: Context, prompts: list[Example], lm_examples: list[Example], schedule: Schedule):
+        self.ctx, self.prompts, self.lm_examples, self.schedule = ctx, prompts, lm_examples, schedule
+        self.name = "minillm"
+        spec = ctx.spec
+        self.cfg = spec.minillm
+        self.rollouts_per_rank = self.cfg.rollouts_per_phase // world_size()
+        minibatch = spec.training.batch_size * spec.training.gradient_accumulation
+        self.steps_per_epoch = self.rollouts_per_rank // minibatch
+        if self.cfg.rollouts_per_phase % world_size() or self.rollouts_per_rank % minibatch:
+            raise ValueError(
+                f"minillm.rollouts_per_phase ({self.cfg.rollouts_per_phase}) must be a multiple of "
+                f"resources.devices × training.batch_size × training.gradient_accumulation ({world_size() * minibatch})"
+            )
+        self.phase: int | None = None
+        self.rollouts: Rollouts | None = None
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def collect(self, phase: int) -> float:
+        """Sample this rank's rollouts for `phase` and score them; returns seconds spent."""
+        ctx, cfg, seed = self.ctx, self.cfg, self.ctx.spec.training.seed
+        start_time = time.perf_counter()
+        student = ctx.engine.module
+        student.eval()  # no dropout: old and new log-probs must agree while the weights are unchanged
+        first = (phase * world_size() + rank()) * self.rollouts_per_rank
+        indices = sample_order(len(self.prompts), seed + 1, first, self.rollouts_per_rank)
+        generator = torch.Generator(device=ctx.device).manual_seed((seed * 1_000_003 + phase) * 1009 + rank())
+        parts = []
+        for start in range(0, len(indices), cfg.rollout_batch_size):
+            chunk = indices[start : start + cfg.rollout_batch_size]
+            prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(ctx.device)
+            parts.append(
+                sample(
+                    student, prompts.prompt_ids, prompts.prompt_mask,
+                    max_new_tokens=ctx.spec.data.max_response_tokens, eos_id=ctx.tokenizer.eos_token_id,
+                    pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size, generator=generator,
+                    mix_model=ctx.teacher, mix_alpha=cfg.teacher_mix_alpha, temperature=cfg.temperature,
+                )  # fmt: skip
+            )
+        batch = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
+        # Recompute log-probs with full forwards, in the code path training uses: the sampler's
+        # incremental (KV-cache) numerics differ slightly and would push the first PPO ratio off 1.
+        logp_old, logp_teacher_t, logp_teacher = [], [], []
+        for start in range(0, len(batch), ctx.spec.training.batch_size):
+            mb = batch.select(slice(start, start + ctx.spec.training.batch_size))
+            s_logits = response_logits(student, mb, ctx.vocab_size)
+            t_logits = ctx.teacher_logits(mb)
+            logp_old.append(token_log_probs(s_logits / cfg.temperature, mb.response_ids))
+            logp_teacher_t.append(token_log_probs(t_logits / cfg.temperature, mb.response_ids))
+            # The reward is the teacher's own log-probability, at temperature 1 (as the reference).
+            logp_teacher.append(token_log_probs(t_logits, mb.response_ids))
+        mask = batch.response_mask.float()
+        logp_old = torch.cat(logp_old) * mask
+        weights = importance_weights(logp_old, torch.cat(logp_teacher_t), cfg.teacher_mix_alpha) * mask
+        rewards = (torch.cat(logp_teacher) - logp_old) * mask
+        returns = long_term_returns(rewards, mask, cfg.gamma, cfg.length_normalization)
+        # Whitened once per phase over every rank's rollouts (the reference whitens per micro-batch):
+        # a larger sample gives steadier statistics, and it is the same for every PPO epoch.
+        advantages = whiten(returns, mask, all_reduce_sum(masked_moments(returns, mask))) if cfg.whiten_advantages else returns
+        self.phase = phase
+        self.rollouts = Rollouts(batch, logp_old, weights, advantages.detach(), rewards)
+        return time.perf_counter() - start_time
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, float]:
+        ctx, cfg, spec = self.ctx, self.cfg, self.ctx.spec
+        engine, ga, b = ctx.engine, spec.training.gradient_accumulation, spec.training.batch_size
+        phase, within = divmod(step, self.steps_per_epoch * cfg.ppo_epochs)
+        epoch, update = divmod(within, self.steps_per_epoch)
+        start = time.perf_counter()
+        sample_seconds = self.collect(phase) if self.phase != phase else 0.0
+        ro = self.rollouts
+        order = torch.randperm(
+            self.rollouts_per_rank, generator=torch.Generator().manual_seed((spec.training.seed * 7 + phase) * 101 + epoch)
+        )
+        engine.module.eval()  # dropout off during RL, as in the reference (PPOModel sets eval())
+        sums: dict[str, float] = {}
+        tokens = 0
+        for k in range(ga):
+            idx = order[(update * ga + k) * b : (update * ga + k + 1) * b]
+            mb = ro.batch.select(idx)
+            mask = mb.response_mask
+            parts = [mb]
+            if cfg.lm_coef > 0:
+                lm = ctx.batch(self.lm_examples, ctx.micro_batch_indices(len(self.lm_examples), spec.training.seed + 2, step * ga + k))
+                parts.append(lm)
+            # PPO and LM batches share one forward, as in the reference: one pass over the weights.
+            joint = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
+            logits = response_logits(engine, joint, ctx.vocab_size)
+            teacher_logits = ctx.teacher_logits(joint)
+            lr_ = mb.response_ids.shape[1]
+            s_logits = logits[:b, :lr_]
+            logp = token_log_probs(s_logits / cfg.temperature, mb.response_ids)
+            pg, clipped = ppo_policy_loss(logp, ro.logp_old[idx], ro.weights[idx], ro.advantages[idx], cfg.clip_range)
+            pg_loss = masked_mean(pg, mask)
+            rkl = masked_mean(reverse_kl(s_logits, teacher_logits[:b, :lr_]), mask)
+            loss = pg_loss + (rkl if cfg.single_step else 0.0)
+            lm_loss = torch.zeros(())
+            if cfg.lm_coef > 0:
+                n = lm.response_ids.shape[1]
+                lm_loss = kd_loss(logits[b:, :n], teacher_logits[b:, :n], lm.response_ids, lm.response_mask, cfg.kd_ratio)
+                loss = loss + cfg.lm_coef * lm_loss
+                tokens += int(lm.response_mask.sum())
+            engine.backward(loss)
+            engine.step()
+            tokens += int(mask.sum())
+            for name, value in (
+                ("loss", loss), ("pg_loss", pg_loss), ("reverse_kl", rkl), ("lm_loss", lm_loss),
+                ("clip_fraction", masked_mean(clipped.float(), mask)),
+            ):  # fmt: skip
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / ga
+        valid = ro.batch.response_mask.float()
+        return {
+            **sums,
+            "reward": float(ro.rewards.sum() / valid.sum().clamp(min=1)),
+            "response_length": float(valid.sum(1).mean()),
+            "sample_seconds": sample_seconds,
+            "tokens_per_s": tokens * world_size() / (time.perf_counter() - start),
+        }
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"phase": self.phase, "rollouts": self.rollouts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase, self.rollouts = state["phase"], state["rollouts"]

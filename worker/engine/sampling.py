@@ -1,0 +1,89 @@
+"""Autoregressive sampling, with MiniLLM's teacher-mixed sampling as a special case.
+
+One decoding loop serves rollouts (student mixed with teacher), evaluation (student or teacher
+alone, with the paper's no-repeat-6-gram rule) and teacher-generated data (SeqKD, demo references).
+It takes a `torch.Generator`, so the same seed gives the same samples however often a job is resumed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from transformers import NoRepeatNGramLogitsProcessor
+
+from .batch import SequenceBatch
+
+
+def _step(model: torch.nn.Module, ids: Tensor, attention_mask: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
+    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.cache
+
+
+def _all_ranks_done(done: bool) -> bool:
+    """Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return done
+    flag = torch.tensor([1 if done else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    mix_model: torch.nn.Module | None = None,
+    mix_alpha: float = 0.0,
+    temperature: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    sync_ranks: bool = True,
+) -> SequenceBatch:
+    """Sample responses to left-padded prompts (B, Lq); top-k 0 and top-p 1, as in the paper.
+
+    With `mix_model`, the next token is drawn from (1 − α)·softmax(model) + α·softmax(mix_model):
+    both models decode in lock step, each with its own KV cache, and both see the same tokens.
+    `temperature=0` decodes greedily. A sequence ends at its first EOS, which is kept as a target.
+    `sync_ranks`: stop only when every rank is done, for models whose forward is collective (ZeRO-3).
+    """
+    models = [model] if mix_model is None or mix_alpha == 0 else [model, mix_model]
+    weights = [1.0] if len(models) == 1 else [1 - mix_alpha, mix_alpha]
+    no_repeat = NoRepeatNGramLogitsProcessor(no_repeat_ngram_size) if no_repeat_ngram_size > 0 else None
+    batch_size, device = prompt_ids.shape[0], prompt_ids.device
+
+    attention_mask = prompt_mask.clone()
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids, caches = prompt_ids, [None] * len(models)
+    sequence = prompt_ids
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    tokens, masks = [], []
+    for _ in range(max_new_tokens):
+        probs = torch.zeros(batch_size, vocab_size, device=device)
+        for i, m in enumerate(models):
+            logits, caches[i] = _step(m, step_ids, attention_mask, positions, caches[i])
+            logits = logits[:, :vocab_size]
+            if no_repeat is not None:
+                logits = no_repeat(sequence, logits)
+            if temperature == 0:
+                probs += weights[i] * torch.nn.functional.one_hot(logits.argmax(-1), vocab_size).float()
+            else:
+                probs += weights[i] * torch.softmax(logits / temperature, dim=-1)
+        next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        masks.append(~finished)
+        tokens.append(next_ids)
+        finished = finished | (next_ids == eos_id)
+        if _all_ranks_done(bool(finished.all())) if sync_ranks else bool(finished.all()):
+            break
+        step_ids = next_ids.unsqueeze(-1)
+        sequence = torch.cat([sequence, step_ids], dim=1)
+        attention_mask = torch.cat([attention_mask, masks[-1].long().unsqueeze(-1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return SequenceBatch(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long())

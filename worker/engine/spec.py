@@ -1,0 +1,190 @@
+"""The job spec: one pydantic model shared by the CLI, the API and the worker.
+
+A spec is read from YAML or JSON. Unknown fields are rejected, so a typo never silently falls back
+to a default. Defaults follow the MiniLLM paper and its reference code (LMOps `minillm/`) unless a
+comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["minillm", "kd", "seqkd", "sft"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InitFromTeacher(_Section):
+    num_layers: int = Field(ge=1, description="How many of the teacher's decoder layers the student keeps.")
+    strategy: Literal["even", "first", "last"] = Field(
+        "even", description="Which layers: evenly spaced (first and last included), the first block, or the last block."
+    )
+
+
+class StudentSpec(_Section):
+    model: str | None = Field(
+        None, description="Local Hugging Face directory, hub id, or builtin:NAME. Leave empty to derive from the teacher."
+    )
+    init_from_teacher: InitFromTeacher | None = Field(
+        None, description="Build the student from a subset of the teacher's layers (embeddings and head are copied)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> StudentSpec:
+        if (self.model is None) == (self.init_from_teacher is None):
+            raise ValueError("give exactly one of student.model and student.init_from_teacher")
+        return self
+
+
+class DataSpec(_Section):
+    train: str = Field(
+        "builtin:demo",
+        description="Training set: a JSONL path (Dolly layout instruction/input/output, or prompt/response), "
+        "builtin:demo, or dataset:ID for an uploaded dataset.",
+    )
+    eval: str | None = Field(
+        None,
+        description="Held-out evaluation set, same forms as `train`. Empty: builtin:demo-eval for builtin:demo, "
+        "else the last eval.num_prompts training records are held out.",
+    )
+    prompt_format: Literal["chat", "alpaca"] = Field(
+        "chat", description="`chat`: the teacher tokenizer's chat template; `alpaca`: the template of the MiniLLM paper."
+    )
+    max_prompt_tokens: int = Field(256, ge=8, description="Records whose prompt is longer are skipped (as the paper does).")
+    max_response_tokens: int = Field(256, ge=1, description="Responses are cut to this many tokens; also the sampling length.")
+    max_train_records: int | None = Field(None, ge=1, description="Use only the first N training records.")
+
+
+class TrainingSpec(_Section):
+    steps: int = Field(100, ge=1, description="Optimizer steps of the main method (after any recovery stage).")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch per process.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of the main method (paper: 5e-6 for MiniLLM).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Shape after warmup (paper, MiniLLM: constant)."
+    )
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps (paper: 100).")
+    weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay (reference code: 1e-6).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (reference code: 0.9, 0.95).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    seed: int = Field(10, description="Seed of every random choice: data order, sampling, initialisation.")
+
+
+class RecoverySpec(_Section):
+    method: Literal["sft", "kd"] = Field(
+        "kd", description="Stage run before the main method so the student starts from a sensible model."
+    )
+    steps: int = Field(100, ge=1, description="Optimizer steps of the recovery stage.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate of the recovery stage.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps of the recovery stage.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Shape after warmup.")
+
+
+class MiniLLMSpec(_Section):
+    teacher_mix_alpha: float = Field(0.2, ge=0, le=1, description="α in p̃ = α·teacher + (1−α)·student when sampling.")
+    clip_range: float = Field(0.2, gt=0, description="PPO clip range ε on the importance ratio.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each phase's rollouts.")
+    rollouts_per_phase: int = Field(256, ge=1, description="Rollouts sampled per phase, over all processes.")
+    rollout_batch_size: int = Field(16, ge=1, description="Prompts per sampling call (the reference's chunk size).")
+    length_normalization: bool = Field(True, description="Divide the long-term return by the number of future tokens.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount of future rewards (paper: 1; reference code: 0.95).")
+    whiten_advantages: bool = Field(True, description="Normalise advantages to zero mean, unit variance (valid tokens only).")
+    single_step: bool = Field(True, description="Add the exact per-token reverse KL over the vocabulary (single-step term).")
+    lm_coef: float = Field(1.0, ge=0, description="Weight of the added language-modelling loss on the training data.")
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="Share of word-level forward KL (vs cross-entropy) in the LM loss.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (top-k 0, top-p 1).")
+
+
+class KDSpec(_Section):
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="Loss = (1−r)·cross-entropy + r·forward KL(teacher‖student).")
+
+
+class EvalSpec(_Section):
+    every_steps: int = Field(100, ge=0, description="Evaluate every N steps (0: only before and after training).")
+    num_prompts: int = Field(64, ge=1, description="Held-out prompts used per evaluation.")
+    seeds: list[int] = Field([10], min_length=1, description="Sampling seeds; scores are averaged (paper: 10..50).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation call.")
+    no_repeat_ngram_size: int = Field(6, ge=0, description="Paper's eval protocol: no repeated 6-grams.")
+
+
+class CheckpointSpec(_Section):
+    every_steps: int = Field(100, ge=0, description="Save every N steps (0: only the final model).")
+    keep: int = Field(2, ge=1, description="How many recent checkpoints to keep (the best by Rouge-L is also kept).")
+
+
+class DeepSpeedSpec(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage; 0 is fastest on a single process.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware supports it, else fp32. fp16 needs a GPU."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer state on the CPU (ZeRO 1-3).")
+
+
+class ResourcesSpec(_Section):
+    devices: int = Field(1, ge=1, description="Data-parallel processes: one per GPU, or CPU processes without GPUs.")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: GPUs when present, else CPU.")
+
+
+class JobSpec(_Section):
+    name: str = Field("distill-job", min_length=1, max_length=200, description="A label for people.")
+    method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
+    teacher: str = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
+    student: StudentSpec = Field(..., description="The model that is trained.")
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    recovery: RecoverySpec | None = Field(None, description="Optional SFT/KD stage before the main method.")
+    minillm: MiniLLMSpec = MiniLLMSpec()
+    kd: KDSpec = KDSpec()
+    eval: EvalSpec = EvalSpec()
+    checkpoints: CheckpointSpec = CheckpointSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.training.steps + (self.recovery.steps if self.recovery else 0)
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that shapes the result; a resumed run must have the same one."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be read; the message names the field."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+
+
+def parse_spec(data: dict) -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a spec from a YAML or JSON file (JSON is YAML)."""
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML/JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec is a mapping of fields, got {type(data).__name__}")
+    return parse_spec(data)

@@ -1,0 +1,64 @@
+"""Responses written by the teacher: references for the builtin demo set, and SeqKD training data.
+
+Generating them is the slow part of a short job, and the result depends only on the teacher, the
+prompts and the decoding settings, so it is cached under that key and shared by every job and
+process (one process generates, the others wait on the lock and read the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+
+import torch
+from filelock import FileLock
+from transformers import PreTrainedTokenizerBase
+
+from .batch import collate
+from .data import Example
+from .paths import cache_dir
+from .sampling import sample
+
+
+def teacher_responses(
+    teacher: torch.nn.Module,
+    teacher_ref: str,
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_new_tokens: int,
+    vocab_size: int,
+    device: torch.device,
+    greedy: bool,
+    seed: int,
+    batch_size: int = 16,
+) -> list[Example]:
+    """Copies of `examples` whose responses the teacher wrote (greedy, or sampled at temperature 1).
+
+    Greedy decoding, with the paper's no-repeated-6-gram rule against loops, gives the most likely
+    answer, which is what a reference should be; SeqKD samples, as the paper does.
+    """
+    key = json.dumps([teacher_ref, [e.prompt_ids for e in examples], max_new_tokens, greedy, seed])
+    path = cache_dir() / "teacher_responses" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            generator = torch.Generator(device=device).manual_seed(seed)
+            responses: list[list[int]] = []
+            for start in range(0, len(examples), batch_size):
+                batch = collate([(e.prompt_ids, []) for e in examples[start : start + batch_size]], tokenizer.pad_token_id)
+                batch = batch.to(device)
+                out = sample(
+                    teacher, batch.prompt_ids, batch.prompt_mask, max_new_tokens=max_new_tokens,
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab_size,
+                    generator=generator, temperature=0.0 if greedy else 1.0,
+                    no_repeat_ngram_size=6 if greedy else 0, sync_ranks=False,
+                )  # fmt: skip
+                responses += [ids[m.bool()].tolist() for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
+            path.write_text(json.dumps(responses))
+    responses = json.loads(path.read_text())
+    return [
+        replace(e, record=replace(e.record, response=tokenizer.decode(r, skip_special_tokens=True).strip()), response_ids=r)
+        for e, r in zip(examples, responses)
+    ]

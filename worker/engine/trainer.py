@@ -1,0 +1,273 @@
+"""One distillation job from spec to final checkpoint: `train(spec, output_dir, reporter)`.
+
+    resolve models → check vocabularies → load data → DeepSpeed engine → resume if a state exists
+    → evaluate teacher (cached) and initial student → steps (recovery stage, then the method),
+      evaluating and checkpointing on schedule, stopping early if cancelled → final eval and checkpoint
+
+Every rank runs this function; only rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from . import checkpoints as ckpt
+from .data import Example, read_records, tokenize
+from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init_process_group, initialize, rank, world_size
+from .evaluation import evaluate
+from .events import Event, Reporter
+from .methods import Context, FinetuneStage, MiniLLMStage, Schedule
+from .models import check_compatible, derive_student, load_tokenizer, resolve_model
+from .paths import cache_dir
+from .spec import JobSpec
+from .teacher_data import teacher_responses
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, output_dir: Path, reporter: Reporter):
+        self.spec, self.output_dir, self.reporter = spec, Path(output_dir), reporter
+        self.scores: dict[str, dict[str, float]] = {}  # eval label -> scores, for the model card
+        self.best: tuple[float, int] | None = None  # (Rouge-L, step)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def emit(self, type_: str, message: str = "", level: str = "info", **data) -> None:
+        if rank() == 0:
+            self.reporter.emit(Event(type_, message, level, data))
+
+    def cancel_requested(self) -> bool:
+        flag = torch.tensor([1.0 if rank() == 0 and self.reporter.should_cancel() else 0.0])
+        return bool(all_reduce_sum(flag).item())
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        spec = self.spec
+        hf_logging.disable_progress_bar()
+        self.device = init_process_group(spec)
+        self.precision = choose_precision(spec, self.device)
+        self.emit("log", f"{world_size()} process(es) on {self.device.type}, precision {self.precision}")
+
+        teacher_dir = resolve_model(spec.teacher)
+        if spec.student.init_from_teacher:
+            student_dir = self.output_dir / "initial-student"
+            if rank() == 0 and not (student_dir / "config.json").exists():
+                derive_student(teacher_dir, spec.student.init_from_teacher, student_dir)
+            barrier()
+        else:
+            student_dir = resolve_model(spec.student.model)
+        check_compatible(teacher_dir, student_dir)
+        self.tokenizer = load_tokenizer(teacher_dir)
+        self.vocab_size = len(self.tokenizer)
+
+        dtype = DTYPES[self.precision]
+        # The teacher is frozen, in eval mode, in the training precision, and not wrapped by DeepSpeed.
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(self.device).eval()
+        self.teacher.requires_grad_(False)
+        self.load_data()
+
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+        self.stages_schedule = self.schedules()
+        self.engine = initialize(student, spec, self.precision, self.lr_at)
+        self.ctx = Context(spec, self.engine, self.teacher, self.tokenizer, self.vocab_size, self.device)
+        self.stages = self.build_stages()
+
+    def load_data(self) -> None:
+        spec, d = self.spec, self.spec.data
+        records = read_records(d.train)[: d.max_train_records]
+        if d.eval:
+            eval_records = read_records(d.eval)
+        elif d.train == "builtin:demo":
+            eval_records = read_records("builtin:demo-eval")
+        else:  # hold out the tail of the training set
+            if len(records) <= spec.eval.num_prompts:
+                raise ValueError(f"data.train has {len(records)} records: too few to hold out eval.num_prompts for evaluation")
+            records, eval_records = records[: -spec.eval.num_prompts], records[-spec.eval.num_prompts :]
+
+        def prepare(recs, role: str) -> list[Example]:
+            examples, skipped = tokenize(recs, self.tokenizer, d.prompt_format, d.max_prompt_tokens, d.max_response_tokens)
+            if skipped:
+                self.emit("log", f"{role}: skipped {skipped} records whose prompt exceeds {d.max_prompt_tokens} tokens", "warning")
+            if not examples:
+                raise ValueError(f"data.{role}: no usable records (all prompts exceed data.max_prompt_tokens)")
+            return examples
+
+        train = prepare(records, "train")
+        evals = prepare(eval_records, "eval")[: spec.eval.num_prompts]
+        evals = evals[: max(world_size(), len(evals) // world_size() * world_size())]
+
+        def with_references(examples: list[Example]) -> list[Example]:
+            if all(e.record.response is not None for e in examples):
+                return examples
+            self.emit("log", f"teacher writes reference responses for {len(examples)} prompts (cached after the first time)")
+            return self.teacher_writes(examples, greedy=True)
+
+        self.eval_examples = with_references(evals)
+        self.train_examples = with_references(train) if (spec.method != "minillm" or spec.minillm.lm_coef > 0 or spec.recovery) else train
+        if spec.method == "seqkd":
+            self.emit("log", f"SeqKD: the teacher samples responses for {len(train)} training prompts (cached)")
+            self.seqkd_examples = self.teacher_writes(train, greedy=False)
+
+    def teacher_writes(self, examples: list[Example], greedy: bool) -> list[Example]:
+        return teacher_responses(
+            self.teacher, self.spec.teacher, examples, self.tokenizer, max_new_tokens=self.spec.data.max_response_tokens,
+            vocab_size=self.vocab_size, device=self.device, greedy=greedy, seed=self.spec.training.seed,
+        )  # fmt: skip
+
+    def schedules(self) -> list[Schedule]:
+        spec, t = self.spec, self.spec.training
+        out = []
+        if spec.recovery:
+            r = spec.recovery
+            out.append(Schedule(r.steps, r.learning_rate, r.warmup_steps, r.lr_schedule))
+        out.append(Schedule(t.steps, t.learning_rate, t.warmup_steps, t.lr_schedule))
+        return out
+
+    def build_stages(self) -> list:
+        spec, ctx = self.spec, self.ctx
+        schedules = iter(self.stages_schedule)
+        stages = []
+        if spec.recovery:
+            ratio = spec.kd.kd_ratio if spec.recovery.method == "kd" else 0.0
+            stages.append(FinetuneStage(f"recovery-{spec.recovery.method}", ctx, self.train_examples, ratio, next(schedules)))
+        main = next(schedules)
+        if spec.method == "minillm":
+            stages.append(MiniLLMStage(ctx, self.train_examples, self.train_examples, main))
+        elif spec.method == "seqkd":
+            stages.append(FinetuneStage("seqkd", ctx, self.seqkd_examples, 0.0, main))
+        else:
+            stages.append(FinetuneStage(spec.method, ctx, self.train_examples, spec.kd.kd_ratio if spec.method == "kd" else 0.0, main))
+        return stages
+
+    def locate(self, step: int):
+        """The stage that runs 0-based global step `step`, and the step's index within it."""
+        for stage in self.stages:
+            if step < stage.schedule.steps:
+                return stage, step
+            step -= stage.schedule.steps
+        raise IndexError(step)
+
+    def lr_at(self, step: int) -> float:
+        for schedule in self.stages_schedule:
+            if step < schedule.steps:
+                return schedule.lr(step)
+            step -= schedule.steps
+        return self.stages_schedule[-1].lr(self.stages_schedule[-1].steps - 1)
+
+    # -- evaluation and checkpoints ---------------------------------------------------------------
+
+    def run_eval(self, step: int, label: str) -> None:
+        started = time.perf_counter()
+        scores = evaluate(self.engine.module, self.teacher, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device)
+        self.scores[label] = scores
+        if self.best is None or scores["rouge_l"] > self.best[0]:
+            self.best = (scores["rouge_l"], step)
+        self.emit("eval", f"eval at step {step} ({label}): " + _fmt(scores) + f" [{time.perf_counter() - started:.0f}s]",
+                  step=step, label=label, scores=scores)  # fmt: skip
+
+    def teacher_scores(self) -> dict[str, float]:
+        """Teacher evaluation, computed once per (teacher, eval set, protocol) and cached."""
+        key = json.dumps([self.spec.teacher, [e.prompt_ids for e in self.eval_examples], self.spec.eval.model_dump(),
+                          self.spec.data.max_response_tokens, self.precision, world_size()])  # fmt: skip
+        path = cache_dir() / "teacher_evals" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+        if path.exists():
+            return json.loads(path.read_text())
+        scores = evaluate(self.teacher, None, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device)
+        if rank() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(scores))
+        return scores
+
+    def save(self, step: int) -> None:
+        spec = self.spec
+        out = self.output_dir / "checkpoints" / ckpt.step_dir_name(step)
+        ckpt.export_model(self.engine, self.tokenizer, out, ckpt.model_card(spec, step, self.scores), spec.deepspeed.zero_stage)
+        state = {"step": step, "fingerprint": spec.fingerprint(), "scores": self.scores, "best": self.best}
+        rank_state = {"stages": [s.state_dict() for s in self.stages]}
+        ckpt.save_resume_state(self.engine, self.output_dir / "resume" / ckpt.step_dir_name(step), state, rank_state)
+        ckpt.prune_checkpoints(self.output_dir, spec.checkpoints.keep, {self.best[1]} if self.best else set())
+        self.emit("checkpoint", f"checkpoint step {step}: {out}", step=step, path=str(out))
+
+    def resume(self) -> int:
+        found = ckpt.latest_resume_state(self.output_dir)
+        if found is None:
+            return 0
+        path, state = found
+        if state["fingerprint"] != self.spec.fingerprint():
+            raise ValueError(f"{self.output_dir} holds a run of a different spec; use another output directory")
+        rank_state = ckpt.load_resume_state(self.engine, path)
+        for stage, s in zip(self.stages, rank_state["stages"]):
+            stage.load_state_dict(s)
+        self.scores, self.best = state["scores"], tuple(state["best"]) if state["best"] else None
+        self.emit("log", f"resumed from step {state['step']} ({path})")
+        return state["step"]
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, dict[str, float]]:
+        spec = self.spec
+        self.emit("state", "preparing", state="preparing")
+        self.setup()
+        start = self.resume()
+        total = spec.total_steps
+        if start == 0:
+            self.scores["teacher"] = teacher = self.teacher_scores()
+            self.emit("eval", "eval teacher: " + _fmt(teacher), step=0, label="teacher", scores=teacher)
+            self.run_eval(0, "initial")
+        self.emit("state", f"training from step {start} of {total}", state="running")
+        self.emit("progress", step=start, total_steps=total)
+        step = start
+        for step in range(start + 1, total + 1):
+            stage, local = self.locate(step - 1)
+            torch.manual_seed(spec.training.seed * 100_003 + step)  # anything a library draws globally
+            started = time.perf_counter()
+            metrics = stage.train_step(local)
+            metrics["lr"] = self.lr_at(step - 1)
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingError(f"loss became {metrics['loss']} at step {step} ({stage.name}); try a lower learning rate")
+            eta = (time.perf_counter() - started) * (total - step)
+            self.emit("metrics", step=step, stage=stage.name, values=metrics)
+            self.emit("progress", step=step, total_steps=total, eta_seconds=eta)
+            last = step == total
+            if last or (spec.eval.every_steps and step % spec.eval.every_steps == 0):
+                self.run_eval(step, "final" if last else f"step {step}")
+            if last or (spec.checkpoints.every_steps and step % spec.checkpoints.every_steps == 0):
+                self.save(step)
+            if not last and self.cancel_requested():
+                self.emit("state", f"cancelled at step {step}", state="cancelled", step=step)
+                raise Cancelled(step)
+        self.emit("state", "succeeded", state="succeeded", step=step, best_step=self.best[1] if self.best else None)
+        return self.scores
+
+
+def _fmt(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def train(spec: JobSpec, output_dir: Path, reporter: Reporter) -> dict[str, dict[str, float]]:
+    """Run a job to the end (or until cancelled: raises `Cancelled`). Failures are reported, then raised."""
+    trainer = Trainer(spec, output_dir, reporter)
+    try:
+        return trainer.run()
+    except Cancelled:
+        raise
+    except Exception as err:
+        trainer.emit("state", f"failed: {type(err).__name__}: {err}", "error", state="failed",
+                     error={"code": type(err).__name__, "message": str(err)})  # fmt: skip
+        raise
