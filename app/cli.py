@@ -55,3 +55,7 @@ def _score_table(scores: dict[str, dict[str, float]]) -> str:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Every method end to end on tiny random models through DeepSpeed, checkpoints, resume, 2 processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import read_events, tiny_spec
+from worker.engine.events import Event, JsonlReporter
+from worker.engine.spec import parse_spec
+from worker.engine.trainer import Cancelled, train
+
+pytestmark = pytest.mark.slow
+
+
+class CancelAfter(JsonlReporter):
+    """Writes events like the CLI does and asks to stop once `step` is reached."""
+
+    def __init__(self, path, step):
+        super().__init__(path)
+        self.step, self.seen = step, 0
+
+    def emit(self, event: Event) -> None:
+        super().emit(event)
+        if event.type == "progress":
+            self.seen = event.data["step"]
+
+    def should_cancel(self) -> bool:
+        return self.seen >= self.step
+
+
+def run(tmp_path, spec_dict, name="run"):
+    out = tmp_path / name
+    scores = train(parse_spec(spec_dict), out, JsonlReporter(out / "events.jsonl"))
+    return out, scores
+
+
+def metrics_by_step(out):
+    return {e["data"]["step"]: e["data"]["values"] for e in read_events(out) if e["type"] == "metrics"}
+
+
+def assert_loads_and_generates(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tokenizer("Name a colour.", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("sft", {}),
+        ("kd", {}),
+        ("seqkd", {}),
+        ("minillm", {"recovery": {"method": "kd", "steps": 2, "learning_rate": 1e-3}}),
+    ],
+)
+def test_method_runs_end_to_end(tmp_path, dolly, method, extra):
+    out, scores = run(tmp_path, tiny_spec(dolly, method=method, **extra))
+    events = read_events(out)
+    assert events[-1]["type"] == "state" and events[-1]["data"]["state"] == "succeeded"
+    total = 6 + (2 if extra else 0)
+    metrics = metrics_by_step(out)
+    assert sorted(metrics) == list(range(1, total + 1))
+    assert all(math.isfinite(v) for m in metrics.values() for v in m.values())
+    stages = {e["data"]["stage"] for e in events if e["type"] == "metrics"}
+    assert stages == ({"recovery-kd", "minillm"} if extra else {method})
+    # teacher once, initial student, every 3 steps, final
+    labels = [e["data"]["label"] for e in events if e["type"] == "eval"]
+    assert labels[:2] == ["teacher", "initial"] and labels[-1] == "final"
+    assert set(scores["final"]) == {"rouge_l", "response_length", "distinct_4", "reverse_kl", "forward_kl"}
+    final = out / "checkpoints" / f"step-{total:06d}"
+    card = (final / "README.md").read_text()
+    assert method in card and "builtin:tiny-teacher" in card and "rouge_l" in card
+    assert_loads_and_generates(final)
+
+
+def test_minillm_changes_the_student_towards_the_teacher(tmp_path, dolly):
+    """A few MiniLLM steps at a high learning rate lower the reverse KL on held-out responses."""
+    spec = tiny_spec(dolly, training={"steps": 8, "learning_rate": 3e-3}, eval={"every_steps": 0},
+                     checkpoints={"every_steps": 0})  # fmt: skip
+    _, scores = run(tmp_path, spec)
+    assert scores["final"]["reverse_kl"] < scores["initial"]["reverse_kl"]
+
+
+def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dolly):
+    # 4 rollouts, micro-batch 2, 2 PPO epochs: a phase is 4 steps; checkpoint at 2 is mid-phase.
+    spec = tiny_spec(dolly, training={"steps": 8}, checkpoints={"every_steps": 2, "keep": 1}, eval={"every_steps": 4})
+    straight, straight_scores = run(tmp_path, spec, "straight")
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Cancelled):
+        train(parse_spec(spec), interrupted, CancelAfter(interrupted / "events.jsonl", step=3))
+    assert (interrupted / "resume" / "step-000002" / "trainer_state.json").exists()
+    resumed_scores = train(parse_spec(spec), interrupted, JsonlReporter(interrupted / "events.jsonl"))
+
+    expected, got = metrics_by_step(straight), metrics_by_step(interrupted)  # step 3 ran twice; the rerun wins
+    for step in range(3, 9):
+        for name in ("loss", "pg_loss", "reverse_kl", "lm_loss", "reward"):
+            assert got[step][name] == pytest.approx(expected[step][name], rel=1e-6, abs=1e-9), (step, name)
+    assert resumed_scores["final"] == pytest.approx(straight_scores["final"], rel=1e-6)
+    a = AutoModelForCausalLM.from_pretrained(straight / "checkpoints" / "step-000008").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(interrupted / "checkpoints" / "step-000008").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_retention_keeps_latest_and_best(tmp_path, dolly):
+    out, _ = run(tmp_path, tiny_spec(dolly, checkpoints={"every_steps": 1, "keep": 2}))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert kept[-2:] == ["step-000005", "step-000006"] and len(kept) <= 3
+    assert [p.name for p in (out / "resume").iterdir()] == ["step-000006"]
+
+
+def test_cancel_stops_at_next_step_and_keeps_checkpoints(tmp_path, dolly):
+    out = tmp_path / "cancel"
+    with pytest.raises(Cancelled):
+        train(parse_spec(tiny_spec(dolly)), out, CancelAfter(out / "events.jsonl", step=4))
+    events = read_events(out)
+    assert events[-1]["data"]["state"] == "cancelled" and events[-1]["data"]["step"] == 4
+    assert (out / "checkpoints" / "step-000003" / "config.json").exists()
+
+
+def test_two_processes_under_the_deepspeed_launcher(tmp_path, dolly):
+    spec = tiny_spec(dolly, method="kd", resources={"devices": 2}, training={"steps": 4},
+                     eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "two"
+    # A fresh shell's environment: the in-process runs above set this process's rank variables.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-m", "app.cli", "train", str(path), "-o", str(out)],
+                            capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = read_events(out)
+    assert any("2 process(es)" in e["message"] for e in events)
+    assert events[-1]["data"]["state"] == "succeeded"
+    assert_loads_and_generates(out / "checkpoints" / "step-000004")
