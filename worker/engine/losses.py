@@ -32,8 +32,10 @@ def token_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a‖b) = Σ_v a (log a − log b) over the last axis, with 0·log 0 = 0."""
     a = log_a.exp()
-    terms = a * (log_a - log_b)
-    return torch.where(a > 0, terms, torch.zeros_like(terms)).sum(-1)
+    # Mask the log-ratio, not the product: a·(−inf − log b) in the backward pass would be NaN at a = 0
+    # and spread to the whole row through log_softmax.
+    log_ratio = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
+    return (a * log_ratio).sum(-1)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ stream, so the step a job resumes at sees exactly the data and samples it would 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,24 @@ class Context:
         return response_logits(self.teacher, batch, self.vocab_size)
 
 
+class Stopwatch:
+    """Wall time per named section of a step, reported as `time_<section>` metrics."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, section: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[section] += time.perf_counter() - started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}": v for k, v in self.seconds.items()}
+
+
 @dataclass
 class Schedule:
     steps: int
@@ -89,19 +109,22 @@ class FinetuneStage:
         ctx, spec = self.ctx, self.ctx.spec
         engine, ga = ctx.engine, spec.training.gradient_accumulation
         engine.train()
-        totals = {"loss": 0.0}
-        tokens, start = 0, time.perf_counter()
+        loss_sum, tokens, clock = 0.0, 0, Stopwatch()
         for k in range(ga):
             batch = ctx.batch(self.examples, ctx.micro_batch_indices(len(self.examples), spec.training.seed, step * ga + k))
-            logits = response_logits(engine, batch, ctx.vocab_size)
-            teacher_logits = ctx.teacher_logits(batch) if self.kd_ratio > 0 else None
-            loss = kd_loss(logits, teacher_logits, batch.response_ids, batch.response_mask, self.kd_ratio)
-            engine.backward(loss)
-            engine.step()
-            totals["loss"] += loss.item() / ga
+            with clock("teacher_forward"):
+                teacher_logits = ctx.teacher_logits(batch) if self.kd_ratio > 0 else None
+            with clock("student_forward"):
+                logits = response_logits(engine, batch, ctx.vocab_size)
+                loss = kd_loss(logits, teacher_logits, batch.response_ids, batch.response_mask, self.kd_ratio)
+            with clock("backward"):
+                engine.backward(loss)
+            with clock("optimizer"):
+                engine.step()
+            loss_sum += loss.item() / ga
             tokens += int(batch.response_mask.sum())
-        totals["tokens_per_s"] = tokens * world_size() / (time.perf_counter() - start)
-        return totals
+        elapsed = sum(clock.seconds.values())
+        return {"loss": loss_sum, "tokens_per_s": tokens * world_size() / elapsed, **clock.metrics()}
 
     def state_dict(self) -> dict:
         return {}
@@ -141,10 +164,9 @@ class MiniLLMStage:
     # -- sampling -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def collect(self, phase: int) -> float:
-        """Sample this rank's rollouts for `phase` and score them; returns seconds spent."""
+    def collect(self, phase: int, clock: Stopwatch) -> None:
+        """Sample this rank's rollouts for `phase` and score them."""
         ctx, cfg, seed = self.ctx, self.cfg, self.ctx.spec.training.seed
-        start_time = time.perf_counter()
         student = ctx.engine.module
         student.eval()  # no dropout: old and new log-probs must agree while the weights are unchanged
         first = (phase * world_size() + rank()) * self.rollouts_per_rank
@@ -154,22 +176,24 @@ class MiniLLMStage:
         for start in range(0, len(indices), cfg.rollout_batch_size):
             chunk = indices[start : start + cfg.rollout_batch_size]
             prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(ctx.device)
-            parts.append(
-                sample(
-                    student, prompts.prompt_ids, prompts.prompt_mask,
-                    max_new_tokens=ctx.spec.data.max_response_tokens, eos_id=ctx.tokenizer.eos_token_id,
-                    pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size, generator=generator,
-                    mix_model=ctx.teacher, mix_alpha=cfg.teacher_mix_alpha, temperature=cfg.temperature,
-                )  # fmt: skip
-            )
+            with clock("sample"):
+                parts.append(
+                    sample(
+                        student, prompts.prompt_ids, prompts.prompt_mask,
+                        max_new_tokens=ctx.spec.data.max_response_tokens, eos_id=ctx.tokenizer.eos_token_id,
+                        pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size, generator=generator,
+                        mix_model=ctx.teacher, mix_alpha=cfg.teacher_mix_alpha, temperature=cfg.temperature,
+                    )  # fmt: skip
+                )
         batch = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
         # Recompute log-probs with full forwards, in the code path training uses: the sampler's
         # incremental (KV-cache) numerics differ slightly and would push the first PPO ratio off 1.
         logp_old, logp_teacher_t, logp_teacher = [], [], []
         for start in range(0, len(batch), ctx.spec.training.batch_size):
             mb = batch.select(slice(start, start + ctx.spec.training.batch_size))
-            s_logits = response_logits(student, mb, ctx.vocab_size)
-            t_logits = ctx.teacher_logits(mb)
+            with clock("score"):
+                s_logits = response_logits(student, mb, ctx.vocab_size)
+                t_logits = ctx.teacher_logits(mb)
             logp_old.append(token_log_probs(s_logits / cfg.temperature, mb.response_ids))
             logp_teacher_t.append(token_log_probs(t_logits / cfg.temperature, mb.response_ids))
             # The reward is the teacher's own log-probability, at temperature 1 (as the reference).
@@ -184,7 +208,6 @@ class MiniLLMStage:
         advantages = whiten(returns, mask, all_reduce_sum(masked_moments(returns, mask))) if cfg.whiten_advantages else returns
         self.phase = phase
         self.rollouts = Rollouts(batch, logp_old, weights, advantages.detach(), rewards)
-        return time.perf_counter() - start_time
 
     # -- updates --------------------------------------------------------------------------------
 
@@ -193,8 +216,9 @@ class MiniLLMStage:
         engine, ga, b = ctx.engine, spec.training.gradient_accumulation, spec.training.batch_size
         phase, within = divmod(step, self.steps_per_epoch * cfg.ppo_epochs)
         epoch, update = divmod(within, self.steps_per_epoch)
-        start = time.perf_counter()
-        sample_seconds = self.collect(phase) if self.phase != phase else 0.0
+        clock = Stopwatch()
+        if self.phase != phase:
+            self.collect(phase, clock)
         ro = self.rollouts
         order = torch.randperm(
             self.rollouts_per_rank, generator=torch.Generator().manual_seed((spec.training.seed * 7 + phase) * 101 + epoch)
@@ -212,23 +236,27 @@ class MiniLLMStage:
                 parts.append(lm)
             # PPO and LM batches share one forward, as in the reference: one pass over the weights.
             joint = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
-            logits = response_logits(engine, joint, ctx.vocab_size)
-            teacher_logits = ctx.teacher_logits(joint)
-            lr_ = mb.response_ids.shape[1]
-            s_logits = logits[:b, :lr_]
-            logp = token_log_probs(s_logits / cfg.temperature, mb.response_ids)
-            pg, clipped = ppo_policy_loss(logp, ro.logp_old[idx], ro.weights[idx], ro.advantages[idx], cfg.clip_range)
-            pg_loss = masked_mean(pg, mask)
-            rkl = masked_mean(reverse_kl(s_logits, teacher_logits[:b, :lr_]), mask)
-            loss = pg_loss + (rkl if cfg.single_step else 0.0)
-            lm_loss = torch.zeros(())
-            if cfg.lm_coef > 0:
-                n = lm.response_ids.shape[1]
-                lm_loss = kd_loss(logits[b:, :n], teacher_logits[b:, :n], lm.response_ids, lm.response_mask, cfg.kd_ratio)
-                loss = loss + cfg.lm_coef * lm_loss
-                tokens += int(lm.response_mask.sum())
-            engine.backward(loss)
-            engine.step()
+            with clock("teacher_forward"):
+                teacher_logits = ctx.teacher_logits(joint)
+            with clock("student_forward"):
+                logits = response_logits(engine, joint, ctx.vocab_size)
+                lr_ = mb.response_ids.shape[1]
+                s_logits = logits[:b, :lr_]
+                logp = token_log_probs(s_logits / cfg.temperature, mb.response_ids)
+                pg, clipped = ppo_policy_loss(logp, ro.logp_old[idx], ro.weights[idx], ro.advantages[idx], cfg.clip_range)
+                pg_loss = masked_mean(pg, mask)
+                rkl = masked_mean(reverse_kl(s_logits / cfg.temperature, teacher_logits[:b, :lr_] / cfg.temperature), mask)
+                loss = pg_loss + (rkl if cfg.single_step else 0.0)
+                lm_loss = torch.zeros(())
+                if cfg.lm_coef > 0:
+                    n = lm.response_ids.shape[1]
+                    lm_loss = kd_loss(logits[b:, :n], teacher_logits[b:, :n], lm.response_ids, lm.response_mask, cfg.kd_ratio)
+                    loss = loss + cfg.lm_coef * lm_loss
+                    tokens += int(lm.response_mask.sum())
+            with clock("backward"):
+                engine.backward(loss)
+            with clock("optimizer"):
+                engine.step()
             tokens += int(mask.sum())
             for name, value in (
                 ("loss", loss), ("pg_loss", pg_loss), ("reverse_kl", rkl), ("lm_loss", lm_loss),
@@ -240,8 +268,8 @@ class MiniLLMStage:
             **sums,
             "reward": float(ro.rewards.sum() / valid.sum().clamp(min=1)),
             "response_length": float(valid.sum(1).mean()),
-            "sample_seconds": sample_seconds,
-            "tokens_per_s": tokens * world_size() / (time.perf_counter() - start),
+            "tokens_per_s": tokens * world_size() / sum(clock.seconds.values()),
+            **clock.metrics(),
         }
 
     # -- resume ---------------------------------------------------------------------------------

@@ -10,9 +10,25 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from transformers import NoRepeatNGramLogitsProcessor
 
 from .batch import SequenceBatch
+
+
+def ban_repeated_ngrams(sequence: Tensor, logits: Tensor, n: int) -> Tensor:
+    """Set to −inf every token that would complete an n-gram already present in `sequence` (B, L).
+
+    The rule of transformers' NoRepeatNGramLogitsProcessor, vectorised: that one walks every row in
+    Python at every step, which made evaluation decoding several times slower than the model.
+    """
+    length = sequence.shape[1]
+    if length < n:
+        return logits
+    suffix = sequence[:, length - n + 1 :]  # the (n−1)-gram the next token would extend
+    windows = sequence.unfold(1, n - 1, 1)[:, : length - n + 1]  # (n−1)-grams that have a successor
+    seen = (windows == suffix.unsqueeze(1)).all(-1)
+    followers = sequence[:, n - 1 :]
+    banned = torch.where(seen, torch.tensor(float("-inf"), device=logits.device), torch.tensor(0.0, device=logits.device))
+    return logits.scatter_add(1, followers, banned.to(logits.dtype))
 
 
 def _step(model: torch.nn.Module, ids: Tensor, attention_mask: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
@@ -55,7 +71,6 @@ def sample(
     """
     models = [model] if mix_model is None or mix_alpha == 0 else [model, mix_model]
     weights = [1.0] if len(models) == 1 else [1 - mix_alpha, mix_alpha]
-    no_repeat = NoRepeatNGramLogitsProcessor(no_repeat_ngram_size) if no_repeat_ngram_size > 0 else None
     batch_size, device = prompt_ids.shape[0], prompt_ids.device
 
     attention_mask = prompt_mask.clone()
@@ -69,8 +84,8 @@ def sample(
         for i, m in enumerate(models):
             logits, caches[i] = _step(m, step_ids, attention_mask, positions, caches[i])
             logits = logits[:, :vocab_size]
-            if no_repeat is not None:
-                logits = no_repeat(sequence, logits)
+            if no_repeat_ngram_size > 0:
+                logits = ban_repeated_ngrams(sequence, logits, no_repeat_ngram_size)
             if temperature == 0:
                 probs += weights[i] * torch.nn.functional.one_hot(logits.argmax(-1), vocab_size).float()
             else:

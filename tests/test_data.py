@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from worker.engine.data import DataError, Record, format_prompt, read_records, sample_order, tokenize
+from worker.engine.models import load_tokenizer, smollm2_tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(smollm2_tokenizer_dir())
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_reads_both_layouts(tmp_path, dolly):
+    dolly_records = read_records(str(dolly / "valid.jsonl"))
+    assert len(dolly_records) == 500 and all(r.response for r in dolly_records)
+    path = write(tmp_path / "pr.jsonl", [json.dumps({"prompt": "Say hi", "response": "Hi!"})])
+    assert read_records(path) == [Record("Say hi", "", "Hi!")]
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("{not json", r":3: not valid JSON"),
+        ('{"text": "x"}', r":3: a record needs `instruction`"),
+        ('{"instruction": 5}', r":3: `instruction` must be a string"),
+        ('{"instruction": "  "}', r":3: `instruction` is empty"),
+        ("[1, 2]", r":3: a record is a JSON object"),
+    ],
+)
+def test_bad_line_is_reported_with_its_number(tmp_path, line, message):
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"})
+    path = write(tmp_path / "bad.jsonl", [good, "", line])
+    with pytest.raises(DataError, match=message):
+        read_records(path)
+
+
+def test_missing_file_and_unknown_builtin():
+    with pytest.raises(DataError, match="no such file"):
+        read_records("/nonexistent.jsonl")
+    with pytest.raises(DataError, match="unknown builtin dataset"):
+        read_records("builtin:nope")
+
+
+def test_builtin_demo_sets_have_prompts_only():
+    train, evals = read_records("builtin:demo"), read_records("builtin:demo-eval")
+    assert len(train) >= 300 and len(evals) >= 60
+    assert all(r.response is None for r in train + evals)
+    assert not {r.instruction for r in train} & {r.instruction for r in evals}
+
+
+def test_alpaca_template_is_the_papers():
+    prompt = format_prompt(Record("Add 2 and 2.", "", None), "alpaca", None)
+    assert prompt.endswith("### Instruction:\nAdd 2 and 2.\n\n### Response:\n")
+    with_input = format_prompt(Record("Summarise.", "Some text.", None), "alpaca", None)
+    assert "paired with an input" in with_input and "### Input:\nSome text.\n\n### Response:\n" in with_input
+
+
+def test_chat_template_and_tokenization(tokenizer):
+    records = [Record("What is 2+2?", "", "4"), Record("x " * 400, "", "y")]
+    examples, skipped = tokenize(records, tokenizer, "chat", max_prompt=64, max_response=8)
+    assert skipped == 1 and len(examples) == 1
+    ex = examples[0]
+    assert tokenizer.decode(ex.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert ex.response_ids[-1] == tokenizer.eos_token_id and tokenizer.decode(ex.response_ids[:-1]) == "4"
+    long, _ = tokenize([Record("q", "", "word " * 50)], tokenizer, "chat", 64, 8)
+    assert len(long[0].response_ids) == 8 and long[0].response_ids[-1] != tokenizer.eos_token_id
+
+
+def test_sample_order_is_resumable_and_covers_each_pass():
+    whole = sample_order(10, seed=3, start=0, count=25)
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
+    assert whole[10:20] != whole[:10]
+    assert sample_order(10, seed=3, start=7, count=9) == whole[7:16]
+    assert sample_order(10, seed=4, start=0, count=10) != whole[:10]

@@ -1,0 +1,80 @@
+import json
+import time
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from worker.engine.models import ModelError, check_compatible, derive_student, layer_indices, resolve_model
+from worker.engine.spec import InitFromTeacher
+
+
+def test_layer_selection():
+    assert layer_indices(30, 10, "even") == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert layer_indices(30, 3, "first") == [0, 1, 2]
+    assert layer_indices(30, 3, "last") == [27, 28, 29]
+    with pytest.raises(ModelError, match="exceeds"):
+        layer_indices(4, 5, "even")
+
+
+def test_derived_student_copies_the_chosen_layers(tmp_path):
+    teacher_dir = resolve_model("builtin:tiny-teacher")
+    out = derive_student(teacher_dir, InitFromTeacher(num_layers=2, strategy="even"), tmp_path / "s")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).state_dict()
+    student = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert torch.equal(student["model.layers.1.mlp.up_proj.weight"], teacher["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+    check_compatible(teacher_dir, out)
+
+
+def test_unknown_references_fail_clearly(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="unknown builtin"):
+        resolve_model("builtin:gpt-5")
+    with pytest.raises(ModelError, match="no such model directory"):
+        resolve_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="hub is not reachable"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert time.monotonic() - started < 5
+
+
+def test_hub_id_fails_fast_when_offline_without_the_env_var(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(ModelError, match="hub is not reachable"):
+        resolve_model("someone/some-model")
+
+
+def _other_vocab_model(path):
+    vocab = {w: i for i, w in enumerate(["<unk>", "<|im_end|>", "a", "b", "c"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
+    cfg = LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        check_compatible(resolve_model("builtin:tiny-teacher"), _other_vocab_model(tmp_path / "other"))
+
+
+def test_config_vocab_smaller_than_tokenizer_is_refused(tmp_path):
+    student = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny-student"))
+    student.save_pretrained(tmp_path / "s")
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    config["vocab_size"] = 1000
+    (tmp_path / "s" / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        src = resolve_model("builtin:tiny-student") / name
+        if src.exists():
+            (tmp_path / "s" / name).write_bytes(src.read_bytes())
+    with pytest.raises(ModelError, match="smaller than the tokenizer"):
+        check_compatible(resolve_model("builtin:tiny-teacher"), tmp_path / "s")

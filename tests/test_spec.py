@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from worker.engine.spec import JobSpec, SpecError, load_spec, parse_spec
+from worker.engine.paths import PROJECT_ROOT
+
+STUDENT = {"student": {"model": "builtin:tiny-student"}}
+
+
+def test_defaults_follow_the_paper():
+    spec = parse_spec(STUDENT)
+    m = spec.minillm
+    assert (m.teacher_mix_alpha, m.clip_range, m.ppo_epochs, m.rollouts_per_phase, m.kd_ratio, m.lm_coef) == (0.2, 0.2, 4, 256, 0.5, 1.0)
+    assert m.length_normalization and m.single_step
+    assert spec.training.learning_rate == 5e-6 and spec.training.warmup_steps == 100
+    assert spec.eval.no_repeat_ngram_size == 6 and spec.method == "minillm"
+
+
+def test_every_field_has_help_text():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no help text"
+            annotation = field.annotation
+            for sub in getattr(annotation, "__args__", (annotation,)):
+                if isinstance(sub, type) and hasattr(sub, "model_fields"):
+                    walk(sub)
+
+    walk(JobSpec)
+
+
+@pytest.mark.parametrize(
+    "data,field",
+    [
+        ({**STUDENT, "trainig": {}}, "trainig"),
+        ({**STUDENT, "training": {"stpes": 3}}, "training.stpes"),
+        ({**STUDENT, "method": "ppo"}, "method"),
+        ({**STUDENT, "minillm": {"teacher_mix_alpha": 1.5}}, "minillm.teacher_mix_alpha"),
+        ({"student": {}}, "student"),
+        ({"student": {"model": "x", "init_from_teacher": {"num_layers": 2}}}, "student"),
+        ({**STUDENT, "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer"),
+    ],
+)
+def test_bad_specs_name_the_field(data, field):
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        parse_spec(data)
+
+
+def test_yaml_and_json_files(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({**STUDENT, "training": {"steps": 7}}))
+    assert load_spec(tmp_path / "a.json").training.steps == 7
+    (tmp_path / "b.yaml").write_text("- not\n- a mapping\n")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(tmp_path / "b.yaml")
+
+
+def test_fingerprint_changes_with_the_spec():
+    a, b = parse_spec(STUDENT), parse_spec({**STUDENT, "training": {"seed": 11}})
+    assert a.fingerprint() == parse_spec(STUDENT).fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "smollm2-minillm.yaml"])
+def test_examples_are_valid(name):
+    spec = load_spec(PROJECT_ROOT / "examples" / name)
+    assert spec.method == "minillm"
