@@ -142,3 +142,32 @@ def test_two_processes_under_the_deepspeed_launcher(tmp_path, dolly):
     assert any("2 process(es)" in e["message"] for e in events)
     assert events[-1]["data"]["state"] == "succeeded"
     assert_loads_and_generates(out / "checkpoints" / "step-000004")
+
+
+@pytest.mark.parametrize(
+    "deepspeed",
+    [
+        {"zero_stage": 1, "precision": "bf16"},
+        {"zero_stage": 2, "precision": "fp32", "offload_optimizer": True},
+        {"zero_stage": 3, "precision": "bf16"},
+    ],
+    ids=["zero1-bf16", "zero2-offload", "zero3-bf16"],
+)
+def test_zero_stages_precisions_and_offload(tmp_path, dolly, deepspeed):
+    spec = tiny_spec(dolly, training={"steps": 4}, deepspeed=deepspeed, eval={"every_steps": 0},
+                     checkpoints={"every_steps": 2, "keep": 1})  # fmt: skip
+    out, scores = run(tmp_path, spec)
+    assert math.isfinite(scores["final"]["reverse_kl"])
+    assert json.loads((out / "resume" / "step-000004" / "trainer_state.json").read_text())["step"] == 4
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000004")
+    expected = torch.bfloat16 if deepspeed["precision"] == "bf16" else torch.float32
+    assert model.dtype == expected
+    assert_loads_and_generates(out / "checkpoints" / "step-000004")
+
+
+def test_fp16_on_cpu_is_refused_before_training(tmp_path, dolly):
+    out = tmp_path / "fp16"
+    with pytest.raises(Exception, match="fp16 needs a GPU"):
+        train(parse_spec(tiny_spec(dolly, deepspeed={"precision": "fp16"})), out, JsonlReporter(out / "events.jsonl"))
+    failed = read_events(out)[-1]
+    assert failed["data"]["state"] == "failed" and "fp16" in failed["data"]["error"]["message"]

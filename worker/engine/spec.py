@@ -48,7 +48,7 @@ class DataSpec(_Section):
     train: str = Field(
         "builtin:demo",
         description="Training set: a JSONL path (Dolly layout instruction/input/output, or prompt/response), "
-        "builtin:demo, or dataset:ID for an uploaded dataset.",
+        "or builtin:demo (the project's own instructions; the teacher writes the references).",
     )
     eval: str | None = Field(
         None,
@@ -138,15 +138,15 @@ class JobSpec(_Section):
     method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
     teacher: str = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
     student: StudentSpec = Field(..., description="The model that is trained.")
-    data: DataSpec = DataSpec()
-    training: TrainingSpec = TrainingSpec()
+    data: DataSpec = Field(DataSpec(), description="Training and evaluation data, prompt format, lengths.")
+    training: TrainingSpec = Field(TrainingSpec(), description="Steps, batch, optimizer and schedule of the main method.")
     recovery: RecoverySpec | None = Field(None, description="Optional SFT/KD stage before the main method.")
-    minillm: MiniLLMSpec = MiniLLMSpec()
-    kd: KDSpec = KDSpec()
-    eval: EvalSpec = EvalSpec()
-    checkpoints: CheckpointSpec = CheckpointSpec()
-    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
-    resources: ResourcesSpec = ResourcesSpec()
+    minillm: MiniLLMSpec = Field(MiniLLMSpec(), description="MiniLLM parameters (used when method is minillm).")
+    kd: KDSpec = Field(KDSpec(), description="Word-level KD parameters (method kd, and a kd recovery stage).")
+    eval: EvalSpec = Field(EvalSpec(), description="When and how to evaluate.")
+    checkpoints: CheckpointSpec = Field(CheckpointSpec(), description="When to save and how many to keep.")
+    deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="ZeRO stage, precision, offload.")
+    resources: ResourcesSpec = Field(ResourcesSpec(), description="How many devices, and which kind.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
