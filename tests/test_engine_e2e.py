@@ -59,7 +59,7 @@ def assert_loads_and_generates(checkpoint):
         ("sft", {}),
         ("kd", {}),
         ("seqkd", {}),
-        ("minillm", {"recovery": {"method": "kd", "steps": 2, "learning_rate": 1e-3}}),
+        ("minillm", {"recovery": {"method": "kd", "steps": 2, "learning_rate": 2e-3}}),
     ],
 )
 def test_method_runs_end_to_end(tmp_path, dolly, method, extra):
@@ -72,6 +72,8 @@ def test_method_runs_end_to_end(tmp_path, dolly, method, extra):
     assert all(math.isfinite(v) for m in metrics.values() for v in m.values())
     stages = {e["data"]["stage"] for e in events if e["type"] == "metrics"}
     assert stages == ({"recovery-kd", "minillm"} if extra else {method})
+    if extra:  # recovery: cosine from 2e-3 over 2 steps; then the main stage's constant 1e-3
+        assert [metrics[s]["lr"] for s in (1, 2, 3, 8)] == pytest.approx([2e-3, 1e-3, 1e-3, 1e-3])
     # teacher once, initial student, every 3 steps, final
     labels = [e["data"]["label"] for e in events if e["type"] == "eval"]
     assert labels[:2] == ["teacher", "initial"] and labels[-1] == "final"

@@ -12,6 +12,7 @@ stream, so the step a job resumes at sees exactly the data and samples it would 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -89,13 +90,18 @@ class Schedule:
     warmup_steps: int
     lr_schedule: str
 
+    @classmethod
+    def of(cls, section) -> Schedule:
+        """From a spec section with steps, learning_rate, warmup_steps and lr_schedule."""
+        return cls(section.steps, section.learning_rate, section.warmup_steps, section.lr_schedule)
+
     def lr(self, step: int) -> float:
         """Learning rate for 0-based optimizer step `step` of this stage."""
         if step < self.warmup_steps:
             return self.learning_rate * (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         if self.lr_schedule == "cosine":
-            return self.learning_rate * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+            return self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
         if self.lr_schedule == "linear":
             return self.learning_rate * (1 - progress)
         return self.learning_rate

@@ -83,7 +83,8 @@ class Trainer:
         self.load_data()
 
         student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-        self.stages_schedule = self.schedules()
+        # One schedule per stage; the optimizer's learning rate follows them over the global step.
+        self.schedules = ([Schedule.of(spec.recovery)] if spec.recovery else []) + [Schedule.of(spec.training)]
         self.engine = initialize(student, spec, self.precision, self.lr_at)
         self.ctx = Context(spec, self.engine, self.teacher, self.tokenizer, self.vocab_size, self.device)
         self.stages = self.build_stages()
@@ -130,18 +131,9 @@ class Trainer:
             vocab_size=self.vocab_size, device=self.device, greedy=greedy, seed=self.spec.training.seed,
         )  # fmt: skip
 
-    def schedules(self) -> list[Schedule]:
-        spec, t = self.spec, self.spec.training
-        out = []
-        if spec.recovery:
-            r = spec.recovery
-            out.append(Schedule(r.steps, r.learning_rate, r.warmup_steps, r.lr_schedule))
-        out.append(Schedule(t.steps, t.learning_rate, t.warmup_steps, t.lr_schedule))
-        return out
-
     def build_stages(self) -> list:
         spec, ctx = self.spec, self.ctx
-        schedules = iter(self.stages_schedule)
+        schedules = iter(self.schedules)
         stages = []
         if spec.recovery:
             ratio = spec.kd.kd_ratio if spec.recovery.method == "kd" else 0.0
@@ -155,20 +147,17 @@ class Trainer:
             stages.append(FinetuneStage(spec.method, ctx, self.train_examples, spec.kd.kd_ratio if spec.method == "kd" else 0.0, main))
         return stages
 
-    def locate(self, step: int):
-        """The stage that runs 0-based global step `step`, and the step's index within it."""
-        for stage in self.stages:
-            if step < stage.schedule.steps:
-                return stage, step
-            step -= stage.schedule.steps
-        raise IndexError(step)
+    def locate(self, step: int) -> tuple[int, int]:
+        """(stage index, step within that stage) of 0-based global step `step`."""
+        for index, schedule in enumerate(self.schedules):
+            if step < schedule.steps:
+                return index, step
+            step -= schedule.steps
+        return len(self.schedules) - 1, self.schedules[-1].steps - 1  # past the end: hold the last value
 
     def lr_at(self, step: int) -> float:
-        for schedule in self.stages_schedule:
-            if step < schedule.steps:
-                return schedule.lr(step)
-            step -= schedule.steps
-        return self.stages_schedule[-1].lr(self.stages_schedule[-1].steps - 1)
+        index, local = self.locate(step)
+        return self.schedules[index].lr(local)
 
     # -- evaluation and checkpoints ---------------------------------------------------------------
 
@@ -234,11 +223,13 @@ class Trainer:
         self.emit("progress", step=start, total_steps=total)
         step = start
         for step in range(start + 1, total + 1):
-            stage, local = self.locate(step - 1)
+            index, local = self.locate(step - 1)
+            stage = self.stages[index]
             torch.manual_seed(spec.training.seed * 100_003 + step)  # anything a library draws globally
             started = time.perf_counter()
+            lr = self.engine.get_lr()[0]  # what the optimizer uses for this step
             metrics = stage.train_step(local)
-            metrics["lr"] = self.lr_at(step - 1)
+            metrics["lr"] = lr
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"loss became {metrics['loss']} at step {step} ({stage.name}); try a lower learning rate")
             eta = (time.perf_counter() - started) * (total - step)
