@@ -112,20 +112,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_model(ref: str) -> Path:
-    """Turn a model reference into a local Hugging Face directory, building or downloading it if needed."""
+def _classify(ref: str) -> tuple[str, str | Path]:
+    """("builtin", name), ("dir", path) or ("hub", id); raises ModelError for anything unusable."""
     if ref.startswith("builtin:"):
         name = ref.removeprefix("builtin:")
-        if name == "smollm2-135m-instruct":
-            return _build_once("smollm2-135m-instruct", _build_smollm2)
-        if name in TINY_CONFIGS:
-            return _build_once(name, _build_tiny(name))
-        raise ModelError(f"unknown builtin model {ref!r}; builtins are: {', '.join('builtin:' + b for b in BUILTINS)}")
+        if name not in BUILTINS:
+            raise ModelError(f"unknown builtin model {ref!r}; builtins are: {', '.join('builtin:' + b for b in BUILTINS)}")
+        return "builtin", name
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{ref!r} is a directory but has no config.json: not a Hugging Face model directory")
-        return path
+        return "dir", path
     looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise ModelError(f"{ref!r}: no such model directory")
@@ -134,10 +132,27 @@ def resolve_model(ref: str) -> Path:
             f"{ref!r} is not a local directory, and the Hugging Face hub is not reachable from this machine: "
             "download the model where a hub is reachable and give its local directory"
         )
+    return "hub", ref
+
+
+def check_reference(ref: str) -> Path | None:
+    """Validate a reference without building or downloading anything; its directory if it is local."""
+    kind, value = _classify(ref)
+    return value if kind == "dir" else None
+
+
+def resolve_model(ref: str) -> Path:
+    """Turn a model reference into a local Hugging Face directory, building or downloading it if needed."""
+    kind, value = _classify(ref)
+    if kind == "dir":
+        return value
+    if kind == "builtin":
+        build = _build_smollm2 if value == "smollm2-135m-instruct" else _build_tiny(value)
+        return _build_once(value, build)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref))
+        return Path(snapshot_download(value))
     except Exception as err:  # the hub client raises many types; the message is what matters here
         raise ModelError(f"{ref!r}: could not download from the hub: {err}") from err
 

@@ -1,0 +1,64 @@
+"""/api/v1/datasets: upload a JSONL training or evaluation set, checked line by line."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import select
+
+from app.api.deps import CurrentUser, SessionDep, SettingsDep
+from app.models import Dataset, new_id
+from app.schemas import DatasetOut
+from worker.engine.data import DataError, read_records
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}})  # fmt: skip
+async def upload(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    settings: SettingsDep,
+    name: Annotated[str, Query(min_length=1, max_length=200)],
+) -> DatasetOut:
+    """The request body is the JSONL file itself (`curl --data-binary @train.jsonl`). Records use
+    Dolly's layout (instruction, input, output) or prompt/response; a bad line is named by number.
+    A job refers to the upload as `dataset:ID` in data.train or data.eval."""
+    dataset_id = new_id("ds")
+    folder = settings.resolved_artifacts_dir / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    path, digest, size = folder / f"{dataset_id}.jsonl", hashlib.sha256(), 0
+    partial = path.with_suffix(".partial")
+    with partial.open("wb") as out:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_upload_bytes:
+                out.close()
+                partial.unlink()
+                raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                                    f"datasets are limited to {settings.max_upload_bytes} bytes")  # fmt: skip
+            digest.update(chunk)
+            out.write(chunk)
+    try:
+        records = read_records(str(partial))
+    except (DataError, UnicodeDecodeError) as err:
+        partial.unlink()
+        message = str(err).replace(str(partial), name)
+        raise RequestValidationError([{"loc": ("body",), "msg": message, "type": "value_error"}]) from None
+    partial.rename(path)
+    dataset = Dataset(id=dataset_id, user_id=user.id, name=name, path=str(path), num_records=len(records),
+                      size_bytes=size, sha256=digest.hexdigest())  # fmt: skip
+    session.add(dataset)
+    session.commit()
+    return DatasetOut.model_validate(dataset)
+
+
+@router.get("", response_model=list[DatasetOut])
+def list_datasets(session: SessionDep, user: CurrentUser) -> list[DatasetOut]:
+    rows = session.scalars(select(Dataset).where(Dataset.user_id == user.id).order_by(Dataset.created_at.desc()))
+    return [DatasetOut.model_validate(d) for d in rows]

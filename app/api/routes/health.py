@@ -1,0 +1,69 @@
+"""Liveness, readiness and Prometheus metrics (no authentication: for load balancers and scrapers)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select, text
+
+from app.core.db import session_factory
+from app.models import QUEUED, STATUSES, Job
+
+router = APIRouter(tags=["health"])
+registry = CollectorRegistry()
+REQUEST_SECONDS = Histogram("distill_http_request_seconds", "API request latency", ["method", "route", "status"],
+                            registry=registry)  # fmt: skip
+
+
+class JobCollector:
+    """Read at scrape time from the database, the record every API replica shares."""
+
+    def collect(self):
+        by_status = GaugeMetricFamily("distill_jobs", "Jobs by status", labels=["status"])
+        depth = GaugeMetricFamily("distill_queue_depth", "Jobs waiting for a worker, by queue", labels=["queue"])
+        with session_factory()() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            queued = session.execute(select(Job.queue, func.count()).where(Job.status == QUEUED).group_by(Job.queue)).all()
+        for name in STATUSES:
+            by_status.add_metric([name], counts.get(name, 0))
+        for queue, count in queued:
+            depth.add_metric([queue], count)
+        yield by_status
+        yield depth
+
+
+registry.register(JobCollector())
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(response: Response) -> dict:
+    """Ready when the database and the broker answer."""
+    checks = {}
+    try:
+        with session_factory()() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as err:  # any driver error means not ready; say which
+        checks["database"] = f"error: {err}"
+    try:
+        from worker.celery_app import celery
+
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+        checks["broker"] = "ok"
+    except Exception as err:
+        checks["broker"] = f"error: {err}"
+    if any(v != "ok" for v in checks.values()):
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return checks
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,207 @@
+"""Reads and writes of the service's tables. The job status machine lives here: every change is one
+conditional UPDATE, so two processes can never both move a job, and nothing leaves a terminal status.
+
+    queued ──claim──▶ running ──▶ succeeded | failed
+      │                  │  ▲ (lost worker: back to queued while attempts remain)
+      └──cancel──▶ cancelled ◀── cancelling ◀──cancel── running
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .models import (
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    ApiToken,
+    Job,
+    JobEvent,
+    User,
+    utcnow,
+)
+
+# -- users and tokens ---------------------------------------------------------------------------
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_user(session: Session, name: str) -> tuple[User, str]:
+    """A new user and their first token (returned once; only its hash is stored)."""
+    user = User(name=name)
+    session.add(user)
+    session.flush()
+    return user, create_token(session, user)
+
+
+def create_token(session: Session, user: User) -> str:
+    token = "dst_" + secrets.token_urlsafe(32)
+    session.add(ApiToken(user_id=user.id, token_hash=hash_token(token)))
+    session.commit()
+    return token
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    return session.scalar(select(User).join(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+
+
+# -- job status machine -------------------------------------------------------------------------
+
+
+def _move(session: Session, job_id: str, from_: tuple[str, ...], **values) -> bool:
+    """Apply `values` if the job is in one of `from_`; True if it was."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(from_)).values(**values))
+    session.commit()
+    return result.rowcount == 1
+
+
+def add_event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, type=type_, level=level, message=message, data=data or {}))
+    session.commit()
+
+
+def claim(session: Session, job_id: str, worker: str) -> int | None:
+    """Take a queued job for this worker; returns the attempt number, or None if someone else has it
+    (a redelivered duplicate message, or a job cancelled while queued)."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED)
+        .values(status=RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now, started_at=now)
+        .returning(Job.attempts)
+    )
+    attempt = result.scalar()
+    session.commit()
+    if attempt is not None:
+        add_event(session, job_id, "state", f"running (attempt {attempt}) on {worker}", data={"state": RUNNING, "attempt": attempt})
+    return attempt
+
+
+def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
+    """Record that attempt `attempt` is alive; False once the job has moved on without it."""
+    return _move_attempt(session, job_id, attempt, (RUNNING, CANCELLING), heartbeat_at=utcnow())
+
+
+def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str, ...], **values) -> bool:
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(from_), Job.attempts == attempt).values(**values)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def finish(session: Session, job_id: str, attempt: int, status: str, error: dict | None = None) -> bool:
+    """End attempt `attempt` with a terminal status (cancelled only from cancelling)."""
+    from_ = (CANCELLING,) if status == CANCELLED else (RUNNING, CANCELLING)
+    values: dict = {"status": status, "finished_at": utcnow()}
+    if error:
+        values.update(error_code=error.get("code"), error_message=error.get("message"))
+    moved = _move_attempt(session, job_id, attempt, from_, **values)
+    if moved:
+        message = status if not error else f"{status}: {error.get('code')}: {error.get('message')}"
+        add_event(session, job_id, "state", message, "error" if status == FAILED else "info", {"state": status, "error": error})
+    return moved
+
+
+def request_cancel(session: Session, job_id: str) -> str | None:
+    """Cancel: a queued job at once, a running one by asking its worker. Returns the new status,
+    or None when the job had already ended."""
+    if _move(session, job_id, (QUEUED,), status=CANCELLED, finished_at=utcnow()):
+        add_event(session, job_id, "state", "cancelled before it started", data={"state": CANCELLED})
+        return CANCELLED
+    if _move(session, job_id, (RUNNING,), status=CANCELLING):
+        add_event(session, job_id, "state", "cancelling: the worker stops at the next step", data={"state": CANCELLING})
+        return CANCELLING
+    job = session.get(Job, job_id)
+    return job.status if job and job.status == CANCELLING else None
+
+
+def reap_stale(session: Session, timeout: timedelta, now: datetime | None = None) -> list[str]:
+    """Jobs whose worker stopped sending heartbeats: back to the queue while attempts remain, else
+    failed (a job cancelled while its worker died ends cancelled). Returns the ids to enqueue again."""
+    now = now or utcnow()
+    stale = session.scalars(
+        select(Job).where(Job.status.in_((RUNNING, CANCELLING)), Job.heartbeat_at < now - timeout)
+    ).all()
+    requeue = []
+    for job in stale:
+        where = dict(session=session, job_id=job.id, attempt=job.attempts)
+        if job.status == CANCELLING:
+            if _move_attempt(from_=(CANCELLING,), status=CANCELLED, finished_at=now, **where):
+                add_event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
+        elif job.attempts < job.max_attempts:
+            if _move_attempt(from_=(RUNNING,), status=QUEUED, worker=None, **where):
+                add_event(session, job.id, "state", f"queued again: worker {job.worker} stopped responding "
+                          f"(attempt {job.attempts} of {job.max_attempts})", "warning", {"state": QUEUED})  # fmt: skip
+                requeue.append(job.id)
+        else:
+            error = {"code": "WorkerLost", "message": f"the worker stopped responding on all {job.max_attempts} attempts"}
+            if _move_attempt(from_=(RUNNING,), status=FAILED, finished_at=now, error_code=error["code"],
+                             error_message=error["message"], **where):  # fmt: skip
+                add_event(session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error})
+    return requeue
+
+
+def is_active(session: Session, job_id: str, attempt: int) -> str | None:
+    """The job's status if attempt `attempt` still owns it, else None (it was taken over or ended)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.attempts != attempt or job.status not in (RUNNING, CANCELLING):
+        return None
+    return job.status
+
+
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different request body."""
+
+
+def create_job(session: Session, user: User, spec: dict, *, queue: str, total_steps: int, max_attempts: int,
+               idempotency_key: str | None) -> tuple[Job, bool]:  # fmt: skip
+    """A queued job, or the job this idempotency key already created (False: not new)."""
+    request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise IdempotencyConflict(idempotency_key)
+            return existing, False
+    job = Job(user_id=user.id, name=spec["name"], spec=spec, queue=queue, total_steps=total_steps,
+              max_attempts=max_attempts, idempotency_key=idempotency_key, request_hash=request_hash)  # fmt: skip
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # the same key, submitted concurrently: the other request won
+        session.rollback()
+        return create_job(session, user, spec, queue=queue, total_steps=total_steps, max_attempts=max_attempts,
+                          idempotency_key=idempotency_key)  # fmt: skip
+    add_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
+    return job, True
+
+
+def list_jobs(session: Session, user_id: int, *, status: str | None, limit: int, after: str | None) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the id of the last job of the previous page."""
+    query = select(Job).where(Job.user_id == user_id)
+    if status:
+        query = query.where(Job.status == status)
+    if after:
+        anchor = session.get(Job, after)
+        if anchor is not None and anchor.user_id == user_id:
+            query = query.where(or_(Job.created_at < anchor.created_at,
+                                    and_(Job.created_at == anchor.created_at, Job.id < anchor.id)))  # fmt: skip
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    return list(jobs[:limit]), len(jobs) > limit

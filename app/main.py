@@ -1,0 +1,45 @@
+"""The API server: `uvicorn app.main:app` (or `distill up`, which also runs a worker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+
+from app.api.routes import datasets, health, jobs
+from app.api.routes.health import REQUEST_SECONDS
+from worker.reaper import reap_forever
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    # Jobs whose worker died are taken up again (or failed) even when no worker is left to notice.
+    stop = threading.Event()
+    thread = threading.Thread(target=reap_forever, args=(stop,), daemon=True, name="reaper")
+    thread.start()
+    yield
+    stop.set()
+
+
+app = FastAPI(title="distill", version="0.1.0", lifespan=lifespan,
+              description="Knowledge distillation of large language models with MiniLLM, as a service.")  # fmt: skip
+api = APIRouter(prefix="/api/v1")
+api.include_router(jobs.router)
+api.include_router(datasets.router)
+app.include_router(api)
+app.include_router(health.router)
+
+
+@app.middleware("http")
+async def record_latency(request: Request, call_next):
+    started = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    REQUEST_SECONDS.labels(request.method, getattr(route, "path", "unmatched"), response.status_code).observe(
+        time.perf_counter() - started
+    )
+    return response
+
+

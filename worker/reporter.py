@@ -1,0 +1,114 @@
+"""The engine's reporter inside the service: every event goes to the database as it happens.
+
+Writes are fenced by the attempt number: once the job belongs to another attempt (its worker was
+presumed lost and the job was taken up again) or has ended, this process writes nothing more and
+is asked to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+from sqlalchemy import delete, select
+
+from app import crud
+from app.core.db import session_factory
+from app.core.files import sha256_file
+from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job, Metric
+from worker.engine.events import Event
+
+
+def build_archive(directory: Path, archive: Path) -> None:
+    """An uncompressed tar of a checkpoint directory (safetensors barely compress), the same bytes
+    every time: sorted names, no owners, fixed times. Written aside, then renamed into place."""
+    partial = archive.with_name("." + archive.name + ".partial")
+
+    def normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        return info
+
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(directory.iterdir()):
+            tar.add(path, arcname=f"{directory.name}/{path.name}", filter=normalise)
+    partial.rename(archive)
+
+
+class DbReporter:
+    def __init__(self, job_id: str, attempt: int):
+        self.job_id, self.attempt = job_id, attempt
+        self.Session = session_factory()
+        self.parent = os.getppid()
+        self.evals_by_step: dict[int, dict] = {}
+
+    def should_cancel(self) -> bool:
+        if os.getppid() != self.parent:  # orphaned: the supervisor is gone
+            return True
+        with self.Session() as session:
+            return crud.is_active(session, self.job_id, self.attempt) != RUNNING
+
+    def emit(self, event: Event) -> None:
+        with self.Session() as session:
+            if crud.is_active(session, self.job_id, self.attempt) is None:
+                return
+            handler = getattr(self, f"_on_{event.type}")
+            handler(session, event)
+
+    # -- one method per event type --------------------------------------------------------------
+
+    def _on_state(self, session, event: Event) -> None:
+        state = event.data.get("state")
+        if state in (SUCCEEDED, CANCELLED, FAILED):
+            crud.finish(session, self.job_id, self.attempt, state, event.data.get("error"))
+        else:
+            crud.add_event(session, self.job_id, "log", event.message, event.level, event.data)
+
+    def _on_log(self, session, event: Event) -> None:
+        crud.add_event(session, self.job_id, "log", event.message, event.level, event.data)
+
+    def _on_progress(self, session, event: Event) -> None:
+        job = session.get(Job, self.job_id)
+        job.step, job.total_steps = event.data["step"], event.data["total_steps"]
+        job.eta_seconds = event.data.get("eta_seconds")
+        session.commit()
+
+    def _on_metrics(self, session, event: Event) -> None:
+        step, values = event.data["step"], event.data["values"]
+        session.add_all(Metric(job_id=self.job_id, step=step, name=k, value=float(v)) for k, v in values.items())
+        session.get(Job, self.job_id).latest_metrics = {"step": step, "stage": event.data.get("stage"), **values}
+        session.commit()
+        crud.add_event(session, self.job_id, "metrics", "", "debug", event.data)
+
+    def _on_eval(self, session, event: Event) -> None:
+        step, label, scores = event.data["step"], event.data["label"], event.data["scores"]
+        session.add(EvalResult(job_id=self.job_id, step=step, label=label, scores=scores))
+        if label != "teacher":
+            self.evals_by_step[step] = scores
+            job = session.get(Job, self.job_id)
+            if job.best_eval is None or scores["rouge_l"] > job.best_eval["scores"]["rouge_l"]:
+                job.best_eval = {"step": step, "label": label, "scores": scores}
+        session.commit()
+        crud.add_event(session, self.job_id, "eval", event.message, "info", event.data)
+
+    def _on_checkpoint(self, session, event: Event) -> None:
+        step, directory = event.data["step"], Path(event.data["path"])
+        archive = directory.parent.parent / "archives" / f"{directory.name}.tar"
+        archive.parent.mkdir(exist_ok=True)
+        build_archive(directory, archive)
+        files = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())]
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step))
+        session.add(Checkpoint(
+            job_id=self.job_id, step=step, path=str(directory), archive_path=str(archive),
+            archive_size=archive.stat().st_size, archive_sha256=sha256_file(archive), files=files,
+            scores=self.evals_by_step.get(step),
+        ))  # fmt: skip
+        # The engine keeps only the newest checkpoints (and the best): forget those it removed.
+        for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
+            if not Path(old.path).exists():
+                Path(old.archive_path).unlink(missing_ok=True)
+                session.delete(old)
+        session.commit()
+        crud.add_event(session, self.job_id, "checkpoint", event.message, "info", {**event.data, "files": files})

@@ -1,0 +1,128 @@
+"""Supervise one attempt of a job: claim it, run the engine in a child process, heartbeat, enforce
+cancellation, and make sure the job never stays `running` after its process is gone.
+
+The training process is a child in its own process group, never the Celery process itself: torch,
+CUDA and DeepSpeed state stay out of the worker, a crash or an out-of-memory kill takes only the
+child, and cancelling can signal the whole group (the DeepSpeed launcher and its ranks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app import crud
+from app.core.config import Settings, get_settings
+from app.core.db import session_factory
+from app.models import CANCELLED, CANCELLING, FAILED, Job
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so that no training process outlives
+    a killed worker and races the attempt that takes its job over."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return settings.resolved_artifacts_dir / "jobs" / job_id
+
+
+def child_command(job_id: str, attempt: int, spec: dict, settings: Settings) -> list[str]:
+    entry = ["worker.job_process", job_id, "--attempt", str(attempt)]
+    devices = spec.get("resources", {}).get("devices", 1)
+    if devices == 1:
+        return [sys.executable, "-m", *entry]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(port)]
+    if settings.hostfile is not None:  # several machines: DeepSpeed starts the ranks on each over ssh
+        launcher += ["--hostfile", str(settings.hostfile)]
+    else:
+        launcher += ["--num_gpus", str(devices)]
+    return [*launcher, "--module", *entry]
+
+
+def describe_exit(code: int, log: Path) -> dict:
+    if code < 0:
+        name = signal.Signals(-code).name
+        message = f"the training process was killed by {name}"
+        if code == -signal.SIGKILL:
+            message += " (often the kernel's out-of-memory killer: try a smaller batch, ZeRO 2-3 or offload)"
+    else:
+        message = f"the training process exited with code {code}"
+    tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
+    return {"code": "ProcessExited", "message": message + ("; last output: " + " | ".join(tail) if tail else "")}
+
+
+def supervise(job_id: str) -> bool:
+    """Run one attempt of `job_id`. False if the job was not ours to run."""
+    settings = get_settings()
+    Session = session_factory()
+    with Session() as session:
+        attempt = crud.claim(session, job_id, worker=f"{socket.gethostname()}:{os.getpid()}")
+        if attempt is None:
+            return False
+        spec = session.get(Job, job_id).spec
+    out = job_dir(settings, job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"attempt-{attempt}.log"
+    with log.open("w") as log_file:
+        child = subprocess.Popen(
+            child_command(job_id, attempt, spec, settings), stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=die_with_parent,
+        )  # fmt: skip
+        _watch(child, job_id, attempt, settings, Session)
+    code = child.wait()
+    with Session() as session:
+        status = crud.is_active(session, job_id, attempt)
+        if status == CANCELLING:  # killed after the grace period, or stopped without saying so
+            crud.finish(session, job_id, attempt, CANCELLED)
+        elif status is not None:  # the child ended without reporting an outcome: it crashed
+            crud.finish(session, job_id, attempt, FAILED, describe_exit(code, log))
+    return True
+
+
+def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> None:
+    """Heartbeat while the child runs; stop it if the job is cancelled for too long or taken over."""
+    last_beat, cancel_seen = 0.0, None
+    while child.poll() is None:
+        time.sleep(0.5)
+        now = time.monotonic()
+        if now - last_beat < settings.heartbeat_seconds:
+            continue
+        last_beat = now
+        with Session() as session:
+            owned = crud.heartbeat(session, job_id, attempt)
+            status = crud.is_active(session, job_id, attempt)
+        if not owned:
+            _stop(child)  # another attempt has the job now; this one must not write anything more
+            return
+        if status == CANCELLING:
+            cancel_seen = cancel_seen or now
+            if now - cancel_seen > settings.cancel_grace_seconds:
+                _stop(child)
+                return
+
+
+def _stop(child: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL what is left after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
