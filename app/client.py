@@ -36,12 +36,13 @@ def default_token() -> str | None:
 
 
 class Client:
-    def __init__(self, url: str | None = None, token: str | None = None):
+    def __init__(self, url: str | None = None, token: str | None = None, http: httpx.Client | None = None):
+        """`http`: an already configured client (for example FastAPI's TestClient) instead of url and token."""
         settings = get_settings()
         self.url = (url or os.environ.get("DISTILL_URL") or f"http://{settings.host}:{settings.port}").rstrip("/")
         token = token or default_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_events, tiny_spec
+from helpers import read_events, tiny_spec
 from worker.engine.events import Event, JsonlReporter
 from worker.engine.spec import parse_spec
 from worker.engine.trainer import Cancelled, train

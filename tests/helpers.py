@@ -1,0 +1,82 @@
+"""Helpers shared by the tests (fixtures live in the conftest files)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from worker.engine.paths import PROJECT_ROOT
+
+DOLLY = PROJECT_ROOT.parent / "shared" / "data" / "dolly"
+
+
+def tiny_spec(dolly: Path, **overrides) -> dict:
+    """A job on the tiny random models that finishes in seconds; sections in `overrides` are merged."""
+    spec = {
+        "name": "tiny",
+        "method": "minillm",
+        "teacher": "builtin:tiny-teacher",
+        "student": {"model": "builtin:tiny-student"},
+        "data": {"train": str(dolly / "dev.jsonl"), "eval": str(dolly / "valid.jsonl"), "prompt_format": "alpaca",
+                 "max_prompt_tokens": 128, "max_response_tokens": 12, "max_train_records": 48},
+        "training": {"steps": 6, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0},
+        "minillm": {"rollouts_per_phase": 4, "rollout_batch_size": 4, "ppo_epochs": 2},
+        "eval": {"every_steps": 3, "num_prompts": 4, "batch_size": 4},
+        "checkpoints": {"every_steps": 3, "keep": 2},
+        "deepspeed": {"precision": "fp32"},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+    return spec
+
+
+def read_events(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "events.jsonl").read_text().splitlines()]
+
+
+def make_user(name: str | None = None) -> dict:
+    from app import crud
+    from app.core.db import session_factory
+
+    with session_factory()() as session:
+        _user, token = crud.create_user(session, name or f"user-{uuid.uuid4().hex[:6]}")
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Worker:
+    """A real `distill worker` process (Celery, solo pool) that tests can start and SIGKILL."""
+
+    def __init__(self, log: Path):
+        self.log, self.process = log, None
+
+    def start(self) -> "Worker":
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu-1,cpu-2"],
+                                        stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        return self
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def wait_for(predicate, timeout: float = 300, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,79 @@
+"""Service tests run against the real PostgreSQL and Redis on this machine, and real Celery workers.
+
+Each test session gets its own PostgreSQL database and Redis database number, so runs never see
+each other's jobs. The settings are environment variables, set here before any app module reads them.
+"""
+
+import os
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from helpers import Worker, make_user
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+DB_NAME = f"distill_test_{uuid.uuid4().hex[:8]}"
+REDIS_DB = 1 + uuid.uuid4().int % 15
+WORK = Path(f"/tmp/{DB_NAME}")
+
+os.environ.update(
+    DISTILL_DATABASE_URL=f"{PG}/{DB_NAME}",
+    DISTILL_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
+    DISTILL_DATA_DIR=str(WORK / "data"),
+    DISTILL_ARTIFACTS_DIR=str(WORK / "artifacts"),
+    DISTILL_HEARTBEAT_SECONDS="1",
+    DISTILL_HEARTBEAT_TIMEOUT_SECONDS="8",
+    DISTILL_MAX_ATTEMPTS="3",
+)
+
+
+def create_database(name: str) -> None:
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database():
+    """A fresh, migrated PostgreSQL database and an empty Redis database for this session."""
+    create_database(DB_NAME)
+    redis.Redis(db=REDIS_DB).flushdb()
+    from app.cli import _migrate
+
+    _migrate()
+    yield
+    from app.core.db import get_engine
+
+    get_engine().dispose()
+    drop_database(DB_NAME)
+    redis.Redis(db=REDIS_DB).flushdb()
+
+
+@pytest.fixture(scope="session")
+def client():
+    """The API in-process (lifespan included: the reaper runs)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import app
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def auth() -> dict:
+    return make_user()
+
+
+@pytest.fixture
+def worker(tmp_path):
+    w = Worker(tmp_path / "worker.log").start()
+    yield w
+    w.stop()

@@ -1,0 +1,181 @@
+"""Jobs run by real Celery workers against the real PostgreSQL and Redis: success, downloads,
+cancellation, failures, and a worker killed mid-job."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from app.client import Client
+from app.core.db import session_factory
+from app.main import app
+from app.models import Job
+from helpers import Worker, tiny_spec, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def submit(client, auth, spec) -> str:
+    response = client.post("/api/v1/jobs", json=spec, headers=auth)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def job(client, auth, job_id) -> dict:
+    return client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
+
+
+def wait_status(client, auth, job_id, statuses, timeout=300) -> dict:
+    return wait_for(lambda: (j := job(client, auth, job_id))["status"] in statuses and j, timeout, what=f"{job_id} {statuses}")
+
+
+def checkpoints(client, auth, job_id) -> list:
+    return client.get(f"/api/v1/jobs/{job_id}/checkpoints", headers=auth).json()
+
+
+def training_process(job_id: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"worker.job_process {job_id}"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth, dolly, worker, tmp_path):
+    job_id = submit(client, auth, tiny_spec(dolly))
+    done = wait_status(client, auth, job_id, {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done["error"]
+    assert done["progress"]["step"] == done["progress"]["total_steps"] == 6 and done["attempts"] == 1
+    assert done["best_eval"]["scores"]["rouge_l"] >= 0 and "loss" in done["latest_metrics"]
+
+    types = {e["type"] for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]}
+    assert {"state", "metrics", "eval", "checkpoint", "log"} <= types
+    series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
+    assert [p["step"] for p in series["loss"]] == [1, 2, 3, 4, 5, 6] and "reverse_kl" in series
+    labels = [e["label"] for e in client.get(f"/api/v1/jobs/{job_id}/evals", headers=auth).json()]
+    assert labels[:2] == ["teacher", "initial"] and labels[-1] == "final"
+
+    listing = checkpoints(client, auth, job_id)
+    assert [c["step"] for c in listing] == [3, 6] and listing[-1]["latest"] and sum(c["best"] for c in listing) == 1
+    assert {"config.json", "model.safetensors", "README.md"} <= {f["name"] for f in listing[-1]["files"]}
+
+    # An interrupted download: the first part is on disk; the client asks for the rest with Range.
+    archive_url = f"/api/v1/jobs/{job_id}/checkpoints/latest/archive"
+    head = client.get(archive_url, headers={**auth, "Range": "bytes=0-99999"})
+    assert head.status_code == 206 and head.headers["content-range"].startswith("bytes 0-99999/")
+    out = tmp_path / "download"
+    out.mkdir()
+    (out / f"{job_id}-step-6.tar.partial").write_bytes(head.content)
+    statuses = []
+    http = TestClient(app, headers=auth)
+    http.event_hooks["response"].append(lambda r: statuses.append(r.status_code))
+    model_dir = Client(http=http).download(job_id, "latest", out)
+    assert 206 in statuses  # resumed, not started over
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("Hello", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+    single = client.get(f"/api/v1/jobs/{job_id}/checkpoints/best/files/config.json", headers=auth)
+    assert single.status_code == 200 and single.json()["num_hidden_layers"] == 2
+
+
+def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dolly, worker):
+    spec = tiny_spec(dolly, training={"steps": 400}, checkpoints={"every_steps": 5, "keep": 2}, eval={"every_steps": 0})
+    job_id = submit(client, auth, spec)
+    wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
+    response = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
+    assert response.json()["status"] == "cancelling"
+    done = wait_status(client, auth, job_id, {"cancelled", "failed", "succeeded"}, timeout=120)
+    assert done["status"] == "cancelled" and done["progress"]["step"] < 400
+    kept = checkpoints(client, auth, job_id)
+    assert kept and client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth).status_code == 200
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).status_code == 409
+
+
+def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(client, auth, dolly, tmp_path):
+    first = Worker(tmp_path / "first.log").start()
+    spec = tiny_spec(dolly, training={"steps": 120}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0})
+    job_id = submit(client, auth, spec)
+    wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
+    first.kill()
+    # The training process dies with its worker (PDEATHSIG), so it cannot race the next attempt.
+    wait_for(lambda: not training_process(job_id), timeout=20, what="the orphaned training process to exit")
+    assert job(client, auth, job_id)["status"] == "running"
+    second = Worker(tmp_path / "second.log").start()
+    try:
+        done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=400)
+    finally:
+        second.stop()
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+    messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]]
+    assert any("queued again" in m for m in messages)
+    assert any(m.startswith("resumed from step") for m in messages)
+
+
+def test_a_job_whose_worker_is_lost_on_its_last_attempt_fails(client, auth, dolly, tmp_path):
+    w = Worker(tmp_path / "w.log").start()
+    spec = tiny_spec(dolly, training={"steps": 400}, checkpoints={"every_steps": 5}, eval={"every_steps": 0})
+    job_id = submit(client, auth, spec)
+    with session_factory()() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(max_attempts=1))
+        session.commit()
+    wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
+    w.kill()
+    done = wait_status(client, auth, job_id, {"failed", "queued", "succeeded"}, timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "WorkerLost"
+
+
+def test_a_crashed_training_process_fails_the_job_with_the_reason(client, auth, dolly, worker):
+    spec = tiny_spec(dolly, training={"steps": 400}, checkpoints={"every_steps": 0}, eval={"every_steps": 0})
+    job_id = submit(client, auth, spec)
+    pids = wait_for(lambda: training_process(job_id), what="the training process")
+    wait_for(lambda: job(client, auth, job_id)["progress"]["step"] > 0, what="training to start")
+    os.kill(pids[0], signal.SIGKILL)  # what the kernel's OOM killer does
+    done = wait_status(client, auth, job_id, {"failed", "succeeded"}, timeout=60)
+    assert done["error"]["code"] == "ProcessExited" and "SIGKILL" in done["error"]["message"]
+
+
+def test_a_model_that_cannot_load_fails_the_job_with_a_useful_error(client, auth, dolly, worker, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
+    job_id = submit(client, auth, tiny_spec(dolly, teacher=str(broken)))
+    done = wait_status(client, auth, job_id, {"failed", "succeeded"})
+    assert done["status"] == "failed" and done["error"]["code"] and done["error"]["message"]
+    assert job(client, auth, job_id)["attempts"] == 1  # a job's own error is not retried
+
+
+def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, dolly):
+    """`distill up` with no database or broker configured, driven by `distill submit --wait`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DISTILL_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(DISTILL_DATA_DIR=str(tmp_path / "home"), DISTILL_PORT=str(port))
+    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = up.stdout.readline()
+        assert "distill is up" in line, line
+        spec = tmp_path / "tiny.yaml"
+        import yaml
+
+        spec.write_text(yaml.safe_dump(tiny_spec(dolly)))
+        result = subprocess.run([sys.executable, "-m", "app.cli", "submit", str(spec), "--wait"], env=env,
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "succeeded" in result.stdout and (tmp_path / "home" / "distill.db").exists()
+        assert (tmp_path / "home" / "broker.db").exists()
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    time.sleep(0.5)
