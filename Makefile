@@ -17,13 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	scripts/ensure-services.sh
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not smollm2"
 
+# The service on this machine (SQLite, a serverless broker, one worker), the demo job submitted to
+# it and followed to the end; then it keeps serving the web page and API until Ctrl-C.
 demo: install
-	$(VENV)/bin/distill train examples/smollm2-minillm.yaml --output runs/smollm2-minillm
+	$(VENV)/bin/distill up --demo examples/smollm2-minillm.yaml
 
 bench: install
 	$(PY) bench/minillm_step.py

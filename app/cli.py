@@ -140,11 +140,12 @@ def up(
     from app.core.config import get_settings
     from app.core.db import session_factory
     from app.models import User
+    from sqlalchemy import select
 
     settings = get_settings()
     _migrate()
     with session_factory()() as session:
-        user = session.query(User).filter_by(name="local").one_or_none()
+        user = session.scalar(select(User).where(User.name == "local"))
         token = crud.create_token(session, user) if user else crud.create_user(session, "local")[1]
     token_file = settings.data_dir / "token"
     token_file.write_text(token)
@@ -177,7 +178,8 @@ def up(
                 time.sleep(0.5)
         typer.echo(f"distill is up: {url}/#token={token}\n(API docs at {url}/docs; the token is also in {token_file})")
         if demo:
-            _submit_and_follow(client, demo, follow=True, idempotency_key=None)
+            job = _submit_and_follow(client, demo, follow=True, idempotency_key=None)
+            typer.echo(f"checkpoints on disk: {settings.resolved_artifacts_dir / 'jobs' / job['id'] / 'checkpoints'}")
             typer.echo(f"\nStill serving {url}/#token={token} — Ctrl-C to stop.")
         while all(p.poll() is None for p in processes):
             time.sleep(1)

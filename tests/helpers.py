@@ -9,9 +9,12 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
+
 from worker.engine.paths import PROJECT_ROOT
 
 DOLLY = PROJECT_ROOT.parent / "shared" / "data" / "dolly"
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
 def tiny_spec(dolly: Path, **overrides) -> dict:
@@ -80,3 +83,13 @@ def wait_for(predicate, timeout: float = 300, interval: float = 0.5, what: str =
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def create_database(name: str) -> None:
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -5,16 +5,15 @@ each other's jobs. The settings are environment variables, set here before any a
 """
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 
-from helpers import Worker, make_user
+from helpers import PG, Worker, create_database, drop_database, make_user
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 DB_NAME = f"distill_test_{uuid.uuid4().hex[:8]}"
 REDIS_DB = 1 + uuid.uuid4().int % 15
 WORK = Path(f"/tmp/{DB_NAME}")
@@ -28,16 +27,6 @@ os.environ.update(
     DISTILL_HEARTBEAT_TIMEOUT_SECONDS="8",
     DISTILL_MAX_ATTEMPTS="3",
 )
-
-
-def create_database(name: str) -> None:
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def drop_database(name: str) -> None:
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,6 +43,7 @@ def database():
     get_engine().dispose()
     drop_database(DB_NAME)
     redis.Redis(db=REDIS_DB).flushdb()
+    shutil.rmtree(WORK, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -156,8 +156,18 @@ def test_prometheus_metrics_count_jobs_and_requests(client, auth, dolly):
     assert "# TYPE distill_queue_depth gauge" in text
     assert re.search(rf'^distill_queue_depth\{{queue="cpu-1"\}} {queued}\.0$', text, re.M), text
     assert "# TYPE distill_http_request_seconds histogram" in text
-    assert re.search(r'^distill_http_request_seconds_bucket\{.*method="GET".*route="/healthz".*status="200".*\} [1-9]', text, re.M)
-    assert re.search(r'^distill_http_request_seconds_count\{method="POST",route="/api/v1/jobs",status="201"\} [1-9]', text, re.M)
+    assert re.search(r'^distill_http_request_seconds_bucket\{le="\+Inf",method="GET",route="/healthz",status="200"\} [1-9]', text, re.M)
+    assert re.search(r'^distill_http_request_seconds_count\{method="POST",route="[^"]*/jobs",status="201"\} [1-9]', text, re.M)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the latency histogram's route label drops the /api/v1 prefix "
+                   "(scope['route'] is the APIRoute of the included router, whose path is '/jobs')")  # fmt: skip
+def test_latency_route_label_is_the_full_path_template(client, auth):
+    client.get(JOBS, headers=auth)
+    client.get(f"{JOBS}/job-doesnotexist0000", headers=auth)
+    text = client.get("/metrics").text
+    assert 'route="/api/v1/jobs",status="200"' in text, [l for l in text.splitlines() if "_count{" in l]
+    assert 'route="/api/v1/jobs/{job_id}",status="404"' in text
 
 
 def test_openapi_and_docs_are_reachable(client):
@@ -269,6 +279,28 @@ def test_idempotency_key_returns_the_same_job(client, auth, dolly):
     assert job_count(client, auth) == 1
     # and only one "queued" event: the repeat did not enqueue the job again
     assert [e["data"]["state"] for e in events_of(client, auth, first.json()["id"])] == ["queued"]
+
+
+def test_idempotency_key_ignores_key_order_and_explicit_defaults(client, auth, dolly):
+    spec = tiny_spec(dolly)
+    first = submit(client, auth, spec, **{"Idempotency-Key": "key-order"})
+    reordered = dict(reversed(list(spec.items())))
+    reordered["resources"] = {"accelerator": "auto", "devices": 1}  # the defaults, spelled out
+    second = submit(client, auth, reordered, **{"Idempotency-Key": "key-order"})
+    assert second.status_code == 201 and second.json()["id"] == first.json()["id"]
+    assert job_count(client, auth) == 1
+
+
+def test_concurrent_requests_with_one_key_make_one_job(client, auth, dolly):
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = tiny_spec(dolly)
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: submit(client, auth, spec, **{"Idempotency-Key": "key-race"}), range(4)))
+    assert [r.status_code for r in responses] == [201] * 4, [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert job_count(client, auth) == 1
+    assert len(events_of(client, auth, responses[0].json()["id"])) == 1
 
 
 def test_idempotency_key_with_another_body_is_409(client, auth, dolly):
@@ -721,6 +753,29 @@ def test_event_stream_of_an_ended_job(client, auth, dolly):
     assert [int(e["id"]) for e in parse_sse(from_first.text)] == [expected[1]["id"]]
     by_query = client.get(f"{JOBS}/{job['id']}/events/stream", headers=auth, params={"after": expected[0]["id"]})
     assert [int(e["id"]) for e in parse_sse(by_query.text)] == [expected[1]["id"]]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason="BUG: a status change and its `state` event are two commits (crud._move, then "
+                   "crud.add_event), so a stream read between them ends without the final state event")  # fmt: skip
+def test_event_stream_never_ends_before_the_final_state_event(client, auth, dolly, monkeypatch):
+    from app import crud
+
+    job = new_job(client, auth, dolly)
+    with db() as session:
+        attempt = crud.claim(session, job["id"], "w")
+    add_event, seen = crud.add_event, {}
+
+    def add_event_after_a_reader(session, job_id, type_, message, level="info", data=None):
+        if (data or {}).get("state") == "succeeded":  # the job is already succeeded in the database here
+            seen["stream"] = client.get(f"{JOBS}/{job_id}/events/stream", headers=auth).text
+        add_event(session, job_id, type_, message, level, data)
+
+    monkeypatch.setattr(crud, "add_event", add_event_after_a_reader)
+    with db() as session:
+        assert crud.finish(session, job["id"], attempt, "succeeded")
+    states = [json.loads(e["data"])["data"].get("state") for e in parse_sse(seen["stream"])]
+    assert states[-1] == "succeeded", states
 
 
 # -- 10. checkpoints, metrics and evals of a job that has none ----------------------------------

