@@ -23,6 +23,7 @@ from .models import (
     FAILED,
     QUEUED,
     RUNNING,
+    TERMINAL,
     ApiToken,
     Job,
     JobEvent,
@@ -59,15 +60,30 @@ def user_for_token(session: Session, token: str) -> User | None:
 # -- job status machine -------------------------------------------------------------------------
 
 
+# A status change and the event that announces it are committed together: a reader that sees the
+# new status (the event stream deciding it is done, say) also sees the event.
+
+
 def _move(session: Session, job_id: str, from_: tuple[str, ...], **values) -> bool:
-    """Apply `values` if the job is in one of `from_`; True if it was."""
+    """Apply `values` if the job is in one of `from_` (not committed); True if it was."""
     result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(from_)).values(**values))
-    session.commit()
     return result.rowcount == 1
 
 
-def add_event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str, ...], **values) -> bool:
+    """Like `_move`, only while attempt `attempt` owns the job."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(from_), Job.attempts == attempt).values(**values)
+    )
+    return result.rowcount == 1
+
+
+def _event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
     session.add(JobEvent(job_id=job_id, type=type_, level=level, message=message, data=data or {}))
+
+
+def add_event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+    _event(session, job_id, type_, message, level, data)
     session.commit()
 
 
@@ -75,34 +91,29 @@ def claim(session: Session, job_id: str, worker: str) -> int | None:
     """Take a queued job for this worker; returns the attempt number, or None if someone else has it
     (a redelivered duplicate message, or a job cancelled while queued)."""
     now = utcnow()
-    result = session.execute(
+    attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == QUEUED)
         .values(status=RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now, started_at=now)
         .returning(Job.attempts)
-    )
-    attempt = result.scalar()
-    session.commit()
+    ).scalar()
     if attempt is not None:
-        add_event(session, job_id, "state", f"running (attempt {attempt}) on {worker}", data={"state": RUNNING, "attempt": attempt})
+        _event(session, job_id, "state", f"running (attempt {attempt}) on {worker}", data={"state": RUNNING, "attempt": attempt})
+    session.commit()
     return attempt
 
 
 def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
     """Record that attempt `attempt` is alive; False once the job has moved on without it."""
-    return _move_attempt(session, job_id, attempt, (RUNNING, CANCELLING), heartbeat_at=utcnow())
-
-
-def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str, ...], **values) -> bool:
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(from_), Job.attempts == attempt).values(**values)
-    )
+    alive = _move_attempt(session, job_id, attempt, (RUNNING, CANCELLING), heartbeat_at=utcnow())
     session.commit()
-    return result.rowcount == 1
+    return alive
 
 
 def finish(session: Session, job_id: str, attempt: int, status: str, error: dict | None = None) -> bool:
     """End attempt `attempt` with a terminal status (cancelled only from cancelling)."""
+    if status not in TERMINAL:
+        raise ValueError(f"finish() takes a terminal status, not {status!r}")
     from_ = (CANCELLING,) if status == CANCELLED else (RUNNING, CANCELLING)
     values: dict = {"status": status, "finished_at": utcnow()}
     if error:
@@ -110,7 +121,8 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
     moved = _move_attempt(session, job_id, attempt, from_, **values)
     if moved:
         message = status if not error else f"{status}: {error.get('code')}: {error.get('message')}"
-        add_event(session, job_id, "state", message, "error" if status == FAILED else "info", {"state": status, "error": error})
+        _event(session, job_id, "state", message, "error" if status == FAILED else "info", {"state": status, "error": error})
+    session.commit()
     return moved
 
 
@@ -118,11 +130,14 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     """Cancel: a queued job at once, a running one by asking its worker. Returns the new status,
     or None when the job had already ended."""
     if _move(session, job_id, (QUEUED,), status=CANCELLED, finished_at=utcnow()):
-        add_event(session, job_id, "state", "cancelled before it started", data={"state": CANCELLED})
+        _event(session, job_id, "state", "cancelled before it started", data={"state": CANCELLED})
+        session.commit()
         return CANCELLED
     if _move(session, job_id, (RUNNING,), status=CANCELLING):
-        add_event(session, job_id, "state", "cancelling: the worker stops at the next step", data={"state": CANCELLING})
+        _event(session, job_id, "state", "cancelling: the worker stops at the next step", data={"state": CANCELLING})
+        session.commit()
         return CANCELLING
+    session.rollback()
     job = session.get(Job, job_id)
     return job.status if job and job.status == CANCELLING else None
 
@@ -139,17 +154,18 @@ def reap_stale(session: Session, timeout: timedelta, now: datetime | None = None
         where = dict(session=session, job_id=job.id, attempt=job.attempts)
         if job.status == CANCELLING:
             if _move_attempt(from_=(CANCELLING,), status=CANCELLED, finished_at=now, **where):
-                add_event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
+                _event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
         elif job.attempts < job.max_attempts:
             if _move_attempt(from_=(RUNNING,), status=QUEUED, worker=None, **where):
-                add_event(session, job.id, "state", f"queued again: worker {job.worker} stopped responding "
-                          f"(attempt {job.attempts} of {job.max_attempts})", "warning", {"state": QUEUED})  # fmt: skip
+                _event(session, job.id, "state", f"queued again: worker {job.worker} stopped responding "
+                       f"(attempt {job.attempts} of {job.max_attempts})", "warning", {"state": QUEUED})  # fmt: skip
                 requeue.append(job.id)
         else:
             error = {"code": "WorkerLost", "message": f"the worker stopped responding on all {job.max_attempts} attempts"}
             if _move_attempt(from_=(RUNNING,), status=FAILED, finished_at=now, error_code=error["code"],
                              error_message=error["message"], **where):  # fmt: skip
-                add_event(session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error})
+                _event(session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error})
+        session.commit()
     return requeue
 
 
@@ -184,12 +200,13 @@ def create_job(session: Session, user: User, spec: dict, *, queue: str, total_st
               max_attempts=max_attempts, idempotency_key=idempotency_key, request_hash=request_hash)  # fmt: skip
     session.add(job)
     try:
-        session.commit()
+        session.flush()
     except IntegrityError:  # the same key, submitted concurrently: the other request won
         session.rollback()
         return create_job(session, user, spec, queue=queue, total_steps=total_steps, max_attempts=max_attempts,
                           idempotency_key=idempotency_key)  # fmt: skip
-    add_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
+    _event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
+    session.commit()
     return job, True
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
+from functools import lru_cache
 
 from fastapi import APIRouter, FastAPI, Request
+from starlette.routing import compile_path
 
 from app.api.routes import datasets, health, jobs
 from app.api.routes.health import REQUEST_SECONDS
@@ -32,14 +35,20 @@ app.include_router(api)
 app.include_router(health.router)
 
 
+@lru_cache
+def _route_templates() -> list[tuple[re.Pattern, str]]:
+    """Full path templates (/api/v1/jobs/{job_id}), so that latency is labelled per route, not per URL."""
+    paths = [*app.openapi()["paths"], "/metrics"]
+    return [(compile_path(path)[0], path) for path in paths]
+
+
 @app.middleware("http")
 async def record_latency(request: Request, call_next):
     started = time.perf_counter()
     response = await call_next(request)
-    route = request.scope.get("route")
-    REQUEST_SECONDS.labels(request.method, getattr(route, "path", "unmatched"), response.status_code).observe(
-        time.perf_counter() - started
-    )
+    path = request.scope["path"]
+    route = next((template for regex, template in _route_templates() if regex.match(path)), "unmatched")
+    REQUEST_SECONDS.labels(request.method, route, response.status_code).observe(time.perf_counter() - started)
     return response
 
 

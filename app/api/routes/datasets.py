@@ -40,7 +40,7 @@ async def upload(
             if size > settings.max_upload_bytes:
                 out.close()
                 partial.unlink()
-                raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                                     f"datasets are limited to {settings.max_upload_bytes} bytes")  # fmt: skip
             digest.update(chunk)
             out.write(chunk)

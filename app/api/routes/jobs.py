@@ -108,12 +108,16 @@ async def stream_events(
     """Server-sent events from the same table; reconnecting with Last-Event-ID resumes where it broke off.
     The stream ends once the job has ended and every event has been sent."""
     cursor, job_id, Session = last_event_id or after, job.id, session_factory()
-    while not await request.is_disconnected():
+
+    def read(after_id: int) -> tuple[list[JobEvent], bool]:
         with Session() as session:
             rows = session.scalars(
-                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > cursor).order_by(JobEvent.id).limit(500)
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(500)
             ).all()
-            ended = session.get(Job, job_id).status in TERMINAL
+            return list(rows), session.get(Job, job_id).status in TERMINAL
+
+    while not await request.is_disconnected():
+        rows, ended = await asyncio.to_thread(read, cursor)  # blocking database I/O off the event loop
         for row in rows:
             cursor = row.id
             yield ServerSentEvent(data=EventOut.model_validate(row).model_dump(mode="json"), event=row.type, id=str(row.id))
