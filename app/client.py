@@ -42,7 +42,8 @@ class Client:
         self.url = (url or os.environ.get("DISTILL_URL") or f"http://{settings.host}:{settings.port}").rstrip("/")
         token = token or default_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        # Redirects: checkpoints kept in S3 are served from presigned URLs (httpx drops the token there).
+        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=60, follow_redirects=True)
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:

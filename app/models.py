@@ -132,4 +132,5 @@ class Checkpoint(Base):
     archive_sha256: Mapped[str] = mapped_column(String(64))
     files: Mapped[list] = mapped_column()  # [{name, size, sha256}]
     scores: Mapped[dict | None] = mapped_column()  # eval at this step, if there was one
+    storage_url: Mapped[str | None] = mapped_column(Text)  # s3://bucket/prefix/jobs/ID/ when copied to S3
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -16,6 +16,7 @@ from sqlalchemy import delete, select
 from app import crud
 from app.core.db import session_factory
 from app.core.files import sha256_file
+from app.core.storage import s3_store
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job, Metric
 from worker.engine.events import Event
 
@@ -43,6 +44,7 @@ class DbReporter:
         self.Session = session_factory()
         self.parent = os.getppid()
         self.evals_by_step: dict[int, dict] = {}
+        self.store = s3_store()
 
     def should_cancel(self) -> bool:
         if os.getppid() != self.parent:  # orphaned: the supervisor is gone
@@ -99,16 +101,25 @@ class DbReporter:
         archive.parent.mkdir(exist_ok=True)
         build_archive(directory, archive)
         files = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())]
+        storage_url = None
+        if self.store is not None:
+            storage_url = self.store.job_url(self.job_id)
+            self.store.upload(storage_url, f"archives/{archive.name}", archive)
+            for f in files:
+                self.store.upload(storage_url, f"checkpoints/{directory.name}/{f['name']}", directory / f["name"])
         session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step))
         session.add(Checkpoint(
             job_id=self.job_id, step=step, path=str(directory), archive_path=str(archive),
             archive_size=archive.stat().st_size, archive_sha256=sha256_file(archive), files=files,
-            scores=self.evals_by_step.get(step),
+            scores=self.evals_by_step.get(step), storage_url=storage_url,
         ))  # fmt: skip
         # The engine keeps only the newest checkpoints (and the best): forget those it removed.
         for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
             if not Path(old.path).exists():
                 Path(old.archive_path).unlink(missing_ok=True)
+                if old.storage_url and self.store is not None:
+                    name = Path(old.path).name
+                    self.store.delete(old.storage_url, [f"archives/{name}.tar", *(f"checkpoints/{name}/{f['name']}" for f in old.files)])
                 session.delete(old)
         session.commit()
         crud.add_event(session, self.job_id, "checkpoint", event.message, "info", {**event.data, "files": files})

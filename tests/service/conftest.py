@@ -62,6 +62,21 @@ def auth() -> dict:
     return make_user()
 
 
+@pytest.fixture(scope="module")
+def no_leftover_jobs():
+    """Cancel jobs that earlier tests left queued (API tests queue many and run no worker);
+    a worker started afterwards would otherwise run all of them before the test's own job."""
+    from sqlalchemy import select
+
+    from app import crud
+    from app.core.db import session_factory
+    from app.models import QUEUED, Job
+
+    with session_factory()() as session:
+        for job_id in session.scalars(select(Job.id).where(Job.status == QUEUED)).all():
+            crud.request_cancel(session, job_id)
+
+
 @pytest.fixture
 def worker(tmp_path):
     w = Worker(tmp_path / "worker.log").start()

@@ -18,20 +18,7 @@ from app.main import app
 from app.models import Job
 from helpers import Worker, tiny_spec, wait_for
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_leftover_jobs():
-    """Jobs that API tests left queued would otherwise be run by these workers first."""
-    from sqlalchemy import select
-
-    from app import crud
-    from app.models import QUEUED
-
-    with session_factory()() as session:
-        for job_id in session.scalars(select(Job.id).where(Job.status == QUEUED)).all():
-            crud.request_cancel(session, job_id)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 
 
 def submit(client, auth, spec) -> str:

@@ -9,13 +9,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 
 from app import crud
 from app.api.deps import CurrentUser, OwnedJob, SessionDep, SettingsDep
 from app.core.db import session_factory
+from app.core.storage import s3_store
 from app.models import STATUSES, TERMINAL, Checkpoint, Dataset, EvalResult, Job, JobEvent, Metric
 from app.schemas import CheckpointOut, EvalOut, EventOut, JobOut, Page
 from worker.celery_app import queue_for
@@ -183,9 +184,15 @@ def _checkpoint(session, job: Job, step: str) -> Checkpoint:
             responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "a byte range"}})  # fmt: skip
 def archive(job: OwnedJob, step: str, session: SessionDep) -> Response:
     """The checkpoint's Hugging Face directory as an uncompressed tar. Content-Length, ETag and Range
-    requests let an interrupted download resume; X-Checksum-SHA256 is the whole archive's digest."""
+    requests let an interrupted download resume; X-Checksum-SHA256 is the whole archive's digest.
+    With S3 storage, a redirect to a presigned URL that serves the same bytes."""
     c = _checkpoint(session, job, step)
-    return FileResponse(c.archive_path, media_type="application/x-tar", filename=f"{job.id}-step-{c.step}.tar",
+    filename = f"{job.id}-step-{c.step}.tar"
+    store = s3_store()
+    if c.storage_url and store is not None:
+        url = store.download_url(c.storage_url, f"archives/{Path(c.archive_path).name}", filename)
+        return RedirectResponse(url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": c.archive_sha256})
+    return FileResponse(c.archive_path, media_type="application/x-tar", filename=filename,
                         headers={"X-Checksum-SHA256": c.archive_sha256})  # fmt: skip
 
 
@@ -195,6 +202,10 @@ def checkpoint_file(job: OwnedJob, step: str, name: str, session: SessionDep) ->
     entry = next((f for f in c.files if f["name"] == name), None)
     if entry is None:  # only listed names: never a path outside the checkpoint
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"checkpoint step {c.step} has no file {name!r}")
+    store = s3_store()
+    if c.storage_url and store is not None:
+        url = store.download_url(c.storage_url, f"checkpoints/{Path(c.path).name}/{name}", name)
+        return RedirectResponse(url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": entry["sha256"]})
     return FileResponse(Path(c.path) / name, filename=name, headers={"X-Checksum-SHA256": entry["sha256"]})
 
 

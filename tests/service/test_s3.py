@@ -1,0 +1,74 @@
+"""Checkpoints copied to S3-compatible storage and downloaded through presigned redirects.
+
+moto's server stands in for S3 (a real HTTP server speaking the S3 API, in this process)."""
+
+import hashlib
+import os
+import socket
+
+import boto3
+import httpx
+import pytest
+from moto.server import ThreadedMotoServer
+
+from app.core.config import get_settings
+from app.core.storage import s3_store
+from helpers import Worker, tiny_spec, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
+AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    bucket = boto3.client("s3", endpoint_url=endpoint)
+    bucket.create_bucket(Bucket="models")
+    settings = get_settings()  # the API in this process reads the cached settings
+    monkeypatch.setattr(settings, "s3_bucket", "models")
+    monkeypatch.setattr(settings, "s3_endpoint_url", endpoint)
+    s3_store.cache_clear()
+    yield bucket, endpoint
+    s3_store.cache_clear()
+    server.stop()
+
+
+def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dolly, s3, tmp_path):
+    bucket, endpoint = s3
+    os.environ.update(DISTILL_S3_BUCKET="models", DISTILL_S3_ENDPOINT_URL=endpoint)
+    try:
+        worker = Worker(tmp_path / "worker.log").start()
+    finally:
+        del os.environ["DISTILL_S3_BUCKET"], os.environ["DISTILL_S3_ENDPOINT_URL"]
+    try:
+        spec = tiny_spec(dolly, checkpoints={"every_steps": 3, "keep": 1}, eval={"every_steps": 0})
+        job_id = client.post("/api/v1/jobs", json=spec, headers=auth).json()["id"]
+        done = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{job_id}", headers=auth).json())["status"]
+                        in ("succeeded", "failed") and j, what="the job to end")  # fmt: skip
+    finally:
+        worker.stop()
+    assert done["status"] == "succeeded", done["error"]
+
+    keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="models")["Contents"]}
+    prefix = f"distill/jobs/{job_id}/"
+    assert f"{prefix}archives/step-000006.tar" in keys and f"{prefix}checkpoints/step-000006/model.safetensors" in keys
+    assert not any("step-000003" in k for k in keys)  # pruned with the local copy
+
+    listing = client.get(f"/api/v1/jobs/{job_id}/checkpoints", headers=auth).json()
+    response = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth, follow_redirects=False)
+    assert response.status_code == 307 and response.headers["location"].startswith(endpoint)
+    first = httpx.get(response.headers["location"], headers={"Range": "bytes=0-99"})
+    assert first.status_code == 206 and len(first.content) == 100
+    whole = httpx.get(response.headers["location"])
+    assert hashlib.sha256(whole.content).hexdigest() == listing[-1]["archive_sha256"] == response.headers["x-checksum-sha256"]
+
+    single = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/files/config.json", headers=auth, follow_redirects=False)
+    assert single.status_code == 307
+    assert httpx.get(single.headers["location"]).json()["num_hidden_layers"] == 2
