@@ -8,7 +8,6 @@ launcher or torchrun, which set the same variables. CPU uses gloo, GPUs NCCL.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,17 +15,12 @@ import torch
 import torch.distributed as dist
 
 from .paths import use_project_extension_dir
+from .ports import free_port
 from .spec import JobSpec
 
 
 class ResourceError(RuntimeError):
     """The job asks for hardware this machine does not have."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_gpu(spec: JobSpec) -> bool:
@@ -42,7 +36,7 @@ def init_process_group(spec: JobSpec) -> torch.device:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if not dist.is_initialized():
