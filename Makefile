@@ -7,6 +7,8 @@ export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 .PHONY: install test test-fast demo bench
 
 install: $(VENV)/.installed
+	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
+	frontend/fetch-vendor.sh
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	scripts/ensure-services.sh
+	scripts/ensure-browser.sh
 	$(PY) -m pytest -q
 
 test-fast: install

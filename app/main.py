@@ -7,8 +7,11 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from functools import lru_cache
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.routing import compile_path
 
 from app.api.routes import datasets, health, jobs
@@ -33,6 +36,19 @@ api.include_router(jobs.router)
 api.include_router(datasets.router)
 app.include_router(api)
 app.include_router(health.router)
+
+# The web page (frontend/): index.html at /, its own code under /static, the pinned libraries that
+# `make install` fetched under /vendor. Registered after the API, so API routes always match first.
+FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+
+
+@app.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    return FileResponse(FRONTEND / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+app.mount("/static", StaticFiles(directory=FRONTEND / "static", check_dir=False), name="static")
+app.mount("/vendor", StaticFiles(directory=FRONTEND / "vendor", check_dir=False), name="vendor")
 
 
 @lru_cache
