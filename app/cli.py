@@ -65,7 +65,7 @@ def train(
         raise typer.Exit(130) from None
     except Exception as err:  # reported in events.jsonl too
         raise _fail(f"{type(err).__name__}: {err}") from None
-    typer.echo(score_table({label: s for label, s in scores.items()}))
+    typer.echo(score_table(scores))
     typer.echo(f"checkpoints: {output / 'checkpoints'}")
 
 

@@ -68,13 +68,16 @@ class Client:
         """Every event of the job in order; with `follow`, until the job has ended."""
         after = 0
         while True:
+            # Status before events: a terminal status is committed with its event, so a page read
+            # after seeing it holds everything up to the end.
+            ended = not follow or self.get(f"/jobs/{job_id}")["status"] in TERMINAL
             page = self.get(f"/jobs/{job_id}/events", after=after, limit=1000)
             for event in page["data"]:
                 after = event["id"]
                 yield event
             if page["has_more"]:
                 continue
-            if not follow or self.get(f"/jobs/{job_id}")["status"] in TERMINAL and not page["data"]:
+            if ended:
                 return
             time.sleep(1.0)
 

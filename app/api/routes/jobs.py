@@ -112,10 +112,13 @@ async def stream_events(
 
     def read(after_id: int) -> tuple[list[JobEvent], bool]:
         with Session() as session:
+            # Status first: a terminal status seen here was committed with its event, so the event
+            # query below, which runs later, includes it.
+            ended = session.get(Job, job_id).status in TERMINAL
             rows = session.scalars(
                 select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(500)
             ).all()
-            return list(rows), session.get(Job, job_id).status in TERMINAL
+            return list(rows), ended
 
     while not await request.is_disconnected():
         rows, ended = await asyncio.to_thread(read, cursor)  # blocking database I/O off the event loop
