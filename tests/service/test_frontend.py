@@ -95,17 +95,32 @@ def test_sign_in_submit_follow_download_compare(server, worker, dolly, browser_p
     expect(error).to_contain_text("greater than or equal to 1")
     expect(steps).to_have_attribute("aria-invalid", "true")
 
-    # The tiny job, from the advanced YAML editor (JSON is YAML).
+    # The tiny job, through the form's fields; its training set is uploaded from the page.
+    spec = tiny_spec(dolly, name="tiny-ui")
+    for path, value in [("name", spec["name"]), ("teacher", spec["teacher"]), ("student.model", spec["student"]["model"]),
+                        ("data.eval", spec["data"]["eval"])] + [
+                       (f"{section}.{key}", value) for section in ("data", "training", "minillm", "eval", "checkpoints")
+                       for key, value in spec[section].items() if section != "data" or key not in ("train", "eval", "prompt_format")]:  # fmt: skip
+        page.locator("#f-" + path.replace(".", "-")).fill(str(value))
+    page.locator("#f-data-prompt_format").select_option(spec["data"]["prompt_format"])
+    page.locator("#f-deepspeed-precision").select_option(spec["deepspeed"]["precision"])
+    page.locator("#f-data-train-file").set_input_files(spec["data"]["train"])
+    expect(page.locator("#f-data-train")).to_have_value(re.compile(r"^dataset:ds-"))
+    # The advanced editor starts from the form, so either way submits the same spec.
     page.get_by_text("Advanced: edit the full YAML spec").click()
-    page.locator("#f-yaml").fill(json.dumps(tiny_spec(dolly, name="tiny-ui")))
+    expect(page.locator("#f-yaml")).to_have_value(re.compile(r"rollouts_per_phase: 4"))
+    page.get_by_text("Advanced: edit the full YAML spec").click()  # closed again: the form is submitted
     page.get_by_role("button", name="Submit job").click()
     page.wait_for_url(re.compile(r"#/jobs/"))
     job_id = page.url.rsplit("/", 1)[-1]
+    import httpx
+
+    submitted = httpx.get(f"{server}/api/v1/jobs/{job_id}", headers=user).json()["spec"]
+    assert submitted["data"]["train"].startswith("dataset:") and submitted["minillm"]["rollouts_per_phase"] == 4
 
     # Meanwhile the jobs list shows it, and a second job (submitted through the API) appears live.
     page.goto(f"{server}/#/jobs")
     expect(page.locator(f'#jobs tr[data-id="{job_id}"]')).to_be_visible()
-    import httpx
 
     second = httpx.post(f"{server}/api/v1/jobs", headers=user, json=tiny_spec(dolly, name="tiny-kd", method="kd"))
     assert second.status_code == 201, second.text
