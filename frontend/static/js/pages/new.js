@@ -174,8 +174,9 @@ export function render(main) {
       yaml.setAttribute("aria-invalid", "true");
       first = yaml;
     }
+    const others = !advanced.open && unplaced.length ? [h("ul", {}, unplaced.map((u) => h("li", {}, u)))] : [];
     summary.replaceChildren(h("p", { style: "margin:0" }, `The API refused this spec (${detail.length} problem${detail.length > 1 ? "s" : ""}); each is shown beside its field.`),
-      !advanced.open && unplaced.length ? h("ul", {}, unplaced.map((u) => h("li", {}, u))) : null);
+      ...others);
     summary.hidden = false;
     (first || summary).focus();
   }
