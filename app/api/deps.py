@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import crud
 from app.core.config import Settings, get_settings
 from app.core.db import get_session
+from app.core.security import valid_signature
 from app.models import Job, User
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -37,3 +38,26 @@ def owned_job(job_id: str, session: SessionDep, user: CurrentUser) -> Job:
 
 
 OwnedJob = Annotated[Job, Depends(owned_job)]
+
+
+def downloadable_job(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    expires: Annotated[int | None, Query(description="from a signed link")] = None,
+    signature: Annotated[str | None, Query(description="from a signed link")] = None,
+) -> Job:
+    """A job whose files may be downloaded: the user's own (bearer token), or any job through a
+    signed link made for exactly this path, until it expires."""
+    if signature is None:
+        return owned_job(job_id, session, current_user(session, credentials))
+    if expires is None or not valid_signature(request.url.path, expires, signature):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this download link is invalid or has expired")
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    return job
+
+
+DownloadableJob = Annotated[Job, Depends(downloadable_job)]

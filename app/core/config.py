@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     auto_accelerator: str = Field("cpu", description="Queue kind for jobs with resources.accelerator auto: cpu or gpu.")
     worker_cpu_processes: int = Field(2, ge=1, description="Largest resources.devices a CPU worker takes.")
     hostfile: Path | None = Field(None, description="DeepSpeed hostfile: run multi-process jobs across these machines.")
+    secret_key: str | None = Field(None, description="Signs short-lived download links; the same on every API replica. "
+                                   "Default: generated once into data_dir/secret_key.")
     s3_bucket: str | None = Field(None, description="Keep checkpoints in this S3 bucket too; downloads are redirected there.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2...); default: AWS.")
     s3_prefix: str = Field("distill", description="Key prefix of everything stored in the bucket.")

@@ -96,6 +96,8 @@ PROTECTED = [
     ("GET", f"{JOBS}/job-0000000000000000/checkpoints"),
     ("GET", f"{JOBS}/job-0000000000000000/checkpoints/latest/archive"),
     ("GET", f"{JOBS}/job-0000000000000000/checkpoints/best/files/config.json"),
+    ("POST", f"{JOBS}/job-0000000000000000/checkpoints/latest/archive/link"),
+    ("POST", f"{JOBS}/job-0000000000000000/checkpoints/best/files/config.json/link"),
     ("GET", DATASETS),
     ("POST", f"{DATASETS}?name=x.jsonl"),
 ]

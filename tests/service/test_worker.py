@@ -16,7 +16,7 @@ from app.client import Client
 from app.core.db import session_factory
 from app.main import app
 from app.models import Job
-from helpers import Worker, tiny_spec, wait_for
+from helpers import Worker, make_user, tiny_spec, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 
@@ -81,6 +81,21 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
 
     single = client.get(f"/api/v1/jobs/{job_id}/checkpoints/best/files/config.json", headers=auth)
     assert single.status_code == 200 and single.json()["num_hidden_layers"] == 2
+
+    # Signed links need no token (browsers), support Range, and are bound to their path and time.
+    link = client.post(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive/link", headers=auth).json()["url"]
+    assert client.get(link).status_code == 200
+    assert client.get(link, headers={"Range": "bytes=0-9"}).status_code == 206
+    assert client.get(link.replace("signature=", "signature=0")).status_code == 403
+    assert client.get(link.replace("/latest/", "/best/")).status_code == 403  # another path
+    from app.core.security import signed_url
+
+    expired, _ = signed_url(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", seconds=-1)
+    assert client.get(expired).status_code == 403
+    file_link = client.post(f"/api/v1/jobs/{job_id}/checkpoints/best/files/config.json/link", headers=auth).json()["url"]
+    assert client.get(file_link).json()["num_hidden_layers"] == 2
+    other = make_user()
+    assert client.post(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive/link", headers=other).status_code == 404
 
 
 def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dolly, worker):

@@ -14,8 +14,9 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 
 from app import crud
-from app.api.deps import CurrentUser, OwnedJob, SessionDep, SettingsDep
+from app.api.deps import CurrentUser, DownloadableJob, OwnedJob, SessionDep, SettingsDep
 from app.core.db import session_factory
+from app.core.security import signed_url
 from app.core.storage import s3_store
 from app.models import STATUSES, TERMINAL, Checkpoint, Dataset, EvalResult, Job, JobEvent, Metric
 from app.schemas import CheckpointOut, EvalOut, EventOut, JobOut, Page
@@ -185,7 +186,7 @@ def _checkpoint(session, job: Job, step: str) -> Checkpoint:
 
 @router.get("/{job_id}/checkpoints/{step}/archive", response_class=FileResponse,
             responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "a byte range"}})  # fmt: skip
-def archive(job: OwnedJob, step: str, session: SessionDep) -> Response:
+def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
     """The checkpoint's Hugging Face directory as an uncompressed tar. Content-Length, ETag and Range
     requests let an interrupted download resume; X-Checksum-SHA256 is the whole archive's digest.
     With S3 storage, a redirect to a presigned URL that serves the same bytes."""
@@ -200,7 +201,7 @@ def archive(job: OwnedJob, step: str, session: SessionDep) -> Response:
 
 
 @router.get("/{job_id}/checkpoints/{step}/files/{name}", response_class=FileResponse)
-def checkpoint_file(job: OwnedJob, step: str, name: str, session: SessionDep) -> Response:
+def checkpoint_file(job: DownloadableJob, step: str, name: str, session: SessionDep) -> Response:
     c = _checkpoint(session, job, step)
     entry = next((f for f in c.files if f["name"] == name), None)
     if entry is None:  # only listed names: never a path outside the checkpoint
@@ -212,3 +213,19 @@ def checkpoint_file(job: OwnedJob, step: str, name: str, session: SessionDep) ->
     return FileResponse(Path(c.path) / name, filename=name, headers={"X-Checksum-SHA256": entry["sha256"]})
 
 
+@router.post("/{job_id}/checkpoints/{step}/archive/link")
+def archive_link(job: OwnedJob, step: str, request: Request, session: SessionDep) -> dict:
+    """A signed URL of the archive that needs no token for a day: for browsers and download managers."""
+    _checkpoint(session, job, step)
+    url, expires = signed_url(request.url.path.removesuffix("/link"))
+    return {"url": url, "expires": expires}
+
+
+@router.post("/{job_id}/checkpoints/{step}/files/{name}/link")
+def file_link(job: OwnedJob, step: str, name: str, request: Request, session: SessionDep) -> dict:
+    """A signed URL of one checkpoint file that needs no token for a day."""
+    c = _checkpoint(session, job, step)
+    if not any(f["name"] == name for f in c.files):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"checkpoint step {c.step} has no file {name!r}")
+    url, expires = signed_url(request.url.path.removesuffix("/link"))
+    return {"url": url, "expires": expires}

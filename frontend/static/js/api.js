@@ -36,17 +36,17 @@ export async function api(path, { method = "GET", body, raw, signal, headers: ex
   return data;
 }
 
-/** Download an authenticated URL as a file (a plain link cannot send the bearer header). */
+/**
+ * Download a checkpoint archive or file. A plain link cannot send the bearer header, so the API
+ * first signs a short-lived URL for it; the browser's own download manager then streams it to disk
+ * (and can resume it), instead of this page holding the whole file in memory.
+ */
 export async function download(path, filename) {
-  const response = await fetch(`/api/v1${path}`, { headers: headers() });
-  if (!response.ok) throw new ApiError(response.status, null);
-  const blob = await response.blob();
-  const url = URL.createObjectURL(blob);
+  const { url } = await api(`${path}/link`, { method: "POST" });
   const a = Object.assign(document.createElement("a"), { href: url, download: filename });
   document.body.append(a);
   a.click();
   a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
 /**
