@@ -21,7 +21,7 @@ from app import crud
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.models import CANCELLED, CANCELLING, FAILED, Job
-from worker.engine.ports import free_port
+from worker.engine.launch import deepspeed_command
 
 PR_SET_PDEATHSIG = 1
 
@@ -42,12 +42,7 @@ def child_command(job_id: str, attempt: int, spec: dict, settings: Settings) -> 
     devices = spec.get("resources", {}).get("devices", 1)
     if devices == 1:
         return [sys.executable, "-m", *entry]
-    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
-    if settings.hostfile is not None:  # several machines: DeepSpeed starts the ranks on each over ssh
-        launcher += ["--hostfile", str(settings.hostfile)]
-    else:
-        launcher += ["--num_gpus", str(devices)]
-    return [*launcher, "--module", *entry]
+    return deepspeed_command(devices, entry, settings.hostfile)
 
 
 def describe_exit(code: int, log: Path) -> dict:

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
+from worker.engine.launch import free_port
 from helpers import make_user, tiny_spec, wait_for
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -42,9 +42,7 @@ pytestmark = [
 def server():
     from app.main import app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, daemon=True, name="uvicorn")
     thread.start()

@@ -4,7 +4,6 @@ moto's server stands in for S3 (a real HTTP server speaking the S3 API, in this 
 
 import hashlib
 import os
-import socket
 
 import boto3
 import httpx
@@ -13,6 +12,7 @@ from moto.server import ThreadedMotoServer
 
 from app.core.config import get_settings
 from app.core.storage import s3_store
+from worker.engine.launch import free_port
 from helpers import Worker, tiny_spec, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
@@ -21,9 +21,7 @@ AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAUL
 
 @pytest.fixture
 def s3(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -16,6 +16,7 @@ from app.client import Client
 from app.core.db import session_factory
 from app.main import app
 from app.models import Job
+from worker.engine.launch import free_port
 from helpers import Worker, make_user, tiny_spec, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
@@ -168,11 +169,7 @@ def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, 
     """`distill up` with no database or broker configured, driven by `distill submit --wait`."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("DISTILL_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env.update(DISTILL_DATA_DIR=str(tmp_path / "home"), DISTILL_PORT=str(port))
     up = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .paths import use_project_extension_dir
-from .ports import free_port
+from .launch import free_port
 from .spec import JobSpec
 
 

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from .ports import free_port
+from .launch import deepspeed_command
 from .events import Fanout, JsonlReporter, ProgressBarReporter
 from .spec import JobSpec, load_spec
 from .trainer import train
@@ -25,10 +22,7 @@ def reporter_for(output_dir: Path) -> Fanout:
 
 def launch_command(spec: JobSpec, spec_path: Path, output_dir: Path) -> list[str]:
     """The DeepSpeed launcher command that runs this module once per device on this machine."""
-    port = free_port()
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    return [launcher, "--num_gpus", str(spec.resources.devices), "--master_port", str(port),
-            "--module", "worker.engine.run", str(spec_path), "--output", str(output_dir)]  # fmt: skip
+    return deepspeed_command(spec.resources.devices, ["worker.engine.run", str(spec_path), "--output", str(output_dir)])
 
 
 def run(spec_path: Path, output_dir: Path) -> dict:
