@@ -2,12 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DOLLY
+from helpers import write_dataset
 
 
 @pytest.fixture(scope="session")
-def dolly() -> Path:
-    """The Dolly records beside the checkout (shared/data/dolly): read by path, never copied."""
-    if not (DOLLY / "dev.jsonl").exists():
-        pytest.fail(f"{DOLLY} is missing: tests read the Dolly records from shared/data beside the checkout")
-    return DOLLY
+def dataset(tmp_path_factory) -> Path:
+    """A small instruction set in the Dolly layout, written by the tests (see `write_dataset`)."""
+    return write_dataset(tmp_path_factory.mktemp("dataset"))

@@ -13,18 +13,36 @@ import psycopg
 
 from worker.engine.paths import PROJECT_ROOT
 
-DOLLY = PROJECT_ROOT.parent / "shared" / "data" / "dolly"
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
-def tiny_spec(dolly: Path, **overrides) -> dict:
+def write_dataset(directory: Path, train_records: int = 64, eval_records: int = 16) -> Path:
+    """`train.jsonl` and `eval.jsonl` in the Dolly layout (instruction, input, output), made here.
+
+    The instructions are the project's builtin demo prompts; each response is a sentence built from
+    its instruction, so every record has gold text for SFT, KD and the LM term. The tests need
+    records of the right shape, not good answers: the models they train are tiny and random.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, source, count in (("train", "demo_train", train_records), ("eval", "demo_eval", eval_records)):
+        lines = (PROJECT_ROOT / "worker" / "engine" / "builtin_data" / f"{source}.jsonl").read_text().splitlines()[:count]
+        with (directory / f"{name}.jsonl").open("w") as out:
+            for line in lines:
+                record = json.loads(line)
+                topic = record["instruction"].rstrip(".?!").lower()
+                record["output"] = f"Here is a short answer to the request to {topic}. It is kept brief and ends here."
+                out.write(json.dumps(record) + "\n")
+    return directory
+
+
+def tiny_spec(dataset: Path, **overrides) -> dict:
     """A job on the tiny random models that finishes in seconds; sections in `overrides` are merged."""
     spec = {
         "name": "tiny",
         "method": "minillm",
         "teacher": "builtin:tiny-teacher",
         "student": {"model": "builtin:tiny-student"},
-        "data": {"train": str(dolly / "dev.jsonl"), "eval": str(dolly / "valid.jsonl"), "prompt_format": "alpaca",
+        "data": {"train": str(dataset / "train.jsonl"), "eval": str(dataset / "eval.jsonl"), "prompt_format": "alpaca",
                  "max_prompt_tokens": 128, "max_response_tokens": 12, "max_train_records": 48},
         "training": {"steps": 6, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0},
         "minillm": {"rollouts_per_phase": 4, "rollout_batch_size": 4, "ppo_epochs": 2},

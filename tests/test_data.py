@@ -16,11 +16,18 @@ def write(path, lines):
     return str(path)
 
 
-def test_reads_both_layouts(tmp_path, dolly):
-    dolly_records = read_records(str(dolly / "valid.jsonl"))
-    assert len(dolly_records) == 500 and all(r.response for r in dolly_records)
+def test_reads_both_layouts(tmp_path):
+    dolly = {"instruction": "Summarize.", "input": "A long note.", "output": "A note.", "category": "summarization"}
+    path = write(tmp_path / "dolly.jsonl", [json.dumps(dolly)])
+    assert read_records(path) == [Record("Summarize.", "A long note.", "A note.")]
     path = write(tmp_path / "pr.jsonl", [json.dumps({"prompt": "Say hi", "response": "Hi!"})])
     assert read_records(path) == [Record("Say hi", "", "Hi!")]
+
+
+def test_the_tests_own_dataset_has_gold_responses(dataset):
+    records = read_records(str(dataset / "train.jsonl"))
+    assert len(records) == 64 and all(r.response for r in records)
+    assert any(r.input for r in records)  # both prompt templates (with and without input) are exercised
 
 
 @pytest.mark.parametrize(

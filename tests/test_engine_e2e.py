@@ -62,8 +62,8 @@ def assert_loads_and_generates(checkpoint):
         ("minillm", {"recovery": {"method": "kd", "steps": 2, "learning_rate": 2e-3}}),
     ],
 )
-def test_method_runs_end_to_end(tmp_path, dolly, method, extra):
-    out, scores = run(tmp_path, tiny_spec(dolly, method=method, **extra))
+def test_method_runs_end_to_end(tmp_path, dataset, method, extra):
+    out, scores = run(tmp_path, tiny_spec(dataset, method=method, **extra))
     events = read_events(out)
     assert events[-1]["type"] == "state" and events[-1]["data"]["state"] == "succeeded"
     total = 6 + (2 if extra else 0)
@@ -84,17 +84,17 @@ def test_method_runs_end_to_end(tmp_path, dolly, method, extra):
     assert_loads_and_generates(final)
 
 
-def test_minillm_changes_the_student_towards_the_teacher(tmp_path, dolly):
+def test_minillm_changes_the_student_towards_the_teacher(tmp_path, dataset):
     """A few MiniLLM steps at a high learning rate lower the reverse KL on held-out responses."""
-    spec = tiny_spec(dolly, training={"steps": 8, "learning_rate": 3e-3}, eval={"every_steps": 0},
+    spec = tiny_spec(dataset, training={"steps": 8, "learning_rate": 3e-3}, eval={"every_steps": 0},
                      checkpoints={"every_steps": 0})  # fmt: skip
     _, scores = run(tmp_path, spec)
     assert scores["final"]["reverse_kl"] < scores["initial"]["reverse_kl"]
 
 
-def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dolly):
+def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dataset):
     # 4 rollouts, micro-batch 2, 2 PPO epochs: a phase is 4 steps; checkpoint at 2 is mid-phase.
-    spec = tiny_spec(dolly, training={"steps": 8}, checkpoints={"every_steps": 2, "keep": 1}, eval={"every_steps": 4})
+    spec = tiny_spec(dataset, training={"steps": 8}, checkpoints={"every_steps": 2, "keep": 1}, eval={"every_steps": 4})
     straight, straight_scores = run(tmp_path, spec, "straight")
 
     interrupted = tmp_path / "interrupted"
@@ -113,24 +113,24 @@ def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dolly):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_retention_keeps_latest_and_best(tmp_path, dolly):
-    out, _ = run(tmp_path, tiny_spec(dolly, checkpoints={"every_steps": 1, "keep": 2}))
+def test_checkpoint_retention_keeps_latest_and_best(tmp_path, dataset):
+    out, _ = run(tmp_path, tiny_spec(dataset, checkpoints={"every_steps": 1, "keep": 2}))
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     assert kept[-2:] == ["step-000005", "step-000006"] and len(kept) <= 3
     assert [p.name for p in (out / "resume").iterdir()] == ["step-000006"]
 
 
-def test_cancel_stops_at_next_step_and_keeps_checkpoints(tmp_path, dolly):
+def test_cancel_stops_at_next_step_and_keeps_checkpoints(tmp_path, dataset):
     out = tmp_path / "cancel"
     with pytest.raises(Cancelled):
-        train(parse_spec(tiny_spec(dolly)), out, CancelAfter(out / "events.jsonl", step=4))
+        train(parse_spec(tiny_spec(dataset)), out, CancelAfter(out / "events.jsonl", step=4))
     events = read_events(out)
     assert events[-1]["data"]["state"] == "cancelled" and events[-1]["data"]["step"] == 4
     assert (out / "checkpoints" / "step-000003" / "config.json").exists()
 
 
-def test_two_processes_under_the_deepspeed_launcher(tmp_path, dolly):
-    spec = tiny_spec(dolly, method="kd", resources={"devices": 2}, training={"steps": 4},
+def test_two_processes_under_the_deepspeed_launcher(tmp_path, dataset):
+    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 4},
                      eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -155,8 +155,8 @@ def test_two_processes_under_the_deepspeed_launcher(tmp_path, dolly):
     ],
     ids=["zero1-bf16", "zero2-offload", "zero3-bf16"],
 )
-def test_zero_stages_precisions_and_offload(tmp_path, dolly, deepspeed):
-    spec = tiny_spec(dolly, training={"steps": 4}, deepspeed=deepspeed, eval={"every_steps": 0},
+def test_zero_stages_precisions_and_offload(tmp_path, dataset, deepspeed):
+    spec = tiny_spec(dataset, training={"steps": 4}, deepspeed=deepspeed, eval={"every_steps": 0},
                      checkpoints={"every_steps": 2, "keep": 1})  # fmt: skip
     out, scores = run(tmp_path, spec)
     assert math.isfinite(scores["final"]["reverse_kl"])
@@ -167,9 +167,9 @@ def test_zero_stages_precisions_and_offload(tmp_path, dolly, deepspeed):
     assert_loads_and_generates(out / "checkpoints" / "step-000004")
 
 
-def test_fp16_on_cpu_is_refused_before_training(tmp_path, dolly):
+def test_fp16_on_cpu_is_refused_before_training(tmp_path, dataset):
     out = tmp_path / "fp16"
     with pytest.raises(Exception, match="fp16 needs a GPU"):
-        train(parse_spec(tiny_spec(dolly, deepspeed={"precision": "fp16"})), out, JsonlReporter(out / "events.jsonl"))
+        train(parse_spec(tiny_spec(dataset, deepspeed={"precision": "fp16"})), out, JsonlReporter(out / "events.jsonl"))
     failed = read_events(out)[-1]
     assert failed["data"]["state"] == "failed" and "fp16" in failed["data"]["error"]["message"]

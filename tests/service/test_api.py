@@ -32,8 +32,8 @@ def submit(client, auth, spec, **headers):
     return client.post(JOBS, json=spec, headers={**auth, **headers})
 
 
-def new_job(client, auth, dolly, **overrides) -> dict:
-    response = submit(client, auth, tiny_spec(dolly, **overrides))
+def new_job(client, auth, dataset, **overrides) -> dict:
+    response = submit(client, auth, tiny_spec(dataset, **overrides))
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -70,8 +70,8 @@ def set_heartbeat_back(job_id: str, seconds: float = 2, **values) -> None:
         session.commit()
 
 
-def dolly_lines(dolly, n: int) -> bytes:
-    lines = (dolly / "valid.jsonl").read_text().splitlines()[:n]
+def dataset_lines(dataset, n: int) -> bytes:
+    lines = (dataset / "eval.jsonl").read_text().splitlines()[:n]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -113,20 +113,20 @@ def test_every_api_route_is_covered_by_the_auth_table(client):
 
 
 @pytest.mark.parametrize("method,path", PROTECTED)
-def test_api_routes_need_a_known_bearer_token(client, dolly, method, path):
-    body = tiny_spec(dolly) if (method, path) == ("POST", JOBS) else None
+def test_api_routes_need_a_known_bearer_token(client, dataset, method, path):
+    body = tiny_spec(dataset) if (method, path) == ("POST", JOBS) else None
     for headers in ({}, {"Authorization": "Bearer dst_not-a-real-token"}, {"Authorization": "Basic dXNlcjpwYXNz"}):
         response = client.request(method, path, headers=headers, json=body)
         assert response.status_code == 401, (headers, response.text)
         assert response.headers["www-authenticate"] == "Bearer"
 
 
-def test_no_job_is_created_without_a_token(client, dolly):
+def test_no_job_is_created_without_a_token(client, dataset):
     with db() as session:
         from app.models import Job
 
         before = session.scalar(select(func.count()).select_from(Job))
-    assert client.post(JOBS, json=tiny_spec(dolly)).status_code == 401
+    assert client.post(JOBS, json=tiny_spec(dataset)).status_code == 401
     with db() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == before
 
@@ -138,10 +138,10 @@ def test_health_and_readiness_need_no_token(client):
     assert ready.json() == {"database": "ok", "broker": "ok"}
 
 
-def test_prometheus_metrics_count_jobs_and_requests(client, auth, dolly):
+def test_prometheus_metrics_count_jobs_and_requests(client, auth, dataset):
     from app.models import Job
 
-    new_job(client, auth, dolly)
+    new_job(client, auth, dataset)
     client.get("/healthz")
     response = client.get("/metrics")
     assert response.status_code == 200
@@ -182,8 +182,8 @@ def test_openapi_and_docs_are_reachable(client):
 # -- 2. submit ----------------------------------------------------------------------------------
 
 
-def test_submit_queues_a_job(client, auth, dolly):
-    spec = tiny_spec(dolly)
+def test_submit_queues_a_job(client, auth, dataset):
+    spec = tiny_spec(dataset)
     response = submit(client, auth, spec)
     assert response.status_code == 201, response.text
     job = response.json()
@@ -205,13 +205,13 @@ def test_submit_queues_a_job(client, auth, dolly):
     assert events[0]["data"] == {"state": "queued"} and "cpu-1" in events[0]["message"]
 
 
-def test_total_steps_include_the_recovery_stage(client, auth, dolly):
-    job = new_job(client, auth, dolly, training={"steps": 4}, recovery={"method": "kd", "steps": 5})
+def test_total_steps_include_the_recovery_stage(client, auth, dataset):
+    job = new_job(client, auth, dataset, training={"steps": 4}, recovery={"method": "kd", "steps": 5})
     assert job["progress"]["total_steps"] == 9
 
 
-def test_queue_names_the_devices(client, auth, dolly):
-    job = new_job(client, auth, dolly, resources={"devices": 2, "accelerator": "cpu"})
+def test_queue_names_the_devices(client, auth, dataset):
+    job = new_job(client, auth, dataset, resources={"devices": 2, "accelerator": "cpu"})
     assert job["queue"] == "cpu-2"
 
 
@@ -242,19 +242,19 @@ INVALID = {
 
 
 @pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_specs_are_422_naming_the_field_and_store_nothing(client, auth, dolly, case):
+def test_invalid_specs_are_422_naming_the_field_and_store_nothing(client, auth, dataset, case):
     make, loc, words = INVALID[case]
-    new_job(client, auth, dolly)
+    new_job(client, auth, dataset)
     before = job_count(client, auth)
-    response = submit(client, auth, make(dolly))
+    response = submit(client, auth, make(dataset))
     assert response.status_code == 422, response.text
     error = detail_for(response, loc)
     assert words.lower() in error["msg"].lower(), error
     assert job_count(client, auth) == before
 
 
-def test_all_preflight_problems_are_reported_together(client, auth, dolly):
-    spec = tiny_spec(dolly, teacher="/nonexistent/teacher", data={"train": "dataset:ds-nope"}, minillm={"rollouts_per_phase": 3})
+def test_all_preflight_problems_are_reported_together(client, auth, dataset):
+    spec = tiny_spec(dataset, teacher="/nonexistent/teacher", data={"train": "dataset:ds-nope"}, minillm={"rollouts_per_phase": 3})
     response = submit(client, auth, spec)
     assert response.status_code == 422
     assert sorted(map(tuple, locs(response))) == sorted(
@@ -270,8 +270,8 @@ def test_non_json_body_is_422(client, auth):
 # -- 3. idempotency -----------------------------------------------------------------------------
 
 
-def test_idempotency_key_returns_the_same_job(client, auth, dolly):
-    spec = tiny_spec(dolly)
+def test_idempotency_key_returns_the_same_job(client, auth, dataset):
+    spec = tiny_spec(dataset)
     first = submit(client, auth, spec, **{"Idempotency-Key": "key-1"})
     second = submit(client, auth, spec, **{"Idempotency-Key": "key-1"})
     assert first.status_code == second.status_code == 201
@@ -281,8 +281,8 @@ def test_idempotency_key_returns_the_same_job(client, auth, dolly):
     assert [e["data"]["state"] for e in events_of(client, auth, first.json()["id"])] == ["queued"]
 
 
-def test_idempotency_key_ignores_key_order_and_explicit_defaults(client, auth, dolly):
-    spec = tiny_spec(dolly)
+def test_idempotency_key_ignores_key_order_and_explicit_defaults(client, auth, dataset):
+    spec = tiny_spec(dataset)
     first = submit(client, auth, spec, **{"Idempotency-Key": "key-order"})
     reordered = dict(reversed(list(spec.items())))
     reordered["resources"] = {"accelerator": "auto", "devices": 1}  # the defaults, spelled out
@@ -291,10 +291,10 @@ def test_idempotency_key_ignores_key_order_and_explicit_defaults(client, auth, d
     assert job_count(client, auth) == 1
 
 
-def test_concurrent_requests_with_one_key_make_one_job(client, auth, dolly):
+def test_concurrent_requests_with_one_key_make_one_job(client, auth, dataset):
     from concurrent.futures import ThreadPoolExecutor
 
-    spec = tiny_spec(dolly)
+    spec = tiny_spec(dataset)
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda _: submit(client, auth, spec, **{"Idempotency-Key": "key-race"}), range(4)))
     assert [r.status_code for r in responses] == [201] * 4, [r.text for r in responses]
@@ -303,49 +303,49 @@ def test_concurrent_requests_with_one_key_make_one_job(client, auth, dolly):
     assert len(events_of(client, auth, responses[0].json()["id"])) == 1
 
 
-def test_idempotency_key_with_another_body_is_409(client, auth, dolly):
-    first = submit(client, auth, tiny_spec(dolly), **{"Idempotency-Key": "key-2"})
+def test_idempotency_key_with_another_body_is_409(client, auth, dataset):
+    first = submit(client, auth, tiny_spec(dataset), **{"Idempotency-Key": "key-2"})
     assert first.status_code == 201
-    other = submit(client, auth, tiny_spec(dolly, training={"steps": 7}), **{"Idempotency-Key": "key-2"})
+    other = submit(client, auth, tiny_spec(dataset, training={"steps": 7}), **{"Idempotency-Key": "key-2"})
     assert other.status_code == 409, other.text
     assert job_count(client, auth) == 1
     # a different key is a new job
-    third = submit(client, auth, tiny_spec(dolly), **{"Idempotency-Key": "key-3"})
+    third = submit(client, auth, tiny_spec(dataset), **{"Idempotency-Key": "key-3"})
     assert third.status_code == 201 and third.json()["id"] != first.json()["id"]
     # no key at all: always a new job
-    assert submit(client, auth, tiny_spec(dolly)).json()["id"] != first.json()["id"]
+    assert submit(client, auth, tiny_spec(dataset)).json()["id"] != first.json()["id"]
     assert job_count(client, auth) == 3
 
 
-def test_idempotency_keys_are_per_user(client, auth, dolly):
+def test_idempotency_keys_are_per_user(client, auth, dataset):
     other = make_user()
-    mine = submit(client, auth, tiny_spec(dolly), **{"Idempotency-Key": "shared-key"})
-    theirs = submit(client, other, tiny_spec(dolly), **{"Idempotency-Key": "shared-key"})
+    mine = submit(client, auth, tiny_spec(dataset), **{"Idempotency-Key": "shared-key"})
+    theirs = submit(client, other, tiny_spec(dataset), **{"Idempotency-Key": "shared-key"})
     assert mine.status_code == theirs.status_code == 201
     assert mine.json()["id"] != theirs.json()["id"]
     assert job_count(client, auth) == job_count(client, other) == 1
     # and a different body under that key for the other user is their own conflict, not mine
-    assert submit(client, other, tiny_spec(dolly, training={"steps": 2}), **{"Idempotency-Key": "shared-key"}).status_code == 409
+    assert submit(client, other, tiny_spec(dataset, training={"steps": 2}), **{"Idempotency-Key": "shared-key"}).status_code == 409
 
 
-def test_idempotency_key_over_200_characters_is_422(client, auth, dolly):
-    response = submit(client, auth, tiny_spec(dolly), **{"Idempotency-Key": "k" * 201})
+def test_idempotency_key_over_200_characters_is_422(client, auth, dataset):
+    response = submit(client, auth, tiny_spec(dataset), **{"Idempotency-Key": "k" * 201})
     assert response.status_code == 422
     assert job_count(client, auth) == 0
 
 
-def test_a_failed_validation_does_not_reserve_the_key(client, auth, dolly):
-    bad = submit(client, auth, tiny_spec(dolly, training={"steps": 0}), **{"Idempotency-Key": "key-4"})
+def test_a_failed_validation_does_not_reserve_the_key(client, auth, dataset):
+    bad = submit(client, auth, tiny_spec(dataset, training={"steps": 0}), **{"Idempotency-Key": "key-4"})
     assert bad.status_code == 422
-    good = submit(client, auth, tiny_spec(dolly), **{"Idempotency-Key": "key-4"})
+    good = submit(client, auth, tiny_spec(dataset), **{"Idempotency-Key": "key-4"})
     assert good.status_code == 201
 
 
 # -- 4. listing ---------------------------------------------------------------------------------
 
 
-def test_listing_pages_newest_first(client, auth, dolly):
-    ids = [new_job(client, auth, dolly, name=f"job-{i}")["id"] for i in range(5)]
+def test_listing_pages_newest_first(client, auth, dataset):
+    ids = [new_job(client, auth, dataset, name=f"job-{i}")["id"] for i in range(5)]
     newest_first = ids[::-1]
 
     page = client.get(JOBS, headers=auth, params={"limit": 2}).json()
@@ -371,8 +371,8 @@ def test_listing_pages_newest_first(client, auth, dolly):
     assert [j["id"] for j in default["data"]] == newest_first and default["has_more"] is False
 
 
-def test_listing_filters_by_status(client, auth, dolly):
-    ids = [new_job(client, auth, dolly)["id"] for _ in range(3)]
+def test_listing_filters_by_status(client, auth, dataset):
+    ids = [new_job(client, auth, dataset)["id"] for _ in range(3)]
     assert client.post(f"{JOBS}/{ids[1]}/cancel", headers=auth).status_code == 200
     cancelled = client.get(JOBS, headers=auth, params={"status": "cancelled"}).json()
     assert [j["id"] for j in cancelled["data"]] == [ids[1]]
@@ -400,8 +400,8 @@ def test_listing_limit_100_is_accepted(client, auth):
 # -- 5. isolation between users -----------------------------------------------------------------
 
 
-def test_other_users_jobs_are_invisible(client, auth, dolly):
-    job = new_job(client, auth, dolly)
+def test_other_users_jobs_are_invisible(client, auth, dataset):
+    job = new_job(client, auth, dataset)
     other = make_user()
     for method, suffix in [("GET", ""), ("GET", "/events"), ("GET", "/events/stream"), ("GET", "/metrics"),
                            ("GET", "/evals"), ("GET", "/checkpoints"), ("GET", "/checkpoints/latest/archive"),
@@ -416,14 +416,14 @@ def test_other_users_jobs_are_invisible(client, auth, dolly):
     assert client.get(JOBS, headers=other, params={"after": job["id"]}).json()["data"] == []
 
 
-def test_other_users_datasets_are_invisible(client, auth, dolly):
-    uploaded = client.post(DATASETS, params={"name": "mine.jsonl"}, content=dolly_lines(dolly, 4), headers=auth)
+def test_other_users_datasets_are_invisible(client, auth, dataset):
+    uploaded = client.post(DATASETS, params={"name": "mine.jsonl"}, content=dataset_lines(dataset, 4), headers=auth)
     assert uploaded.status_code == 201
     other = make_user()
     assert client.get(DATASETS, headers=other).json() == []
     assert [d["id"] for d in client.get(DATASETS, headers=auth).json()] == [uploaded.json()["id"]]
     # nor usable by reference in the other user's job
-    response = submit(client, other, tiny_spec(dolly, data={"train": f"dataset:{uploaded.json()['id']}"}))
+    response = submit(client, other, tiny_spec(dataset, data={"train": f"dataset:{uploaded.json()['id']}"}))
     assert response.status_code == 422
     assert "no such uploaded dataset" in detail_for(response, ["body", "data", "train"])["msg"]
 
@@ -431,8 +431,8 @@ def test_other_users_datasets_are_invisible(client, auth, dolly):
 # -- 6. cancel ----------------------------------------------------------------------------------
 
 
-def test_cancel_a_queued_job(client, auth, dolly):
-    job = new_job(client, auth, dolly)
+def test_cancel_a_queued_job(client, auth, dataset):
+    job = new_job(client, auth, dataset)
     response = client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
     assert response.status_code == 200, response.text
     cancelled = response.json()
@@ -454,10 +454,10 @@ def test_cancel_a_queued_job(client, auth, dolly):
     assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "cancelled"
 
 
-def test_cancel_a_running_job_asks_the_worker(client, auth, dolly):
+def test_cancel_a_running_job_asks_the_worker(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         attempt = crud.claim(session, job["id"], "w")
     assert attempt == 1
@@ -484,10 +484,10 @@ def test_cancel_a_running_job_asks_the_worker(client, auth, dolly):
     assert states == ["queued", "running", "cancelling", "cancelled"]
 
 
-def test_terminal_statuses_are_final(client, auth, dolly):
+def test_terminal_statuses_are_final(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         attempt = crud.claim(session, job["id"], "w")
         assert crud.finish(session, job["id"], attempt, "cancelled") is False  # cancelled only from cancelling
@@ -502,10 +502,10 @@ def test_terminal_statuses_are_final(client, auth, dolly):
     assert client.post(f"{JOBS}/{job['id']}/cancel", headers=auth).status_code == 409
 
 
-def test_a_failed_job_reports_its_error(client, auth, dolly):
+def test_a_failed_job_reports_its_error(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         attempt = crud.claim(session, job["id"], "w")
         assert crud.finish(session, job["id"], attempt, "failed", {"code": "OOM", "message": "out of memory"})
@@ -518,10 +518,10 @@ def test_a_failed_job_reports_its_error(client, auth, dolly):
 # -- 7. status machine: claim and reaping -------------------------------------------------------
 
 
-def test_claim_once(client, auth, dolly):
+def test_claim_once(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         assert crud.claim(session, job["id"], "w1") == 1
         assert crud.claim(session, job["id"], "w2") is None  # a redelivered duplicate is ignored
@@ -531,10 +531,10 @@ def test_claim_once(client, auth, dolly):
     assert [e["data"]["state"] for e in events_of(client, auth, job["id"])] == ["queued", "running", "succeeded"]
 
 
-def test_reaper_requeues_a_lost_job_while_attempts_remain(client, auth, dolly):
+def test_reaper_requeues_a_lost_job_while_attempts_remain(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         attempt = crud.claim(session, job["id"], "w1")
     set_heartbeat_back(job["id"])
@@ -553,10 +553,10 @@ def test_reaper_requeues_a_lost_job_while_attempts_remain(client, auth, dolly):
         assert crud.finish(session, job["id"], 2, "succeeded")
 
 
-def test_reaper_fails_a_job_out_of_attempts(client, auth, dolly):
+def test_reaper_fails_a_job_out_of_attempts(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         crud.claim(session, job["id"], "w1")
     set_heartbeat_back(job["id"], attempts=3)
@@ -569,10 +569,10 @@ def test_reaper_fails_a_job_out_of_attempts(client, auth, dolly):
     assert last["data"]["state"] == "failed" and last["data"]["error"]["code"] == "WorkerLost"
 
 
-def test_reaper_ends_a_cancelling_job_whose_worker_died(client, auth, dolly):
+def test_reaper_ends_a_cancelling_job_whose_worker_died(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         crud.claim(session, job["id"], "w1")
     assert client.post(f"{JOBS}/{job['id']}/cancel", headers=auth).json()["status"] == "cancelling"
@@ -584,11 +584,11 @@ def test_reaper_ends_a_cancelling_job_whose_worker_died(client, auth, dolly):
     assert events_of(client, auth, job["id"])[-1]["data"]["state"] == "cancelled"
 
 
-def test_reaper_leaves_fresh_and_queued_jobs_alone(client, auth, dolly):
+def test_reaper_leaves_fresh_and_queued_jobs_alone(client, auth, dataset):
     from app import crud
 
-    queued = new_job(client, auth, dolly)
-    running = new_job(client, auth, dolly)
+    queued = new_job(client, auth, dataset)
+    running = new_job(client, auth, dataset)
     with db() as session:
         crud.claim(session, running["id"], "w1")
         reaped = crud.reap_stale(session, timedelta(seconds=60))
@@ -601,8 +601,8 @@ def test_reaper_leaves_fresh_and_queued_jobs_alone(client, auth, dolly):
 # -- 8. datasets --------------------------------------------------------------------------------
 
 
-def test_upload_a_dataset_and_use_it(client, auth, dolly):
-    body = dolly_lines(dolly, 6)
+def test_upload_a_dataset_and_use_it(client, auth, dataset):
+    body = dataset_lines(dataset, 6)
     response = client.post(DATASETS, params={"name": "x.jsonl"}, content=body,
                            headers={**auth, "Content-Type": "application/x-ndjson"})  # fmt: skip
     assert response.status_code == 201, response.text
@@ -618,7 +618,7 @@ def test_upload_a_dataset_and_use_it(client, auth, dolly):
     assert [d["id"] for d in listed] == [dataset["id"]]
     assert listed[0] == dataset
 
-    job = submit(client, auth, tiny_spec(dolly, data={"train": f"dataset:{dataset['id']}", "eval": f"dataset:{dataset['id']}"}))
+    job = submit(client, auth, tiny_spec(dataset, data={"train": f"dataset:{dataset['id']}", "eval": f"dataset:{dataset['id']}"}))
     assert job.status_code == 201, job.text
     assert job.json()["spec"]["data"]["train"] == f"dataset:{dataset['id']}"
 
@@ -654,14 +654,14 @@ def test_bad_uploads_are_422_and_store_nothing(client, auth, case):
     assert dataset_files() == files_before
 
 
-def test_upload_needs_a_name(client, auth, dolly):
-    response = client.post(DATASETS, content=dolly_lines(dolly, 2), headers=auth)
+def test_upload_needs_a_name(client, auth, dataset):
+    response = client.post(DATASETS, content=dataset_lines(dataset, 2), headers=auth)
     assert response.status_code == 422
     assert ["query", "name"] in locs(response)
     assert client.get(DATASETS, headers=auth).json() == []
 
 
-def test_oversize_upload_is_413(client, auth, dolly):
+def test_oversize_upload_is_413(client, auth, dataset):
     from app.core.config import get_settings
 
     settings = get_settings()
@@ -669,7 +669,7 @@ def test_oversize_upload_is_413(client, auth, dolly):
     files_before = dataset_files()
     settings.max_upload_bytes = 100
     try:
-        response = client.post(DATASETS, params={"name": "big.jsonl"}, content=dolly_lines(dolly, 5), headers=auth)
+        response = client.post(DATASETS, params={"name": "big.jsonl"}, content=dataset_lines(dataset, 5), headers=auth)
         assert response.status_code == 413, response.text
         small = b'{"prompt": "a", "response": "b"}\n'
         assert client.post(DATASETS, params={"name": "ok.jsonl"}, content=small, headers=auth).status_code == 201
@@ -691,10 +691,10 @@ def test_datasets_list_newest_first(client, auth):
 # -- 9. events: paging and server-sent events ---------------------------------------------------
 
 
-def test_events_page_after_an_id(client, auth, dolly):
+def test_events_page_after_an_id(client, auth, dataset):
     from app import crud
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         crud.claim(session, job["id"], "w")
     client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
@@ -730,8 +730,8 @@ def parse_sse(text: str) -> list[dict]:
 
 
 @pytest.mark.timeout(30)
-def test_event_stream_of_an_ended_job(client, auth, dolly):
-    job = new_job(client, auth, dolly)
+def test_event_stream_of_an_ended_job(client, auth, dataset):
+    job = new_job(client, auth, dataset)
     assert client.post(f"{JOBS}/{job['id']}/cancel", headers=auth).status_code == 200
     expected = events_of(client, auth, job["id"])
 
@@ -756,13 +756,13 @@ def test_event_stream_of_an_ended_job(client, auth, dolly):
 
 
 @pytest.mark.timeout(30)
-def test_a_status_change_is_never_visible_without_its_event(client, auth, dolly, monkeypatch):
+def test_a_status_change_is_never_visible_without_its_event(client, auth, dataset, monkeypatch):
     """The event stream ends when it sees a terminal status and no new events; that is only safe if
     the status and its `state` event are committed together."""
     from app import crud
     from app.models import Job
 
-    job = new_job(client, auth, dolly)
+    job = new_job(client, auth, dataset)
     with db() as session:
         attempt = crud.claim(session, job["id"], "w")
     write_event, seen = crud._event, {}
@@ -785,8 +785,8 @@ def test_a_status_change_is_never_visible_without_its_event(client, auth, dolly,
 # -- 10. checkpoints, metrics and evals of a job that has none ----------------------------------
 
 
-def test_a_new_job_has_no_checkpoints_metrics_or_evals(client, auth, dolly):
-    job = new_job(client, auth, dolly)
+def test_a_new_job_has_no_checkpoints_metrics_or_evals(client, auth, dataset):
+    job = new_job(client, auth, dataset)
     base = f"{JOBS}/{job['id']}"
     assert client.get(f"{base}/checkpoints", headers=auth).json() == []
     assert client.get(f"{base}/metrics", headers=auth).json() == {}

@@ -80,7 +80,7 @@ def test_vendor_libraries_are_served(server):
     assert httpx.get(server + "/healthz").status_code == 200
 
 
-def test_sign_in_submit_follow_download_compare(server, worker, dolly, browser_page):
+def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser_page):
     page, problems = browser_page
     user = make_user()
     expect = playwright_sync.expect
@@ -105,7 +105,7 @@ def test_sign_in_submit_follow_download_compare(server, worker, dolly, browser_p
     shot(page, "new-job.png")
 
     # The tiny job, through the form's fields; its training set is uploaded from the page.
-    spec = tiny_spec(dolly, name="tiny-ui")
+    spec = tiny_spec(dataset, name="tiny-ui")
     for path, value in [("name", spec["name"]), ("teacher", spec["teacher"]), ("student.model", spec["student"]["model"]),
                         ("data.eval", spec["data"]["eval"])] + [
                        (f"{section}.{key}", value) for section in ("data", "training", "minillm", "eval", "checkpoints")
@@ -132,7 +132,7 @@ def test_sign_in_submit_follow_download_compare(server, worker, dolly, browser_p
     expect(page.locator(f'#jobs tr[data-id="{job_id}"]')).to_be_visible()
     shot(page, "jobs.png")
 
-    second = httpx.post(f"{server}/api/v1/jobs", headers=user, json=tiny_spec(dolly, name="tiny-kd", method="kd"))
+    second = httpx.post(f"{server}/api/v1/jobs", headers=user, json=tiny_spec(dataset, name="tiny-kd", method="kd"))
     assert second.status_code == 201, second.text
     second_id = second.json()["id"]
     expect(page.locator(f'#jobs tr[data-id="{second_id}"]')).to_be_visible(timeout=10_000)  # no reload

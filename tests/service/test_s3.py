@@ -38,7 +38,7 @@ def s3(monkeypatch):
     server.stop()
 
 
-def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dolly, s3, tmp_path):
+def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset, s3, tmp_path):
     bucket, endpoint = s3
     os.environ.update(DISTILL_S3_BUCKET="models", DISTILL_S3_ENDPOINT_URL=endpoint)
     try:
@@ -46,7 +46,7 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dolly, 
     finally:
         del os.environ["DISTILL_S3_BUCKET"], os.environ["DISTILL_S3_ENDPOINT_URL"]
     try:
-        spec = tiny_spec(dolly, checkpoints={"every_steps": 3, "keep": 1}, eval={"every_steps": 0})
+        spec = tiny_spec(dataset, checkpoints={"every_steps": 3, "keep": 1}, eval={"every_steps": 0})
         job_id = client.post("/api/v1/jobs", json=spec, headers=auth).json()["id"]
         done = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{job_id}", headers=auth).json())["status"]
                         in ("succeeded", "failed") and j, what="the job to end")  # fmt: skip

@@ -45,8 +45,8 @@ def training_process(job_id: str) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
-def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth, dolly, worker, tmp_path):
-    job_id = submit(client, auth, tiny_spec(dolly))
+def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth, dataset, worker, tmp_path):
+    job_id = submit(client, auth, tiny_spec(dataset))
     done = wait_status(client, auth, job_id, {"succeeded", "failed"})
     assert done["status"] == "succeeded", done["error"]
     assert done["progress"]["step"] == done["progress"]["total_steps"] == 6 and done["attempts"] == 1
@@ -99,8 +99,8 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     assert client.post(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive/link", headers=other).status_code == 404
 
 
-def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dolly, worker):
-    spec = tiny_spec(dolly, training={"steps": 400}, checkpoints={"every_steps": 5, "keep": 2}, eval={"every_steps": 0})
+def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dataset, worker):
+    spec = tiny_spec(dataset, training={"steps": 400}, checkpoints={"every_steps": 5, "keep": 2}, eval={"every_steps": 0})
     job_id = submit(client, auth, spec)
     wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
     response = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
@@ -112,9 +112,9 @@ def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dolly, wor
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).status_code == 409
 
 
-def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(client, auth, dolly, tmp_path):
+def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(client, auth, dataset, tmp_path):
     first = Worker(tmp_path / "first.log").start()
-    spec = tiny_spec(dolly, training={"steps": 120}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0})
+    spec = tiny_spec(dataset, training={"steps": 120}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0})
     job_id = submit(client, auth, spec)
     wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
     first.kill()
@@ -132,9 +132,9 @@ def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(cli
     assert any(m.startswith("resumed from step") for m in messages)
 
 
-def test_a_job_whose_worker_is_lost_on_its_last_attempt_fails(client, auth, dolly, tmp_path):
+def test_a_job_whose_worker_is_lost_on_its_last_attempt_fails(client, auth, dataset, tmp_path):
     w = Worker(tmp_path / "w.log").start()
-    spec = tiny_spec(dolly, training={"steps": 400}, checkpoints={"every_steps": 5}, eval={"every_steps": 0})
+    spec = tiny_spec(dataset, training={"steps": 400}, checkpoints={"every_steps": 5}, eval={"every_steps": 0})
     job_id = submit(client, auth, spec)
     with session_factory()() as session:
         session.execute(update(Job).where(Job.id == job_id).values(max_attempts=1))
@@ -145,8 +145,8 @@ def test_a_job_whose_worker_is_lost_on_its_last_attempt_fails(client, auth, doll
     assert done["status"] == "failed" and done["error"]["code"] == "WorkerLost"
 
 
-def test_a_crashed_training_process_fails_the_job_with_the_reason(client, auth, dolly, worker):
-    spec = tiny_spec(dolly, training={"steps": 400}, checkpoints={"every_steps": 0}, eval={"every_steps": 0})
+def test_a_crashed_training_process_fails_the_job_with_the_reason(client, auth, dataset, worker):
+    spec = tiny_spec(dataset, training={"steps": 400}, checkpoints={"every_steps": 0}, eval={"every_steps": 0})
     job_id = submit(client, auth, spec)
     pids = wait_for(lambda: training_process(job_id), what="the training process")
     wait_for(lambda: job(client, auth, job_id)["progress"]["step"] > 0, what="training to start")
@@ -155,17 +155,17 @@ def test_a_crashed_training_process_fails_the_job_with_the_reason(client, auth, 
     assert done["error"]["code"] == "ProcessExited" and "SIGKILL" in done["error"]["message"]
 
 
-def test_a_model_that_cannot_load_fails_the_job_with_a_useful_error(client, auth, dolly, worker, tmp_path):
+def test_a_model_that_cannot_load_fails_the_job_with_a_useful_error(client, auth, dataset, worker, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
-    job_id = submit(client, auth, tiny_spec(dolly, teacher=str(broken)))
+    job_id = submit(client, auth, tiny_spec(dataset, teacher=str(broken)))
     done = wait_status(client, auth, job_id, {"failed", "succeeded"})
     assert done["status"] == "failed" and done["error"]["code"] and done["error"]["message"]
     assert job(client, auth, job_id)["attempts"] == 1  # a job's own error is not retried
 
 
-def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, dolly):
+def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, dataset):
     """`distill up` with no database or broker configured, driven by `distill submit --wait`."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("DISTILL_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
@@ -178,7 +178,7 @@ def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, 
         spec = tmp_path / "tiny.yaml"
         import yaml
 
-        spec.write_text(yaml.safe_dump(tiny_spec(dolly)))
+        spec.write_text(yaml.safe_dump(tiny_spec(dataset)))
         result = subprocess.run([sys.executable, "-m", "app.cli", "submit", str(spec), "--wait"], env=env,
                                 capture_output=True, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -193,8 +193,8 @@ def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, 
     time.sleep(0.5)
 
 
-def test_a_two_device_job_runs_under_the_deepspeed_launcher(client, auth, dolly, worker):
-    spec = tiny_spec(dolly, method="kd", resources={"devices": 2}, training={"steps": 4},
+def test_a_two_device_job_runs_under_the_deepspeed_launcher(client, auth, dataset, worker):
+    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 4},
                      eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
     job_id = submit(client, auth, spec)
     done = wait_status(client, auth, job_id, {"succeeded", "failed"})
