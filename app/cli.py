@@ -47,6 +47,7 @@ def train(
     output: Path = typer.Option(..., "--output", "-o", help="Run directory: events.jsonl, checkpoints/, resume/."),
 ) -> None:
     """Run a job spec here, without the service. Resumes from OUTPUT's latest checkpoint if it has one."""
+    from worker.engine.preflight import preflight
     from worker.engine.run import launch_command, run
     from worker.engine.spec import SpecError, load_spec
     from worker.engine.trainer import Cancelled
@@ -55,6 +56,9 @@ def train(
         job = load_spec(spec)
     except SpecError as err:
         raise _fail(f"{spec}: {err}", 2) from None
+    problems = preflight(job)  # the checks the API runs at submit, before anything is loaded
+    if problems:
+        raise _fail(f"{spec}: " + "; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems), 2)
     output.mkdir(parents=True, exist_ok=True)
     if job.resources.devices > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(subprocess.call(launch_command(job, spec, output)))

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from worker.engine.preflight import preflight
 from worker.engine.spec import JobSpec, SpecError, load_spec, parse_spec
 from worker.engine.paths import PROJECT_ROOT
 
@@ -11,10 +12,28 @@ STUDENT = {"student": {"model": "builtin:tiny-student"}}
 def test_defaults_follow_the_paper():
     spec = parse_spec(STUDENT)
     m = spec.minillm
-    assert (m.teacher_mix_alpha, m.clip_range, m.ppo_epochs, m.rollouts_per_phase, m.kd_ratio, m.lm_coef) == (0.2, 0.2, 4, 256, 0.5, 1.0)
+    assert (m.teacher_mix_alpha, m.clip_range, m.ppo_epochs, m.rollouts_per_phase, m.kd_ratio, m.lm_coef) == (0.2, 0.2, 4, 64, 0.5, 1.0)
     assert m.length_normalization and m.single_step
     assert spec.training.learning_rate == 5e-6 and spec.training.warmup_steps == 100
     assert spec.eval.no_repeat_ngram_size == 6 and spec.method == "minillm"
+
+
+def test_a_spec_with_only_the_student_resamples_many_times():
+    spec = parse_spec(STUDENT)
+    assert spec.updates_per_phase == 64 // 8 * 4
+    assert spec.training.steps // spec.updates_per_phase >= 10  # phases of fresh rollouts in a default job
+    assert not [loc for loc, _ in preflight(spec) if loc == ("training", "steps")]
+
+
+@pytest.mark.parametrize("steps,refused", [(32, True), (33, False)])
+def test_a_minillm_spec_that_would_never_resample_is_refused(steps, refused):
+    spec = parse_spec({**STUDENT, "training": {"steps": steps}})  # 64 rollouts / 8 × 4 epochs = 32 updates a phase
+    problems = dict(preflight(spec))
+    assert (("training", "steps") in problems) == refused
+    if refused:
+        assert "never sample new rollouts" in problems[("training", "steps")] and "32 updates" in problems[("training", "steps")]
+    kd = parse_spec({**STUDENT, "method": "kd", "training": {"steps": steps}})
+    assert ("training", "steps") not in dict(preflight(kd))
 
 
 def test_every_field_has_help_text():
@@ -63,3 +82,16 @@ def test_fingerprint_changes_with_the_spec():
 def test_examples_are_valid(name):
     spec = load_spec(PROJECT_ROOT / "examples" / name)
     assert spec.method == "minillm"
+
+
+def test_distill_train_refuses_what_the_api_would_refuse_naming_the_field(tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps({**STUDENT, "teacher": "builtin:tiny-teacher", "training": {"steps": 4}}))
+    result = CliRunner().invoke(cli, ["train", str(path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "training.steps: MiniLLM would never sample new rollouts" in result.output
+    assert not (tmp_path / "out" / "events.jsonl").exists()

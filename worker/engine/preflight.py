@@ -44,4 +44,9 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
     if spec.method == "minillm" and spec.minillm.rollouts_per_phase % minibatch:
         problems.append((("minillm", "rollouts_per_phase"),
                          f"must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation ({minibatch})"))  # fmt: skip
+    elif spec.method == "minillm" and spec.training.steps <= spec.updates_per_phase:
+        problems.append((("training", "steps"),
+                         f"MiniLLM would never sample new rollouts: each phase of minillm.rollouts_per_phase rollouts gives "
+                         f"{spec.updates_per_phase} updates (rollouts ÷ minibatch × minillm.ppo_epochs); make training.steps "
+                         f"several times that, or lower minillm.rollouts_per_phase or minillm.ppo_epochs"))  # fmt: skip
     return problems

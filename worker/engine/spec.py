@@ -64,8 +64,8 @@ class DataSpec(_Section):
 
 
 class TrainingSpec(_Section):
-    steps: int = Field(100, ge=1, description="Optimizer steps of the main method (after any recovery stage).")
-    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch per process.")
+    steps: int = Field(1000, ge=1, description="Optimizer steps of the main method (after any recovery stage).")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of the main method (paper: 5e-6 for MiniLLM).")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
@@ -92,7 +92,9 @@ class MiniLLMSpec(_Section):
     teacher_mix_alpha: float = Field(0.2, ge=0, le=1, description="α in p̃ = α·teacher + (1−α)·student when sampling.")
     clip_range: float = Field(0.2, gt=0, description="PPO clip range ε on the importance ratio.")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each phase's rollouts.")
-    rollouts_per_phase: int = Field(256, ge=1, description="Rollouts sampled per phase, over all processes.")
+    # The reference samples 256 rollouts on 4+ GPUs with a global minibatch of 64: 16 updates per
+    # phase. 64 rollouts at batch 8 on one process gives 32, so a default job resamples ~30 times.
+    rollouts_per_phase: int = Field(64, ge=1, description="Rollouts sampled per phase, over all processes.")
     rollout_batch_size: int = Field(16, ge=1, description="Prompts per sampling call (the reference's chunk size).")
     length_normalization: bool = Field(True, description="Divide the long-term return by the number of future tokens.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of future rewards (paper: 1; reference code: 0.95).")
@@ -153,6 +155,12 @@ class JobSpec(_Section):
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
         return self
+
+    @property
+    def updates_per_phase(self) -> int:
+        """MiniLLM optimizer steps taken on one phase's rollouts before the next phase samples anew."""
+        minibatch = self.resources.devices * self.training.batch_size * self.training.gradient_accumulation
+        return self.minillm.rollouts_per_phase // minibatch * self.minillm.ppo_epochs
 
     @property
     def total_steps(self) -> int:
