@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from worker.engine.data import Example, Record
-from worker.engine.losses import minillm_loss
+from worker.engine.losses import minillm_loss, token_rewards
 from worker.engine.methods import Context, MiniLLMStage, Schedule
 from worker.engine.spec import parse_spec
 
@@ -107,7 +107,7 @@ class Hand:
         q_y, p_y = self.q[self.context, self.y], self.p[self.context, self.y]  # (B, L)
         self.logp_old = q_y.log()
         self.weights = q_y / (self.alpha * p_y + (1 - self.alpha) * q_y)
-        self.rewards = (p_reward[self.context, self.y].log() - q_y.log()) * self.mask
+        self.rewards = (p_reward[self.context, self.y].log() - q_y.log()).clamp(-cfg.reward_clip, cfg.reward_clip) * self.mask
         self.advantages = self._whiten(self._returns(cfg.gamma))
 
     def _returns(self, gamma: float) -> torch.Tensor:
@@ -268,6 +268,34 @@ def test_rewards_are_positive_exactly_where_the_teacher_is_more_likely_than_the_
     assert torch.equal(ro.rewards[valid] > 0, teacher_prefers[valid])
     assert teacher_prefers[valid].any() and (~teacher_prefers[valid]).any()  # both signs occur
     assert (ro.rewards[~valid] == 0).all()
+
+
+def test_token_rewards_hand_values():
+    teacher_logp = torch.tensor([[-1.0, -80.0, -2.0, -3.0], [-0.5, -1.0, -70.0, -9.0]])
+    student_logp = torch.tensor([[-3.0, -1.0, -0.5, -60.0], [-0.25, -75.0, -1.0, -2.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    expected = [[2.0, -50.0, -1.5, 50.0], [-0.25, 50.0, 0.0, 0.0]]
+    assert token_rewards(teacher_logp, student_logp, mask, clip=50.0).tolist() == expected
+    assert token_rewards(teacher_logp, student_logp, mask, clip=5.0).tolist() == [[2.0, -5.0, -1.5, 5.0], [-0.25, 5.0, 0.0, 0.0]]
+    # A token the teacher rules out entirely still gets a finite reward.
+    assert token_rewards(torch.tensor([[float("-inf")]]), torch.tensor([[-1.0]]), torch.ones(1, 1), 50.0).item() == -50.0
+
+
+def test_rewards_are_clipped_at_the_reference_bound():
+    """Reference: ±100 on rewards scaled by 1/0.5, i.e. ±50 on log p − log q; the default."""
+    assert parse_spec({"student": {"model": "toy"}}).minillm.reward_clip == 50.0
+    # The student rules out token 3 (sampled only through the teacher's share of p̃), the teacher
+    # rules out token 2: their rewards are about +100 and −100 before the clip.
+    student = torch.tensor([0.0, 0.0, 0.0, -100.0]).repeat(V, 1)
+    teacher = torch.tensor([0.0, 0.0, -100.0, 2.0]).repeat(V, 1)
+    stage, metrics, _ = first_update(student, teacher, teacher_mix_alpha=0.5)
+    ro, hand = stage.rollouts, Hand(stage, student, teacher)
+    valid = hand.mask
+    assert (ro.rewards[valid & (hand.y == 3)] == 50.0).all() and (hand.y[valid] == 3).any()
+    assert (ro.rewards[valid & (hand.y == 2)] == -50.0).all() and (hand.y[valid] == 2).any()
+    torch.testing.assert_close(ro.rewards.double(), hand.rewards, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ro.advantages.double(), hand.advantages, atol=1e-4, rtol=1e-4)
+    assert all(math.isfinite(v) for v in metrics.values())
 
 
 def test_first_ppo_ratio_after_sampling_is_the_importance_weight():

@@ -83,6 +83,16 @@ def importance_weights(student_logp: Tensor, teacher_logp: Tensor, alpha: float)
     return (student_logp - log_mix).exp()
 
 
+def token_rewards(teacher_logp: Tensor, student_logp: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """r_t = log p(y_t) − log q_old(y_t), clipped to [−clip, clip], 0 at padding: (B, L) x3 -> (B, L).
+
+    The clip is the reference code's: a token one model finds (nearly) impossible can have a reward in
+    the hundreds, which would dominate its sequence's returns and, through the whitening's standard
+    deviation, shrink every other advantage of the phase.
+    """
+    return (teacher_logp - student_logp).clamp(-clip, clip) * mask
+
+
 def long_term_returns(rewards: Tensor, mask: Tensor, gamma: float, length_normalization: bool) -> Tensor:
     """R_{t+1}: the (discounted) sum of rewards after token t, per token: (B, L) x2 -> (B, L).
 

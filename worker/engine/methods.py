@@ -31,6 +31,7 @@ from .losses import (
     masked_moments,
     minillm_loss,
     token_log_probs,
+    token_rewards,
     whiten,
 )
 from .sampling import sample
@@ -145,7 +146,7 @@ class Rollouts:
     logp_old: torch.Tensor  # student log-prob of each sampled token, right after sampling
     weights: torch.Tensor  # importance weight q_old / p̃ per token
     advantages: torch.Tensor  # detached, normalised long-term returns
-    rewards: torch.Tensor  # log p_teacher − log q_old per token (for reporting)
+    rewards: torch.Tensor  # log p_teacher − log q_old per token, clipped (for reporting)
 
 
 class MiniLLMStage:
@@ -205,7 +206,7 @@ class MiniLLMStage:
         mask = batch.response_mask.float()
         logp_old = torch.cat(logp_old) * mask
         weights = importance_weights(logp_old, torch.cat(logp_teacher_t), cfg.teacher_mix_alpha) * mask
-        rewards = (torch.cat(logp_teacher) - logp_old) * mask
+        rewards = token_rewards(torch.cat(logp_teacher), logp_old, mask, cfg.reward_clip)
         returns = long_term_returns(rewards, mask, cfg.gamma, cfg.length_normalization)
         # Whitened once per phase over every rank's rollouts (the reference whitens per micro-batch):
         # a larger sample gives steadier statistics, and it is the same for every PPO epoch.
