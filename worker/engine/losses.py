@@ -13,6 +13,7 @@ entries loses most of the probability mass of rare tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -82,6 +83,16 @@ def importance_weights(student_logp: Tensor, teacher_logp: Tensor, alpha: float)
     return (student_logp - log_mix).exp()
 
 
+def token_rewards(teacher_logp: Tensor, student_logp: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """r_t = log p(y_t) − log q_old(y_t), clipped to [−clip, clip], 0 at padding: (B, L) x3 -> (B, L).
+
+    The clip is the reference code's: a token one model finds (nearly) impossible can have a reward in
+    the hundreds, which would dominate its sequence's returns and, through the whitening's standard
+    deviation, shrink every other advantage of the phase.
+    """
+    return (teacher_logp - student_logp).clamp(-clip, clip) * mask
+
+
 def long_term_returns(rewards: Tensor, mask: Tensor, gamma: float, length_normalization: bool) -> Tensor:
     """R_{t+1}: the (discounted) sum of rewards after token t, per token: (B, L) x2 -> (B, L).
 
@@ -136,3 +147,45 @@ def ppo_policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
     return torch.maximum(unclipped, clipped), (clipped > unclipped)
+
+
+@dataclass
+class MiniLLMLoss:
+    """The MiniLLM objective on one rollout minibatch: scalars, token means over valid tokens."""
+
+    loss: Tensor  # pg_loss + reverse_kl with the single-step term, else pg_loss
+    pg_loss: Tensor  # PPO-clipped long-term term
+    reverse_kl: Tensor  # exact single-step KL(q_θ‖p), computed (and reported) even when not trained on
+    clip_fraction: Tensor  # share of tokens where the PPO clip was active
+
+
+def minillm_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    logp_old: Tensor,
+    weights: Tensor,
+    advantages: Tensor,
+    temperature: float,
+    clip_range: float,
+    single_step: bool,
+) -> MiniLLMLoss:
+    """MiniLLM's loss on rollouts: PPO term on the long-term return + exact single-step reverse KL.
+
+    student_logits (B, L, V) with gradient, teacher_logits (B, L, V), tokens (B, L) the sampled
+    responses, mask (B, L); logp_old, weights and advantages (B, L) come from sampling time: the
+    student's log-prob of each token at `temperature`, w = q_old / p̃ and the detached advantages.
+    Both models' logits are divided by the sampling temperature, so that the ratio q_θ / q_old and
+    the single-step KL are about the distributions the rollouts were drawn from.
+    """
+    logp = token_log_probs(student_logits / temperature, tokens)
+    pg, clipped = ppo_policy_loss(logp, logp_old, weights, advantages, clip_range)
+    pg_loss = masked_mean(pg, mask)
+    # No importance weight on the single-step term, as in the reference code (the paper's Eq. 5 has one):
+    # - it is an exact sum over the vocabulary under q_θ, so it never uses the sampled y_t that w_t corrects for;
+    # - given the prefix, E_{y_t∼p̃}[w_t] = 1, so multiplying by w_t would add variance and correct nothing;
+    # - the prefix y_<t also came from p̃, but that needs the product of earlier ratios, which Eq. 5 drops anyway.
+    rkl = masked_mean(reverse_kl(student_logits / temperature, teacher_logits / temperature), mask)
+    loss = pg_loss + rkl if single_step else pg_loss
+    return MiniLLMLoss(loss, pg_loss, rkl, masked_mean(clipped.float(), mask))

@@ -28,11 +28,10 @@ from .losses import (
     importance_weights,
     kd_loss,
     long_term_returns,
-    masked_mean,
     masked_moments,
-    ppo_policy_loss,
-    reverse_kl,
+    minillm_loss,
     token_log_probs,
+    token_rewards,
     whiten,
 )
 from .sampling import sample
@@ -147,7 +146,7 @@ class Rollouts:
     logp_old: torch.Tensor  # student log-prob of each sampled token, right after sampling
     weights: torch.Tensor  # importance weight q_old / p̃ per token
     advantages: torch.Tensor  # detached, normalised long-term returns
-    rewards: torch.Tensor  # log p_teacher − log q_old per token (for reporting)
+    rewards: torch.Tensor  # log p_teacher − log q_old per token, clipped (for reporting)
 
 
 class MiniLLMStage:
@@ -207,7 +206,7 @@ class MiniLLMStage:
         mask = batch.response_mask.float()
         logp_old = torch.cat(logp_old) * mask
         weights = importance_weights(logp_old, torch.cat(logp_teacher_t), cfg.teacher_mix_alpha) * mask
-        rewards = (torch.cat(logp_teacher) - logp_old) * mask
+        rewards = token_rewards(torch.cat(logp_teacher), logp_old, mask, cfg.reward_clip)
         returns = long_term_returns(rewards, mask, cfg.gamma, cfg.length_normalization)
         # Whitened once per phase over every rank's rollouts (the reference whitens per micro-batch):
         # a larger sample gives steadier statistics, and it is the same for every PPO epoch.
@@ -247,12 +246,12 @@ class MiniLLMStage:
             with clock("student_forward"):
                 logits = response_logits(engine, joint, ctx.vocab_size)
                 lr_ = mb.response_ids.shape[1]
-                s_logits = logits[:b, :lr_]
-                logp = token_log_probs(s_logits / cfg.temperature, mb.response_ids)
-                pg, clipped = ppo_policy_loss(logp, ro.logp_old[idx], ro.weights[idx], ro.advantages[idx], cfg.clip_range)
-                pg_loss = masked_mean(pg, mask)
-                rkl = masked_mean(reverse_kl(s_logits / cfg.temperature, teacher_logits[:b, :lr_] / cfg.temperature), mask)
-                loss = pg_loss + (rkl if cfg.single_step else 0.0)
+                objective = minillm_loss(
+                    logits[:b, :lr_], teacher_logits[:b, :lr_], mb.response_ids, mask,
+                    ro.logp_old[idx], ro.weights[idx], ro.advantages[idx],
+                    cfg.temperature, cfg.clip_range, cfg.single_step,
+                )  # fmt: skip
+                loss = objective.loss
                 lm_loss = torch.zeros(())
                 if cfg.lm_coef > 0:
                     n = lm.response_ids.shape[1]
@@ -265,8 +264,8 @@ class MiniLLMStage:
                 engine.step()
             tokens += int(mask.sum())
             for name, value in (
-                ("loss", loss), ("pg_loss", pg_loss), ("reverse_kl", rkl), ("lm_loss", lm_loss),
-                ("clip_fraction", masked_mean(clipped.float(), mask)),
+                ("loss", loss), ("pg_loss", objective.pg_loss), ("reverse_kl", objective.reverse_kl),
+                ("lm_loss", lm_loss), ("clip_fraction", objective.clip_fraction),
             ):  # fmt: skip
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / ga
         valid = ro.batch.response_mask.float()

@@ -98,6 +98,10 @@ class MiniLLMSpec(_Section):
     rollout_batch_size: int = Field(16, ge=1, description="Prompts per sampling call (the reference's chunk size).")
     length_normalization: bool = Field(True, description="Divide the long-term return by the number of future tokens.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of future rewards (paper: 1; reference code: 0.95).")
+    reward_clip: float = Field(
+        50.0, gt=0, description="Clip each token's reward log p_teacher − log q_student to ±this "
+        "(reference code: ±100 on rewards it scales ×2, the same bound)."
+    )
     whiten_advantages: bool = Field(True, description="Normalise advantages to zero mean, unit variance (valid tokens only).")
     single_step: bool = Field(True, description="Add the exact per-token reverse KL over the vocabulary (single-step term).")
     lm_coef: float = Field(1.0, ge=0, description="Weight of the added language-modelling loss on the training data.")
