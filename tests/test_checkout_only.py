@@ -1,6 +1,6 @@
 """A user's clone has only the checkout: tests, examples and the two README commands read nothing beside it.
 
-This project's own machines have a data folder next to the checkout (`../shared`), which a user's
+This project's own machines have a data folder next to the checkout, which a user's
 clone does not. Three guards keep it from becoming a silent dependency again:
 
 - no file the default commands read names it;
