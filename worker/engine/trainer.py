@@ -24,10 +24,11 @@ from .data import Example, read_records, tokenize
 from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init_process_group, initialize, rank, world_size
 from .evaluation import evaluate
 from .events import Event, Reporter
-from .methods import Context, FinetuneStage, MiniLLMStage, Schedule
 from .models import check_compatible, derive_student, load_tokenizer, resolve_model
 from .paths import cache_dir
 from .spec import JobSpec
+from .stages import needs, plan
+from .stages.base import Context, TrainingData
 from .teacher_data import teacher_responses
 
 
@@ -84,10 +85,11 @@ class Trainer:
 
         student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
         # One schedule per stage; the optimizer's learning rate follows them over the global step.
-        self.schedules = ([Schedule.of(spec.recovery)] if spec.recovery else []) + [Schedule.of(spec.training)]
+        self.plan = plan(spec)
+        self.schedules = [schedule for _, _, schedule in self.plan]
         self.engine = initialize(student, spec, self.precision, self.lr_at)
         self.ctx = Context(spec, self.engine, self.teacher, self.tokenizer, self.vocab_size, self.device)
-        self.stages = self.build_stages()
+        self.stages = [method.stage(name, self.ctx, method, self.data, schedule) for name, method, schedule in self.plan]
 
     def load_data(self) -> None:
         spec, d = self.spec, self.spec.data
@@ -120,32 +122,17 @@ class Trainer:
             return self.teacher_writes(examples, greedy=True)
 
         self.eval_examples = with_references(evals)
-        self.train_examples = with_references(train) if (spec.method != "minillm" or spec.minillm.lm_coef > 0 or spec.recovery) else train
-        if spec.method == "seqkd":
+        wanted = needs(spec)
+        self.data = TrainingData(prompts=train, gold=with_references(train) if "gold" in wanted else None)
+        if "teacher-samples" in wanted:
             self.emit("log", f"SeqKD: the teacher samples responses for {len(train)} training prompts (cached)")
-            self.seqkd_examples = self.teacher_writes(train, greedy=False)
+            self.data.teacher_samples = self.teacher_writes(train, greedy=False)
 
     def teacher_writes(self, examples: list[Example], greedy: bool) -> list[Example]:
         return teacher_responses(
             self.teacher, self.spec.teacher, examples, self.tokenizer, max_new_tokens=self.spec.data.max_response_tokens,
             vocab_size=self.vocab_size, device=self.device, greedy=greedy, seed=self.spec.training.seed,
         )  # fmt: skip
-
-    def build_stages(self) -> list:
-        spec, ctx = self.spec, self.ctx
-        schedules = iter(self.schedules)
-        stages = []
-        if spec.recovery:
-            ratio = spec.kd.kd_ratio if spec.recovery.method == "kd" else 0.0
-            stages.append(FinetuneStage(f"recovery-{spec.recovery.method}", ctx, self.train_examples, ratio, next(schedules)))
-        main = next(schedules)
-        if spec.method == "minillm":
-            stages.append(MiniLLMStage(ctx, self.train_examples, self.train_examples, main))
-        elif spec.method == "seqkd":
-            stages.append(FinetuneStage("seqkd", ctx, self.seqkd_examples, 0.0, main))
-        else:
-            stages.append(FinetuneStage(spec.method, ctx, self.train_examples, spec.kd.kd_ratio if spec.method == "kd" else 0.0, main))
-        return stages
 
     def locate(self, step: int) -> tuple[int, int]:
         """(stage index, step within that stage) of 0-based global step `step`."""
