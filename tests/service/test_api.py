@@ -206,8 +206,8 @@ def test_submit_queues_a_job(client, auth, dataset):
 
 
 def test_total_steps_include_the_recovery_stage(client, auth, dataset):
-    job = new_job(client, auth, dataset, training={"steps": 4}, recovery={"method": "kd", "steps": 5})
-    assert job["progress"]["total_steps"] == 9
+    job = new_job(client, auth, dataset, training={"steps": 8}, recovery={"method": "kd", "steps": 5})
+    assert job["progress"]["total_steps"] == 13
 
 
 def test_queue_names_the_devices(client, auth, dataset):
@@ -325,7 +325,7 @@ def test_idempotency_keys_are_per_user(client, auth, dataset):
     assert mine.json()["id"] != theirs.json()["id"]
     assert job_count(client, auth) == job_count(client, other) == 1
     # and a different body under that key for the other user is their own conflict, not mine
-    assert submit(client, other, tiny_spec(dataset, training={"steps": 2}), **{"Idempotency-Key": "shared-key"}).status_code == 409
+    assert submit(client, other, tiny_spec(dataset, training={"steps": 7}), **{"Idempotency-Key": "shared-key"}).status_code == 409
 
 
 def test_idempotency_key_over_200_characters_is_422(client, auth, dataset):
@@ -606,21 +606,22 @@ def test_upload_a_dataset_and_use_it(client, auth, dataset):
     response = client.post(DATASETS, params={"name": "x.jsonl"}, content=body,
                            headers={**auth, "Content-Type": "application/x-ndjson"})  # fmt: skip
     assert response.status_code == 201, response.text
-    dataset = response.json()
-    assert dataset["id"].startswith("ds-") and dataset["name"] == "x.jsonl"
-    assert dataset["num_records"] == 6
-    assert dataset["size_bytes"] == len(body)
-    assert dataset["sha256"] == hashlib.sha256(body).hexdigest()
-    assert f"{dataset['id']}.jsonl" in dataset_files()
+    uploaded = response.json()
+    assert uploaded["id"].startswith("ds-") and uploaded["name"] == "x.jsonl"
+    assert uploaded["num_records"] == 6
+    assert uploaded["size_bytes"] == len(body)
+    assert uploaded["sha256"] == hashlib.sha256(body).hexdigest()
+    assert f"{uploaded['id']}.jsonl" in dataset_files()
     assert not [f for f in dataset_files() if f.endswith(".partial")]
 
     listed = client.get(DATASETS, headers=auth).json()
-    assert [d["id"] for d in listed] == [dataset["id"]]
-    assert listed[0] == dataset
+    assert [d["id"] for d in listed] == [uploaded["id"]]
+    assert listed[0] == uploaded
 
-    job = submit(client, auth, tiny_spec(dataset, data={"train": f"dataset:{dataset['id']}", "eval": f"dataset:{dataset['id']}"}))
+    ref = f"dataset:{uploaded['id']}"
+    job = submit(client, auth, tiny_spec(dataset, data={"train": ref, "eval": ref}))
     assert job.status_code == 201, job.text
-    assert job.json()["spec"]["data"]["train"] == f"dataset:{dataset['id']}"
+    assert job.json()["spec"]["data"]["train"] == ref
 
 
 def test_upload_accepts_the_prompt_response_layout_and_blank_lines(client, auth):
