@@ -44,7 +44,9 @@ class Trainer:
     def __init__(self, spec: JobSpec, output_dir: Path, reporter: Reporter):
         self.spec, self.output_dir, self.reporter = spec, Path(output_dir), reporter
         self.scores: dict[str, dict[str, float]] = {}  # eval label -> scores, for the model card
-        self.best: tuple[float, int] | None = None  # (Rouge-L, step)
+        self.checkpoint_scores: dict[int, dict[str, float]] = {}  # step -> scores of the checkpoint saved there
+        # The best checkpoint: the highest Rouge-L among checkpoints that were evaluated, as (Rouge-L, step).
+        self.best: tuple[float, int] | None = None
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -148,12 +150,19 @@ class Trainer:
 
     # -- evaluation and checkpoints ---------------------------------------------------------------
 
+    def saves_at(self, step: int) -> bool:
+        every = self.spec.checkpoints.every_steps
+        return step == self.spec.total_steps or (every > 0 and step % every == 0)
+
     def run_eval(self, step: int, label: str) -> None:
+        """Evaluate the student; at a step that is saved, its checkpoint may become the best."""
         started = time.perf_counter()
         scores = evaluate(self.engine.module, self.teacher, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device)
         self.scores[label] = scores
-        if self.best is None or scores["rouge_l"] > self.best[0]:
-            self.best = (scores["rouge_l"], step)
+        if step > 0 and self.saves_at(step):
+            self.checkpoint_scores[step] = scores
+            if self.best is None or scores["rouge_l"] > self.best[0]:
+                self.best = (scores["rouge_l"], step)
         self.emit("eval", f"eval at step {step} ({label}): " + _fmt(scores) + f" [{time.perf_counter() - started:.0f}s]",
                   step=step, label=label, scores=scores)  # fmt: skip
 
@@ -174,11 +183,14 @@ class Trainer:
         spec = self.spec
         out = self.output_dir / "checkpoints" / ckpt.step_dir_name(step)
         ckpt.export_model(self.engine, self.tokenizer, out, ckpt.model_card(spec, step, self.scores), spec.deepspeed.zero_stage)
-        state = {"step": step, "fingerprint": spec.fingerprint(), "scores": self.scores, "best": self.best}
+        state = {"step": step, "fingerprint": spec.fingerprint(), "scores": self.scores,
+                 "checkpoint_scores": sorted(self.checkpoint_scores.items()), "best": self.best}  # fmt: skip
         rank_state = {"stages": [s.state_dict() for s in self.stages]}
         ckpt.save_resume_state(self.engine, self.output_dir / "resume" / ckpt.step_dir_name(step), state, rank_state)
         ckpt.prune_checkpoints(self.output_dir, spec.checkpoints.keep, {self.best[1]} if self.best else set())
-        self.emit("checkpoint", f"checkpoint step {step}: {out}", step=step, path=str(out))
+        best = self.best is not None and self.best[1] == step
+        self.emit("checkpoint", f"checkpoint step {step}: {out}" + (" (best so far)" if best else ""), step=step,
+                  path=str(out), scores=self.checkpoint_scores.get(step), best=best)  # fmt: skip
 
     def resume(self) -> int:
         found = ckpt.latest_resume_state(self.output_dir)
@@ -191,6 +203,7 @@ class Trainer:
         for stage, s in zip(self.stages, rank_state["stages"]):
             stage.load_state_dict(s)
         self.scores, self.best = state["scores"], tuple(state["best"]) if state["best"] else None
+        self.checkpoint_scores = {step: scores for step, scores in state["checkpoint_scores"]}
         self.emit("log", f"resumed from step {state['step']} ({path})")
         return state["step"]
 
