@@ -47,6 +47,7 @@ def train(
     output: Path = typer.Option(..., "--output", "-o", help="Run directory: events.jsonl, checkpoints/, resume/."),
 ) -> None:
     """Run a job spec here, without the service. Resumes from OUTPUT's latest checkpoint if it has one."""
+    from worker.engine.checkpoints import best_step, step_dir_name
     from worker.engine.preflight import preflight
     from worker.engine.run import launch_command, run
     from worker.engine.spec import SpecError, load_spec
@@ -70,7 +71,8 @@ def train(
     except Exception as err:  # reported in events.jsonl too
         raise _fail(f"{type(err).__name__}: {err}") from None
     typer.echo(score_table(scores))
-    typer.echo(f"checkpoints: {output / 'checkpoints'}")
+    best = best_step(output)
+    typer.echo(f"checkpoints: {output / 'checkpoints'}" + (f" (best: {step_dir_name(best)})" if best is not None else ""))
 
 
 def score_table(scores: dict[str, dict[str, float]]) -> str:

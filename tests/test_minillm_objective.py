@@ -19,7 +19,9 @@ import torch
 
 from worker.engine.data import Example, Record
 from worker.engine.losses import minillm_loss, token_rewards
-from worker.engine.methods import Context, MiniLLMStage, Schedule
+from worker.engine.stages import METHODS
+from worker.engine.stages.base import Context, Schedule, TrainingData
+from worker.engine.stages.minillm import MiniLLMStage
 from worker.engine.spec import parse_spec
 
 V = 4  # token 0 is both EOS and padding, as with many real tokenizers
@@ -82,7 +84,7 @@ def first_update(student_table, teacher_table, *, rollouts=64, response_tokens=6
     tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     ctx = Context(spec, SGDEngine(student, lr), teacher, tokenizer, V, torch.device("cpu"))
     prompts = [Example(Record("", "", None), [1 + i % (V - 1)], []) for i in range(rollouts)]  # one-token prompts
-    stage = MiniLLMStage(ctx, prompts, [], Schedule(1, lr, 0, "constant"))
+    stage = MiniLLMStage("minillm", ctx, METHODS["minillm"], TrainingData(prompts), Schedule(1, lr, 0, "constant"))
     metrics = stage.train_step(0)
     return stage, metrics, student.table.detach().clone()
 

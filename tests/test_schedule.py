@@ -1,6 +1,6 @@
 import pytest
 
-from worker.engine.methods import Schedule
+from worker.engine.stages.base import Schedule
 
 
 def test_warmup_then_constant():

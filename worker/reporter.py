@@ -43,7 +43,6 @@ class DbReporter:
         self.job_id, self.attempt = job_id, attempt
         self.Session = session_factory()
         self.parent = os.getppid()
-        self.evals_by_step: dict[int, dict] = {}
         self.store = s3_store()
 
     def should_cancel(self) -> bool:
@@ -87,11 +86,6 @@ class DbReporter:
     def _on_eval(self, session, event: Event) -> None:
         step, label, scores = event.data["step"], event.data["label"], event.data["scores"]
         session.add(EvalResult(job_id=self.job_id, step=step, label=label, scores=scores))
-        if label != "teacher":
-            self.evals_by_step[step] = scores
-            job = session.get(Job, self.job_id)
-            if job.best_eval is None or scores["rouge_l"] > job.best_eval["scores"]["rouge_l"]:
-                job.best_eval = {"step": step, "label": label, "scores": scores}
         session.commit()
         crud.add_event(session, self.job_id, "eval", event.message, "info", event.data)
 
@@ -111,8 +105,10 @@ class DbReporter:
         session.add(Checkpoint(
             job_id=self.job_id, step=step, path=str(directory), archive_path=str(archive),
             archive_size=archive.stat().st_size, archive_sha256=sha256_file(archive), files=files,
-            scores=self.evals_by_step.get(step), storage_url=storage_url,
+            scores=event.data.get("scores"), storage_url=storage_url,
         ))  # fmt: skip
+        if event.data.get("best"):  # the engine chose this checkpoint as the best so far
+            session.get(Job, self.job_id).best_eval = {"step": step, "scores": event.data["scores"]}
         # The engine keeps only the newest checkpoints (and the best): forget those it removed.
         for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
             if not Path(old.path).exists():

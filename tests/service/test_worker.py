@@ -61,6 +61,10 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
 
     listing = checkpoints(client, auth, job_id)
     assert [c["step"] for c in listing] == [3, 6] and listing[-1]["latest"] and sum(c["best"] for c in listing) == 1
+    # `best` is the checkpoint the engine chose, as its checkpoint events said
+    chosen = [e["data"]["step"] for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]
+              if e["type"] == "checkpoint" and e["data"]["best"]]  # fmt: skip
+    assert next(c["step"] for c in listing if c["best"]) == done["best_eval"]["step"] == chosen[-1]
     assert {"config.json", "model.safetensors", "README.md"} <= {f["name"] for f in listing[-1]["files"]}
 
     # An interrupted download: the first part is on disk; the client asks for the rest with Range.

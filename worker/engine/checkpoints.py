@@ -49,6 +49,12 @@ def latest_resume_state(output_dir: Path) -> tuple[Path, dict] | None:
     return path, json.loads((path / STATE_FILE).read_text())
 
 
+def best_step(output_dir: Path) -> int | None:
+    """The step of the run's best checkpoint, as the trainer recorded it (None before any is evaluated)."""
+    found = latest_resume_state(output_dir)
+    return found[1]["best"][1] if found and found[1]["best"] else None
+
+
 def model_card(spec: JobSpec, step: int, scores: dict[str, dict[str, float]]) -> str:
     """README.md for the Hugging Face directory: what this model is and how it scored."""
     student = spec.student.model or (

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from .data import DataError, resolve_source
 from .models import ModelError, check_compatible, check_reference
 from .spec import JobSpec
+from .stages import check
 
 
 def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id: False) -> list[tuple[tuple, str]]:
@@ -40,13 +41,5 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
             resolve_source(source)
         except DataError as err:
             problems.append((("data", key), str(err)))
-    minibatch = spec.resources.devices * spec.training.batch_size * spec.training.gradient_accumulation
-    if spec.method == "minillm" and spec.minillm.rollouts_per_phase % minibatch:
-        problems.append((("minillm", "rollouts_per_phase"),
-                         f"must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation ({minibatch})"))  # fmt: skip
-    elif spec.method == "minillm" and spec.training.steps <= spec.updates_per_phase:
-        problems.append((("training", "steps"),
-                         f"MiniLLM would never sample new rollouts: each phase of minillm.rollouts_per_phase rollouts gives "
-                         f"{spec.updates_per_phase} updates (rollouts ÷ minibatch × minillm.ppo_epochs); make training.steps "
-                         f"several times that, or lower minillm.rollouts_per_phase or minillm.ppo_epochs"))  # fmt: skip
+    problems += check(spec)
     return problems

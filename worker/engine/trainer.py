@@ -24,10 +24,11 @@ from .data import Example, read_records, tokenize
 from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init_process_group, initialize, rank, world_size
 from .evaluation import evaluate
 from .events import Event, Reporter
-from .methods import Context, FinetuneStage, MiniLLMStage, Schedule
 from .models import check_compatible, derive_student, load_tokenizer, resolve_model
 from .paths import cache_dir
 from .spec import JobSpec
+from .stages import needs, plan
+from .stages.base import Context, TrainingData
 from .teacher_data import teacher_responses
 
 
@@ -43,7 +44,9 @@ class Trainer:
     def __init__(self, spec: JobSpec, output_dir: Path, reporter: Reporter):
         self.spec, self.output_dir, self.reporter = spec, Path(output_dir), reporter
         self.scores: dict[str, dict[str, float]] = {}  # eval label -> scores, for the model card
-        self.best: tuple[float, int] | None = None  # (Rouge-L, step)
+        self.checkpoint_scores: dict[int, dict[str, float]] = {}  # step -> scores of the checkpoint saved there
+        # The best checkpoint: the highest Rouge-L among checkpoints that were evaluated, as (Rouge-L, step).
+        self.best: tuple[float, int] | None = None
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -84,10 +87,11 @@ class Trainer:
 
         student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
         # One schedule per stage; the optimizer's learning rate follows them over the global step.
-        self.schedules = ([Schedule.of(spec.recovery)] if spec.recovery else []) + [Schedule.of(spec.training)]
+        self.plan = plan(spec)
+        self.schedules = [schedule for _, _, schedule in self.plan]
         self.engine = initialize(student, spec, self.precision, self.lr_at)
         self.ctx = Context(spec, self.engine, self.teacher, self.tokenizer, self.vocab_size, self.device)
-        self.stages = self.build_stages()
+        self.stages = [method.stage(name, self.ctx, method, self.data, schedule) for name, method, schedule in self.plan]
 
     def load_data(self) -> None:
         spec, d = self.spec, self.spec.data
@@ -120,32 +124,17 @@ class Trainer:
             return self.teacher_writes(examples, greedy=True)
 
         self.eval_examples = with_references(evals)
-        self.train_examples = with_references(train) if (spec.method != "minillm" or spec.minillm.lm_coef > 0 or spec.recovery) else train
-        if spec.method == "seqkd":
+        wanted = needs(spec)
+        self.data = TrainingData(prompts=train, gold=with_references(train) if "gold" in wanted else None)
+        if "teacher-samples" in wanted:
             self.emit("log", f"SeqKD: the teacher samples responses for {len(train)} training prompts (cached)")
-            self.seqkd_examples = self.teacher_writes(train, greedy=False)
+            self.data.teacher_samples = self.teacher_writes(train, greedy=False)
 
     def teacher_writes(self, examples: list[Example], greedy: bool) -> list[Example]:
         return teacher_responses(
             self.teacher, self.spec.teacher, examples, self.tokenizer, max_new_tokens=self.spec.data.max_response_tokens,
             vocab_size=self.vocab_size, device=self.device, greedy=greedy, seed=self.spec.training.seed,
         )  # fmt: skip
-
-    def build_stages(self) -> list:
-        spec, ctx = self.spec, self.ctx
-        schedules = iter(self.schedules)
-        stages = []
-        if spec.recovery:
-            ratio = spec.kd.kd_ratio if spec.recovery.method == "kd" else 0.0
-            stages.append(FinetuneStage(f"recovery-{spec.recovery.method}", ctx, self.train_examples, ratio, next(schedules)))
-        main = next(schedules)
-        if spec.method == "minillm":
-            stages.append(MiniLLMStage(ctx, self.train_examples, self.train_examples, main))
-        elif spec.method == "seqkd":
-            stages.append(FinetuneStage("seqkd", ctx, self.seqkd_examples, 0.0, main))
-        else:
-            stages.append(FinetuneStage(spec.method, ctx, self.train_examples, spec.kd.kd_ratio if spec.method == "kd" else 0.0, main))
-        return stages
 
     def locate(self, step: int) -> tuple[int, int]:
         """(stage index, step within that stage) of 0-based global step `step`."""
@@ -161,12 +150,19 @@ class Trainer:
 
     # -- evaluation and checkpoints ---------------------------------------------------------------
 
+    def saves_at(self, step: int) -> bool:
+        every = self.spec.checkpoints.every_steps
+        return step == self.spec.total_steps or (every > 0 and step % every == 0)
+
     def run_eval(self, step: int, label: str) -> None:
+        """Evaluate the student; at a step that is saved, its checkpoint may become the best."""
         started = time.perf_counter()
         scores = evaluate(self.engine.module, self.teacher, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device)
         self.scores[label] = scores
-        if self.best is None or scores["rouge_l"] > self.best[0]:
-            self.best = (scores["rouge_l"], step)
+        if step > 0 and self.saves_at(step):
+            self.checkpoint_scores[step] = scores
+            if self.best is None or scores["rouge_l"] > self.best[0]:
+                self.best = (scores["rouge_l"], step)
         self.emit("eval", f"eval at step {step} ({label}): " + _fmt(scores) + f" [{time.perf_counter() - started:.0f}s]",
                   step=step, label=label, scores=scores)  # fmt: skip
 
@@ -187,11 +183,14 @@ class Trainer:
         spec = self.spec
         out = self.output_dir / "checkpoints" / ckpt.step_dir_name(step)
         ckpt.export_model(self.engine, self.tokenizer, out, ckpt.model_card(spec, step, self.scores), spec.deepspeed.zero_stage)
-        state = {"step": step, "fingerprint": spec.fingerprint(), "scores": self.scores, "best": self.best}
+        state = {"step": step, "fingerprint": spec.fingerprint(), "scores": self.scores,
+                 "checkpoint_scores": sorted(self.checkpoint_scores.items()), "best": self.best}  # fmt: skip
         rank_state = {"stages": [s.state_dict() for s in self.stages]}
         ckpt.save_resume_state(self.engine, self.output_dir / "resume" / ckpt.step_dir_name(step), state, rank_state)
         ckpt.prune_checkpoints(self.output_dir, spec.checkpoints.keep, {self.best[1]} if self.best else set())
-        self.emit("checkpoint", f"checkpoint step {step}: {out}", step=step, path=str(out))
+        best = self.best is not None and self.best[1] == step
+        self.emit("checkpoint", f"checkpoint step {step}: {out}" + (" (best so far)" if best else ""), step=step,
+                  path=str(out), scores=self.checkpoint_scores.get(step), best=best)  # fmt: skip
 
     def resume(self) -> int:
         found = ckpt.latest_resume_state(self.output_dir)
@@ -204,6 +203,7 @@ class Trainer:
         for stage, s in zip(self.stages, rank_state["stages"]):
             stage.load_state_dict(s)
         self.scores, self.best = state["scores"], tuple(state["best"]) if state["best"] else None
+        self.checkpoint_scores = {step: scores for step, scores in state["checkpoint_scores"]}
         self.emit("log", f"resumed from step {state['step']} ({path})")
         return state["step"]
 

@@ -157,16 +157,16 @@ def _checkpoints(session, job: Job) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)))
 
 
-def _best(rows: list[Checkpoint]) -> Checkpoint | None:
-    """The highest eval Rouge-L among checkpoints that were evaluated, else the latest."""
-    scored = [c for c in rows if c.scores and "rouge_l" in c.scores]
-    return max(scored, key=lambda c: (c.scores["rouge_l"], c.step)) if scored else (rows[-1] if rows else None)
+def _best(job: Job, rows: list[Checkpoint]) -> Checkpoint | None:
+    """The checkpoint the engine chose as best (it records it in job.best_eval), else the latest."""
+    step = (job.best_eval or {}).get("step")
+    return next((c for c in rows if c.step == step), rows[-1] if rows else None)
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
 def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
     rows = _checkpoints(session, job)
-    best = _best(rows)
+    best = _best(job, rows)
     return [
         CheckpointOut(step=c.step, created_at=c.created_at, archive_size=c.archive_size, archive_sha256=c.archive_sha256,
                       files=c.files, scores=c.scores, latest=c is rows[-1], best=c is best)  # fmt: skip
@@ -176,7 +176,7 @@ def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
 
 def _checkpoint(session, job: Job, step: str) -> Checkpoint:
     rows = _checkpoints(session, job)
-    found = rows[-1] if step == "latest" and rows else _best(rows) if step == "best" else None
+    found = rows[-1] if step == "latest" and rows else _best(job, rows) if step == "best" else None
     if step.isdigit():
         found = next((c for c in rows if c.step == int(step)), None)
     if found is None:

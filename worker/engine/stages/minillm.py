@@ -1,30 +1,19 @@
-"""The training methods. Each stage turns one optimizer step index into metrics.
+"""MiniLLM: the paper's policy gradient on the reverse KL, in phases.
 
-- `FinetuneStage`: SFT (cross-entropy on responses), word-level KD ((1−r)·CE + r·forward KL to the
-  teacher, teacher-forced on the same responses) and the SFT part of SeqKD (responses the teacher
-  sampled).
-- `MiniLLMStage`: the paper's policy gradient on the reverse KL, in phases: sample rollouts with
-  teacher-mixed sampling, score them, then run `ppo_epochs` passes of clipped updates over them.
-
-Every random choice is drawn from a generator seeded by (seed, what, index), never from a global
-stream, so the step a job resumes at sees exactly the data and samples it would have seen.
+Each phase samples rollouts with teacher-mixed sampling and scores them, then `ppo_epochs` passes
+of clipped updates run over them; an LM term on other text shares each update's forward.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from .batch import SequenceBatch, collate, response_logits
-from .data import Example, sample_order
-from .distributed import all_reduce_sum, rank, world_size
-from .losses import (
+from ..batch import SequenceBatch, collate, response_logits
+from ..data import sample_order
+from ..distributed import all_reduce_sum, rank, world_size
+from ..losses import (
     importance_weights,
     kd_loss,
     long_term_returns,
@@ -34,108 +23,9 @@ from .losses import (
     token_rewards,
     whiten,
 )
-from .sampling import sample
-from .spec import JobSpec
-
-
-@dataclass
-class Context:
-    """What every stage trains with."""
-
-    spec: JobSpec
-    engine: object  # deepspeed.DeepSpeedEngine
-    teacher: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    vocab_size: int
-    device: torch.device
-
-    def batch(self, examples: list[Example], indices: list[int]) -> SequenceBatch:
-        return collate([(examples[i].prompt_ids, examples[i].response_ids) for i in indices], self.tokenizer.pad_token_id).to(
-            self.device
-        )
-
-    def micro_batch_indices(self, n: int, seed: int, micro_step: int) -> list[int]:
-        """This rank's share of global micro-batch `micro_step` from the shuffled stream over n items."""
-        b = self.spec.training.batch_size
-        return sample_order(n, seed, (micro_step * world_size() + rank()) * b, b)
-
-    @torch.no_grad()
-    def teacher_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        return response_logits(self.teacher, batch, self.vocab_size)
-
-
-class Stopwatch:
-    """Wall time per named section of a step, reported as `time_<section>` metrics."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, section: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[section] += time.perf_counter() - started
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time_{k}": v for k, v in self.seconds.items()}
-
-
-@dataclass
-class Schedule:
-    steps: int
-    learning_rate: float
-    warmup_steps: int
-    lr_schedule: str
-
-    @classmethod
-    def of(cls, section) -> Schedule:
-        """From a spec section with steps, learning_rate, warmup_steps and lr_schedule."""
-        return cls(section.steps, section.learning_rate, section.warmup_steps, section.lr_schedule)
-
-    def lr(self, step: int) -> float:
-        """Learning rate for 0-based optimizer step `step` of this stage."""
-        if step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        if self.lr_schedule == "cosine":
-            return self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-        if self.lr_schedule == "linear":
-            return self.learning_rate * (1 - progress)
-        return self.learning_rate
-
-
-class FinetuneStage:
-    def __init__(self, name: str, ctx: Context, examples: list[Example], kd_ratio: float, schedule: Schedule):
-        self.name, self.ctx, self.examples, self.kd_ratio, self.schedule = name, ctx, examples, kd_ratio, schedule
-
-    def train_step(self, step: int) -> dict[str, float]:
-        ctx, spec = self.ctx, self.ctx.spec
-        engine, ga = ctx.engine, spec.training.gradient_accumulation
-        engine.train()
-        loss_sum, tokens, clock = 0.0, 0, Stopwatch()
-        for k in range(ga):
-            batch = ctx.batch(self.examples, ctx.micro_batch_indices(len(self.examples), spec.training.seed, step * ga + k))
-            with clock("teacher_forward"):
-                teacher_logits = ctx.teacher_logits(batch) if self.kd_ratio > 0 else None
-            with clock("student_forward"):
-                logits = response_logits(engine, batch, ctx.vocab_size)
-                loss = kd_loss(logits, teacher_logits, batch.response_ids, batch.response_mask, self.kd_ratio)
-            with clock("backward"):
-                engine.backward(loss)
-            with clock("optimizer"):
-                engine.step()
-            loss_sum += loss.item() / ga
-            tokens += int(batch.response_mask.sum())
-        elapsed = sum(clock.seconds.values())
-        return {"loss": loss_sum, "tokens_per_s": tokens * world_size() / elapsed, **clock.metrics()}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+from ..sampling import sample
+from ..spec import JobSpec
+from .base import Context, Method, Schedule, Stopwatch, TrainingData, pairs
 
 
 @dataclass
@@ -150,11 +40,12 @@ class Rollouts:
 
 
 class MiniLLMStage:
-    def __init__(self, ctx: Context, prompts: list[Example], lm_examples: list[Example], schedule: Schedule):
-        self.ctx, self.prompts, self.lm_examples, self.schedule = ctx, prompts, lm_examples, schedule
-        self.name = "minillm"
+    def __init__(self, name: str, ctx: Context, method: Method, data: TrainingData, schedule: Schedule):
+        self.name, self.ctx, self.schedule = name, ctx, schedule
+        self.prompts = data.examples(method.responses)
         spec = ctx.spec
         self.cfg = spec.minillm
+        self.lm_pairs = pairs(data.examples("gold")) if self.cfg.lm_coef > 0 else []
         self.rollouts_per_rank = self.cfg.rollouts_per_phase // world_size()
         minibatch = spec.training.batch_size * spec.training.gradient_accumulation
         self.steps_per_epoch = self.rollouts_per_rank // minibatch
@@ -165,6 +56,25 @@ class MiniLLMStage:
             )
         self.phase: int | None = None
         self.rollouts: Rollouts | None = None
+
+    @staticmethod
+    def needs(method: Method, spec: JobSpec) -> set[str]:
+        """The training responses this stage uses: prompts, and gold responses for the LM term."""
+        return {method.responses} | ({"gold"} if spec.minillm.lm_coef > 0 else set())
+
+    @staticmethod
+    def check(spec: JobSpec) -> list[tuple[tuple, str]]:
+        """Problems of the spec for this stage, found without loading anything."""
+        minibatch = spec.resources.devices * spec.training.batch_size * spec.training.gradient_accumulation
+        if spec.minillm.rollouts_per_phase % minibatch:
+            return [(("minillm", "rollouts_per_phase"),
+                     f"must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation ({minibatch})")]  # fmt: skip
+        if spec.training.steps <= spec.updates_per_phase:
+            return [(("training", "steps"),
+                     f"MiniLLM would never sample new rollouts: each phase of minillm.rollouts_per_phase rollouts gives "
+                     f"{spec.updates_per_phase} updates (rollouts ÷ minibatch × minillm.ppo_epochs); make training.steps "
+                     f"several times that, or lower minillm.rollouts_per_phase or minillm.ppo_epochs")]  # fmt: skip
+        return []
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -237,7 +147,7 @@ class MiniLLMStage:
             mask = mb.response_mask
             parts = [mb]
             if cfg.lm_coef > 0:
-                lm = ctx.batch(self.lm_examples, ctx.micro_batch_indices(len(self.lm_examples), spec.training.seed + 2, step * ga + k))
+                lm = ctx.batch(self.lm_pairs, ctx.micro_batch_indices(len(self.lm_pairs), spec.training.seed + 2, step * ga + k))
                 parts.append(lm)
             # PPO and LM batches share one forward, as in the reference: one pass over the weights.
             joint = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)

@@ -1,0 +1,36 @@
+"""Training stages, one module per kind, and the table of what each method trains on.
+
+A job runs an optional recovery stage (SFT or KD), then its method. `METHODS` is the one place that
+says which stage class runs a method and which responses it trains on; the trainer prepares that
+data and builds the stages from it, and preflight asks each stage class for its own checks.
+"""
+
+from __future__ import annotations
+
+from ..spec import JobSpec
+from .base import Method, Schedule
+from .finetune import FinetuneStage
+from .minillm import MiniLLMStage
+
+METHODS: dict[str, Method] = {
+    "sft": Method(FinetuneStage, responses="gold"),
+    "kd": Method(FinetuneStage, responses="gold", word_kd=True),
+    "seqkd": Method(FinetuneStage, responses="teacher-samples"),
+    "minillm": Method(MiniLLMStage, responses="none"),
+}
+
+
+def plan(spec: JobSpec) -> list[tuple[str, Method, Schedule]]:
+    """(stage name, method, schedule) of each stage the job runs, in order."""
+    stages = [(f"recovery-{spec.recovery.method}", METHODS[spec.recovery.method], Schedule.of(spec.recovery))] if spec.recovery else []
+    return stages + [(spec.method, METHODS[spec.method], Schedule.of(spec.training))]
+
+
+def needs(spec: JobSpec) -> set[str]:
+    """The training responses the job's stages use: "none" (prompts), "gold", "teacher-samples"."""
+    return set().union(*(method.stage.needs(method, spec) for _, method, _ in plan(spec)))
+
+
+def check(spec: JobSpec) -> list[tuple[tuple, str]]:
+    """Each stage's own problems with the spec, as (field path, message) pairs."""
+    return [problem for _, method, _ in plan(spec) for problem in method.stage.check(spec)]
