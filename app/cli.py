@@ -66,7 +66,7 @@ def train(
     try:
         scores = run(spec, output)
     except Cancelled as stop:
-        typer.echo(f"cancelled at step {stop.args[0]}; checkpoints in {output / 'checkpoints'}")
+        typer.echo(f"cancelled {stop.what}; checkpoints in {output / 'checkpoints'}")
         raise typer.Exit(130) from None
     except Exception as err:  # reported in events.jsonl too
         raise _fail(f"{type(err).__name__}: {err}") from None

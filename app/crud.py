@@ -110,8 +110,9 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
     return alive
 
 
-def finish(session: Session, job_id: str, attempt: int, status: str, error: dict | None = None) -> bool:
-    """End attempt `attempt` with a terminal status (cancelled only from cancelling)."""
+def finish(session: Session, job_id: str, attempt: int, status: str, error: dict | None = None, message: str | None = None) -> bool:
+    """End attempt `attempt` with a terminal status (cancelled only from cancelling); `message` is
+    the engine's own account of it (e.g. what a cancel interrupted)."""
     if status not in TERMINAL:
         raise ValueError(f"finish() takes a terminal status, not {status!r}")
     from_ = (CANCELLING,) if status == CANCELLED else (RUNNING, CANCELLING)
@@ -120,7 +121,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
         values.update(error_code=error.get("code"), error_message=error.get("message"))
     moved = _move_attempt(session, job_id, attempt, from_, **values)
     if moved:
-        message = status if not error else f"{status}: {error.get('code')}: {error.get('message')}"
+        message = message or (status if not error else f"{status}: {error.get('code')}: {error.get('message')}")
         _event(session, job_id, "state", message, "error" if status == FAILED else "info", {"state": status, "error": error})
     session.commit()
     return moved

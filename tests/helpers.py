@@ -71,11 +71,12 @@ def make_user(name: str | None = None) -> dict:
 class Worker:
     """A real `distill worker` process (Celery, solo pool) that tests can start and SIGKILL."""
 
-    def __init__(self, log: Path):
-        self.log, self.process = log, None
+    def __init__(self, log: Path, **env: str):
+        self.log, self.env, self.process = log, env, None
 
     def start(self) -> "Worker":
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(self.env)
         self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu-1,cpu-2"],
                                         stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
         return self
@@ -91,6 +92,12 @@ class Worker:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def training_process(job_id: str) -> list[int]:
+    """PIDs of the training processes of a job (the worker's children)."""
+    out = subprocess.run(["pgrep", "-f", f"worker.job_process {job_id}"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
 
 
 def wait_for(predicate, timeout: float = 300, interval: float = 0.5, what: str = "condition"):

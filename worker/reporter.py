@@ -63,7 +63,7 @@ class DbReporter:
     def _on_state(self, session, event: Event) -> None:
         state = event.data.get("state")
         if state in (SUCCEEDED, CANCELLED, FAILED):
-            crud.finish(session, self.job_id, self.attempt, state, event.data.get("error"))
+            crud.finish(session, self.job_id, self.attempt, state, event.data.get("error"), event.message)
         else:
             crud.add_event(session, self.job_id, "log", event.message, event.level, event.data)
 

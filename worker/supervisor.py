@@ -79,18 +79,22 @@ def supervise(job_id: str) -> bool:
     with Session() as session:
         status = crud.is_active(session, job_id, attempt)
         if status == CANCELLING:  # killed after the grace period, or stopped without saying so
-            crud.finish(session, job_id, attempt, CANCELLED)
+            crud.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
         elif status is not None:  # the child ended without reporting an outcome: it crashed
             crud.finish(session, job_id, attempt, FAILED, describe_exit(code, log))
     return True
 
 
 def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> None:
-    """Heartbeat while the child runs; stop it if the job is cancelled for too long or taken over."""
+    """Heartbeat while the child runs; stop it if the job is taken over, or cancelled and still
+    running after the grace period (the child stops by itself between any two units of work)."""
     last_beat, cancel_seen = 0.0, None
     while child.poll() is None:
         time.sleep(0.5)
         now = time.monotonic()
+        if cancel_seen is not None and now - cancel_seen > settings.cancel_grace_seconds:
+            _stop(child)
+            return
         if now - last_beat < settings.heartbeat_seconds:
             continue
         last_beat = now
@@ -100,14 +104,11 @@ def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Setting
         if not owned:
             _stop(child)  # another attempt has the job now; this one must not write anything more
             return
-        if status == CANCELLING:
-            cancel_seen = cancel_seen or now
-            if now - cancel_seen > settings.cancel_grace_seconds:
-                _stop(child)
-                return
+        if status == CANCELLING and cancel_seen is None:
+            cancel_seen = now
 
 
-def _stop(child: subprocess.Popen, grace: float = 30.0) -> None:
+def _stop(child: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the child's process group, then SIGKILL what is left after `grace` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:

@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Times a job is started before a lost worker marks it failed.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker reports that a job is alive.")
     heartbeat_timeout_seconds: float = Field(120.0, gt=0, description="A running job silent this long is taken up again.")
-    cancel_grace_seconds: float = Field(300.0, gt=0, description="How long a cancelled job may take to stop before it is killed.")
+    cancel_grace_seconds: float = Field(
+        20.0, gt=0, description="How long a cancelled job may take to stop by itself before its processes are killed."
+    )
     visibility_timeout_seconds: int = Field(7 * 24 * 3600, description="Redis redelivery timeout; above the longest job.")
     auto_accelerator: str = Field("cpu", description="Queue kind for jobs with resources.accelerator auto: cpu or gpu.")
     worker_cpu_processes: int = Field(2, ge=1, description="Largest resources.devices a CPU worker takes.")

@@ -17,7 +17,7 @@ from app.core.db import session_factory
 from app.main import app
 from app.models import Job
 from worker.engine.launch import free_port
-from helpers import Worker, make_user, tiny_spec, wait_for
+from helpers import Worker, make_user, tiny_spec, training_process, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 
@@ -38,11 +38,6 @@ def wait_status(client, auth, job_id, statuses, timeout=300) -> dict:
 
 def checkpoints(client, auth, job_id) -> list:
     return client.get(f"/api/v1/jobs/{job_id}/checkpoints", headers=auth).json()
-
-
-def training_process(job_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"worker.job_process {job_id}"], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
 
 
 def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth, dataset, worker, tmp_path):

@@ -9,6 +9,8 @@ Prompts are split across ranks and the results gathered, so every rank does its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from rouge_score import rouge_scorer
@@ -51,8 +53,12 @@ def evaluate(
     spec: JobSpec,
     vocab_size: int,
     device: torch.device,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Scores of `model` on `examples`; with `teacher`, also the KLs to it on the gold responses."""
+    """Scores of `model` on `examples`; with `teacher`, also the KLs to it on the gold responses.
+
+    `check` is called before every generated token and every scoring batch; it may raise (a cancelled job).
+    """
     was_training = model.training
     model.eval()
     mine = examples[rank() :: world_size()]
@@ -67,7 +73,7 @@ def evaluate(
                 model, batch.prompt_ids, batch.prompt_mask,
                 max_new_tokens=spec.data.max_response_tokens, eos_id=tokenizer.eos_token_id,
                 pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, generator=generator,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size, check=check,
             )  # fmt: skip
             for example, ids, mask in zip(chunk, out.response_ids.cpu(), out.response_mask.cpu()):
                 text = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
@@ -82,6 +88,8 @@ def evaluate(
     if teacher is not None:
         sums = torch.zeros(3, dtype=torch.float64)  # tokens, reverse KL, forward KL
         for start in range(0, len(mine), cfg.batch_size):
+            if check is not None:
+                check()
             chunk = mine[start : start + cfg.batch_size]
             batch = collate([(e.prompt_ids, e.response_ids) for e in chunk], tokenizer.pad_token_id).to(device)
             s_logits = response_logits(model, batch, vocab_size)

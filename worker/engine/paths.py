@@ -1,6 +1,7 @@
 """Where the engine keeps things it builds once and reuses (converted models, teacher outputs)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -16,3 +17,15 @@ def cache_dir() -> Path:
 def use_project_extension_dir() -> None:
     """DeepSpeed JIT-compiles ops into TORCH_EXTENSIONS_DIR (default: under ~); keep them in the cache."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a killed writer leaves no half file behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

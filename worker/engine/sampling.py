@@ -7,6 +7,8 @@ It takes a `torch.Generator`, so the same seed gives the same samples however of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -61,6 +63,7 @@ def sample(
     temperature: float = 1.0,
     no_repeat_ngram_size: int = 0,
     sync_ranks: bool = True,
+    check: Callable[[], None] | None = None,
 ) -> SequenceBatch:
     """Sample responses to left-padded prompts (B, Lq); top-k 0 and top-p 1, as in the paper.
 
@@ -68,6 +71,7 @@ def sample(
     both models decode in lock step, each with its own KV cache, and both see the same tokens.
     `temperature=0` decodes greedily. A sequence ends at its first EOS, which is kept as a target.
     `sync_ranks`: stop only when every rank is done, for models whose forward is collective (ZeRO-3).
+    `check` is called before every token; it may raise to abandon the batch (a cancelled job).
     """
     models = [model] if mix_model is None or mix_alpha == 0 else [model, mix_model]
     weights = [1.0] if len(models) == 1 else [1 - mix_alpha, mix_alpha]
@@ -80,6 +84,8 @@ def sample(
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     tokens, masks = [], []
     for _ in range(max_new_tokens):
+        if check is not None:
+            check()
         probs = torch.zeros(batch_size, vocab_size, device=device)
         for i, m in enumerate(models):
             logits, caches[i] = _step(m, step_ids, attention_mask, positions, caches[i])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .batch import collate
 from .data import Example
-from .paths import cache_dir
+from .paths import cache_dir, write_atomically
 from .sampling import sample
 
 
@@ -33,11 +34,13 @@ def teacher_responses(
     greedy: bool,
     seed: int,
     batch_size: int = 16,
+    check: Callable[[], None] | None = None,
 ) -> list[Example]:
     """Copies of `examples` whose responses the teacher wrote (greedy, or sampled at temperature 1).
 
     Greedy decoding, with the paper's no-repeated-6-gram rule against loops, gives the most likely
-    answer, which is what a reference should be; SeqKD samples, as the paper does.
+    answer, which is what a reference should be; SeqKD samples, as the paper does. `check` is called
+    before every token and may raise (a cancelled job): the cache file is written whole or not at all.
     """
     key = json.dumps([teacher_ref, [e.prompt_ids for e in examples], max_new_tokens, greedy, seed])
     path = cache_dir() / "teacher_responses" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
@@ -53,10 +56,10 @@ def teacher_responses(
                     teacher, batch.prompt_ids, batch.prompt_mask, max_new_tokens=max_new_tokens,
                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab_size,
                     generator=generator, temperature=0.0 if greedy else 1.0,
-                    no_repeat_ngram_size=6 if greedy else 0, sync_ranks=False,
+                    no_repeat_ngram_size=6 if greedy else 0, sync_ranks=False, check=check,
                 )  # fmt: skip
                 responses += [ids[m.bool()].tolist() for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
-            path.write_text(json.dumps(responses))
+            write_atomically(path, json.dumps(responses))
     responses = json.loads(path.read_text())
     return [
         replace(e, record=replace(e.record, response=tokenizer.decode(r, skip_special_tokens=True).strip()), response_ids=r)

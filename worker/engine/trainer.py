@@ -25,7 +25,7 @@ from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init
 from .evaluation import evaluate
 from .events import Event, Reporter
 from .models import check_compatible, derive_student, load_tokenizer, resolve_model
-from .paths import cache_dir
+from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
 from .stages.base import Context, TrainingData
@@ -37,7 +37,11 @@ class TrainingError(RuntimeError):
 
 
 class Cancelled(Exception):
-    pass
+    """The job was cancelled; `what` says what was interrupted ("at step 12", "while evaluating initial")."""
+
+    def __init__(self, what: str, step: int | None = None):
+        super().__init__(what)
+        self.what, self.step = what, step
 
 
 class Trainer:
@@ -58,6 +62,27 @@ class Trainer:
         flag = torch.tensor([1.0 if rank() == 0 and self.reporter.should_cancel() else 0.0])
         return bool(all_reduce_sum(flag).item())
 
+    def cancel_check(self, doing: str):
+        """A check to call between small units of preparation or evaluation work (each generated
+        token, each batch, each model load): raises `Cancelled` if the job was cancelled.
+
+        It asks the reporter at most once a second (a database query in the service). It is local
+        to rank 0, unlike `cancel_requested` between steps: when rank 0 stops, the other ranks wait
+        at their next collective until the supervisor stops the whole process group.
+        """
+        last = 0.0
+
+        def check() -> None:
+            nonlocal last
+            now = time.monotonic()
+            if rank() != 0 or now - last < 1.0:
+                return
+            last = now
+            if self.reporter.should_cancel():
+                raise Cancelled(f"while {doing}")
+
+        return check
+
     # -- set-up ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
@@ -67,7 +92,9 @@ class Trainer:
         self.precision = choose_precision(spec, self.device)
         self.emit("log", f"{world_size()} process(es) on {self.device.type}, precision {self.precision}")
 
+        self.cancel_check("loading the teacher")()
         teacher_dir = resolve_model(spec.teacher)
+        self.cancel_check("building the student")()
         if spec.student.init_from_teacher:
             student_dir = self.output_dir / "initial-student"
             if rank() == 0 and not (student_dir / "config.json").exists():
@@ -85,6 +112,7 @@ class Trainer:
         self.teacher.requires_grad_(False)
         self.load_data()
 
+        self.cancel_check("loading the student")()
         student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
         # One schedule per stage; the optimizer's learning rate follows them over the global step.
         self.plan = plan(spec)
@@ -121,19 +149,20 @@ class Trainer:
             if all(e.record.response is not None for e in examples):
                 return examples
             self.emit("log", f"teacher writes reference responses for {len(examples)} prompts (cached after the first time)")
-            return self.teacher_writes(examples, greedy=True)
+            return self.teacher_writes(examples, greedy=True, doing="the teacher wrote reference responses")
 
         self.eval_examples = with_references(evals)
         wanted = needs(spec)
         self.data = TrainingData(prompts=train, gold=with_references(train) if "gold" in wanted else None)
         if "teacher-samples" in wanted:
             self.emit("log", f"SeqKD: the teacher samples responses for {len(train)} training prompts (cached)")
-            self.data.teacher_samples = self.teacher_writes(train, greedy=False)
+            self.data.teacher_samples = self.teacher_writes(train, greedy=False, doing="the teacher sampled SeqKD responses")
 
-    def teacher_writes(self, examples: list[Example], greedy: bool) -> list[Example]:
+    def teacher_writes(self, examples: list[Example], greedy: bool, doing: str) -> list[Example]:
         return teacher_responses(
             self.teacher, self.spec.teacher, examples, self.tokenizer, max_new_tokens=self.spec.data.max_response_tokens,
             vocab_size=self.vocab_size, device=self.device, greedy=greedy, seed=self.spec.training.seed,
+            check=self.cancel_check(doing),
         )  # fmt: skip
 
     def locate(self, step: int) -> tuple[int, int]:
@@ -157,7 +186,9 @@ class Trainer:
     def run_eval(self, step: int, label: str) -> None:
         """Evaluate the student; at a step that is saved, its checkpoint may become the best."""
         started = time.perf_counter()
-        scores = evaluate(self.engine.module, self.teacher, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device)
+        self.emit("log", f"evaluating {label} on {len(self.eval_examples)} prompts")
+        scores = evaluate(self.engine.module, self.teacher, self.eval_examples, self.tokenizer, self.spec, self.vocab_size,
+                          self.device, check=self.cancel_check(f"evaluating {label}"))  # fmt: skip
         self.scores[label] = scores
         if step > 0 and self.saves_at(step):
             self.checkpoint_scores[step] = scores
@@ -173,10 +204,12 @@ class Trainer:
         path = cache_dir() / "teacher_evals" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         if path.exists():
             return json.loads(path.read_text())
-        scores = evaluate(self.teacher, None, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device)
+        self.emit("log", f"evaluating the teacher on {len(self.eval_examples)} prompts (cached after the first time)")
+        scores = evaluate(self.teacher, None, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device,
+                          check=self.cancel_check("evaluating the teacher"))  # fmt: skip
         if rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(scores))
+            write_atomically(path, json.dumps(scores))
         return scores
 
     def save(self, step: int) -> None:
@@ -241,8 +274,7 @@ class Trainer:
             if last or (spec.checkpoints.every_steps and step % spec.checkpoints.every_steps == 0):
                 self.save(step)
             if not last and self.cancel_requested():
-                self.emit("state", f"cancelled at step {step}", state="cancelled", step=step)
-                raise Cancelled(step)
+                raise Cancelled(f"at step {step}", step)
         self.emit("state", "succeeded", state="succeeded", step=step, best_step=self.best[1] if self.best else None)
         return self.scores
 
@@ -256,7 +288,8 @@ def train(spec: JobSpec, output_dir: Path, reporter: Reporter) -> dict[str, dict
     trainer = Trainer(spec, output_dir, reporter)
     try:
         return trainer.run()
-    except Cancelled:
+    except Cancelled as stop:
+        trainer.emit("state", f"cancelled {stop.what}", state="cancelled", step=stop.step)
         raise
     except Exception as err:
         trainer.emit("state", f"failed: {type(err).__name__}: {err}", "error", state="failed",

@@ -1,0 +1,120 @@
+"""Cancel means stop now: a job cancelled while it prepares or evaluates stops within seconds, with
+real workers; caches the interrupted work was writing are whole or absent, and the worker goes on to
+the next job."""
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from helpers import Worker, tiny_spec, training_process, wait_for
+from worker.engine.paths import PROJECT_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
+
+GRACE = 3  # DISTILL_CANCEL_GRACE_SECONDS of these workers: how long a job may take to stop by itself
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def worker(tmp_path, cache):
+    w = Worker(tmp_path / "worker.log", DISTILL_CACHE_DIR=str(cache), DISTILL_CANCEL_GRACE_SECONDS=str(GRACE),
+               TORCH_EXTENSIONS_DIR=str(PROJECT_ROOT / ".cache" / "torch_extensions")).start()  # fmt: skip
+    yield w
+    w.stop()
+
+
+def submit(client, auth, spec) -> str:
+    response = client.post("/api/v1/jobs", json=spec, headers=auth)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def status(client, auth, job_id) -> dict:
+    return client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
+
+
+def messages(client, auth, job_id) -> list[str]:
+    return [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]]
+
+
+def wait_message(client, auth, job_id, start: str, timeout=300) -> None:
+    wait_for(lambda: any(m.startswith(start) for m in messages(client, auth, job_id)), timeout, what=f"event {start!r}")
+
+
+def cancel_and_time(client, auth, job_id) -> float:
+    started = time.monotonic()
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    done = wait_for(lambda: (j := status(client, auth, job_id))["status"] in ("cancelled", "failed", "succeeded") and j,
+                    timeout=120, interval=0.2, what="the job to end")  # fmt: skip
+    assert done["status"] == "cancelled", done
+    return time.monotonic() - started
+
+
+def wait_gone(job_id: str) -> None:
+    wait_for(lambda: not training_process(job_id), timeout=10, interval=0.2, what="the training process to exit")
+
+
+def reference_caches(cache) -> dict[str, list]:
+    """Every teacher-response cache file, parsed: a half-written one fails to parse here."""
+    return {p.name: json.loads(p.read_text()) for p in (cache / "teacher_responses").glob("*.json")}
+
+
+def references_spec(dataset) -> dict:
+    """Builtin prompts without answers: the teacher writes 160 references of up to 192 tokens first
+    (about ten seconds on 2 idle cores: the cancel lands in the middle)."""
+    seed = uuid.uuid4().int % 10_000  # the cache key includes it: this run's references are new
+    return tiny_spec(dataset, data={"train": "builtin:demo", "eval": None, "prompt_format": "alpaca",
+                                 "max_prompt_tokens": 128, "max_response_tokens": 192, "max_train_records": 160},
+                     training={"seed": seed})  # fmt: skip
+
+
+def test_cancel_while_the_teacher_writes_references(client, auth, dataset, worker, cache):
+    spec = references_spec(dataset)
+    job_id = submit(client, auth, spec)
+    wait_message(client, auth, job_id, "teacher writes reference responses for 160 prompts")
+    seconds = cancel_and_time(client, auth, job_id)
+    assert seconds < GRACE + 5, f"took {seconds:.1f} s to stop"
+    wait_gone(job_id)
+    assert any("cancelled while the teacher wrote reference responses" in m for m in messages(client, auth, job_id))
+    # The 4 eval references were finished before; the 160 training ones were interrupted: no file.
+    assert all(len(r) < 160 for r in reference_caches(cache).values())
+
+    # The worker takes the next job; it needs the same references, finds none, and writes them whole.
+    again = submit(client, auth, {**spec, "name": "again"})
+    done = wait_for(lambda: (j := status(client, auth, again))["status"] in ("succeeded", "failed") and j, timeout=600,
+                    what="the next job")  # fmt: skip
+    assert done["status"] == "succeeded", done["error"]
+    assert sorted(len(r) for r in reference_caches(cache).values())[-1] == 160
+
+
+def test_cancel_during_an_evaluation(client, auth, dataset, worker):
+    spec = tiny_spec(dataset, data={"max_response_tokens": 256}, eval={"num_prompts": 16, "batch_size": 2, "every_steps": 0},
+                     training={"seed": uuid.uuid4().int % 10_000})  # fmt: skip
+    job_id = submit(client, auth, spec)
+    wait_message(client, auth, job_id, "evaluating initial")
+    seconds = cancel_and_time(client, auth, job_id)
+    assert seconds < GRACE + 5, f"took {seconds:.1f} s to stop"
+    assert any("cancelled while evaluating initial" in m for m in messages(client, auth, job_id))
+    wait_gone(job_id)
+
+
+def test_a_training_process_that_does_not_stop_is_killed_after_the_grace_period(client, auth, dataset, worker):
+    spec = tiny_spec(dataset, training={"steps": 400}, eval={"every_steps": 0}, checkpoints={"every_steps": 0})
+    job_id = submit(client, auth, spec)
+    wait_for(lambda: status(client, auth, job_id)["progress"]["step"] > 0, what="training to start")
+    pid = training_process(job_id)[0]
+    os.kill(pid, signal.SIGSTOP)  # hung: it can neither check for the cancel nor handle SIGTERM
+    seconds = cancel_and_time(client, auth, job_id)
+    assert seconds < GRACE + 1 + 10 + 5  # grace, a heartbeat (1 s here), SIGTERM's wait, slack
+    wait_gone(job_id)
+    nxt = submit(client, auth, tiny_spec(dataset, name="next", eval={"every_steps": 0}, checkpoints={"every_steps": 0}))
+    done = wait_for(lambda: (j := status(client, auth, nxt))["status"] in ("succeeded", "failed") and j, what="the next job")
+    assert done["status"] == "succeeded", done["error"]
