@@ -95,15 +95,17 @@ def test_cancel_while_the_teacher_writes_references(client, auth, dataset, worke
     assert sorted(len(r) for r in reference_caches(cache).values())[-1] == 160
 
 
-def test_cancel_during_an_evaluation(client, auth, dataset, worker):
+def test_cancel_during_an_evaluation(client, auth, dataset, worker, cache):
     spec = tiny_spec(dataset, data={"max_response_tokens": 256}, eval={"num_prompts": 16, "batch_size": 2, "every_steps": 0},
                      training={"seed": uuid.uuid4().int % 10_000})  # fmt: skip
     job_id = submit(client, auth, spec)
-    wait_message(client, auth, job_id, "evaluating initial")
+    wait_message(client, auth, job_id, "evaluating the teacher")  # 16 prompts x 256 tokens: seconds of work
     seconds = cancel_and_time(client, auth, job_id)
     assert seconds < GRACE + 5, f"took {seconds:.1f} s to stop"
-    assert any("cancelled while evaluating initial" in m for m in messages(client, auth, job_id))
+    assert any("cancelled while evaluating the teacher" in m for m in messages(client, auth, job_id))
     wait_gone(job_id)
+    evals = cache / "teacher_evals"
+    assert not (evals.exists() and any(evals.iterdir()))  # the interrupted evaluation left nothing, not even a part
 
 
 def test_a_training_process_that_does_not_stop_is_killed_after_the_grace_period(client, auth, dataset, worker):
