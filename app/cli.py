@@ -237,8 +237,9 @@ def _follow(client, job_id: str, verbose: bool) -> dict:
         bar.close()
     job = client.get(f"/jobs/{job_id}")
     evals = client.get(f"/jobs/{job_id}/evals")
-    if evals:
-        typer.echo(score_table({e["label"]: e["scores"] for e in evals}))
+    tests = {e["label"]: e["scores"] for e in evals if e["label"] != "selection"}  # test set: teacher, initial, final, best
+    if tests:
+        typer.echo(score_table(tests))
     checkpoints = client.get(f"/jobs/{job_id}/checkpoints")
     if checkpoints:
         best = next(c for c in checkpoints if c["best"])

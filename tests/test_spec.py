@@ -16,6 +16,9 @@ def test_defaults_follow_the_paper():
     assert m.length_normalization and m.single_step
     assert spec.training.learning_rate == 5e-6 and spec.training.warmup_steps == 100
     assert spec.eval.no_repeat_ngram_size == 6 and spec.method == "minillm"
+    # the evaluation protocol: 5 test seeds, and a separate selection set that picks the best checkpoint
+    assert spec.eval.seeds == [10, 20, 30, 40, 50] and spec.eval.selection_seeds == [10]
+    assert spec.data.eval is None and spec.data.selection is None
 
 
 def test_a_spec_with_only_the_student_resamples_many_times():
@@ -58,6 +61,8 @@ def test_every_field_has_help_text():
         ({"student": {}}, "student"),
         ({"student": {"model": "x", "init_from_teacher": {"num_layers": 2}}}, "student"),
         ({**STUDENT, "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer"),
+        ({**STUDENT, "eval": {"seeds": [10, 10]}}, "eval.seeds"),
+        ({**STUDENT, "data": {"selecton": "x.jsonl"}}, "data.selecton"),
     ],
 )
 def test_bad_specs_name_the_field(data, field):
