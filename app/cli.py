@@ -201,8 +201,10 @@ def up(
 
 def _upload_local_data(client, spec: dict, base: Path) -> dict:
     """Local data files in the spec are uploaded, so the server never needs this machine's paths."""
+    from worker.engine.spec import DATA_FILES
+
     data = dict(spec.get("data", {}))
-    for key in ("train", "eval"):
+    for key in DATA_FILES:
         value = data.get(key)
         if isinstance(value, str) and not value.startswith(("builtin:", "dataset:")):
             path = Path(value) if Path(value).is_absolute() or Path(value).exists() else base / value

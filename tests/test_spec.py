@@ -100,3 +100,11 @@ def test_distill_train_refuses_what_the_api_would_refuse_naming_the_field(tmp_pa
     assert result.exit_code == 2
     assert "training.steps: MiniLLM would never sample new rollouts" in result.output
     assert not (tmp_path / "out" / "events.jsonl").exists()
+
+
+@pytest.mark.parametrize("key", ["train", "selection", "eval"])
+def test_preflight_checks_every_data_file(key):
+    problems = dict(preflight(parse_spec({**STUDENT, "data": {key: "/nonexistent.jsonl"}})))
+    assert "no such file" in problems[("data", key)]
+    uploads = dict(preflight(parse_spec({**STUDENT, "data": {key: "dataset:ds-x"}}), dataset_exists=lambda _id: False))
+    assert "no such uploaded dataset" in uploads[("data", key)]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from .data import DataError, resolve_source
 from .models import ModelError, check_compatible, check_reference
-from .spec import JobSpec
+from .spec import DATA_FILES, JobSpec
 from .stages import check
 
 
@@ -29,7 +29,7 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
             check_compatible(dirs["teacher"], dirs["student"])
         except ModelError as err:
             problems.append((("student", "model"), str(err)))
-    for key in ("train", "eval"):
+    for key in DATA_FILES:
         source = getattr(spec.data, key)
         if source is None:
             continue

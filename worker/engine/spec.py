@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Method = Literal["minillm", "kd", "seqkd", "sft"]
+# The data fields that name a file: a path, builtin:NAME, or dataset:ID (an upload to the service).
+DATA_FILES = ("train", "selection", "eval")
 
 
 class _Section(BaseModel):

@@ -28,7 +28,7 @@ async def upload(
 ) -> DatasetOut:
     """The request body is the JSONL file itself (`curl --data-binary @train.jsonl`). Records use
     Dolly's layout (instruction, input, output) or prompt/response; a bad line is named by number.
-    A job refers to the upload as `dataset:ID` in data.train or data.eval."""
+    A job refers to the upload as `dataset:ID` in data.train, data.selection or data.eval."""
     dataset_id = new_id("ds")
     folder = settings.resolved_artifacts_dir / "datasets"
     folder.mkdir(parents=True, exist_ok=True)
