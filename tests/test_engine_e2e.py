@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,9 @@ def test_method_runs_end_to_end(tmp_path, dataset, method, extra):
     assert all(math.isfinite(v) for m in metrics.values() for v in m.values())
     stages = {e["data"]["stage"] for e in events if e["type"] == "metrics"}
     assert stages == ({"recovery-kd", "minillm"} if extra else {method})
+    if method == "minillm":  # no data.pretrain: the job says the LM term is off, and it is
+        assert any(e["message"].startswith("minillm: LM term off (no data.pretrain") for e in events)
+        assert all(metrics[s]["lm_loss"] == 0 for s in range(3, total + 1))
     if extra:  # recovery: cosine from 2e-3 over 2 steps; then the main stage's constant 1e-3
         assert [metrics[s]["lr"] for s in (1, 2, 3, 8)] == pytest.approx([2e-3, 1e-3, 1e-3, 1e-3])
     # The test set scores the teacher and the initial student first, the final model and the best
@@ -117,6 +121,26 @@ def test_best_checkpoint_is_chosen_on_the_selection_set_and_scored_on_the_test_s
     assert all(torch.equal(tested[-1][k], best[k]) for k in best)
     assert not all(torch.equal(tested[-2][k], best[k]) for k in best)  # the final model differs
     assert "the best so far is step 3" in (out / "checkpoints" / "step-000006" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("source", ["jsonl", "builtin:teacher-text"])
+def test_minillm_lm_term_trains_on_data_pretrain(tmp_path, dataset, source):
+    if source == "jsonl":
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": f"Note {i}: the kettle is on and the tea will be ready soon."}) + "\n"
+                                  for i in range(12)))  # fmt: skip
+        source = str(corpus)
+    spec = tiny_spec(dataset, data={"pretrain": source, "teacher_text_documents": 6}, minillm={"lm_chunk_tokens": 16},
+                     training={"steps": 5}, eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+    out, _ = run(tmp_path, spec)
+    events = read_events(out)
+    said = [e["message"] for e in events if e["message"].startswith("minillm: LM term")]
+    assert len(said) == 1 and re.fullmatch(
+        rf"minillm: LM term: next-token loss on data\.pretrain \({re.escape(source)}: \d+ chunks of 16 tokens\), "
+        r"weight minillm\.lm_coef 1", said[0]), said  # fmt: skip
+    assert events.index(next(e for e in events if e["message"] == said[0])) < events.index(
+        next(e for e in events if e["type"] == "metrics"))  # said at the start
+    assert all(m["lm_loss"] > 0 for m in metrics_by_step(out).values())
 
 
 def test_minillm_changes_the_student_towards_the_teacher(tmp_path, dataset):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .corpus import check_corpus
 from .data import DataError, resolve_source
 from .models import ModelError, check_compatible, check_reference
 from .spec import DATA_FILES, JobSpec
@@ -38,7 +39,7 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
                 problems.append((("data", key), f"{source}: no such uploaded dataset"))
             continue
         try:
-            resolve_source(source)
+            (check_corpus if key == "pretrain" else resolve_source)(source)
         except DataError as err:
             problems.append((("data", key), str(err)))
     problems += check(spec)

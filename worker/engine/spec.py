@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Method = Literal["minillm", "kd", "seqkd", "sft"]
 # The data fields that name a file: a path, builtin:NAME, or dataset:ID (an upload to the service).
-DATA_FILES = ("train", "selection", "eval")
+DATA_FILES = ("train", "selection", "eval", "pretrain")
 
 
 class _Section(BaseModel):
@@ -63,6 +63,16 @@ class DataSpec(_Section):
         description="Test set: scores the best checkpoint, the final model, the initial student and the teacher at "
         "the end of the job. Same forms as `train`. Empty: builtin:demo-eval for builtin:demo, else the last "
         "eval.num_prompts training records are held out.",
+    )
+    pretrain: str | None = Field(
+        None,
+        description='Pretraining corpus of MiniLLM\'s LM term (the paper\'s L_PT): a JSONL file of {"text": ...} records, '
+        "a plain text file (one document), dataset:ID, or builtin:teacher-text (free text the teacher samples once "
+        "from a few generic openings; cached). Empty: the LM term is off (see minillm.lm_data).",
+    )
+    teacher_text_documents: int = Field(
+        256, ge=1, description="How many documents the teacher writes for builtin:teacher-text, each up to "
+        "minillm.lm_chunk_tokens tokens (sampled once, then cached)."
     )
     prompt_format: Literal["chat", "alpaca"] = Field(
         "chat", description="`chat`: the teacher tokenizer's chat template; `alpaca`: the template of the MiniLLM paper."
@@ -113,8 +123,24 @@ class MiniLLMSpec(_Section):
     )
     whiten_advantages: bool = Field(True, description="Normalise advantages to zero mean, unit variance (valid tokens only).")
     single_step: bool = Field(True, description="Add the exact per-token reverse KL over the vocabulary (single-step term).")
-    lm_coef: float = Field(1.0, ge=0, description="Weight of the added language-modelling loss on the training data.")
-    kd_ratio: float = Field(0.5, ge=0, le=1, description="Share of word-level forward KL (vs cross-entropy) in the LM loss.")
+    # The LM term as the paper has it: L_PT = −E_{d∼D_PT} log q_θ(d), a plain next-token loss on
+    # chunks of pretraining text, added with weight lm_coef (reference: 1, 512-token chunks). The
+    # reference code's L_PT mixes 0.5·cross-entropy + 0.5·word-level forward KL to the teacher
+    # (--kd-ratio 0.5); the default follows the paper (kd_ratio 0), and kd_ratio 0.5 is the code's mix.
+    lm_data: Literal["pretrain", "train_responses"] = Field(
+        "pretrain",
+        description="Text of the LM term. pretrain: data.pretrain, the paper's L_PT (off when data.pretrain is empty); "
+        "train_responses: the training set's responses (not the paper's L_PT; the teacher writes them where the "
+        "data has none).",
+    )
+    lm_coef: float = Field(1.0, ge=0, description="Weight of the LM term (reference: 1); 0 turns it off.")
+    kd_ratio: float = Field(
+        0.0, ge=0, le=1, description="Share of word-level forward KL to the teacher in the LM term, the rest being "
+        "next-token cross-entropy: 0 is the paper's L_PT, 0.5 the reference code's."
+    )
+    lm_chunk_tokens: int = Field(
+        512, ge=2, description="Tokens per chunk of data.pretrain (reference: 512, of which 511 are predicted)."
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (top-k 0, top-p 1).")
 
 
@@ -176,10 +202,10 @@ class JobSpec(_Section):
     method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
     teacher: str = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
     student: StudentSpec = Field(..., description="The model that is trained.")
-    data: DataSpec = Field(DataSpec(), description="Training, selection and test data, prompt format, lengths.")
+    data: DataSpec = Field(DataSpec(), description="Training, selection and test data, the pretraining corpus, prompt format, lengths.")
     training: TrainingSpec = Field(TrainingSpec(), description="Steps, batch, optimizer and schedule of the main method.")
     recovery: RecoverySpec | None = Field(None, description="Optional SFT/KD stage before the main method.")
-    minillm: MiniLLMSpec = Field(MiniLLMSpec(), description="MiniLLM parameters (used when method is minillm).")
+    minillm: MiniLLMSpec = Field(MiniLLMSpec(), description="MiniLLM parameters, its LM term included (used when method is minillm).")
     kd: KDSpec = Field(KDSpec(), description="Word-level KD parameters (method kd, and a kd recovery stage).")
     eval: EvalSpec = Field(EvalSpec(), description="When and how to evaluate: the selection and test sets' sizes and seeds.")
     checkpoints: CheckpointSpec = Field(CheckpointSpec(), description="When to save and how many to keep.")
@@ -190,6 +216,11 @@ class JobSpec(_Section):
     def _consistent(self) -> JobSpec:
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        if self.data.pretrain:  # never silently unused
+            if self.method != "minillm":
+                raise ValueError("data.pretrain is used only by method minillm (its LM term)")
+            if self.minillm.lm_data != "pretrain" or self.minillm.lm_coef == 0:
+                raise ValueError("data.pretrain is unused with minillm.lm_data train_responses or minillm.lm_coef 0")
         return self
 
     @property

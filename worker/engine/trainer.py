@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from . import checkpoints as ckpt
+from .corpus import TEACHER_TEXT, chunk, read_texts
 from .data import Example, read_records, split_held_out, tokenize
 from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init_process_group, initialize, rank, world_size
 from .evaluation import evaluate
@@ -30,7 +31,7 @@ from .paths import cache_dir
 from .spec import JobSpec
 from .stages import needs, plan
 from .stages.base import Context, TrainingData
-from .teacher_data import teacher_responses
+from .teacher_data import teacher_responses, teacher_text
 
 
 class TrainingError(RuntimeError):
@@ -94,6 +95,8 @@ class Trainer:
         self.engine = initialize(student, spec, self.precision, self.lr_at)
         self.ctx = Context(spec, self.engine, self.teacher, self.tokenizer, self.vocab_size, self.device)
         self.stages = [method.stage(name, self.ctx, method, self.data, schedule) for name, method, schedule in self.plan]
+        for stage in self.stages:
+            self.emit("log", stage.describe())
 
     def load_data(self) -> None:
         spec, d = self.spec, self.spec.data
@@ -125,9 +128,28 @@ class Trainer:
         if "teacher-samples" in wanted:
             self.emit("log", f"SeqKD: the teacher samples responses for {len(train)} training prompts (cached)")
             self.data.teacher_samples = self.teacher_writes(train, greedy=False)
+        if "pretrain" in wanted:
+            self.data.pretrain = self.pretrain_chunks()
         self.emit("log", f"{len(train)} training prompts; selection set {len(self.selection_examples)} prompts "
                          f"× seeds {spec.eval.selection_seeds} (chooses the best checkpoint); test set "
                          f"{len(self.test_examples)} prompts × seeds {spec.eval.seeds} (reports it)")  # fmt: skip
+
+    def pretrain_chunks(self) -> list[list[int]]:
+        d, size = self.spec.data, self.spec.minillm.lm_chunk_tokens
+        if d.pretrain == TEACHER_TEXT:
+            self.emit("log", f"the teacher writes {d.teacher_text_documents} documents of free text for the LM term "
+                             "(cached after the first time)")  # fmt: skip
+            texts = teacher_text(
+                self.teacher, self.spec.teacher, self.tokenizer, documents=d.teacher_text_documents, max_new_tokens=size,
+                vocab_size=self.vocab_size, device=self.device, seed=self.spec.training.seed,
+            )  # fmt: skip
+        else:
+            texts = read_texts(d.pretrain)
+        chunks = chunk(texts, self.tokenizer, size)
+        if not chunks:
+            raise ValueError(f"data.pretrain: its {len(texts)} document(s) make fewer tokens than one chunk of "
+                             f"minillm.lm_chunk_tokens ({size})")  # fmt: skip
+        return chunks
 
     def teacher_writes(self, examples: list[Example], greedy: bool) -> list[Example]:
         return teacher_responses(
