@@ -209,7 +209,10 @@ def _upload_local_data(client, spec: dict, base: Path) -> dict:
         if isinstance(value, str) and not value.startswith(("builtin:", "dataset:")):
             path = Path(value) if Path(value).is_absolute() or Path(value).exists() else base / value
             if path.is_file():
-                data[key] = f"dataset:{client.upload_dataset(path)['id']}"
+                content = None
+                if key == "pretrain" and path.suffix not in (".jsonl", ".json"):  # uploads are JSONL: one document
+                    content = (json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n").encode()
+                data[key] = f"dataset:{client.upload_dataset(path, content)['id']}"
     return {**spec, "data": data}
 
 
