@@ -201,13 +201,18 @@ def up(
 
 def _upload_local_data(client, spec: dict, base: Path) -> dict:
     """Local data files in the spec are uploaded, so the server never needs this machine's paths."""
+    from worker.engine.spec import DATA_FILES
+
     data = dict(spec.get("data", {}))
-    for key in ("train", "eval"):
+    for key in DATA_FILES:
         value = data.get(key)
         if isinstance(value, str) and not value.startswith(("builtin:", "dataset:")):
             path = Path(value) if Path(value).is_absolute() or Path(value).exists() else base / value
             if path.is_file():
-                data[key] = f"dataset:{client.upload_dataset(path)['id']}"
+                content = None
+                if key == "pretrain" and path.suffix not in (".jsonl", ".json"):  # uploads are JSONL: one document
+                    content = (json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n").encode()
+                data[key] = f"dataset:{client.upload_dataset(path, content)['id']}"
     return {**spec, "data": data}
 
 
@@ -237,8 +242,9 @@ def _follow(client, job_id: str, verbose: bool) -> dict:
         bar.close()
     job = client.get(f"/jobs/{job_id}")
     evals = client.get(f"/jobs/{job_id}/evals")
-    if evals:
-        typer.echo(score_table({e["label"]: e["scores"] for e in evals}))
+    tests = {e["label"]: e["scores"] for e in evals if e["label"] != "selection"}  # test set: teacher, initial, final, best
+    if tests:
+        typer.echo(score_table(tests))
     checkpoints = client.get(f"/jobs/{job_id}/checkpoints")
     if checkpoints:
         best = next(c for c in checkpoints if c["best"])

@@ -60,8 +60,9 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.post("/jobs", json=spec, headers=headers)
 
-    def upload_dataset(self, path: Path) -> dict:
-        return self.post("/datasets", params={"name": path.name}, content=path.read_bytes(),
+    def upload_dataset(self, path: Path, content: bytes | None = None) -> dict:
+        """Upload a JSONL file (or `content` under its name)."""
+        return self.post("/datasets", params={"name": path.name}, content=path.read_bytes() if content is None else content,
                          headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
 
     def events(self, job_id: str, follow: bool) -> Iterator[dict]:

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from worker.engine.data import DataError, Record, format_prompt, read_records, sample_order, tokenize
+from worker.engine.data import DataError, Record, format_prompt, read_records, sample_order, split_held_out, tokenize
 from worker.engine.models import load_tokenizer, smollm2_tokenizer_dir
+from worker.engine.spec import DataSpec
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +55,43 @@ def test_missing_file_and_unknown_builtin():
         read_records("builtin:nope")
 
 
-def test_builtin_demo_sets_have_prompts_only():
-    train, evals = read_records("builtin:demo"), read_records("builtin:demo-eval")
-    assert len(train) >= 300 and len(evals) >= 60
-    assert all(r.response is None for r in train + evals)
-    assert not {r.instruction for r in train} & {r.instruction for r in evals}
+def test_builtin_demo_sets_have_prompts_only_and_are_disjoint():
+    train, selection, test = (read_records(f"builtin:{name}") for name in ("demo", "demo-selection", "demo-eval"))
+    assert (len(train), len(selection), len(test)) == (288, 32, 64)
+    assert all(r.response is None for r in train + selection + test)
+    prompts = [{(r.instruction, r.input) for r in records} for records in (train, selection, test)]
+    assert sum(map(len, prompts)) == len(set().union(*prompts))
+
+
+def _records(n: int) -> list[Record]:
+    return [Record(f"instruction {i}", "", f"answer {i}") for i in range(n)]
+
+
+def test_held_out_sets_come_from_the_tail_of_the_training_records():
+    data = DataSpec(train="mine.jsonl")
+    train, held_out = split_held_out(data, _records(20), {"eval": 4, "selection": 3})
+    assert train == _records(13)
+    assert held_out["selection"] == _records(16)[13:] and held_out["eval"] == _records(20)[16:]
+
+
+def test_a_given_selection_set_leaves_the_test_hold_out_unchanged(tmp_path):
+    path = write(tmp_path / "selection.jsonl", [json.dumps({"prompt": "p", "response": "r"})])
+    data = DataSpec(train="mine.jsonl", selection=path)
+    train, held_out = split_held_out(data, _records(20), {"eval": 4, "selection": 3})
+    assert held_out["selection"] == [Record("p", "", "r")]
+    assert train == _records(16) and held_out["eval"] == _records(20)[16:]
+
+
+def test_builtin_demo_holds_out_nothing_from_training():
+    train, held_out = split_held_out(DataSpec(), _records(20), {"eval": 4, "selection": 3})
+    assert train == _records(20)
+    assert held_out["selection"] == read_records("builtin:demo-selection")
+    assert held_out["eval"] == read_records("builtin:demo-eval")
+
+
+def test_too_few_records_to_hold_out_name_the_field():
+    with pytest.raises(DataError, match=r"too few to hold out 3 for data\.selection"):
+        split_held_out(DataSpec(train="mine.jsonl"), _records(5), {"eval": 2, "selection": 3})
 
 
 def test_alpaca_template_is_the_papers():

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import read_events, tiny_spec
+from worker.engine import checkpoints as ckpt
+from worker.engine import trainer as trainer_module
 from worker.engine.events import Event, JsonlReporter
 from worker.engine.spec import parse_spec
 from worker.engine.trainer import Cancelled, train
@@ -63,7 +66,8 @@ def assert_loads_and_generates(checkpoint):
     ],
 )
 def test_method_runs_end_to_end(tmp_path, dataset, method, extra):
-    out, scores = run(tmp_path, tiny_spec(dataset, method=method, **extra))
+    spec = tiny_spec(dataset, method=method, **extra)
+    out, scores = run(tmp_path, spec)
     events = read_events(out)
     assert events[-1]["type"] == "state" and events[-1]["data"]["state"] == "succeeded"
     total = 6 + (2 if extra else 0)
@@ -72,16 +76,71 @@ def test_method_runs_end_to_end(tmp_path, dataset, method, extra):
     assert all(math.isfinite(v) for m in metrics.values() for v in m.values())
     stages = {e["data"]["stage"] for e in events if e["type"] == "metrics"}
     assert stages == ({"recovery-kd", "minillm"} if extra else {method})
+    if method == "minillm":  # no data.pretrain: the job says the LM term is off, and it is
+        assert any(e["message"].startswith("minillm: LM term off (no data.pretrain") for e in events)
+        assert all(metrics[s]["lm_loss"] == 0 for s in range(3, total + 1))
     if extra:  # recovery: cosine from 2e-3 over 2 steps; then the main stage's constant 1e-3
         assert [metrics[s]["lr"] for s in (1, 2, 3, 8)] == pytest.approx([2e-3, 1e-3, 1e-3, 1e-3])
-    # teacher once, initial student, every 3 steps, final
-    labels = [e["data"]["label"] for e in events if e["type"] == "eval"]
-    assert labels[:2] == ["teacher", "initial"] and labels[-1] == "final"
+    # The test set scores the teacher and the initial student first, the final model and the best
+    # checkpoint last; the selection set is scored every 3 steps and at the end.
+    evals = [e["data"] for e in events if e["type"] == "eval"]
+    tests = [(e["label"], e["step"]) for e in evals if e["set"] == "test"]
+    best = ckpt.best_step(out)
+    assert tests == [("teacher", 0), ("initial", 0), ("final", total), ("best", best)]
+    assert [e["step"] for e in evals if e["set"] == "selection"] == [0, 3, 6] + ([total] if total > 6 else [])
+    seeds = sorted(str(seed) for seed in parse_spec(spec).eval.seeds)
+    assert all(sorted(e["per_seed"]) == seeds for e in evals if e["set"] == "test")
+    assert list(scores) == ["teacher", "initial", "final", "best"]
     assert set(scores["final"]) == {"rouge_l", "response_length", "distinct_4", "reverse_kl", "forward_kl"}
     final = out / "checkpoints" / f"step-{total:06d}"
     card = (final / "README.md").read_text()
-    assert method in card and "builtin:tiny-teacher" in card and "rouge_l" in card
+    assert method in card and "builtin:tiny-teacher" in card and "rouge_l" in card and "| best |" in card
     assert_loads_and_generates(final)
+
+
+def test_best_checkpoint_is_chosen_on_the_selection_set_and_scored_on_the_test_set(tmp_path, dataset, monkeypatch):
+    """Selection Rouge-L 5, 9, 7 at steps 0, 3, 6: the checkpoint of step 3 is the best, not the final one."""
+    selection_rouge, tested = iter([5.0, 9.0, 7.0]), []
+
+    def scripted_evaluate(model, teacher, examples, tokenizer, spec, vocab_size, device, seeds):
+        if seeds == spec.eval.selection_seeds:
+            return {"rouge_l": next(selection_rouge)}, {}
+        tested.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"rouge_l": 1.0}, {}
+
+    monkeypatch.setattr(trainer_module, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(trainer_module.Trainer, "teacher_scores", lambda self: ({"rouge_l": 1.0}, {}))  # never cached
+    out, scores = run(tmp_path, tiny_spec(dataset, method="sft", checkpoints={"every_steps": 3, "keep": 1}))
+    events = read_events(out)
+    assert ckpt.best_step(out) == 3 and events[-1]["data"]["best_step"] == 3
+    saved = [e["data"] for e in events if e["type"] == "checkpoint"]
+    assert [(c["step"], c["best"], c["scores"]) for c in saved] == [(3, True, {"rouge_l": 9.0}), (6, False, {"rouge_l": 7.0})]
+    assert [(e["data"]["label"], e["data"]["step"]) for e in events if e["type"] == "eval"][-2:] == [("final", 6), ("best", 3)]
+    # The test set scored the best checkpoint's own weights, read back from its directory (kept though keep is 1).
+    best = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000003").state_dict()
+    assert all(torch.equal(tested[-1][k], best[k]) for k in best)
+    assert not all(torch.equal(tested[-2][k], best[k]) for k in best)  # the final model differs
+    assert "the best so far is step 3" in (out / "checkpoints" / "step-000006" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("source", ["jsonl", "builtin:teacher-text"])
+def test_minillm_lm_term_trains_on_data_pretrain(tmp_path, dataset, source):
+    if source == "jsonl":
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": f"Note {i}: the kettle is on and the tea will be ready soon."}) + "\n"
+                                  for i in range(12)))  # fmt: skip
+        source = str(corpus)
+    spec = tiny_spec(dataset, data={"pretrain": source, "teacher_text_documents": 6}, minillm={"lm_chunk_tokens": 16},
+                     training={"steps": 5}, eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+    out, _ = run(tmp_path, spec)
+    events = read_events(out)
+    said = [e["message"] for e in events if e["message"].startswith("minillm: LM term")]
+    assert len(said) == 1 and re.fullmatch(
+        rf"minillm: LM term: next-token loss on data\.pretrain \({re.escape(source)}: \d+ chunks of 16 tokens\), "
+        r"weight minillm\.lm_coef 1", said[0]), said  # fmt: skip
+    assert events.index(next(e for e in events if e["message"] == said[0])) < events.index(
+        next(e for e in events if e["type"] == "metrics"))  # said at the start
+    assert all(m["lm_loss"] > 0 for m in metrics_by_step(out).values())
 
 
 def test_minillm_changes_the_student_towards_the_teacher(tmp_path, dataset):
@@ -117,6 +176,7 @@ def test_checkpoint_retention_keeps_latest_and_best(tmp_path, dataset):
     out, _ = run(tmp_path, tiny_spec(dataset, checkpoints={"every_steps": 1, "keep": 2}))
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     assert kept[-2:] == ["step-000005", "step-000006"] and len(kept) <= 3
+    assert ckpt.best_step(out) in (3, 6) and ckpt.step_dir_name(ckpt.best_step(out)) in kept  # scored and saved
     assert [p.name for p in (out / "resume").iterdir()] == ["step-000006"]
 
 

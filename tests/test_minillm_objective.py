@@ -68,23 +68,28 @@ class SGDEngine:
         self.optimizer.zero_grad()
 
 
-def first_update(student_table, teacher_table, *, rollouts=64, response_tokens=6, lr=1.0, seed=1, **minillm):
+def first_update(student_table, teacher_table, *, rollouts=64, response_tokens=6, lr=1.0, seed=1, data=None, **minillm):
     """Sample one phase of `rollouts` and run one update over all of them (one step, one micro-batch).
 
     Returns the stage (its rollouts were scored before the update), the step's metrics and the
-    student's table after the update.
+    student's table after the update. `data`: the LM term's text, as {"pretrain": chunks} (data.pretrain
+    is set) or {"gold": examples} (minillm.lm_data train_responses); without it the term is off.
     """
+    data = data or {}
+    lm = {"pretrain": {"data": {"pretrain": "corpus.jsonl"}}, "gold": {"minillm": {"lm_data": "train_responses"}}}
+    extra = next((lm[k] for k in data), {})  # no data.pretrain: the term is off
     spec = parse_spec({
         "student": {"model": "toy"},
-        "data": {"max_response_tokens": response_tokens},
+        "data": {"max_response_tokens": response_tokens, **extra.get("data", {})},
         "training": {"batch_size": rollouts, "seed": seed},
-        "minillm": {"rollouts_per_phase": rollouts, "rollout_batch_size": rollouts, "ppo_epochs": 1, "lm_coef": 0.0, **minillm},
+        "minillm": {"rollouts_per_phase": rollouts, "rollout_batch_size": rollouts, "ppo_epochs": 1,
+                    **extra.get("minillm", {}), **minillm},
     })  # fmt: skip
     student, teacher = BigramLM(student_table), BigramLM(teacher_table).requires_grad_(False)
     tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     ctx = Context(spec, SGDEngine(student, lr), teacher, tokenizer, V, torch.device("cpu"))
     prompts = [Example(Record("", "", None), [1 + i % (V - 1)], []) for i in range(rollouts)]  # one-token prompts
-    stage = MiniLLMStage("minillm", ctx, METHODS["minillm"], TrainingData(prompts), Schedule(1, lr, 0, "constant"))
+    stage = MiniLLMStage("minillm", ctx, METHODS["minillm"], TrainingData(prompts, **data), Schedule(1, lr, 0, "constant"))
     metrics = stage.train_step(0)
     return stage, metrics, student.table.detach().clone()
 
@@ -376,3 +381,38 @@ def test_one_update_is_minus_lr_times_the_hand_gradient(temperature, alpha, sing
     expected = student.double() - lr * hand.gradient(stage.cfg.clip_range, single_step)
     assert (after.double() - student.double()).abs().max() > 0.01  # a step that tells terms apart
     torch.testing.assert_close(after.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The LM term
+# ----------------------------------------------------------------------------------------------
+
+
+def _cross_entropy(table: torch.Tensor, tokens: list[int]) -> float:
+    """Mean −log q(next | current) of a token sequence under a bigram table."""
+    logq = torch.log_softmax(table.double(), -1)
+    return float(-torch.stack([logq[a, b] for a, b in zip(tokens, tokens[1:])]).mean())
+
+
+def test_the_lm_term_is_next_token_loss_on_the_corpus_in_the_same_update():
+    student, teacher = random_tables(seed=8)
+    corpus = [1, 2, 3, 3, 1, 2, 0, 2]  # one chunk: its first token is context only, the other 7 are targets
+    off_stage, off, _ = first_update(student, teacher)
+    stage, on, _ = first_update(student, teacher, data={"pretrain": [corpus]})
+    assert stage.lm_pairs == [([1], [2, 3, 3, 1, 2, 0, 2])]
+    assert on["lm_loss"] == pytest.approx(_cross_entropy(student, corpus), rel=1e-6)  # plain CE (kd_ratio 0)
+    # The LM rows share the forward without changing what the rollouts see.
+    assert on["pg_loss"] == pytest.approx(off["pg_loss"], rel=1e-6) and on["reverse_kl"] == pytest.approx(off["reverse_kl"], rel=1e-6)
+    assert on["loss"] == pytest.approx(on["pg_loss"] + on["reverse_kl"] + on["lm_loss"], rel=1e-6)
+    assert off["lm_loss"] == 0 and off_stage.lm_pairs == []
+    assert "LM term: next-token loss on data.pretrain (corpus.jsonl: 1 chunks of 512 tokens)" in stage.describe()
+    assert off_stage.describe() == "minillm: LM term off (no data.pretrain; builtin:teacher-text is one for the paper's L_PT)"
+
+
+def test_the_lm_term_on_training_responses_only_when_named():
+    student, teacher = random_tables(seed=9)
+    gold = [Example(Record("", "", "x"), [1 + i % (V - 1)], [3, 3, 2, EOS]) for i in range(8)]
+    stage, metrics, _ = first_update(student, teacher, data={"gold": gold}, kd_ratio=0.5)
+    assert stage.lm_pairs == [(e.prompt_ids, e.response_ids) for e in gold]
+    assert "LM term: 0.5·next-token loss + 0.5·forward KL to the teacher on the training responses" in stage.describe()
+    assert "not the paper's L_PT" in stage.describe() and metrics["lm_loss"] > 0

@@ -12,10 +12,15 @@ STUDENT = {"student": {"model": "builtin:tiny-student"}}
 def test_defaults_follow_the_paper():
     spec = parse_spec(STUDENT)
     m = spec.minillm
-    assert (m.teacher_mix_alpha, m.clip_range, m.ppo_epochs, m.rollouts_per_phase, m.kd_ratio, m.lm_coef) == (0.2, 0.2, 4, 64, 0.5, 1.0)
+    assert (m.teacher_mix_alpha, m.clip_range, m.ppo_epochs, m.rollouts_per_phase) == (0.2, 0.2, 4, 64)
+    # L_PT: the paper's plain next-token loss on 512-token chunks of data.pretrain, weight 1; no corpus, no term
+    assert (m.lm_data, m.lm_coef, m.kd_ratio, m.lm_chunk_tokens, spec.data.pretrain) == ("pretrain", 1.0, 0.0, 512, None)
     assert m.length_normalization and m.single_step
     assert spec.training.learning_rate == 5e-6 and spec.training.warmup_steps == 100
     assert spec.eval.no_repeat_ngram_size == 6 and spec.method == "minillm"
+    # the evaluation protocol: 5 test seeds, and a separate selection set that picks the best checkpoint
+    assert spec.eval.seeds == [10, 20, 30, 40, 50] and spec.eval.selection_seeds == [10]
+    assert spec.data.eval is None and spec.data.selection is None
 
 
 def test_a_spec_with_only_the_student_resamples_many_times():
@@ -58,6 +63,12 @@ def test_every_field_has_help_text():
         ({"student": {}}, "student"),
         ({"student": {"model": "x", "init_from_teacher": {"num_layers": 2}}}, "student"),
         ({**STUDENT, "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer"),
+        ({**STUDENT, "eval": {"seeds": [10, 10]}}, "eval.seeds"),
+        ({**STUDENT, "method": "kd", "data": {"pretrain": "builtin:teacher-text"}}, "data.pretrain is used only by method minillm"),
+        ({**STUDENT, "data": {"pretrain": "c.txt"}, "minillm": {"lm_data": "train_responses"}}, "data.pretrain is unused"),
+        ({**STUDENT, "data": {"pretrain": "c.txt"}, "minillm": {"lm_coef": 0}}, "data.pretrain is unused"),
+        ({**STUDENT, "minillm": {"lm_data": "responses"}}, "minillm.lm_data"),
+        ({**STUDENT, "data": {"selecton": "x.jsonl"}}, "data.selecton"),
     ],
 )
 def test_bad_specs_name_the_field(data, field):
@@ -95,3 +106,18 @@ def test_distill_train_refuses_what_the_api_would_refuse_naming_the_field(tmp_pa
     assert result.exit_code == 2
     assert "training.steps: MiniLLM would never sample new rollouts" in result.output
     assert not (tmp_path / "out" / "events.jsonl").exists()
+
+
+@pytest.mark.parametrize("key", ["train", "selection", "eval", "pretrain"])
+def test_preflight_checks_every_data_file(key):
+    problems = dict(preflight(parse_spec({**STUDENT, "data": {key: "/nonexistent.jsonl"}})))
+    assert "no such file" in problems[("data", key)]
+    builtin = dict(preflight(parse_spec({**STUDENT, "data": {key: "builtin:nope"}})))
+    assert "unknown builtin" in builtin[("data", key)]
+    uploads = dict(preflight(parse_spec({**STUDENT, "data": {key: "dataset:ds-x"}}), dataset_exists=lambda _id: False))
+    assert "no such uploaded dataset" in uploads[("data", key)]
+
+
+def test_the_builtin_corpus_passes_preflight():
+    assert not preflight(parse_spec({**STUDENT, "teacher": "builtin:tiny-teacher", "student": {"model": "builtin:tiny-student"},
+                                     "data": {"pretrain": "builtin:teacher-text"}}))  # fmt: skip

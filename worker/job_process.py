@@ -13,7 +13,7 @@ import sys
 from app.core.config import get_settings
 from app.core.db import session_factory
 from app.models import Dataset, Job
-from worker.engine.spec import JobSpec
+from worker.engine.spec import DATA_FILES, JobSpec
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter
 from worker.supervisor import die_with_parent, job_dir
@@ -22,7 +22,7 @@ from worker.supervisor import die_with_parent, job_dir
 def resolve_datasets(spec: dict, session) -> dict:
     """Replace `dataset:ID` references with the uploaded file's path."""
     data = dict(spec.get("data", {}))
-    for key in ("train", "eval"):
+    for key in DATA_FILES:
         ref = data.get(key)
         if isinstance(ref, str) and ref.startswith("dataset:"):
             data[key] = session.get(Dataset, ref.removeprefix("dataset:")).path

@@ -86,6 +86,8 @@ class DbReporter:
     def _on_eval(self, session, event: Event) -> None:
         step, label, scores = event.data["step"], event.data["label"], event.data["scores"]
         session.add(EvalResult(job_id=self.job_id, step=step, label=label, scores=scores))
+        if label == "best":  # the best checkpoint's test-set scores, at the end of the job
+            session.get(Job, self.job_id).best_eval = {"step": step, "set": "test", "scores": scores}
         session.commit()
         crud.add_event(session, self.job_id, "eval", event.message, "info", event.data)
 
@@ -107,8 +109,11 @@ class DbReporter:
             archive_size=archive.stat().st_size, archive_sha256=sha256_file(archive), files=files,
             scores=event.data.get("scores"), storage_url=storage_url,
         ))  # fmt: skip
-        if event.data.get("best"):  # the engine chose this checkpoint as the best so far
-            session.get(Job, self.job_id).best_eval = {"step": step, "scores": event.data["scores"]}
+        job = session.get(Job, self.job_id)
+        # The engine chose this checkpoint as the best so far (by its selection-set scores); once the
+        # test set has scored it, those scores stand.
+        if event.data.get("best") and not (job.best_eval and job.best_eval["step"] == step and job.best_eval.get("set") == "test"):
+            job.best_eval = {"step": step, "set": "selection", "scores": event.data["scores"]}
         # The engine keeps only the newest checkpoints (and the best): forget those it removed.
         for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
             if not Path(old.path).exists():

@@ -631,12 +631,26 @@ def test_upload_accepts_the_prompt_response_layout_and_blank_lines(client, auth)
     assert response.json()["num_records"] == 2
 
 
+def test_upload_a_pretraining_corpus_and_use_it(client, auth, dataset):
+    body = b'{"text": "Some free text."}\n{"text": "More of it."}\n'
+    response = client.post(DATASETS, params={"name": "corpus.jsonl"}, content=body, headers=auth)
+    assert response.status_code == 201, response.text
+    assert response.json()["num_records"] == 2
+    ref = f"dataset:{response.json()['id']}"
+    job = submit(client, auth, tiny_spec(dataset, data={"pretrain": ref}))
+    assert job.status_code == 201, job.text
+    assert job.json()["spec"]["data"]["pretrain"] == ref
+    missing = submit(client, auth, tiny_spec(dataset, data={"pretrain": "dataset:ds-nope"}))
+    assert detail_for(missing, ["body", "data", "pretrain"])["msg"] == "dataset:ds-nope: no such uploaded dataset"
+
+
 BAD_UPLOADS = {
     "line 3 not json": (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{oops\n', ":3:"),
     "line 2 not a record": (b'{"instruction": "a", "output": "b"}\n[1, 2]\n', ":2:"),
     "line 1 no instruction": (b'{"foo": "bar"}\n', ":1:"),
     "empty": (b"", "no records"),
     "not utf-8": (b'{"instruction": "\xff\xfe"}\n', "utf-8"),
+    "corpus line 2 not text": (b'{"text": "a"}\n{"text": 5}\n', ":2:"),
 }
 
 

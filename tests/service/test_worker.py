@@ -52,14 +52,15 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
     assert [p["step"] for p in series["loss"]] == [1, 2, 3, 4, 5, 6] and "reverse_kl" in series
     labels = [e["label"] for e in client.get(f"/api/v1/jobs/{job_id}/evals", headers=auth).json()]
-    assert labels[:2] == ["teacher", "initial"] and labels[-1] == "final"
+    assert labels[:2] == ["teacher", "initial"] and labels[-2:] == ["final", "best"] and "selection" in labels
 
     listing = checkpoints(client, auth, job_id)
     assert [c["step"] for c in listing] == [3, 6] and listing[-1]["latest"] and sum(c["best"] for c in listing) == 1
-    # `best` is the checkpoint the engine chose, as its checkpoint events said
+    # `best` is the checkpoint the engine chose, as its checkpoint events said; the job shows its test-set scores
     chosen = [e["data"]["step"] for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]
               if e["type"] == "checkpoint" and e["data"]["best"]]  # fmt: skip
     assert next(c["step"] for c in listing if c["best"]) == done["best_eval"]["step"] == chosen[-1]
+    assert done["best_eval"]["set"] == "test"
     assert {"config.json", "model.safetensors", "README.md"} <= {f["name"] for f in listing[-1]["files"]}
 
     # An interrupted download: the first part is on disk; the client asks for the rest with Range.

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .distributed import barrier, rank
+from .data import held_out_source
 from .spec import JobSpec
 
 STATE_FILE = "trainer_state.json"
@@ -55,8 +56,15 @@ def best_step(output_dir: Path) -> int | None:
     return found[1]["best"][1] if found and found[1]["best"] else None
 
 
-def model_card(spec: JobSpec, step: int, scores: dict[str, dict[str, float]]) -> str:
-    """README.md for the Hugging Face directory: what this model is and how it scored."""
+def model_card(
+    spec: JobSpec, step: int, scores: dict[str, dict[str, float]], selection: dict[str, float] | None,
+    best: tuple[float, int] | None,
+) -> str:
+    """README.md for the Hugging Face directory: what this model is and how it scored.
+
+    `scores`: test-set scores by label (teacher, initial, final, best); `selection`: this checkpoint's
+    selection-set scores, if they were taken; `best`: (selection Rouge-L, step) of the best checkpoint.
+    """
     student = spec.student.model or (
         f"{spec.student.init_from_teacher.num_layers} layers of the teacher ({spec.student.init_from_teacher.strategy})"
     )
@@ -79,13 +87,16 @@ def model_card(spec: JobSpec, step: int, scores: dict[str, dict[str, float]]) ->
         f"- Precision `{spec.deepspeed.precision}`, ZeRO stage {spec.deepspeed.zero_stage}, seed {spec.training.seed}",
         "",
     ]
+    held_out = "held out from the training set"
     if scores:
         metrics = sorted({k for s in scores.values() for k in s})
         lines += [
             "## Evaluation",
             "",
-            f"Held-out set `{spec.data.eval or 'held out from training'}`, {spec.eval.num_prompts} prompts, "
-            f"sampled at temperature 1 with seeds {spec.eval.seeds} (no repeated {spec.eval.no_repeat_ngram_size}-grams).",
+            f"Test set `{held_out_source(spec.data.train, spec.data.eval, 'eval') or held_out}`, up to "
+            f"{spec.eval.num_prompts} prompts, sampled at temperature 1 once per seed {spec.eval.seeds} (no repeated "
+            f"{spec.eval.no_repeat_ngram_size}-grams); each score is the mean over the seeds. `best` is the checkpoint "
+            "with the highest selection-set Rouge-L.",
             "",
             "| model | " + " | ".join(metrics) + " |",
             "|---|" + "---|" * len(metrics),
@@ -93,6 +104,10 @@ def model_card(spec: JobSpec, step: int, scores: dict[str, dict[str, float]]) ->
         for label, values in scores.items():
             lines.append(f"| {label} | " + " | ".join(f"{values[m]:.3f}" if m in values else "" for m in metrics) + " |")
         lines.append("")
+    if selection:
+        source = held_out_source(spec.data.train, spec.data.selection, "selection") or held_out
+        lines += [f"Selection set `{source}`: Rouge-L {selection['rouge_l']:.3f} at this step"
+                  + (f"; the best so far is step {best[1]} ({best[0]:.3f})." if best else "."), ""]  # fmt: skip
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]  # fmt: skip
     return "\n".join(lines)

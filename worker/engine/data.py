@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .spec import DataSpec
+
 BUILTIN_DIR = Path(__file__).with_name("builtin_data")
-BUILTIN_SETS = {"builtin:demo": BUILTIN_DIR / "demo_train.jsonl", "builtin:demo-eval": BUILTIN_DIR / "demo_eval.jsonl"}
+BUILTIN_SETS = {
+    "builtin:demo": BUILTIN_DIR / "demo_train.jsonl",
+    "builtin:demo-selection": BUILTIN_DIR / "demo_selection.jsonl",
+    "builtin:demo-eval": BUILTIN_DIR / "demo_eval.jsonl",
+}
+# The held-out sets of builtin:demo (disjoint prompts); other training sets hold out their tail.
+DEMO_HELD_OUT = {"selection": "builtin:demo-selection", "eval": "builtin:demo-eval"}
 
 # The MiniLLM paper's prompt template (LMOps tools/process_data_dolly.py), trailing newline included.
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -54,6 +62,33 @@ def resolve_source(source: str) -> Path:
     if not path.is_file():
         raise DataError(f"{source}: no such file")
     return path
+
+
+def held_out_source(train: str, given: str | None, role: str) -> str | None:
+    """Where the held-out set `role` ("selection" or "eval", the test set) comes from: the spec's own
+    source, builtin:demo's, or None: the tail of the training records."""
+    return given or (DEMO_HELD_OUT[role] if train == "builtin:demo" else None)
+
+
+def split_held_out(data: DataSpec, records: list[Record], counts: dict[str, int]) -> tuple[list[Record], dict[str, list[Record]]]:
+    """(training records, {"eval": test records, "selection": selection records}).
+
+    Each held-out set is read from its source (`held_out_source`), or else taken from the tail of
+    `records`, `counts[role]` of them: the records end [… training … | selection | test], so the test
+    hold-out is the same records whether or not a selection set is given.
+    """
+    held_out = {}
+    for role in ("eval", "selection"):
+        source = held_out_source(data.train, getattr(data, role), role)
+        if source:
+            held_out[role] = read_records(source)
+            continue
+        count = counts[role]
+        if len(records) <= count:
+            raise DataError(f"data.train has {len(records)} records: too few to hold out {count} for data.{role} "
+                            f"and train on the rest; give data.{role} or more records")  # fmt: skip
+        records, held_out[role] = records[:-count], records[-count:]
+    return records, held_out
 
 
 def read_records(source: str) -> list[Record]:

@@ -4,6 +4,8 @@ Responses are sampled (temperature 1, top-k 0, top-p 1, no repeated 6-grams) onc
 with Rouge-L F1 (Porter stemming, max over references, x100) by the `rouge-score` package the paper
 used. Alongside: mean response length (tokens), distinct-4 of the responses, and the per-token
 reverse and forward KL between student and teacher on the held-out gold responses (teacher-forced).
+The sampled metrics are computed per seed and averaged over seeds, as the paper reports the mean of
+5 seeds; distinct-4 too, so that the same response drawn under two seeds does not count as a repeat.
 Prompts are split across ranks and the results gathered, so every rank does its share of forwards.
 """
 
@@ -36,6 +38,20 @@ def distinct_n(texts: list[str], n: int = 4) -> float:
     return 100 * len(set(grams)) / len(grams) if grams else 0.0
 
 
+def summarize(scored: list[tuple[int, float, int, str]]) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """(seed, Rouge-L, length, text) per sampled response -> (means over seeds, values per seed)."""
+    per_seed = {}
+    for seed in dict.fromkeys(s[0] for s in scored):
+        mine = [s for s in scored if s[0] == seed]
+        per_seed[seed] = {
+            "rouge_l": sum(s[1] for s in mine) / len(mine),
+            "response_length": sum(s[2] for s in mine) / len(mine),
+            "distinct_4": distinct_n([s[3] for s in mine]),
+        }
+    means = {k: sum(v[k] for v in per_seed.values()) / len(per_seed) for k in ("rouge_l", "response_length", "distinct_4")}
+    return means, per_seed
+
+
 def _gather(items: list) -> list:
     if world_size() == 1:
         return items
@@ -53,10 +69,12 @@ def evaluate(
     spec: JobSpec,
     vocab_size: int,
     device: torch.device,
+    seeds: list[int],
     check: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Scores of `model` on `examples`; with `teacher`, also the KLs to it on the gold responses.
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Scores of `model` on `examples`, sampled once per seed: (means over seeds, values per seed).
 
+    With `teacher`, the means also hold the KLs to it on the gold responses (no sampling, no seed).
     `check` is called before every generated token and every scoring batch; it may raise (a cancelled job).
     """
     was_training = model.training
@@ -64,7 +82,7 @@ def evaluate(
     mine = examples[rank() :: world_size()]
     cfg = spec.eval
     scored = []  # (seed, rouge, length, text)
-    for seed in cfg.seeds:
+    for seed in seeds:
         generator = torch.Generator(device=device).manual_seed(seed * 7919 + rank())
         for start in range(0, len(mine), cfg.batch_size):
             chunk = mine[start : start + cfg.batch_size]
@@ -79,12 +97,7 @@ def evaluate(
                 text = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
                 score = rouge_l(text, [example.record.response or ""])
                 scored.append((seed, score, int(mask.sum()), text))
-    scored = _gather(scored)
-    scores = {
-        "rouge_l": sum(s[1] for s in scored) / len(scored),
-        "response_length": sum(s[2] for s in scored) / len(scored),
-        "distinct_4": distinct_n([s[3] for s in scored]),
-    }
+    scores, per_seed = summarize(_gather(scored))
     if teacher is not None:
         sums = torch.zeros(3, dtype=torch.float64)  # tokens, reverse KL, forward KL
         for start in range(0, len(mine), cfg.batch_size):
@@ -100,4 +113,4 @@ def evaluate(
         scores["reverse_kl"] = float(sums[1] / sums[0])
         scores["forward_kl"] = float(sums[2] / sums[0])
     model.train(was_training)
-    return scores
+    return scores, per_seed

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .corpus import check_corpus
 from .data import DataError, resolve_source
 from .models import ModelError, check_compatible, check_reference
-from .spec import JobSpec
+from .spec import DATA_FILES, JobSpec
 from .stages import check
 
 
@@ -29,7 +30,7 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
             check_compatible(dirs["teacher"], dirs["student"])
         except ModelError as err:
             problems.append((("student", "model"), str(err)))
-    for key in ("train", "eval"):
+    for key in DATA_FILES:
         source = getattr(spec.data, key)
         if source is None:
             continue
@@ -38,7 +39,7 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
                 problems.append((("data", key), f"{source}: no such uploaded dataset"))
             continue
         try:
-            resolve_source(source)
+            (check_corpus if key == "pretrain" else resolve_source)(source)
         except DataError as err:
             problems.append((("data", key), str(err)))
     problems += check(spec)

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Method = Literal["minillm", "kd", "seqkd", "sft"]
+# The data fields that name a file: a path, builtin:NAME, or dataset:ID (an upload to the service).
+DATA_FILES = ("train", "selection", "eval", "pretrain")
 
 
 class _Section(BaseModel):
@@ -50,10 +52,27 @@ class DataSpec(_Section):
         description="Training set: a JSONL path (Dolly layout instruction/input/output, or prompt/response), "
         "or builtin:demo (the project's own instructions; the teacher writes the references).",
     )
+    selection: str | None = Field(
+        None,
+        description="Selection set: scored every eval.every_steps steps to choose the best checkpoint (highest Rouge-L); "
+        "kept apart from the test set. Same forms as `train`. Empty: builtin:demo-selection for builtin:demo, else "
+        "eval.selection_num_prompts training records are held out (those just before the test hold-out).",
+    )
     eval: str | None = Field(
         None,
-        description="Held-out evaluation set, same forms as `train`. Empty: builtin:demo-eval for builtin:demo, "
-        "else the last eval.num_prompts training records are held out.",
+        description="Test set: scores the best checkpoint, the final model, the initial student and the teacher at "
+        "the end of the job. Same forms as `train`. Empty: builtin:demo-eval for builtin:demo, else the last "
+        "eval.num_prompts training records are held out.",
+    )
+    pretrain: str | None = Field(
+        None,
+        description='Pretraining corpus of MiniLLM\'s LM term (the paper\'s L_PT): a JSONL file of {"text": ...} records, '
+        "a plain text file (one document), dataset:ID, or builtin:teacher-text (free text the teacher samples once "
+        "from a few generic openings; cached). Empty: the LM term is off (see minillm.lm_data).",
+    )
+    teacher_text_documents: int = Field(
+        256, ge=1, description="How many documents the teacher writes for builtin:teacher-text, each up to "
+        "minillm.lm_chunk_tokens tokens (sampled once, then cached)."
     )
     prompt_format: Literal["chat", "alpaca"] = Field(
         "chat", description="`chat`: the teacher tokenizer's chat template; `alpaca`: the template of the MiniLLM paper."
@@ -104,8 +123,24 @@ class MiniLLMSpec(_Section):
     )
     whiten_advantages: bool = Field(True, description="Normalise advantages to zero mean, unit variance (valid tokens only).")
     single_step: bool = Field(True, description="Add the exact per-token reverse KL over the vocabulary (single-step term).")
-    lm_coef: float = Field(1.0, ge=0, description="Weight of the added language-modelling loss on the training data.")
-    kd_ratio: float = Field(0.5, ge=0, le=1, description="Share of word-level forward KL (vs cross-entropy) in the LM loss.")
+    # The LM term as the paper has it: L_PT = −E_{d∼D_PT} log q_θ(d), a plain next-token loss on
+    # chunks of pretraining text, added with weight lm_coef (reference: 1, 512-token chunks). The
+    # reference code's L_PT mixes 0.5·cross-entropy + 0.5·word-level forward KL to the teacher
+    # (--kd-ratio 0.5); the default follows the paper (kd_ratio 0), and kd_ratio 0.5 is the code's mix.
+    lm_data: Literal["pretrain", "train_responses"] = Field(
+        "pretrain",
+        description="Text of the LM term. pretrain: data.pretrain, the paper's L_PT (off when data.pretrain is empty); "
+        "train_responses: the training set's responses (not the paper's L_PT; the teacher writes them where the "
+        "data has none).",
+    )
+    lm_coef: float = Field(1.0, ge=0, description="Weight of the LM term (reference: 1); 0 turns it off.")
+    kd_ratio: float = Field(
+        0.0, ge=0, le=1, description="Share of word-level forward KL to the teacher in the LM term, the rest being "
+        "next-token cross-entropy: 0 is the paper's L_PT, 0.5 the reference code's."
+    )
+    lm_chunk_tokens: int = Field(
+        512, ge=2, description="Tokens per chunk of data.pretrain (reference: 512, of which 511 are predicted)."
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (top-k 0, top-p 1).")
 
 
@@ -114,16 +149,39 @@ class KDSpec(_Section):
 
 
 class EvalSpec(_Section):
-    every_steps: int = Field(100, ge=0, description="Evaluate every N steps (0: only before and after training).")
-    num_prompts: int = Field(64, ge=1, description="Held-out prompts used per evaluation.")
-    seeds: list[int] = Field([10], min_length=1, description="Sampling seeds; scores are averaged (paper: 10..50).")
+    # The paper's protocol: sampled responses scored on a held-out test set, averaged over 5 seeds;
+    # the checkpoint reported is the one with the best Rouge-L on a separate selection (validation) set.
+    every_steps: int = Field(
+        100, ge=0, description="Score the selection set every N steps, and at the end, to choose the best checkpoint "
+        "(0: only at the end)."
+    )
+    num_prompts: int = Field(64, ge=1, description="Test-set prompts (paper: the 500 of DollyEval).")
+    seeds: list[int] = Field(
+        [10, 20, 30, 40, 50], min_length=1,
+        description="Sampling seeds on the test set; each score is the mean over seeds (paper: 10, 20, 30, 40, 50). "
+        "One seed costs a fifth.",
+    )  # fmt: skip
+    selection_num_prompts: int = Field(32, ge=1, description="Selection-set prompts scored at each evaluation.")
+    selection_seeds: list[int] = Field(
+        [10], min_length=1, description="Sampling seeds on the selection set (the reference code samples its validation set once)."
+    )
     batch_size: int = Field(16, ge=1, description="Prompts per generation call.")
     no_repeat_ngram_size: int = Field(6, ge=0, description="Paper's eval protocol: no repeated 6-grams.")
 
+    @field_validator("seeds", "selection_seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
+
 
 class CheckpointSpec(_Section):
-    every_steps: int = Field(100, ge=0, description="Save every N steps (0: only the final model).")
-    keep: int = Field(2, ge=1, description="How many recent checkpoints to keep (the best by Rouge-L is also kept).")
+    every_steps: int = Field(
+        100, ge=0, description="Save every N steps (0: only the final model). A checkpoint can be chosen as best only "
+        "if the selection set is scored at its step (eval.every_steps)."
+    )
+    keep: int = Field(2, ge=1, description="How many recent checkpoints to keep (the best is also kept).")
 
 
 class DeepSpeedSpec(_Section):
@@ -144,12 +202,12 @@ class JobSpec(_Section):
     method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
     teacher: str = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
     student: StudentSpec = Field(..., description="The model that is trained.")
-    data: DataSpec = Field(DataSpec(), description="Training and evaluation data, prompt format, lengths.")
+    data: DataSpec = Field(DataSpec(), description="Training, selection and test data, the pretraining corpus, prompt format, lengths.")
     training: TrainingSpec = Field(TrainingSpec(), description="Steps, batch, optimizer and schedule of the main method.")
     recovery: RecoverySpec | None = Field(None, description="Optional SFT/KD stage before the main method.")
-    minillm: MiniLLMSpec = Field(MiniLLMSpec(), description="MiniLLM parameters (used when method is minillm).")
+    minillm: MiniLLMSpec = Field(MiniLLMSpec(), description="MiniLLM parameters, its LM term included (used when method is minillm).")
     kd: KDSpec = Field(KDSpec(), description="Word-level KD parameters (method kd, and a kd recovery stage).")
-    eval: EvalSpec = Field(EvalSpec(), description="When and how to evaluate.")
+    eval: EvalSpec = Field(EvalSpec(), description="When and how to evaluate: the selection and test sets' sizes and seeds.")
     checkpoints: CheckpointSpec = Field(CheckpointSpec(), description="When to save and how many to keep.")
     deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="ZeRO stage, precision, offload.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="How many devices, and which kind.")
@@ -158,6 +216,11 @@ class JobSpec(_Section):
     def _consistent(self) -> JobSpec:
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        if self.data.pretrain:  # never silently unused
+            if self.method != "minillm":
+                raise ValueError("data.pretrain is used only by method minillm (its LM term)")
+            if self.minillm.lm_data != "pretrain" or self.minillm.lm_coef == 0:
+                raise ValueError("data.pretrain is unused with minillm.lm_data train_responses or minillm.lm_coef 0")
         return self
 
     @property

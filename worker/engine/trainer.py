@@ -1,8 +1,9 @@
 """One distillation job from spec to final checkpoint: `train(spec, output_dir, reporter)`.
 
-    resolve models → check vocabularies → load data → DeepSpeed engine → resume if a state exists
-    → evaluate teacher (cached) and initial student → steps (recovery stage, then the method),
-      evaluating and checkpointing on schedule, stopping early if cancelled → final eval and checkpoint
+    resolve models → check vocabularies → load data (training, selection and test sets) → DeepSpeed
+    engine → resume if a state exists → teacher (cached) and initial student on the test set → steps
+    (recovery stage, then the method), scoring the selection set and checkpointing on schedule,
+    stopping early if cancelled → final model and best checkpoint on the test set → final checkpoint
 
 Every rank runs this function; only rank 0 reports.
 """
@@ -20,7 +21,8 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from . import checkpoints as ckpt
-from .data import Example, read_records, tokenize
+from .corpus import TEACHER_TEXT, chunk, read_texts
+from .data import Example, read_records, split_held_out, tokenize
 from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init_process_group, initialize, rank, world_size
 from .evaluation import evaluate
 from .events import Event, Reporter
@@ -29,7 +31,7 @@ from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
 from .stages.base import Context, TrainingData
-from .teacher_data import teacher_responses
+from .teacher_data import teacher_responses, teacher_text
 
 
 class TrainingError(RuntimeError):
@@ -47,9 +49,10 @@ class Cancelled(Exception):
 class Trainer:
     def __init__(self, spec: JobSpec, output_dir: Path, reporter: Reporter):
         self.spec, self.output_dir, self.reporter = spec, Path(output_dir), reporter
-        self.scores: dict[str, dict[str, float]] = {}  # eval label -> scores, for the model card
-        self.checkpoint_scores: dict[int, dict[str, float]] = {}  # step -> scores of the checkpoint saved there
-        # The best checkpoint: the highest Rouge-L among checkpoints that were evaluated, as (Rouge-L, step).
+        self.scores: dict[str, dict[str, float]] = {}  # test-set label -> scores
+        self.per_seed: dict[str, dict] = {}  # test-set label -> scores per seed (this process's evaluations)
+        self.selection: dict[int, dict[str, float]] = {}  # step -> selection-set scores
+        # The best checkpoint: the highest selection-set Rouge-L among checkpoints scored there, as (Rouge-L, step).
         self.best: tuple[float, int] | None = None
 
     # -- reporting ------------------------------------------------------------------------------
@@ -120,18 +123,13 @@ class Trainer:
         self.engine = initialize(student, spec, self.precision, self.lr_at)
         self.ctx = Context(spec, self.engine, self.teacher, self.tokenizer, self.vocab_size, self.device)
         self.stages = [method.stage(name, self.ctx, method, self.data, schedule) for name, method, schedule in self.plan]
+        for stage in self.stages:
+            self.emit("log", stage.describe())
 
     def load_data(self) -> None:
         spec, d = self.spec, self.spec.data
-        records = read_records(d.train)[: d.max_train_records]
-        if d.eval:
-            eval_records = read_records(d.eval)
-        elif d.train == "builtin:demo":
-            eval_records = read_records("builtin:demo-eval")
-        else:  # hold out the tail of the training set
-            if len(records) <= spec.eval.num_prompts:
-                raise ValueError(f"data.train has {len(records)} records: too few to hold out eval.num_prompts for evaluation")
-            records, eval_records = records[: -spec.eval.num_prompts], records[-spec.eval.num_prompts :]
+        counts = {"eval": spec.eval.num_prompts, "selection": spec.eval.selection_num_prompts}
+        records, held_out = split_held_out(d, read_records(d.train)[: d.max_train_records], counts)
 
         def prepare(recs, role: str) -> list[Example]:
             examples, skipped = tokenize(recs, self.tokenizer, d.prompt_format, d.max_prompt_tokens, d.max_response_tokens)
@@ -141,22 +139,46 @@ class Trainer:
                 raise ValueError(f"data.{role}: no usable records (all prompts exceed data.max_prompt_tokens)")
             return examples
 
-        train = prepare(records, "train")
-        evals = prepare(eval_records, "eval")[: spec.eval.num_prompts]
-        evals = evals[: max(world_size(), len(evals) // world_size() * world_size())]
-
         def with_references(examples: list[Example]) -> list[Example]:
             if all(e.record.response is not None for e in examples):
                 return examples
             self.emit("log", f"teacher writes reference responses for {len(examples)} prompts (cached after the first time)")
             return self.teacher_writes(examples, greedy=True, doing="the teacher wrote reference responses")
 
-        self.eval_examples = with_references(evals)
+        def evaluation_set(role: str) -> list[Example]:
+            examples = prepare(held_out[role], role)[: counts[role]]
+            return with_references(examples[: max(world_size(), len(examples) // world_size() * world_size())])
+
+        train = prepare(records, "train")
+        self.test_examples, self.selection_examples = evaluation_set("eval"), evaluation_set("selection")
         wanted = needs(spec)
         self.data = TrainingData(prompts=train, gold=with_references(train) if "gold" in wanted else None)
         if "teacher-samples" in wanted:
             self.emit("log", f"SeqKD: the teacher samples responses for {len(train)} training prompts (cached)")
             self.data.teacher_samples = self.teacher_writes(train, greedy=False, doing="the teacher sampled SeqKD responses")
+        if "pretrain" in wanted:
+            self.data.pretrain = self.pretrain_chunks()
+        self.emit("log", f"{len(train)} training prompts; selection set {len(self.selection_examples)} prompts "
+                         f"× seeds {spec.eval.selection_seeds} (chooses the best checkpoint); test set "
+                         f"{len(self.test_examples)} prompts × seeds {spec.eval.seeds} (reports it)")  # fmt: skip
+
+    def pretrain_chunks(self) -> list[list[int]]:
+        d, size = self.spec.data, self.spec.minillm.lm_chunk_tokens
+        if d.pretrain == TEACHER_TEXT:
+            self.emit("log", f"the teacher writes {d.teacher_text_documents} documents of free text for the LM term "
+                             "(cached after the first time)")  # fmt: skip
+            texts = teacher_text(
+                self.teacher, self.spec.teacher, self.tokenizer, documents=d.teacher_text_documents, max_new_tokens=size,
+                vocab_size=self.vocab_size, device=self.device, seed=self.spec.training.seed,
+                check=self.cancel_check("the teacher wrote free text"),
+            )  # fmt: skip
+        else:
+            texts = read_texts(d.pretrain)
+        chunks = chunk(texts, self.tokenizer, size)
+        if not chunks:
+            raise ValueError(f"data.pretrain: its {len(texts)} document(s) make fewer tokens than one chunk of "
+                             f"minillm.lm_chunk_tokens ({size})")  # fmt: skip
+        return chunks
 
     def teacher_writes(self, examples: list[Example], greedy: bool, doing: str) -> list[Example]:
         return teacher_responses(
@@ -178,52 +200,83 @@ class Trainer:
         return self.schedules[index].lr(local)
 
     # -- evaluation and checkpoints ---------------------------------------------------------------
+    #
+    # The paper's protocol: the selection set is scored during training and picks the best checkpoint
+    # (highest Rouge-L); the test set scores, once, the teacher and the initial student at the start
+    # and the final model and the best checkpoint at the end. Test labels: teacher, initial, final,
+    # best; selection evaluations are labelled `selection` at their step.
 
     def saves_at(self, step: int) -> bool:
         every = self.spec.checkpoints.every_steps
         return step == self.spec.total_steps or (every > 0 and step % every == 0)
 
-    def run_eval(self, step: int, label: str) -> None:
-        """Evaluate the student; at a step that is saved, its checkpoint may become the best."""
+    def evaluate_selection(self, step: int) -> None:
+        """Score the student on the selection set; a checkpoint saved at this step may become the best."""
         started = time.perf_counter()
-        self.emit("log", f"evaluating {label} on {len(self.eval_examples)} prompts")
-        scores = evaluate(self.engine.module, self.teacher, self.eval_examples, self.tokenizer, self.spec, self.vocab_size,
-                          self.device, check=self.cancel_check(f"evaluating {label}"))  # fmt: skip
-        self.scores[label] = scores
-        if step > 0 and self.saves_at(step):
-            self.checkpoint_scores[step] = scores
-            if self.best is None or scores["rouge_l"] > self.best[0]:
-                self.best = (scores["rouge_l"], step)
-        self.emit("eval", f"eval at step {step} ({label}): " + _fmt(scores) + f" [{time.perf_counter() - started:.0f}s]",
-                  step=step, label=label, scores=scores)  # fmt: skip
+        self.emit("log", f"evaluating the selection set at step {step}")
+        scores, per_seed = evaluate(self.engine.module, self.teacher, self.selection_examples, self.tokenizer, self.spec,
+                                    self.vocab_size, self.device, self.spec.eval.selection_seeds,
+                                    check=self.cancel_check(f"evaluating the selection set at step {step}"))  # fmt: skip
+        self.selection[step] = scores
+        best = step > 0 and self.saves_at(step) and (self.best is None or scores["rouge_l"] > self.best[0])
+        if best:
+            self.best = (scores["rouge_l"], step)
+        self.emit("eval", f"selection set at step {step}: " + _fmt(scores) + f" [{time.perf_counter() - started:.0f}s]"
+                  + (" (best so far)" if best else ""), step=step, label="selection", set="selection", scores=scores,
+                  per_seed=per_seed, best=best)  # fmt: skip
 
-    def teacher_scores(self) -> dict[str, float]:
-        """Teacher evaluation, computed once per (teacher, eval set, protocol) and cached."""
-        key = json.dumps([self.spec.teacher, [e.prompt_ids for e in self.eval_examples], self.spec.eval.model_dump(),
-                          self.spec.data.max_response_tokens, self.precision, world_size()])  # fmt: skip
+    def evaluate_test(self, label: str, step: int, model: torch.nn.Module) -> None:
+        started = time.perf_counter()
+        self.emit("log", f"evaluating {label} on the test set")
+        scores, per_seed = evaluate(model, self.teacher, self.test_examples, self.tokenizer, self.spec, self.vocab_size,
+                                    self.device, self.spec.eval.seeds, check=self.cancel_check(f"evaluating {label}"))  # fmt: skip
+        self.record_test(label, step, scores, per_seed, f" [{time.perf_counter() - started:.0f}s]")
+
+    def record_test(self, label: str, step: int, scores: dict, per_seed: dict, note: str = "") -> None:
+        self.scores[label], self.per_seed[label] = scores, per_seed
+        self.emit("eval", f"test set, {label} (step {step}): " + _fmt(scores) + note, step=step, label=label, set="test",
+                  scores=scores, per_seed=per_seed)  # fmt: skip
+
+    def teacher_scores(self) -> tuple[dict[str, float], dict]:
+        """The teacher on the test set, computed once per (teacher, test set, protocol) and cached."""
+        e = self.spec.eval
+        key = json.dumps([self.spec.teacher, [x.prompt_ids for x in self.test_examples], e.seeds, e.batch_size,
+                          e.no_repeat_ngram_size, self.spec.data.max_response_tokens, self.precision, world_size()])  # fmt: skip
         path = cache_dir() / "teacher_evals" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         if path.exists():
-            return json.loads(path.read_text())
-        self.emit("log", f"evaluating the teacher on {len(self.eval_examples)} prompts (cached after the first time)")
-        scores = evaluate(self.teacher, None, self.eval_examples, self.tokenizer, self.spec, self.vocab_size, self.device,
-                          check=self.cancel_check("evaluating the teacher"))  # fmt: skip
+            cached = json.loads(path.read_text())
+            return cached["scores"], cached["per_seed"]
+        self.emit("log", "evaluating the teacher on the test set (cached after the first time)")
+        scores, per_seed = evaluate(self.teacher, None, self.test_examples, self.tokenizer, self.spec, self.vocab_size,
+                                    self.device, e.seeds, check=self.cancel_check("evaluating the teacher"))  # fmt: skip
         if rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps(scores))
-        return scores
+            write_atomically(path, json.dumps({"scores": scores, "per_seed": per_seed}))
+        return scores, per_seed
+
+    def evaluate_best_on_test(self, step: int) -> None:
+        """The best checkpoint on the test set: the final model's scores when it is the final model."""
+        best = self.best[1]
+        if best == step:
+            self.record_test("best", best, self.scores["final"], self.per_seed["final"], " (the final model)")
+            return
+        path = self.output_dir / "checkpoints" / ckpt.step_dir_name(best)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.precision]).to(self.device)
+        self.evaluate_test("best", best, model)
 
     def save(self, step: int) -> None:
         spec = self.spec
         out = self.output_dir / "checkpoints" / ckpt.step_dir_name(step)
-        ckpt.export_model(self.engine, self.tokenizer, out, ckpt.model_card(spec, step, self.scores), spec.deepspeed.zero_stage)
+        card = ckpt.model_card(spec, step, self.scores, self.selection.get(step), self.best)
+        ckpt.export_model(self.engine, self.tokenizer, out, card, spec.deepspeed.zero_stage)
         state = {"step": step, "fingerprint": spec.fingerprint(), "scores": self.scores,
-                 "checkpoint_scores": sorted(self.checkpoint_scores.items()), "best": self.best}  # fmt: skip
+                 "selection": sorted(self.selection.items()), "best": self.best}  # fmt: skip
         rank_state = {"stages": [s.state_dict() for s in self.stages]}
         ckpt.save_resume_state(self.engine, self.output_dir / "resume" / ckpt.step_dir_name(step), state, rank_state)
         ckpt.prune_checkpoints(self.output_dir, spec.checkpoints.keep, {self.best[1]} if self.best else set())
         best = self.best is not None and self.best[1] == step
         self.emit("checkpoint", f"checkpoint step {step}: {out}" + (" (best so far)" if best else ""), step=step,
-                  path=str(out), scores=self.checkpoint_scores.get(step), best=best)  # fmt: skip
+                  path=str(out), scores=self.selection.get(step), best=best)  # fmt: skip
 
     def resume(self) -> int:
         found = ckpt.latest_resume_state(self.output_dir)
@@ -236,7 +289,7 @@ class Trainer:
         for stage, s in zip(self.stages, rank_state["stages"]):
             stage.load_state_dict(s)
         self.scores, self.best = state["scores"], tuple(state["best"]) if state["best"] else None
-        self.checkpoint_scores = {step: scores for step, scores in state["checkpoint_scores"]}
+        self.selection = {step: scores for step, scores in state["selection"]}
         self.emit("log", f"resumed from step {state['step']} ({path})")
         return state["step"]
 
@@ -249,9 +302,10 @@ class Trainer:
         start = self.resume()
         total = spec.total_steps
         if start == 0:
-            self.scores["teacher"] = teacher = self.teacher_scores()
-            self.emit("eval", "eval teacher: " + _fmt(teacher), step=0, label="teacher", scores=teacher)
-            self.run_eval(0, "initial")
+            self.record_test("teacher", 0, *self.teacher_scores())
+            self.evaluate_test("initial", 0, self.engine.module)
+            if spec.eval.every_steps:
+                self.evaluate_selection(0)
         self.emit("state", f"training from step {start} of {total}", state="running")
         self.emit("progress", step=start, total_steps=total)
         step = start
@@ -270,8 +324,11 @@ class Trainer:
             self.emit("progress", step=step, total_steps=total, eta_seconds=eta)
             last = step == total
             if last or (spec.eval.every_steps and step % spec.eval.every_steps == 0):
-                self.run_eval(step, "final" if last else f"step {step}")
-            if last or (spec.checkpoints.every_steps and step % spec.checkpoints.every_steps == 0):
+                self.evaluate_selection(step)
+            if last:  # before the final save, so that its model card and resume state hold the test scores
+                self.evaluate_test("final", step, self.engine.module)
+                self.evaluate_best_on_test(step)
+            if self.saves_at(step):
                 self.save(step)
             if not last and self.cancel_requested():
                 raise Cancelled(f"at step {step}", step)

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.models import Dataset, new_id
 from app.schemas import DatasetOut
+from worker.engine.corpus import is_text_jsonl, read_text_records
 from worker.engine.data import DataError, read_records
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -28,7 +29,8 @@ async def upload(
 ) -> DatasetOut:
     """The request body is the JSONL file itself (`curl --data-binary @train.jsonl`). Records use
     Dolly's layout (instruction, input, output) or prompt/response; a bad line is named by number.
-    A job refers to the upload as `dataset:ID` in data.train or data.eval."""
+    A job refers to the upload as `dataset:ID` in data.train, data.selection or data.eval; an upload
+    of {"text": ...} records is a pretraining corpus, for data.pretrain."""
     dataset_id = new_id("ds")
     folder = settings.resolved_artifacts_dir / "datasets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +47,7 @@ async def upload(
             digest.update(chunk)
             out.write(chunk)
     try:
-        records = read_records(str(partial))
+        records = read_text_records(partial, str(partial)) if is_text_jsonl(partial) else read_records(str(partial))
     except (DataError, UnicodeDecodeError) as err:
         partial.unlink()
         message = str(err).replace(str(partial), name)

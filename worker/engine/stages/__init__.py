@@ -27,7 +27,8 @@ def plan(spec: JobSpec) -> list[tuple[str, Method, Schedule]]:
 
 
 def needs(spec: JobSpec) -> set[str]:
-    """The training responses the job's stages use: "none" (prompts), "gold", "teacher-samples"."""
+    """What the job's stages train on: "none" (prompts only), "gold" or "teacher-samples" responses, and
+    "pretrain" (data.pretrain, for MiniLLM's LM term)."""
     return set().union(*(method.stage.needs(method, spec) for _, method, _ in plan(spec)))
 
 

@@ -44,6 +44,7 @@ class TrainingData:
     prompts: list[Example]  # the training records; responses may be missing
     gold: list[Example] | None = None
     teacher_samples: list[Example] | None = None
+    pretrain: list[list[int]] | None = None  # token chunks of data.pretrain (MiniLLM's LM term)
 
     def examples(self, responses: Responses) -> list[Example]:
         found = {"gold": self.gold, "teacher-samples": self.teacher_samples, "none": self.prompts}[responses]

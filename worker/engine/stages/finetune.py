@@ -17,13 +17,18 @@ from .base import Context, Method, Schedule, Stopwatch, TrainingData, pairs
 class FinetuneStage:
     def __init__(self, name: str, ctx: Context, method: Method, data: TrainingData, schedule: Schedule):
         self.name, self.ctx, self.schedule = name, ctx, schedule
-        self.pairs = pairs(data.examples(method.responses))
+        self.pairs, self.responses = pairs(data.examples(method.responses)), method.responses
         self.kd_ratio = ctx.spec.kd.kd_ratio if method.word_kd else 0.0
 
     @staticmethod
     def needs(method: Method, spec: JobSpec) -> set[str]:
         """The training responses this stage uses."""
         return {method.responses}
+
+    def describe(self) -> str:
+        """What this stage trains, for the job's log."""
+        loss = "cross-entropy" if self.kd_ratio == 0 else f"{1 - self.kd_ratio:g}·cross-entropy + {self.kd_ratio:g}·forward KL to the teacher"
+        return f"{self.name}: {loss} on {self.responses} responses, {self.schedule.steps} steps"
 
     @staticmethod
     def check(spec: JobSpec) -> list[tuple[tuple, str]]:

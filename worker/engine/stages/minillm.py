@@ -1,12 +1,14 @@
 """MiniLLM: the paper's policy gradient on the reverse KL, in phases.
 
 Each phase samples rollouts with teacher-mixed sampling and scores them, then `ppo_epochs` passes
-of clipped updates run over them; an LM term on other text shares each update's forward.
+of clipped updates run over them. The LM term (the paper's L_PT, see `lm_source`) adds a batch of
+other text to every update, in the same forward as the rollouts, as the reference code does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -28,6 +30,17 @@ from ..spec import JobSpec
 from .base import Context, Method, Schedule, Stopwatch, TrainingData, pairs
 
 
+def lm_source(spec: JobSpec) -> Literal["pretrain", "train_responses"] | None:
+    """What the LM term trains on: data.pretrain (the paper's L_PT), the training responses (only when
+    asked for by name, minillm.lm_data), or nothing (None: the term is off)."""
+    m = spec.minillm
+    if m.lm_coef == 0:
+        return None
+    if m.lm_data == "train_responses":
+        return "train_responses"
+    return "pretrain" if spec.data.pretrain else None
+
+
 @dataclass
 class Rollouts:
     """One phase's samples and everything the updates need, all (N, Lr) beside the batch."""
@@ -45,7 +58,13 @@ class MiniLLMStage:
         self.prompts = data.examples(method.responses)
         spec = ctx.spec
         self.cfg = spec.minillm
-        self.lm_pairs = pairs(data.examples("gold")) if self.cfg.lm_coef > 0 else []
+        self.lm = lm_source(spec)
+        if self.lm == "pretrain":
+            # A chunk is a "prompt" of its first token and a "response" of the rest: every token after
+            # the first is predicted from the ones before it (the reference's 511 targets of 512).
+            self.lm_pairs = [(c[:1], c[1:]) for c in data.pretrain]
+        else:
+            self.lm_pairs = pairs(data.examples("gold")) if self.lm == "train_responses" else []
         self.rollouts_per_rank = self.cfg.rollouts_per_phase // world_size()
         minibatch = spec.training.batch_size * spec.training.gradient_accumulation
         self.steps_per_epoch = self.rollouts_per_rank // minibatch
@@ -59,8 +78,22 @@ class MiniLLMStage:
 
     @staticmethod
     def needs(method: Method, spec: JobSpec) -> set[str]:
-        """The training responses this stage uses: prompts, and gold responses for the LM term."""
-        return {method.responses} | ({"gold"} if spec.minillm.lm_coef > 0 else set())
+        """The data this stage trains on: prompts, and the LM term's text."""
+        lm = {"pretrain": "pretrain", "train_responses": "gold", None: None}[lm_source(spec)]
+        return {method.responses} | ({lm} if lm else set())
+
+    def describe(self) -> str:
+        """What this stage trains, for the job's log; MiniLLM's LM term in particular."""
+        cfg, spec = self.cfg, self.ctx.spec
+        if self.lm is None:
+            why = "minillm.lm_coef is 0" if cfg.lm_coef == 0 else "no data.pretrain; builtin:teacher-text is one for the paper's L_PT"
+            return f"{self.name}: LM term off ({why})"
+        loss = "next-token loss" if cfg.kd_ratio == 0 else f"{1 - cfg.kd_ratio:g}·next-token loss + {cfg.kd_ratio:g}·forward KL to the teacher"
+        if self.lm == "pretrain":
+            text = f"data.pretrain ({spec.data.pretrain}: {len(self.lm_pairs)} chunks of {cfg.lm_chunk_tokens} tokens)"
+        else:
+            text = "the training responses (minillm.lm_data train_responses, not the paper's L_PT)"
+        return f"{self.name}: LM term: {loss} on {text}, weight minillm.lm_coef {cfg.lm_coef:g}"
 
     @staticmethod
     def check(spec: JobSpec) -> list[tuple[tuple, str]]:
@@ -146,13 +179,14 @@ class MiniLLMStage:
             mb = ro.batch.select(idx)
             mask = mb.response_mask
             parts = [mb]
-            if cfg.lm_coef > 0:
+            if self.lm:
                 lm = ctx.batch(self.lm_pairs, ctx.micro_batch_indices(len(self.lm_pairs), spec.training.seed + 2, step * ga + k))
                 parts.append(lm)
             # PPO and LM batches share one forward, as in the reference: one pass over the weights.
             joint = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
             with clock("teacher_forward"):
-                teacher_logits = ctx.teacher_logits(joint)
+                # The teacher reads the LM batch only when the LM term has forward KL to it.
+                teacher_logits = ctx.teacher_logits(joint if self.lm and cfg.kd_ratio > 0 else mb)
             with clock("student_forward"):
                 logits = response_logits(engine, joint, ctx.vocab_size)
                 lr_ = mb.response_ids.shape[1]
@@ -163,9 +197,10 @@ class MiniLLMStage:
                 )  # fmt: skip
                 loss = objective.loss
                 lm_loss = torch.zeros(())
-                if cfg.lm_coef > 0:
+                if self.lm:
                     n = lm.response_ids.shape[1]
-                    lm_loss = kd_loss(logits[b:, :n], teacher_logits[b:, :n], lm.response_ids, lm.response_mask, cfg.kd_ratio)
+                    lm_teacher = teacher_logits[b:, :n] if cfg.kd_ratio > 0 else None
+                    lm_loss = kd_loss(logits[b:, :n], lm_teacher, lm.response_ids, lm.response_mask, cfg.kd_ratio)
                     loss = loss + cfg.lm_coef * lm_loss
                     tokens += int(lm.response_mask.sum())
             with clock("backward"):

@@ -7,7 +7,7 @@ export function render(main, { params }) {
   const ids = (params.get("ids") || "").split(",").filter(Boolean);
   let stopped = false;
   const picker = h("fieldset.card", {}, h("legend", {}, "Jobs to compare"), h("p.muted.small", {}, "Loading jobs…"));
-  const charts = [...SERIES, ["eval_rouge_l", "Evaluation Rouge-L"]].map(([key, label]) => ({ key, ...lineChart(label, { id: `compare-${key}` }) }));
+  const charts = [...SERIES, ["eval_rouge_l", "Selection-set Rouge-L"]].map(([key, label]) => ({ key, ...lineChart(label, { id: `compare-${key}` }) }));
   const table = h("div.table-wrap", { id: "compare-evals" });
   main.append(h("h1", {}, "Compare jobs"), picker, h("h2", {}, "Curves"), h("div.grid", {}, charts.map((c) => c.card)),
     h("h2", {}, "Final evaluation scores"), table);
@@ -35,11 +35,11 @@ export function render(main, { params }) {
       for (const c of charts) {
         c.update(rows.map(([job, metrics, evals], i) => ({
           label: label(job), color: color(i),
-          data: c.key === "eval_rouge_l" ? evals.filter((e) => e.label !== "teacher").map((e) => ({ x: e.step, y: e.scores.rouge_l })) : points(metrics[c.key]),
+          data: c.key === "eval_rouge_l" ? evals.filter((e) => e.label === "selection").map((e) => ({ x: e.step, y: e.scores.rouge_l })) : points(metrics[c.key]),
         })));
       }
-      // The last evaluation of each job (its final model), and the best one.
-      const finals = rows.map(([, , evals]) => [...evals].reverse().find((e) => e.label !== "teacher"));
+      // Each job's best checkpoint on the test set; while it runs, its latest selection-set evaluation.
+      const finals = rows.map(([, , evals]) => evals.find((e) => e.label === "best") ?? [...evals].reverse().find((e) => e.label === "selection"));
       const keys = [...new Set(finals.flatMap((e) => (e ? Object.keys(e.scores) : [])))];
       table.replaceChildren(h("table", {},
         h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Score"), rows.map(([job]) => h("th.num", { scope: "col" }, h("a", { href: `#/jobs/${job.id}` }, label(job)))))),

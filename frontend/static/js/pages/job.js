@@ -59,7 +59,7 @@ export function render(main, { id }) {
       ...item("Training data", h("span.mono", {}, s.data.train)),
       ...item("Progress", progressCell(job)),
       ...item("ETA", job.status === "running" ? duration(job.progress.eta_seconds) : "—"),
-      ...item("Best eval Rouge-L", best ? `${num(best.scores.rouge_l, 3)} (step ${best.step})` : "—"),
+      ...item("Best checkpoint Rouge-L", best ? `${num(best.scores.rouge_l, 3)} (step ${best.step}, ${best.set === "test" ? "test" : "selection"} set)` : "—"),
       ...item("Created", when(job.created_at)),
       ...item("Finished", when(job.finished_at)),
       ...item("Attempts", `${job.attempts} of ${job.max_attempts}`));
@@ -75,12 +75,13 @@ export function render(main, { id }) {
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Step"), h("th", { scope: "col" }, "Label"), keys.map((k) => h("th.num", { scope: "col" }, k)))),
       h("tbody", {}, evals.map((e) => h("tr", {}, h("td", {}, e.step), h("td", {}, e.label), keys.map((k) => h("td.num", {}, num(e.scores[k]))))))
     ) : h("p.muted", { style: "padding:8px 12px" }, "No evaluations yet."));
-    const model = evals.filter((e) => e.label !== "teacher").map((e) => ({ x: e.step, y: e.scores.rouge_l }));
+    // The student during training is scored on the selection set; the teacher only on the test set.
+    const model = evals.filter((e) => e.label === "selection").map((e) => ({ x: e.step, y: e.scores.rouge_l }));
     const teacher = evals.find((e) => e.label === "teacher");
-    const sets = [{ label: "student", data: model }];
+    const sets = [{ label: "student (selection set)", data: model }];
     if (teacher && model.length) {
       const xs = model.map((p) => p.x);
-      sets.push({ label: "teacher", dashed: true, data: [{ x: Math.min(...xs), y: teacher.scores.rouge_l }, { x: Math.max(...xs), y: teacher.scores.rouge_l }] });
+      sets.push({ label: "teacher (test set)", dashed: true, data: [{ x: Math.min(...xs), y: teacher.scores.rouge_l }, { x: Math.max(...xs), y: teacher.scores.rouge_l }] });
     }
     evalChart.update(sets);
   }
@@ -101,7 +102,7 @@ export function render(main, { id }) {
       h("td.mono.small", { title: c.archive_sha256 }, c.archive_sha256.slice(0, 16) + "…"),
       h("td.small", {}, files(c)));
     checkpoints.replaceChildren(h("table", {},
-      h("thead", {}, h("tr", {}, ["Step", "Saved", "Rouge-L", "Archive", "SHA-256", "Files"].map((t) => h("th", { scope: "col" }, t)))),
+      h("thead", {}, h("tr", {}, ["Step", "Saved", "Selection Rouge-L", "Archive", "SHA-256", "Files"].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, rows.map(row))));
   }
 

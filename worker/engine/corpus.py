@@ -1,0 +1,87 @@
+"""Pretraining text for MiniLLM's LM term (the paper's L_PT): read, tokenized, cut into chunks.
+
+`data.pretrain` names the corpus:
+
+- a JSONL file of {"text": ...} records (one document each), as uploads are stored;
+- a plain text file (any other suffix): one document;
+- `builtin:teacher-text`: free text the teacher samples once from a few generic openings (cached;
+  `teacher_data.teacher_text`), for a job that has no corpus of its own: the project ships no
+  third-party text.
+
+As the reference code prepares OpenWebText (tools/process_data_pretrain.py), every document is
+followed by EOS, the documents are concatenated and cut into chunks of minillm.lm_chunk_tokens
+tokens (reference: 512), and the remainder shorter than a chunk is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from .data import DataError
+
+TEACHER_TEXT = "builtin:teacher-text"
+
+
+def check_corpus(source: str) -> None:
+    """Raise DataError unless `source` is the builtin corpus or an existing file."""
+    if source == TEACHER_TEXT:
+        return
+    if source.startswith("builtin:"):
+        raise DataError(f"unknown builtin corpus {source!r}; the builtin corpus is {TEACHER_TEXT}")
+    if not Path(source).expanduser().is_file():
+        raise DataError(f"{source}: no such file")
+
+
+def is_text_jsonl(path: Path) -> bool:
+    """Whether a JSONL file holds {"text": ...} records (judged by its first record)."""
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(obj, dict) and "text" in obj and not {"instruction", "prompt"} & obj.keys()
+    return False
+
+
+def read_text_records(path: Path, name: str) -> list[str]:
+    """The documents of a JSONL file of {"text": ...} records; a bad line is reported as NAME:LINE."""
+    texts = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{name}:{number}: not valid JSON: {err.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(f'{name}:{number}: a pretraining record is {{"text": "..."}}')
+            texts.append(obj["text"])
+    if not texts:
+        raise DataError(f"{name}: no records")
+    return texts
+
+
+def read_texts(source: str) -> list[str]:
+    """The documents of a corpus file: {"text": ...} records if it is .jsonl/.json, else the whole file."""
+    check_corpus(source)
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json"):
+        return read_text_records(path, source)
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{source}: no text")
+    return [text]
+
+
+def chunk(texts: list[str], tokenizer: PreTrainedTokenizerBase, chunk_tokens: int) -> list[list[int]]:
+    """Documents, each followed by EOS, concatenated and cut into chunks of exactly `chunk_tokens`."""
+    stream = []
+    for text in texts:
+        stream += tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return [stream[i : i + chunk_tokens] for i in range(0, len(stream) - chunk_tokens + 1, chunk_tokens)]
