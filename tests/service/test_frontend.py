@@ -94,7 +94,7 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     # A bad spec from the form: the API's 422 shows beside the field it names.
     page.get_by_role("link", name="New job").first.click()
     steps = page.locator("#f-training-steps")
-    expect(steps).to_have_value("100")  # the spec's default, from the API's schema
+    expect(steps).to_have_value("1000")  # the spec's default, from the API's schema
     steps.fill("0")
     page.get_by_role("button", name="Submit job").click()
     error = page.locator("#err-f-training-steps")

@@ -7,7 +7,8 @@ import { h, toast } from "../util.js";
 // [path, label, kind]; kind: text, int, float, select (options from the schema's enum), bool
 const SECTIONS = [
   ["Job", [["name", "Name", "text"], ["method", "Method", "select"], ["teacher", "Teacher", "text"]]],
-  ["Data", [["data.train", "Training set", "data"], ["data.eval", "Evaluation set", "data"],
+  ["Data", [["data.train", "Training set", "data"], ["data.selection", "Selection set", "data"], ["data.eval", "Test set", "data"],
+    ["data.pretrain", "Pretraining corpus (MiniLLM's LM term)", "data"],
     ["data.prompt_format", "Prompt format", "select"], ["data.max_train_records", "Max training records", "int"],
     ["data.max_prompt_tokens", "Max prompt tokens", "int"], ["data.max_response_tokens", "Max response tokens", "int"]]],
   ["Training", [["training.steps", "Steps", "int"], ["training.batch_size", "Batch size", "int"],
@@ -16,7 +17,8 @@ const SECTIONS = [
     ["training.seed", "Seed", "int"]]],
   ["MiniLLM", [["minillm.rollouts_per_phase", "Rollouts per phase", "int"], ["minillm.rollout_batch_size", "Rollout batch size", "int"],
     ["minillm.ppo_epochs", "PPO epochs", "int"], ["minillm.teacher_mix_alpha", "Teacher mix α", "float"]]],
-  ["Evaluation and checkpoints", [["eval.every_steps", "Evaluate every N steps", "int"], ["eval.num_prompts", "Eval prompts", "int"],
+  ["Evaluation and checkpoints", [["eval.every_steps", "Score the selection set every N steps", "int"], ["eval.num_prompts", "Test prompts", "int"],
+    ["eval.selection_num_prompts", "Selection prompts", "int"],
     ["eval.batch_size", "Eval batch size", "int"], ["checkpoints.every_steps", "Checkpoint every N steps", "int"],
     ["checkpoints.keep", "Checkpoints kept", "int"]]],
   ["Resources", [["resources.devices", "Devices", "int"], ["resources.accelerator", "Accelerator", "select"],
@@ -105,7 +107,7 @@ export function render(main) {
       input.value = `dataset:${ds.id}`;
       toast(`Uploaded ${ds.name}: ${ds.num_records} records`);
     } catch (err) {
-      const e = errors.get(input === inputs.get("data.train") ? "data.train" : "data.eval");
+      const e = errors.get([...inputs].find(([, i]) => i === input)[0]);
       e.textContent = err.body && Array.isArray(err.body.detail) ? err.body.detail.map((d) => d.msg).join("; ") : err.message;
       e.hidden = false;
     }
