@@ -46,7 +46,7 @@ def tiny_spec(dataset: Path, **overrides) -> dict:
                  "max_prompt_tokens": 128, "max_response_tokens": 12, "max_train_records": 48},
         "training": {"steps": 6, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0},
         "minillm": {"rollouts_per_phase": 4, "rollout_batch_size": 4, "ppo_epochs": 2},
-        "eval": {"every_steps": 3, "num_prompts": 4, "batch_size": 4},
+        "eval": {"every_steps": 3, "num_prompts": 4, "selection_num_prompts": 4, "batch_size": 4},
         "checkpoints": {"every_steps": 3, "keep": 2},
         "deepspeed": {"precision": "fp32"},
     }  # fmt: skip

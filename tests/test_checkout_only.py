@@ -44,7 +44,7 @@ def test_no_default_input_names_the_folder_beside_the_checkout():
 @pytest.mark.parametrize("example", sorted(p.name for p in (PROJECT_ROOT / "examples").glob("*.yaml")))
 def test_example_specs_name_only_builtins_or_files_in_the_checkout(example):
     spec = load_spec(PROJECT_ROOT / "examples" / example)
-    references = [spec.teacher, spec.student.model, spec.data.train, spec.data.eval]
+    references = [spec.teacher, spec.student.model, spec.data.train, spec.data.selection, spec.data.eval, spec.data.pretrain]
     for ref in filter(None, references):
         if ref.startswith("builtin:"):
             continue
