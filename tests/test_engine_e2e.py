@@ -102,7 +102,7 @@ def test_best_checkpoint_is_chosen_on_the_selection_set_and_scored_on_the_test_s
     """Selection Rouge-L 5, 9, 7 at steps 0, 3, 6: the checkpoint of step 3 is the best, not the final one."""
     selection_rouge, tested = iter([5.0, 9.0, 7.0]), []
 
-    def scripted_evaluate(model, teacher, examples, tokenizer, spec, vocab_size, device, seeds):
+    def scripted_evaluate(model, teacher, examples, tokenizer, spec, vocab_size, device, seeds, check=None):
         if seeds == spec.eval.selection_seeds:
             return {"rouge_l": next(selection_rouge)}, {}
         tested.append({k: v.clone() for k, v in model.state_dict().items()})

@@ -68,10 +68,10 @@ def reference_caches(cache) -> dict[str, list]:
 
 
 def references_spec(dataset) -> dict:
-    """Builtin prompts without answers: the teacher writes 160 references of up to 192 tokens first
-    (about ten seconds on 2 idle cores: the cancel lands in the middle)."""
+    """SFT on builtin prompts without answers: the teacher writes 160 references of up to 192 tokens
+    first (about ten seconds on 2 idle cores: the cancel lands in the middle)."""
     seed = uuid.uuid4().int % 10_000  # the cache key includes it: this run's references are new
-    return tiny_spec(dataset, data={"train": "builtin:demo", "eval": None, "prompt_format": "alpaca",
+    return tiny_spec(dataset, method="sft", data={"train": "builtin:demo", "eval": None, "prompt_format": "alpaca",
                                  "max_prompt_tokens": 128, "max_response_tokens": 192, "max_train_records": 160},
                      training={"seed": seed})  # fmt: skip
 
