@@ -36,7 +36,7 @@ print(f"| set-up (compile, conversion, references, teacher and initial evals) | 
 print(f"| {recovery_steps} KD recovery steps, with the eval after them | {main - training:.0f} s |")
 print(f"| {main_steps} MiniLLM steps, with the final eval and checkpoint | {total - main:.0f} s |")
 print(f"| **total** (empty cache) | **{total} s ({total // 60} min {total % 60} s)** |")
-evals = {e["data"]["label"]: e["data"]["scores"] for e in events if e["type"] == "eval"}
+evals = {e["data"]["label"]: e["data"]["scores"] for e in events if e["type"] == "eval" and e["data"].get("set") == "test"}
 names = ["rouge_l", "response_length", "reverse_kl", "forward_kl"]
 print("\n| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
 for label, scores in evals.items():
