@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from .data import DataError
+from .data import DataError, json_lines
 
 TEACHER_TEXT = "builtin:teacher-text"
 
@@ -51,17 +51,10 @@ def is_text_jsonl(path: Path) -> bool:
 def read_text_records(path: Path, name: str) -> list[str]:
     """The documents of a JSONL file of {"text": ...} records; a bad line is reported as NAME:LINE."""
     texts = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{name}:{number}: not valid JSON: {err.msg}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f'{name}:{number}: a pretraining record is {{"text": "..."}}')
-            texts.append(obj["text"])
+    for obj, where in json_lines(path, name):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise DataError(f'{where}: a pretraining record is {{"text": "..."}}')
+        texts.append(obj["text"])
     if not texts:
         raise DataError(f"{name}: no records")
     return texts

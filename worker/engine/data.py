@@ -7,6 +7,8 @@ gold text, e.g. the builtin demo set, whose references the teacher writes on fir
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,19 +93,21 @@ def split_held_out(data: DataSpec, records: list[Record], counts: dict[str, int]
     return records, held_out
 
 
-def read_records(source: str) -> list[Record]:
-    """Read a JSONL file of records; a bad line is reported with its line number."""
-    path = resolve_source(source)
-    records = []
+def json_lines(path: Path, name: str) -> Iterator[tuple[object, str]]:
+    """(object, "NAME:LINE") for each non-blank line of a JSONL file; a line that is not JSON is reported."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield json.loads(line), f"{name}:{number}"
             except json.JSONDecodeError as err:
-                raise DataError(f"{source}:{number}: not valid JSON: {err.msg}") from None
-            records.append(_parse_record(obj, f"{source}:{number}"))
+                raise DataError(f"{name}:{number}: not valid JSON: {err.msg}") from None
+
+
+def read_records(source: str) -> list[Record]:
+    """Read a JSONL file of records; a bad line is reported with its line number."""
+    records = [_parse_record(obj, where) for obj, where in json_lines(resolve_source(source), source)]
     if not records:
         raise DataError(f"{source}: no records")
     return records
