@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from worker.engine.models import ModelError, check_compatible, derive_student, layer_indices, resolve_model
 from worker.engine.spec import InitFromTeacher
@@ -26,6 +26,24 @@ def test_derived_student_copies_the_chosen_layers(tmp_path):
     assert torch.equal(student["model.layers.1.mlp.up_proj.weight"], teacher["model.layers.3.mlp.up_proj.weight"])
     assert torch.equal(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
     check_compatible(teacher_dir, out)
+
+
+def test_derived_student_keeps_each_kept_layers_attention_kind(tmp_path):
+    """A Qwen2 teacher whose layers alternate sliding-window and full attention: the student's config
+    lists one kind per kept layer, each the kind that layer had in the teacher."""
+    teacher_dir = resolve_model("builtin:tiny-teacher")
+    kinds = ["full_attention", "sliding_attention"] * 3
+    cfg = Qwen2Config(vocab_size=AutoConfig.from_pretrained(teacher_dir).vocab_size, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                      sliding_window=4, max_window_layers=3, layer_types=kinds)  # fmt: skip
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "qwen")
+    out = derive_student(tmp_path / "qwen", InitFromTeacher(num_layers=3, strategy="last"), tmp_path / "s")
+    student = AutoConfig.from_pretrained(out)
+    assert student.num_hidden_layers == 3
+    assert student.layer_types == kinds[3:]
+    assert student.max_window_layers == 0  # layers 3, 4 and 5 are all at or above the teacher's 3
+    AutoModelForCausalLM.from_pretrained(out)  # a consistent config loads
 
 
 def test_unknown_references_fail_clearly(tmp_path, monkeypatch):

@@ -205,6 +205,25 @@ def layer_indices(num_layers: int, keep: int, strategy: str) -> list[int]:
     return [round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)]
 
 
+def keep_per_layer_settings(config, keep: list[int]) -> None:
+    """Cut the config's per-layer settings down to the kept layers, so that each kept layer behaves as
+    it did in the teacher (e.g. Qwen2/Qwen3 and Gemma alternate sliding-window and full attention).
+
+    - `layer_types`, `no_rope_layers`: one entry per layer; keep the kept layers' entries.
+    - `mlp_only_layers`: indices of layers; renumber the kept ones.
+    - `max_window_layers` (Qwen2/Qwen3): layers below it use full attention, the rest a sliding window
+      when enabled; count the kept layers below it.
+    """
+    for name in ("layer_types", "no_rope_layers"):
+        values = getattr(config, name, None)
+        if isinstance(values, list):
+            setattr(config, name, [values[i] for i in keep])
+    if isinstance(getattr(config, "mlp_only_layers", None), list):
+        config.mlp_only_layers = [keep.index(i) for i in config.mlp_only_layers if i in keep]
+    if isinstance(getattr(config, "max_window_layers", None), int):
+        config.max_window_layers = sum(1 for i in keep if i < config.max_window_layers)
+
+
 def derive_student(teacher_dir: Path, init: InitFromTeacher, out: Path) -> Path:
     """Write a student that keeps `init.num_layers` of the teacher's decoder layers (Llama-style models)."""
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
@@ -212,6 +231,7 @@ def derive_student(teacher_dir: Path, init: InitFromTeacher, out: Path) -> Path:
     keep = layer_indices(len(layers_attr), init.num_layers, init.strategy)
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     config.num_hidden_layers = len(keep)
+    keep_per_layer_settings(config, keep)
     student = type(teacher)(config)
     state = {}
     for key, value in teacher.state_dict().items():
