@@ -29,3 +29,49 @@ def test_distinct_4_averages_unequal_seeds():
     means, per_seed = summarize(scored)
     assert per_seed[10]["distinct_4"] == 50.0 and per_seed[20]["distinct_4"] == 100.0
     assert means["distinct_4"] == 75.0
+
+
+def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
+    """eval.sample_kl scores the model's own samples: zero for the teacher against itself, and for another
+    model the per-token reverse KL at exactly the responses it sampled under each seed."""
+    from worker.engine.batch import collate, response_logits
+    from worker.engine.data import Record, tokenize
+    from worker.engine.evaluation import evaluate
+    from worker.engine.losses import reverse_kl
+    from worker.engine.models import load_tokenizer, resolve_model
+    from worker.engine.sampling import sample
+    from worker.engine.spec import parse_spec
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    teacher_dir = resolve_model("builtin:tiny-teacher")
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny-student")).eval()
+    records = [Record(f"Name a colour, {i}.", "", "Blue.") for i in range(3)]
+    examples, _ = tokenize(records, tokenizer, "chat", 64, 6)
+    spec = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6},
+                       "eval": {"sample_kl": True, "batch_size": 2, "no_repeat_ngram_size": 0}})  # fmt: skip
+    seeds, vocab = [10, 20], len(tokenizer)
+    device = torch.device("cpu")
+
+    scores, per_seed = evaluate(teacher, teacher, examples, tokenizer, spec, vocab, device, seeds)
+    assert scores["reverse_kl_samples"] == pytest.approx(0.0, abs=1e-5)
+
+    scores, per_seed = evaluate(student, teacher, examples, tokenizer, spec, vocab, device, seeds)
+    for seed in seeds:  # the same draws as evaluate's, scored by hand
+        generator, tokens, total = torch.Generator().manual_seed(seed * 7919), 0.0, 0.0
+        for start in (0, 2):
+            batch = collate([(e.prompt_ids, []) for e in examples[start : start + 2]], tokenizer.pad_token_id)
+            out = sample(student, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6, eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, vocab_size=vocab, generator=generator, no_repeat_ngram_size=0)  # fmt: skip
+            with torch.no_grad():
+                kl = reverse_kl(response_logits(student, out, vocab), response_logits(teacher, out, vocab))
+            tokens += float(out.response_mask.sum())
+            total += float((kl * out.response_mask).sum())
+        assert per_seed[seed]["reverse_kl_samples"] == pytest.approx(total / tokens, rel=1e-4)
+    assert scores["reverse_kl_samples"] == pytest.approx(sum(per_seed[s]["reverse_kl_samples"] for s in seeds) / 2)
+    assert scores["reverse_kl_samples"] != pytest.approx(scores["reverse_kl"], rel=1e-3)  # not the gold responses'
+
+    off = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6}})
+    assert "reverse_kl_samples" not in evaluate(student, teacher, examples, tokenizer, off, vocab, device, [10])[0]

@@ -3,7 +3,8 @@
 Responses are sampled (temperature 1, top-k 0, top-p 1, no repeated 6-grams) once per seed and scored
 with Rouge-L F1 (Porter stemming, max over references, x100) by the `rouge-score` package the paper
 used. Alongside: mean response length (tokens), distinct-4 of the responses, and the per-token
-reverse and forward KL between student and teacher on the held-out gold responses (teacher-forced).
+reverse and forward KL between student and teacher on the held-out gold responses (teacher-forced);
+with `eval.sample_kl`, also the reverse KL on the model's own sampled responses, per seed.
 The sampled metrics are computed per seed and averaged over seeds, as the paper reports the mean of
 5 seeds; distinct-4 too, so that the same response drawn under two seeds does not count as a repeat.
 Prompts are split across ranks and the results gathered, so every rank does its share of forwards.
@@ -82,6 +83,7 @@ def evaluate(
     mine = examples[rank() :: world_size()]
     cfg = spec.eval
     scored = []  # (seed, rouge, length, text)
+    sample_kl = {}  # seed -> (sampled tokens, summed reverse KL at them)
     for seed in seeds:
         generator = torch.Generator(device=device).manual_seed(seed * 7919 + rank())
         for start in range(0, len(mine), cfg.batch_size):
@@ -93,11 +95,22 @@ def evaluate(
                 pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, generator=generator,
                 no_repeat_ngram_size=cfg.no_repeat_ngram_size, check=check,
             )  # fmt: skip
+            if teacher is not None and cfg.sample_kl:
+                # Exact over the vocabulary at each sampled position, as MiniLLM's single-step term.
+                kl = reverse_kl(response_logits(model, out, vocab_size), response_logits(teacher, out, vocab_size))
+                m = out.response_mask.double()
+                sums = sample_kl.setdefault(seed, torch.zeros(2, dtype=torch.float64))
+                sums += torch.stack([m.sum(), (kl * m).sum()]).cpu()
             for example, ids, mask in zip(chunk, out.response_ids.cpu(), out.response_mask.cpu()):
                 text = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
                 score = rouge_l(text, [example.record.response or ""])
                 scored.append((seed, score, int(mask.sum()), text))
     scores, per_seed = summarize(_gather(scored))
+    for seed, sums in sample_kl.items():  # the same seeds, in the same order, on every rank
+        sums = all_reduce_sum(sums)
+        per_seed[seed]["reverse_kl_samples"] = float(sums[1] / sums[0].clamp(min=1))
+    if sample_kl:
+        scores["reverse_kl_samples"] = sum(v["reverse_kl_samples"] for v in per_seed.values()) / len(per_seed)
     if teacher is not None:
         sums = torch.zeros(3, dtype=torch.float64)  # tokens, reverse KL, forward KL
         for start in range(0, len(mine), cfg.batch_size):

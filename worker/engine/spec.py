@@ -170,6 +170,11 @@ class EvalSpec(_Section):
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation call.")
     no_repeat_ngram_size: int = Field(6, ge=0, description="Paper's eval protocol: no repeated 6-grams.")
+    sample_kl: bool = Field(
+        False, description="Also score reverse_kl_samples: the per-token reverse KL to the teacher on the model's own "
+        "sampled responses, per seed (what MiniLLM minimises; the default KLs are on the gold responses). Costs one "
+        "student and one teacher forward per sampled batch."
+    )
 
     @field_validator("seeds", "selection_seeds")
     @classmethod
