@@ -53,6 +53,8 @@ from worker.engine.paths import PROJECT_ROOT, write_atomically
 from worker.engine.spec import JobSpec, parse_spec
 from worker.engine.trainer import Trainer, train
 
+from report import write_block
+
 METHODS = ["sft", "kd", "seqkd", "minillm"]
 ABLATIONS = {
     "minillm-no-teacher-mix": {"teacher_mix_alpha": 0.0},
@@ -348,25 +350,18 @@ def command(args) -> str:
     return f"bench/quality_study.py {' '.join(args.argv)} (commit {git('rev-parse', '--short', 'HEAD')}{dirty})"
 
 
-BEGIN, END = "<!-- quality_study.py: begin -->", "<!-- quality_study.py: end -->"
-
-
-def with_tables(page: str, res: dict) -> str:
-    """`page` with the study's tables between the BEGIN and END markers (the prose around them stays)."""
-    block = (f"{BEGIN}\n{res['test_prompts']} test prompts × seeds {res['seeds']}; machine: {res['machine']}; "
-             f"`{res['command']}`; {res['wall_seconds'] / 60:.0f} min in all.\n\n{markdown(res)}\n"
-             f"![Rouge-L and reverse KL per arm](quality.png)\n{END}")  # fmt: skip
-    if BEGIN in page and END in page:
-        return page[: page.index(BEGIN)] + block + page[page.index(END) + len(END) :]
-    return page + ("\n" if page else "") + block + "\n"
+def tables(res: dict) -> str:
+    """The block quality.md shows between its markers."""
+    return (f"{res['test_prompts']} test prompts × seeds {res['seeds']}; machine: {res['machine']}; "
+            f"`{res['command']}`; {res['wall_seconds'] / 60:.0f} min in all.\n\n{markdown(res)}\n"
+            "![Rouge-L and reverse KL per arm](quality.png)")  # fmt: skip
 
 
 def write_report(state: dict, args) -> None:
     res = results(state, args)
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "quality.json").write_text(json.dumps(res, indent=2) + "\n")
-    page = args.docs / "quality.md"
-    page.write_text(with_tables(page.read_text() if page.exists() else "# Quality study\n", res))
+    write_block(args.docs / "quality.md", "quality_study.py", tables(res), "Quality study")
     plot(res, args.docs / "quality.png")
     print(markdown(res))
 

@@ -1,16 +1,16 @@
 """The quality study's bookkeeping: how it times a method, picks a rate, and what quality.json holds.
 (The study itself trains for an hour and more; `bench/quality_study.py` runs it.)"""
 
-import importlib.util
+import sys
 from argparse import Namespace
 
 import pytest
 
 from worker.engine.paths import PROJECT_ROOT
 
-_spec = importlib.util.spec_from_file_location("quality_study", PROJECT_ROOT / "bench" / "quality_study.py")
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+sys.path.insert(0, str(PROJECT_ROOT / "bench"))  # the study imports its sibling bench/report.py
+import quality_study as study  # noqa: E402
+import report  # noqa: E402
 
 
 def event(type_, time, message="", **data):
@@ -63,7 +63,8 @@ def test_results_hold_each_arms_compute_and_per_seed_values():
 
 def test_the_report_replaces_its_tables_and_keeps_the_prose_around_them():
     res = {"test_prompts": 4, "seeds": [10], "machine": "cpu", "command": "cmd", "wall_seconds": 60.0, "arms": {}}
-    first = study.with_tables("# Quality\n\nWhy MiniLLM lost.\n", res)
-    again = study.with_tables(first.replace("Why", "Why, measured,"), res | {"test_prompts": 8})
+    first = report.replace_block("# Quality\n\nWhy MiniLLM lost.\n", "quality_study.py", study.tables(res))
+    again = report.replace_block(first.replace("Why", "Why, measured,"), "quality_study.py",
+                                 study.tables(res | {"test_prompts": 8}))  # fmt: skip
     assert again.startswith("# Quality\n\nWhy, measured, MiniLLM lost.\n")
-    assert again.count(study.BEGIN) == 1 and "8 test prompts" in again and "4 test prompts" not in again
+    assert again.count("<!-- quality_study.py: begin -->") == 1 and "8 test prompts" in again and "4 test prompts" not in again
