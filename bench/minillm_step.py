@@ -22,7 +22,7 @@ import torch
 
 from worker.engine.events import Event
 from worker.engine.paths import PROJECT_ROOT
-from worker.engine.spec import load_spec
+from worker.engine.spec import JobSpec, load_spec
 from worker.engine.trainer import Trainer
 
 SECTIONS = ["sample", "score", "teacher_forward", "student_forward", "backward", "optimizer"]
@@ -43,6 +43,41 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def step_spec(batch_size: int, response_tokens: int, precision: str = "auto", zero_stage: int = 0,
+              alpha: float | None = None, steps: int = 6) -> JobSpec:
+    """The demo's models and prompts, each step a whole phase of `batch_size` rollouts and one PPO update."""
+    base = load_spec(PROJECT_ROOT / "examples" / "smollm2-minillm.yaml")
+    minillm = {"rollouts_per_phase": batch_size, "rollout_batch_size": batch_size, "ppo_epochs": 1}
+    if alpha is not None:
+        minillm["teacher_mix_alpha"] = alpha
+    return base.model_copy(
+        update={
+            "recovery": None,
+            "training": base.training.model_copy(update={"steps": steps, "batch_size": batch_size}),
+            "data": base.data.model_copy(update={"max_response_tokens": response_tokens}),
+            "minillm": base.minillm.model_copy(update=minillm),
+            "deepspeed": base.deepspeed.model_copy(update={"precision": precision, "zero_stage": zero_stage}),
+        }
+    )
+
+
+def time_steps(spec: JobSpec, steps: int) -> tuple[Trainer, list[dict]]:
+    """Run `steps` + 1 MiniLLM steps through the engine's own code; the metrics of each after the first
+    (a warm-up), with its wall time as `total`."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(spec, Path(out), Quiet())
+        trainer.setup()
+        stage = trainer.stages[-1]
+        rows = []
+        for step in range(steps + 1):
+            started = time.perf_counter()
+            metrics = stage.train_step(step)
+            metrics["total"] = time.perf_counter() - started
+            if step > 0:
+                rows.append(metrics)
+    return trainer, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
@@ -52,29 +87,9 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0)
     args = parser.parse_args()
 
-    base = load_spec(PROJECT_ROOT / "examples" / "smollm2-minillm.yaml")
-    spec = base.model_copy(
-        update={
-            "recovery": None,
-            "training": base.training.model_copy(update={"steps": args.steps + 1, "batch_size": args.batch_size}),
-            "data": base.data.model_copy(update={"max_response_tokens": args.response_tokens}),
-            "minillm": base.minillm.model_copy(
-                update={"rollouts_per_phase": args.batch_size, "rollout_batch_size": args.batch_size, "ppo_epochs": 1}
-            ),
-            "deepspeed": base.deepspeed.model_copy(update={"precision": args.precision, "zero_stage": args.zero_stage}),
-        }
-    )
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(spec, Path(out), Quiet())
-        trainer.setup()
-        stage = trainer.stages[-1]
-        rows = []
-        for step in range(args.steps + 1):
-            started = time.perf_counter()
-            metrics = stage.train_step(step)
-            metrics["total"] = time.perf_counter() - started
-            if step > 0:
-                rows.append(metrics)
+    spec = step_spec(args.batch_size, args.response_tokens, args.precision, args.zero_stage, steps=args.steps + 1)
+    trainer, rows = time_steps(spec, args.steps)
+    lm = "with an LM batch" if trainer.stages[-1].lm else "no LM term (the demo has no data.pretrain)"
 
     def mean(key: str) -> float:
         return statistics.mean(r.get(key, 0.0) for r in rows)
@@ -83,7 +98,7 @@ def main() -> None:
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"precision {trainer.precision}, ZeRO {args.zero_stage}")  # fmt: skip
     print(f"Step: {args.batch_size} rollouts x up to {args.response_tokens} tokens, teacher-mixed (alpha "
-          f"{spec.minillm.teacher_mix_alpha}), one PPO update with an LM batch of {args.batch_size}; "
+          f"{spec.minillm.teacher_mix_alpha}), one PPO update, {lm}; "
           f"mean of {len(rows)} steps after 1 warm-up")  # fmt: skip
     print()
     print("| part | seconds | share |")
