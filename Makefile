@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 
-.PHONY: install test test-fast demo bench
+.PHONY: install test test-fast demo bench bench-peers
 
 install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
@@ -33,3 +33,8 @@ demo: install
 
 bench: install
 	$(PY) bench/minillm_step.py
+
+# This project's MiniLLM step against TRL's MiniLLMTrainer on the same models and prompts (installs TRL).
+bench-peers: install
+	$(PY) -m pip install -q -e '.[peers]'
+	$(PY) bench/peers.py
