@@ -118,3 +118,14 @@ def create_database(name: str) -> None:
 def drop_database(name: str) -> None:
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def submit(client, auth, spec) -> str:
+    """POST a job spec to the API; the new job's id."""
+    response = client.post("/api/v1/jobs", json=spec, headers=auth)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def job(client, auth, job_id) -> dict:
+    return client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from helpers import Worker, tiny_spec, training_process, wait_for
+from helpers import Worker, job, submit, tiny_spec, training_process, wait_for
 from worker.engine.paths import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
@@ -31,16 +31,6 @@ def worker(tmp_path, cache):
     w.stop()
 
 
-def submit(client, auth, spec) -> str:
-    response = client.post("/api/v1/jobs", json=spec, headers=auth)
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def status(client, auth, job_id) -> dict:
-    return client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
-
-
 def messages(client, auth, job_id) -> list[str]:
     return [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]]
 
@@ -52,7 +42,7 @@ def wait_message(client, auth, job_id, start: str, timeout=300) -> None:
 def cancel_and_time(client, auth, job_id) -> float:
     started = time.monotonic()
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
-    done = wait_for(lambda: (j := status(client, auth, job_id))["status"] in ("cancelled", "failed", "succeeded") and j,
+    done = wait_for(lambda: (j := job(client, auth, job_id))["status"] in ("cancelled", "failed", "succeeded") and j,
                     timeout=120, interval=0.2, what="the job to end")  # fmt: skip
     assert done["status"] == "cancelled", done
     return time.monotonic() - started
@@ -89,7 +79,7 @@ def test_cancel_while_the_teacher_writes_references(client, auth, dataset, worke
 
     # The worker takes the next job; it needs the same references, finds none, and writes them whole.
     again = submit(client, auth, {**spec, "name": "again"})
-    done = wait_for(lambda: (j := status(client, auth, again))["status"] in ("succeeded", "failed") and j, timeout=600,
+    done = wait_for(lambda: (j := job(client, auth, again))["status"] in ("succeeded", "failed") and j, timeout=600,
                     what="the next job")  # fmt: skip
     assert done["status"] == "succeeded", done["error"]
     assert sorted(len(r) for r in reference_caches(cache).values())[-1] == 160
@@ -111,12 +101,12 @@ def test_cancel_during_an_evaluation(client, auth, dataset, worker, cache):
 def test_a_training_process_that_does_not_stop_is_killed_after_the_grace_period(client, auth, dataset, worker):
     spec = tiny_spec(dataset, training={"steps": 400}, eval={"every_steps": 0}, checkpoints={"every_steps": 0})
     job_id = submit(client, auth, spec)
-    wait_for(lambda: status(client, auth, job_id)["progress"]["step"] > 0, what="training to start")
+    wait_for(lambda: job(client, auth, job_id)["progress"]["step"] > 0, what="training to start")
     pid = training_process(job_id)[0]
     os.kill(pid, signal.SIGSTOP)  # hung: it can neither check for the cancel nor handle SIGTERM
     seconds = cancel_and_time(client, auth, job_id)
     assert seconds < GRACE + 1 + 10 + 5  # grace, a heartbeat (1 s here), SIGTERM's wait, slack
     wait_gone(job_id)
     nxt = submit(client, auth, tiny_spec(dataset, name="next", eval={"every_steps": 0}, checkpoints={"every_steps": 0}))
-    done = wait_for(lambda: (j := status(client, auth, nxt))["status"] in ("succeeded", "failed") and j, what="the next job")
+    done = wait_for(lambda: (j := job(client, auth, nxt))["status"] in ("succeeded", "failed") and j, what="the next job")
     assert done["status"] == "succeeded", done["error"]

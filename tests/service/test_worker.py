@@ -17,19 +17,9 @@ from app.core.db import session_factory
 from app.main import app
 from app.models import Job
 from worker.engine.launch import free_port
-from helpers import Worker, make_user, tiny_spec, training_process, wait_for
+from helpers import Worker, job, make_user, submit, tiny_spec, training_process, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
-
-
-def submit(client, auth, spec) -> str:
-    response = client.post("/api/v1/jobs", json=spec, headers=auth)
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def job(client, auth, job_id) -> dict:
-    return client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
 
 
 def wait_status(client, auth, job_id, statuses, timeout=300) -> dict:
