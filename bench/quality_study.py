@@ -48,7 +48,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from worker.engine.distributed import DTYPES
-from worker.engine.events import Event, JsonlReporter
+from worker.engine.events import JsonlReporter
 from worker.engine.paths import PROJECT_ROOT, write_atomically
 from worker.engine.spec import JobSpec, parse_spec
 from worker.engine.trainer import Trainer, train
