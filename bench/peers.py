@@ -53,14 +53,19 @@ def run_trl(args) -> list[float]:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
+    from minillm_step import step_spec
+
     from worker.engine.data import read_records
+    from worker.engine.distributed import choose_precision
     from worker.engine.models import derive_student, load_tokenizer, resolve_model
     from worker.engine.spec import InitFromTeacher
 
     teacher_dir = resolve_model("builtin:smollm2-135m-instruct")
     records = read_records("builtin:demo")[: args.batch_size]
     prompts = [[{"role": "user", "content": r.instruction + (f"\n\n{r.input}" if r.input else "")}] for r in records]
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and _native_bf16())
+    # The precision this project's step runs in (engine's own `auto` rule), so the rows compare alike.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = choose_precision(step_spec(args.batch_size, args.response_tokens, args.precision), device) == "bf16"
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -88,11 +93,6 @@ def run_trl(args) -> list[float]:
         )  # fmt: skip
         trainer.train()
     return times[1:]
-
-
-def _native_bf16() -> bool:
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def child(args) -> None:
@@ -145,7 +145,7 @@ def main() -> None:
     rows = [f"| {impl} | {r['median_s']:.2f} | {r['peak_rss_gb']:.2f} |" for impl, r in results.items()]
     block = "\n".join([
         f"`bench/peers.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}: {cpu_name()}, {os.cpu_count()} cores, "
-        f"precision {args.precision} ({'native bf16' if _native_bf16() else 'no native bf16'}); {versions()}.",
+        f"precision {args.precision}; {versions()}.",
         f"{args.batch_size} prompts × 1 rollout × up to {args.response_tokens} tokens, one update per step; median of "
         f"{args.steps} steps after 1 warm-up, each implementation in its own process.", "",
         "| implementation | median s/step | peak RSS (GB) |", "|---|---|---|", *rows, "", f"`{ratios}`",

@@ -37,10 +37,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from worker.engine.paths import PROJECT_ROOT, write_atomically
 from worker.engine.spec import JobSpec, parse_spec
 from worker.engine.trainer import Trainer, train
 
+from minillm_step import cpu_name
 from report import write_block
 
 METHODS = ["sft", "kd", "seqkd", "minillm"]
@@ -212,10 +213,10 @@ class Study:
             for name, change in ABLATIONS.items():
                 lr = chosen["learning_rate"]
                 events = run(arm_spec(a, shared, name, "minillm", chosen["steps"], lr, change), self.out / name)
+                per_step = seconds_per_step(events)
                 arms[name] = {"method": "minillm", "minillm": change, "steps": chosen["steps"], "learning_rate": lr,
                               "selection_rouge_l": selection_rouge(events), "model": str(final_model(events)),
-                              "seconds_per_step": seconds_per_step(events),
-                              "compute_seconds": seconds_per_step(events) * chosen["steps"]}  # fmt: skip
+                              "seconds_per_step": per_step, "compute_seconds": per_step * chosen["steps"]}  # fmt: skip
                 self.save()
 
     def test(self, shared: Path) -> None:
@@ -336,8 +337,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}"
 
@@ -406,7 +406,7 @@ def parse_args(argv: list[str] | None = None):
     args = p.parse_args(argv)
     args.lrs = parse_lrs(args.lrs)
     args.train, args.test = args.train.resolve(), args.test.resolve()
-    args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    args.argv = argv if argv is not None else sys.argv[1:]
     return args
 
 
