@@ -45,10 +45,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from worker.engine.distributed import DTYPES
 from worker.engine.events import JsonlReporter
+from worker.engine.models import load_model
 from worker.engine.paths import PROJECT_ROOT, write_atomically
 from worker.engine.spec import JobSpec, parse_spec
 from worker.engine.trainer import Trainer, train
@@ -238,7 +238,7 @@ class Study:
             if label in scores:
                 continue
             print(f"[study] test set: {label}", flush=True)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[trainer.precision]).to(trainer.device)
+            model = load_model(path, DTYPES[trainer.precision], trainer.device)
             trainer.evaluate_test(label, 0, model)
             scores[label] = {"means": trainer.scores[label], "per_seed": trainer.per_seed[label]}
             self.save()

@@ -157,6 +157,17 @@ def resolve_model(ref: str) -> Path:
         raise ModelError(f"{ref!r}: could not download from the hub: {err}") from err
 
 
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A causal LM from a local directory, in `dtype` on `device`, ready for the engine's forwards."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    # transformers slices the hidden states to the positions whose logits are asked for
+    # (`logits_to_keep`); the slice is not contiguous, and torch's matmul then broadcasts the LM head's
+    # weight into a batch of copies (B × hidden × vocab, hundreds of MB) on every call instead of one
+    # matmul. A contiguous input costs a copy of B × kept × hidden.
+    model.get_output_embeddings().register_forward_pre_hook(lambda _, args: tuple(a.contiguous() for a in args))
+    return model
+
+
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.eos_token_id is None:
