@@ -106,10 +106,12 @@ def engine_config(spec: JobSpec, precision: str) -> dict:
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 11},
         # AdamW with lr 1 and a schedule that returns the absolute lr (see trainer.lr_at): one
         # optimizer and one schedule span the recovery stage and the main method. `torch_adam`
-        # avoids JIT-compiling FusedAdam; with offload DeepSpeed swaps in its CPU Adam.
+        # avoids JIT-compiling FusedAdam; with offload DeepSpeed swaps in its CPU Adam. `fused`:
+        # torch's one-kernel AdamW, on the CPU as on CUDA (a third of the for-each version's time here).
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": 1.0, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True},
+            "params": {"lr": 1.0, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True,
+                       "fused": True},
         },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

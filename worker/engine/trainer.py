@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from . import checkpoints as ckpt
@@ -26,7 +25,8 @@ from .data import Example, read_records, split_held_out, tokenize
 from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init_process_group, initialize, rank, world_size
 from .evaluation import evaluate
 from .events import Event, Reporter
-from .models import check_compatible, derive_student, load_tokenizer, resolve_model
+from .host_memory import keep_freed_memory
+from .models import check_compatible, derive_student, load_model, load_tokenizer, resolve_model
 from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
@@ -93,6 +93,8 @@ class Trainer:
         hf_logging.disable_progress_bar()
         self.device = init_process_group(spec)
         self.precision = choose_precision(spec, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.emit("log", f"{world_size()} process(es) on {self.device.type}, precision {self.precision}")
 
         self.cancel_check("loading the teacher")()
@@ -111,12 +113,12 @@ class Trainer:
 
         dtype = DTYPES[self.precision]
         # The teacher is frozen, in eval mode, in the training precision, and not wrapped by DeepSpeed.
-        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(self.device).eval()
+        self.teacher = load_model(teacher_dir, dtype, self.device).eval()
         self.teacher.requires_grad_(False)
         self.load_data()
 
         self.cancel_check("loading the student")()
-        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+        student = load_model(student_dir, torch.float32)
         # One schedule per stage; the optimizer's learning rate follows them over the global step.
         self.plan = plan(spec)
         self.schedules = [schedule for _, _, schedule in self.plan]
@@ -261,7 +263,7 @@ class Trainer:
             self.record_test("best", best, self.scores["final"], self.per_seed["final"], " (the final model)")
             return
         path = self.output_dir / "checkpoints" / ckpt.step_dir_name(best)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.precision]).to(self.device)
+        model = load_model(path, DTYPES[self.precision], self.device)
         self.evaluate_test("best", best, model)
 
     def save(self, step: int) -> None:
