@@ -64,14 +64,15 @@ def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
         for start in (0, 2):
             batch = collate([(e.prompt_ids, []) for e in examples[start : start + 2]], tokenizer.pad_token_id)
             out = sample(student, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6, eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id, vocab_size=vocab, generator=generator, no_repeat_ngram_size=0)  # fmt: skip
+                         pad_id=tokenizer.pad_token_id, vocab_size=vocab, generator=generator, no_repeat_ngram_size=0).batch  # fmt: skip
             with torch.no_grad():
                 kl = reverse_kl(response_logits(student, out, vocab), response_logits(teacher, out, vocab))
             tokens += float(out.response_mask.sum())
             total += float((kl * out.response_mask).sum())
         assert per_seed[seed]["reverse_kl_samples"] == pytest.approx(total / tokens, rel=1e-4)
     assert scores["reverse_kl_samples"] == pytest.approx(sum(per_seed[s]["reverse_kl_samples"] for s in seeds) / 2)
-    assert scores["reverse_kl_samples"] != pytest.approx(scores["reverse_kl"], rel=1e-3)  # not the gold responses'
+    # Not the gold responses' KL (on these tiny random models the two differ by under 0.1%, not by 0):
+    assert scores["reverse_kl_samples"] != pytest.approx(scores["reverse_kl"], rel=1e-5)
 
     off = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6}})
     assert "reverse_kl_samples" not in evaluate(student, teacher, examples, tokenizer, off, vocab, device, [10])[0]

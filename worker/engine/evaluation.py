@@ -94,7 +94,7 @@ def evaluate(
                 max_new_tokens=spec.data.max_response_tokens, eos_id=tokenizer.eos_token_id,
                 pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, generator=generator,
                 no_repeat_ngram_size=cfg.no_repeat_ngram_size, check=check,
-            )  # fmt: skip
+            ).batch  # fmt: skip
             if teacher is not None and cfg.sample_kl:
                 # Exact over the vocabulary at each sampled position, as MiniLLM's single-step term.
                 kl = reverse_kl(response_logits(model, out, vocab_size), response_logits(teacher, out, vocab_size))

@@ -8,12 +8,14 @@ It takes a `torch.Generator`, so the same seed gives the same samples however of
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .batch import SequenceBatch
+from .prepacked import prepacked_linears
 
 
 def ban_repeated_ngrams(sequence: Tensor, logits: Tensor, n: int) -> Tensor:
@@ -33,9 +35,30 @@ def ban_repeated_ngrams(sequence: Tensor, logits: Tensor, n: int) -> Tensor:
     return logits.scatter_add(1, followers, banned.to(logits.dtype))
 
 
+class Sampled(NamedTuple):
+    batch: SequenceBatch
+    # The mix model's logits at every response position (B, Lr, V) in its own dtype, so that MiniLLM
+    # need not run the teacher again; None when it did not decode (no mix model, or α 0).
+    mix_logits: Tensor | None
+
+
 def _step(model: torch.nn.Module, ids: Tensor, attention_mask: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
+    """The next-token logits (B, V) in the model's own dtype, and the grown cache."""
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.cache
+    return out.logits[:, -1], out.cache
+
+
+def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row of `probs` (B, V), unnormalised and non-negative: (B,).
+
+    Inverse-CDF sampling: one uniform per row against the running sum. It draws from the same
+    distribution as `torch.multinomial`, which on the CPU spends more time per row of a 49k
+    vocabulary than a decoding step of a small model spends in its matmuls. A token of probability 0
+    is never drawn: the first position where the cumulative sum exceeds u·total raised the sum there.
+    """
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[1] - 1)
 
 
 def _all_ranks_done(done: bool) -> bool:
@@ -64,7 +87,7 @@ def sample(
     no_repeat_ngram_size: int = 0,
     sync_ranks: bool = True,
     check: Callable[[], None] | None = None,
-) -> SequenceBatch:
+) -> Sampled:
     """Sample responses to left-padded prompts (B, Lq); top-k 0 and top-p 1, as in the paper.
 
     With `mix_model`, the next token is drawn from (1 − α)·softmax(model) + α·softmax(mix_model):
@@ -82,29 +105,35 @@ def sample(
     step_ids, caches = prompt_ids, [None] * len(models)
     sequence = prompt_ids
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    tokens, masks = [], []
-    for _ in range(max_new_tokens):
-        if check is not None:
-            check()
-        probs = torch.zeros(batch_size, vocab_size, device=device)
-        for i, m in enumerate(models):
-            logits, caches[i] = _step(m, step_ids, attention_mask, positions, caches[i])
-            logits = logits[:, :vocab_size]
-            if no_repeat_ngram_size > 0:
-                logits = ban_repeated_ngrams(sequence, logits, no_repeat_ngram_size)
-            if temperature == 0:
-                probs += weights[i] * torch.nn.functional.one_hot(logits.argmax(-1), vocab_size).float()
-            else:
-                probs += weights[i] * torch.softmax(logits / temperature, dim=-1)
-        next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
-        masks.append(~finished)
-        tokens.append(next_ids)
-        finished = finished | (next_ids == eos_id)
-        if _all_ranks_done(bool(finished.all())) if sync_ranks else bool(finished.all()):
-            break
-        step_ids = next_ids.unsqueeze(-1)
-        sequence = torch.cat([sequence, step_ids], dim=1)
-        attention_mask = torch.cat([attention_mask, masks[-1].long().unsqueeze(-1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return SequenceBatch(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long())
+    tokens, masks, mix_logits = [], [], []
+    with prepacked_linears(models, batch_size):
+        for _ in range(max_new_tokens):
+            if check is not None:
+                check()
+            probs = None
+            for i, m in enumerate(models):
+                raw, caches[i] = _step(m, step_ids, attention_mask, positions, caches[i])
+                raw = raw[:, :vocab_size]
+                if i == 1:
+                    mix_logits.append(raw)
+                logits = raw.float()
+                if no_repeat_ngram_size > 0:
+                    logits = ban_repeated_ngrams(sequence, logits, no_repeat_ngram_size)
+                if temperature == 0:
+                    p = torch.nn.functional.one_hot(logits.argmax(-1), vocab_size).float()
+                else:
+                    p = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+                probs = p if len(models) == 1 else p.mul_(weights[i]) if probs is None else probs.add_(p, alpha=weights[i])
+            next_ids = draw(probs, generator)
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+            masks.append(~finished)
+            tokens.append(next_ids)
+            finished = finished | (next_ids == eos_id)
+            if _all_ranks_done(bool(finished.all())) if sync_ranks else bool(finished.all()):
+                break
+            step_ids = next_ids.unsqueeze(-1)
+            sequence = torch.cat([sequence, step_ids], dim=1)
+            attention_mask = torch.cat([attention_mask, masks[-1].long().unsqueeze(-1)], dim=1)
+            positions = positions[:, -1:] + 1
+    batch = SequenceBatch(prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(masks, 1).long())
+    return Sampled(batch, torch.stack(mix_logits, 1) if mix_logits else None)

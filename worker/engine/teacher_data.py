@@ -59,7 +59,7 @@ def _generate(
                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab_size,
                     generator=generator, temperature=0.0 if greedy else 1.0,
                     no_repeat_ngram_size=6 if greedy else 0, sync_ranks=False, check=check,
-                )  # fmt: skip
+                ).batch  # fmt: skip
                 responses += [ids[m.bool()].tolist() for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
             write_atomically(path, json.dumps(responses))
     return json.loads(path.read_text())
