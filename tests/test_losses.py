@@ -31,6 +31,7 @@ from worker.engine.losses import (
     ppo_policy_loss,
     reverse_kl,
     token_log_probs,
+    vocab_terms,
     whiten,
 )
 
@@ -168,6 +169,45 @@ def test_token_log_probs_matches_log_softmax_by_hand():
     for b in range(2):
         for t in range(3):
             assert lp[b, t].item() == pytest.approx(_py_log_softmax(logits[b, t].tolist())[tokens[b, t]], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 2.0)])
+def test_vocab_terms_equal_the_plain_terms_and_their_gradients(dtype, temperature):
+    """The chunked autograd Function against token_log_probs, reverse_kl and forward_kl through plain
+    autograd. 50 000 vocabulary entries make 20 positions a chunk on the CPU, so 3 × 9 positions span
+    two chunks; random upstream gradients weight all three outputs."""
+    g = torch.Generator().manual_seed(11)
+    vocab = 50_000
+    student = (3 * torch.randn(3, 9, vocab, generator=g)).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(3, 9, vocab, generator=g)).to(dtype)
+    tokens = torch.randint(0, vocab, (3, 9), generator=g)
+    weights = torch.randn(3, 3, 9, generator=g)
+
+    terms = vocab_terms(student, teacher, tokens, temperature)
+    (grad,) = torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, terms)), student)
+
+    plain = student.detach().clone().requires_grad_()
+    s, t = plain.float() / temperature, teacher.float() / temperature
+    expected = (token_log_probs(s, tokens), reverse_kl(s, t), forward_kl(s, t))
+    (grad_ref,) = torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, expected)), plain)
+
+    for got, want in zip(terms, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert grad.dtype == dtype
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-4, rtol=1e-2)
+    torch.testing.assert_close(grad.float(), grad_ref.float(), **tolerance)
+    assert grad.float().abs().max() > 0.01  # the comparison is not between two zeros
+
+
+def test_vocab_terms_gradient_of_one_output_alone():
+    """Only the log-prob used (the single-step term off): the KL outputs get no upstream gradient."""
+    g = torch.Generator().manual_seed(12)
+    student = torch.randn(2, 4, 7, generator=g, requires_grad=True)
+    teacher, tokens = torch.randn(2, 4, 7, generator=g), torch.randint(0, 7, (2, 4), generator=g)
+    logp, _, _ = vocab_terms(student, teacher, tokens, 1.0)
+    (grad,) = torch.autograd.grad(logp.sum(), student)
+    expected = torch.nn.functional.one_hot(tokens, 7).float() - torch.softmax(student.detach(), -1)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_masked_mean():

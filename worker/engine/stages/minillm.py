@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ..batch import SequenceBatch, collate, response_logits
+from ..batch import SequenceBatch, collate, pad_columns, response_logits
 from ..data import sample_order
 from ..distributed import all_reduce_sum, rank, world_size
 from ..losses import (
@@ -21,6 +21,7 @@ from ..losses import (
     long_term_returns,
     masked_moments,
     minillm_loss,
+    scaled,
     token_log_probs,
     token_rewards,
     whiten,
@@ -50,6 +51,10 @@ class Rollouts:
     weights: torch.Tensor  # importance weight q_old / p̃ per token
     advantages: torch.Tensor  # detached, normalised long-term returns
     rewards: torch.Tensor  # log p_teacher − log q_old per token, clipped (for reporting)
+    # The teacher's logits at every response position (N, Lr, V), in its dtype: the single-step term
+    # needs its whole distribution, and the teacher's weights never change, so it is read once a phase.
+    # The price is memory: N × Lr × V × 2 or 4 bytes for the phase (64 × 64 × 49k × 2 B = 0.4 GB).
+    teacher_logits: torch.Tensor
 
 
 class MiniLLMStage:
@@ -120,42 +125,53 @@ class MiniLLMStage:
         first = (phase * world_size() + rank()) * self.rollouts_per_rank
         indices = sample_order(len(self.prompts), seed + 1, first, self.rollouts_per_rank)
         generator = torch.Generator(device=ctx.device).manual_seed((seed * 1_000_003 + phase) * 1009 + rank())
-        parts = []
+        parts, kept = [], []
         for start in range(0, len(indices), cfg.rollout_batch_size):
             chunk = indices[start : start + cfg.rollout_batch_size]
             prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(ctx.device)
             with clock("sample"):
-                parts.append(
-                    sample(
-                        student, prompts.prompt_ids, prompts.prompt_mask,
-                        max_new_tokens=ctx.spec.data.max_response_tokens, eos_id=ctx.tokenizer.eos_token_id,
-                        pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size, generator=generator,
-                        mix_model=ctx.teacher, mix_alpha=cfg.teacher_mix_alpha, temperature=cfg.temperature,
-                    )  # fmt: skip
-                )
+                part, teacher_logits = sample(
+                    student, prompts.prompt_ids, prompts.prompt_mask,
+                    max_new_tokens=ctx.spec.data.max_response_tokens, eos_id=ctx.tokenizer.eos_token_id,
+                    pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size, generator=generator,
+                    mix_model=ctx.teacher, mix_alpha=cfg.teacher_mix_alpha, temperature=cfg.temperature,
+                )  # fmt: skip
+            parts.append(part)
+            kept.append(teacher_logits)
         batch = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
-        # Recompute log-probs with full forwards, in the code path training uses: the sampler's
-        # incremental (KV-cache) numerics differ slightly and would push the first PPO ratio off 1.
-        logp_old, logp_teacher_t, logp_teacher = [], [], []
+        width = batch.response_ids.shape[1]
+        # With teacher mixing the teacher decoded every rollout, and its logits at each response
+        # position are kept from there: neither the scoring below nor the updates run it again.
+        teacher_logits = None if kept[0] is None else torch.cat([pad_columns(t, width) for t in kept])
+        logp_old, logp_teacher, scored = [], [], []
         for start in range(0, len(batch), ctx.spec.training.batch_size):
-            mb = batch.select(slice(start, start + ctx.spec.training.batch_size))
+            rows = slice(start, start + ctx.spec.training.batch_size)
+            mb = batch.select(rows)
             with clock("score"):
+                # The student's log-probs are recomputed by a full forward in the code path training
+                # uses: the sampler's incremental (KV-cache) numerics differ slightly and would push
+                # the first PPO ratio off 1. Without mixing, the teacher reads the rollouts once,
+                # here, and its logits serve the updates too.
                 s_logits = response_logits(student, mb, ctx.vocab_size)
-                t_logits = ctx.teacher_logits(mb)
-            logp_old.append(token_log_probs(s_logits / cfg.temperature, mb.response_ids))
-            logp_teacher_t.append(token_log_probs(t_logits / cfg.temperature, mb.response_ids))
-            # The reward is the teacher's own log-probability, at temperature 1 (as the reference).
+                t_logits = ctx.teacher_logits(mb) if teacher_logits is None else teacher_logits[rows]
+            logp_old.append(token_log_probs(scaled(s_logits, cfg.temperature), mb.response_ids))
             logp_teacher.append(token_log_probs(t_logits, mb.response_ids))
+            scored.append(t_logits)
+        teacher_logits = torch.cat(scored) if teacher_logits is None else teacher_logits
         mask = batch.response_mask.float()
         logp_old = torch.cat(logp_old) * mask
-        weights = importance_weights(logp_old, torch.cat(logp_teacher_t), cfg.teacher_mix_alpha) * mask
-        rewards = token_rewards(torch.cat(logp_teacher), logp_old, mask, cfg.reward_clip)
+        logp_teacher = torch.cat(logp_teacher)
+        # The importance weight compares with the teacher at the sampling temperature; the reward is
+        # the teacher's own log-probability, at temperature 1 (as the reference).
+        logp_teacher_t = logp_teacher if cfg.temperature == 1 else token_log_probs(scaled(teacher_logits, cfg.temperature), batch.response_ids)
+        weights = importance_weights(logp_old, logp_teacher_t, cfg.teacher_mix_alpha) * mask
+        rewards = token_rewards(logp_teacher, logp_old, mask, cfg.reward_clip)
         returns = long_term_returns(rewards, mask, cfg.gamma, cfg.length_normalization)
         # Whitened once per phase over every rank's rollouts (the reference whitens per micro-batch):
         # a larger sample gives steadier statistics, and it is the same for every PPO epoch.
         advantages = whiten(returns, mask, all_reduce_sum(masked_moments(returns, mask))) if cfg.whiten_advantages else returns
         self.phase = phase
-        self.rollouts = Rollouts(batch, logp_old, weights, advantages.detach(), rewards)
+        self.rollouts = Rollouts(batch, logp_old, weights, advantages.detach(), rewards, teacher_logits)
 
     # -- updates --------------------------------------------------------------------------------
 
@@ -184,14 +200,15 @@ class MiniLLMStage:
                 parts.append(lm)
             # PPO and LM batches share one forward, as in the reference: one pass over the weights.
             joint = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
-            with clock("teacher_forward"):
-                # The teacher reads the LM batch only when the LM term has forward KL to it.
-                teacher_logits = ctx.teacher_logits(joint if self.lm and cfg.kd_ratio > 0 else mb)
+            lm_teacher = None
+            if self.lm and cfg.kd_ratio > 0:
+                with clock("teacher_forward"):  # the LM term's forward KL to the teacher
+                    lm_teacher = ctx.teacher_logits(lm)
             with clock("student_forward"):
                 logits = response_logits(engine, joint, ctx.vocab_size)
                 lr_ = mb.response_ids.shape[1]
                 objective = minillm_loss(
-                    logits[:b, :lr_], teacher_logits[:b, :lr_], mb.response_ids, mask,
+                    logits[:b, :lr_], ro.teacher_logits[idx], mb.response_ids, mask,
                     ro.logp_old[idx], ro.weights[idx], ro.advantages[idx],
                     cfg.temperature, cfg.clip_range, cfg.single_step,
                 )  # fmt: skip
@@ -199,7 +216,6 @@ class MiniLLMStage:
                 lm_loss = torch.zeros(())
                 if self.lm:
                     n = lm.response_ids.shape[1]
-                    lm_teacher = teacher_logits[b:, :n] if cfg.kd_ratio > 0 else None
                     lm_loss = kd_loss(logits[b:, :n], lm_teacher, lm.response_ids, lm.response_mask, cfg.kd_ratio)
                     loss = loss + cfg.lm_coef * lm_loss
                     tokens += int(lm.response_mask.sum())
