@@ -40,6 +40,12 @@ def init_process_group(spec: JobSpec) -> torch.device:
     import deepspeed
 
     if not dist.is_initialized():
+        if not gpu and os.environ["WORLD_SIZE"] == "1":
+            # DeepSpeed JIT-compiles its shared-memory all-reduce for the CPU on every new cache
+            # (25 s of a first run on 2 cores), but one process has no peers to share memory with.
+            from deepspeed.accelerator import get_accelerator
+
+            deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     if gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
