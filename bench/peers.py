@@ -14,6 +14,12 @@ one after the other, so that peak memory is its own; the first step of each is a
   alone); the like-for-like row.
 - `trl-minillm`: TRL's `MiniLLMTrainer` (student-only `generate`, reverse-KL advantage and the
   single-step term), fp32 or bf16 as `--precision` says, no gradient checkpointing.
+- `trl-gkd`: TRL's maintained on-policy distillation, `GKDTrainer` with λ = 1 (every batch the
+  student's own samples) and β = 1 (reverse KL), in the same precision.
+
+Each TRL trainer runs in its fastest configuration on a CPU: the precision this project's `auto`
+rule picks (bf16 only where the CPU computes it natively) and no gradient checkpointing (it only
+trades time for memory).
 
 The last line printed is `full_ratio=X like_for_like_ratio=Y`: project ÷ TRL and project-alpha0 ÷
 TRL, in median seconds per step.
@@ -32,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-IMPLEMENTATIONS = ["project", "project-alpha0", "trl-minillm"]
+IMPLEMENTATIONS = ["project", "project-alpha0", "trl-minillm", "trl-gkd"]
 
 
 def peak_rss_gb() -> float:
@@ -48,9 +54,12 @@ def run_project(args, alpha: float) -> list[float]:
 
 
 def run_trl(args) -> list[float]:
+    """TRL's `MiniLLMTrainer` (impl trl-minillm) or `GKDTrainer` with λ = 1 (impl trl-gkd) on the same
+    models and prompts; seconds per step from a callback around each optimizer step."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
     from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
     from minillm_step import step_spec
@@ -77,18 +86,26 @@ def run_trl(args) -> list[float]:
 
     with tempfile.TemporaryDirectory() as out:
         student_dir = derive_student(teacher_dir, InitFromTeacher(num_layers=10, strategy="even"), Path(out) / "student")
-        config = MiniLLMConfig(
-            output_dir=str(Path(out) / "trl"), per_device_train_batch_size=args.batch_size, num_generations=1,
-            generation_batch_size=args.batch_size, max_completion_length=args.response_tokens,
-            max_steps=args.steps + 1, learning_rate=5e-6, logging_steps=1, report_to=[], save_strategy="no",
-            bf16=bf16, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, temperature=1.0,
-            disable_tqdm=True, seed=10,
+        common = dict(
+            output_dir=str(Path(out) / "trl"), per_device_train_batch_size=args.batch_size, max_steps=args.steps + 1,
+            learning_rate=5e-6, logging_steps=1, report_to=[], save_strategy="no", bf16=bf16,
+            use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, temperature=1.0, disable_tqdm=True, seed=10,
         )  # fmt: skip
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        trainer = MiniLLMTrainer(
+        if args.impl == "trl-minillm":
+            trainer_class, rows = MiniLLMTrainer, [{"prompt": p} for p in prompts]
+            config = MiniLLMConfig(**common, num_generations=1, generation_batch_size=args.batch_size,
+                                   max_completion_length=args.response_tokens)  # fmt: skip
+        else:
+            # λ = 1: every batch is the student's own samples (on-policy); β = 1: the divergence is the
+            # reverse KL, MiniLLM's. The collator wants a conversation ending in an answer, which the
+            # student's sample then replaces.
+            trainer_class = GKDTrainer
+            rows = [{"messages": [*p, {"role": "assistant", "content": r.response or "-"}]} for p, r in zip(prompts, records)]
+            config = GKDConfig(**common, lmbda=1.0, beta=1.0, max_new_tokens=args.response_tokens, max_length=1024)
+        trainer = trainer_class(
             model=AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
-            teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype),
-            args=config, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts] * (args.steps + 1)),
+            teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16 if bf16 else torch.float32),
+            args=config, train_dataset=Dataset.from_list(rows * (args.steps + 1)),
             processing_class=load_tokenizer(teacher_dir), callbacks=[Clock()],
         )  # fmt: skip
         trainer.train()
@@ -98,7 +115,7 @@ def run_trl(args) -> list[float]:
 def child(args) -> None:
     """Time one implementation in this process and print one JSON line."""
     sys.path.insert(0, str(Path(__file__).parent))
-    if args.impl == "trl-minillm":
+    if args.impl.startswith("trl-"):
         times = run_trl(args)
     else:
         times = run_project(args, alpha=0.0 if args.impl == "project-alpha0" else 0.2)
