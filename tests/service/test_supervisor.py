@@ -34,9 +34,21 @@ def test_exit_descriptions(tmp_path):
     assert "exited with code 3" in describe_exit(3, log)["message"] and "RuntimeError: boom" in describe_exit(3, log)["message"]
 
 
-def test_the_celery_process_never_imports_torch():
-    """torch, CUDA and DeepSpeed live only in the training child (fork safety, memory)."""
+def test_the_api_and_celery_processes_never_import_torch():
+    """torch, CUDA and DeepSpeed live only in the training child (fork safety, memory): not in the
+    API (app.main, with the checks it runs on a submitted spec and an uploaded dataset), the CLI,
+    the Celery supervisor or the reaper. transformers would bring torch with it."""
     import subprocess
 
-    code = "import sys, app.cli, worker.tasks, worker.reaper; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = """
+import sys, app.main, app.cli, worker.tasks, worker.reaper
+from worker.engine.data import read_records
+from worker.engine.preflight import preflight
+from worker.engine.spec import parse_spec
+assert preflight(parse_spec({"teacher": "builtin:smollm2-135m-instruct", "student": {"model": "builtin:tiny-student"}})) == []
+assert preflight(parse_spec({"student": {"model": "/no/such/dir"}}))
+assert read_records("builtin:demo")
+sys.exit(2 if "torch" in sys.modules or "transformers" in sys.modules else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

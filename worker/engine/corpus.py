@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .data import DataError, json_lines
+
+if TYPE_CHECKING:  # the API checks uploads through this module, and never loads torch
+    from transformers import PreTrainedTokenizerBase
 
 TEACHER_TEXT = "builtin:teacher-text"
 

@@ -13,10 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .spec import DataSpec
+
+if TYPE_CHECKING:  # the API reads and checks records through this module, and never loads torch
+    from transformers import PreTrainedTokenizerBase
 
 BUILTIN_DIR = Path(__file__).with_name("builtin_data")
 BUILTIN_SETS = {
@@ -175,6 +177,8 @@ def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
     Pass e is a permutation seeded by (seed, e), so any position can be recomputed from its index
     alone: a resumed job continues exactly where it stopped without saving a data iterator.
     """
+    import torch  # here, not at the top: the API imports this module for records and never loads torch
+
     order, cache = [], {}
     for position in range(start, start + count):
         epoch = position // n

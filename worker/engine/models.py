@@ -14,17 +14,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from .paths import cache_dir
+from .references import ModelError, classify
 from .spec import InitFromTeacher
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,11 +31,6 @@ TINY_CONFIGS = {
     "tiny-teacher": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
     "tiny-student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
 }
-BUILTINS = ("smollm2-135m-instruct", *TINY_CONFIGS)
-
-
-class ModelError(ValueError):
-    """A model reference that cannot be used; the message says why and what to do."""
 
 
 def _build_once(name: str, build: Callable[[Path], None]) -> Path:
@@ -101,49 +95,9 @@ def _build_tiny(name: str) -> Callable[[Path], None]:
     return build
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _classify(ref: str) -> tuple[str, str | Path]:
-    """("builtin", name), ("dir", path) or ("hub", id); raises ModelError for anything unusable."""
-    if ref.startswith("builtin:"):
-        name = ref.removeprefix("builtin:")
-        if name not in BUILTINS:
-            raise ModelError(f"unknown builtin model {ref!r}; builtins are: {', '.join('builtin:' + b for b in BUILTINS)}")
-        return "builtin", name
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{ref!r} is a directory but has no config.json: not a Hugging Face model directory")
-        return "dir", path
-    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise ModelError(f"{ref!r}: no such model directory")
-    if not _hub_reachable():
-        raise ModelError(
-            f"{ref!r} is not a local directory, and the Hugging Face hub is not reachable from this machine: "
-            "download the model where a hub is reachable and give its local directory"
-        )
-    return "hub", ref
-
-
-def check_reference(ref: str) -> Path | None:
-    """Validate a reference without building or downloading anything; its directory if it is local."""
-    kind, value = _classify(ref)
-    return value if kind == "dir" else None
-
-
 def resolve_model(ref: str) -> Path:
     """Turn a model reference into a local Hugging Face directory, building or downloading it if needed."""
-    kind, value = _classify(ref)
+    kind, value = classify(ref)
     if kind == "dir":
         return value
     if kind == "builtin":

@@ -1,7 +1,9 @@
 """Checks of a job spec that are cheap enough to run before a job is queued.
 
 Returns problems as (field path, message) pairs, so an API can point at the field. Nothing is
-built or downloaded; tokenizers are compared only when both models are local directories.
+built, downloaded or loaded, and neither torch nor transformers is imported: the API process runs
+these. Whether teacher and student share a tokenizer needs both loaded; the worker checks that
+first thing in a job (`models.check_compatible`), before anything is trained.
 """
 
 from __future__ import annotations
@@ -10,26 +12,19 @@ from collections.abc import Callable
 
 from .corpus import check_corpus
 from .data import DataError, resolve_source
-from .models import ModelError, check_compatible, check_reference
+from .references import ModelError, check_reference
 from .spec import DATA_FILES, JobSpec
-from .stages import check
 
 
 def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id: False) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
-    dirs = {}
     for loc, ref in (("teacher",), spec.teacher), (("student", "model"), spec.student.model):
         if ref is None:
             continue
         try:
-            dirs[loc[0]] = check_reference(ref)
+            check_reference(ref)
         except ModelError as err:
             problems.append((loc, str(err)))
-    if dirs.get("teacher") and dirs.get("student"):
-        try:
-            check_compatible(dirs["teacher"], dirs["student"])
-        except ModelError as err:
-            problems.append((("student", "model"), str(err)))
     for key in DATA_FILES:
         source = getattr(spec.data, key)
         if source is None:
@@ -42,5 +37,20 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
             (check_corpus if key == "pretrain" else resolve_source)(source)
         except DataError as err:
             problems.append((("data", key), str(err)))
-    problems += check(spec)
-    return problems
+    return problems + minillm_problems(spec)
+
+
+def minillm_problems(spec: JobSpec) -> list[tuple[tuple, str]]:
+    """How a MiniLLM spec's phases fail to fit its batches (the stage itself refuses them too)."""
+    if spec.method != "minillm":
+        return []
+    minibatch = spec.resources.devices * spec.training.batch_size * spec.training.gradient_accumulation
+    if spec.minillm.rollouts_per_phase % minibatch:
+        return [(("minillm", "rollouts_per_phase"),
+                 f"must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation ({minibatch})")]  # fmt: skip
+    if spec.training.steps <= spec.updates_per_phase:
+        return [(("training", "steps"),
+                 f"MiniLLM would never sample new rollouts: each phase of minillm.rollouts_per_phase rollouts gives "
+                 f"{spec.updates_per_phase} updates (rollouts ÷ minibatch × minillm.ppo_epochs); make training.steps "
+                 f"several times that, or lower minillm.rollouts_per_phase or minillm.ppo_epochs")]  # fmt: skip
+    return []

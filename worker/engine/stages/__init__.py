@@ -2,7 +2,7 @@
 
 A job runs an optional recovery stage (SFT or KD), then its method. `METHODS` is the one place that
 says which stage class runs a method and which responses it trains on; the trainer prepares that
-data and builds the stages from it, and preflight asks each stage class for its own checks.
+data and builds the stages from it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,3 @@ def needs(spec: JobSpec) -> set[str]:
     """What the job's stages train on: "none" (prompts only), "gold" or "teacher-samples" responses, and
     "pretrain" (data.pretrain, for MiniLLM's LM term)."""
     return set().union(*(method.stage.needs(method, spec) for _, method, _ in plan(spec)))
-
-
-def check(spec: JobSpec) -> list[tuple[tuple, str]]:
-    """Each stage's own problems with the spec, as (field path, message) pairs."""
-    return [problem for _, method, _ in plan(spec) for problem in method.stage.check(spec)]

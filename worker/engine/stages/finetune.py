@@ -30,11 +30,6 @@ class FinetuneStage:
         loss = "cross-entropy" if self.kd_ratio == 0 else f"{1 - self.kd_ratio:g}·cross-entropy + {self.kd_ratio:g}·forward KL to the teacher"
         return f"{self.name}: {loss} on {self.responses} responses, {self.schedule.steps} steps"
 
-    @staticmethod
-    def check(spec: JobSpec) -> list[tuple[tuple, str]]:
-        """Problems of the spec for this stage, found without loading anything."""
-        return []
-
     def train_step(self, step: int) -> dict[str, float]:
         ctx, spec = self.ctx, self.ctx.spec
         engine, ga = ctx.engine, spec.training.gradient_accumulation

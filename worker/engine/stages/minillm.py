@@ -100,20 +100,6 @@ class MiniLLMStage:
             text = "the training responses (minillm.lm_data train_responses, not the paper's L_PT)"
         return f"{self.name}: LM term: {loss} on {text}, weight minillm.lm_coef {cfg.lm_coef:g}"
 
-    @staticmethod
-    def check(spec: JobSpec) -> list[tuple[tuple, str]]:
-        """Problems of the spec for this stage, found without loading anything."""
-        minibatch = spec.resources.devices * spec.training.batch_size * spec.training.gradient_accumulation
-        if spec.minillm.rollouts_per_phase % minibatch:
-            return [(("minillm", "rollouts_per_phase"),
-                     f"must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation ({minibatch})")]  # fmt: skip
-        if spec.training.steps <= spec.updates_per_phase:
-            return [(("training", "steps"),
-                     f"MiniLLM would never sample new rollouts: each phase of minillm.rollouts_per_phase rollouts gives "
-                     f"{spec.updates_per_phase} updates (rollouts ÷ minibatch × minillm.ppo_epochs); make training.steps "
-                     f"several times that, or lower minillm.rollouts_per_phase or minillm.ppo_epochs")]  # fmt: skip
-        return []
-
     # -- sampling -------------------------------------------------------------------------------
 
     @torch.no_grad()
