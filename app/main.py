@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -10,7 +11,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import compile_path
 
@@ -31,6 +34,25 @@ async def lifespan(_app: FastAPI):
 
 app = FastAPI(title="distill", version="0.1.0", lifespan=lifespan,
               description="Knowledge distillation of large language models with MiniLLM, as a service.")  # fmt: skip
+
+
+def _json_safe(value):
+    """`value` with every non-finite float as text: JSON has no inf or nan."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422 body; an echoed input of 1e999 (read as inf) would otherwise fail to render (a 500)."""
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+
+
 api = APIRouter(prefix="/api/v1")
 api.include_router(jobs.router)
 api.include_router(datasets.router)

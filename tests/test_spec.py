@@ -121,3 +121,16 @@ def test_preflight_checks_every_data_file(key):
 def test_the_builtin_corpus_passes_preflight():
     assert not preflight(parse_spec({**STUDENT, "teacher": "builtin:tiny-teacher", "student": {"model": "builtin:tiny-student"},
                                      "data": {"pretrain": "builtin:teacher-text"}}))  # fmt: skip
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"training": {"steps": 2**31}}, "training.steps"),
+    ({"training": {"learning_rate": float("inf")}}, "training.learning_rate"),
+    ({"minillm": {"clip_range": float("nan")}}, "minillm.clip_range"),
+    ({"eval": {"seeds": [1, 2**40]}}, "eval.seeds"),
+    ({"name": "a\x00b"}, "name"),
+])  # fmt: skip
+def test_numbers_that_do_not_fit_and_nul_characters_are_refused_naming_the_field(override, field):
+    with pytest.raises(SpecError, match=rf"^{field}: "):
+        parse_spec({"student": {"model": "x"}, **override})
+    assert parse_spec({"student": {"model": "x"}, "training": {"steps": 2**31 - 1, "seed": -(2**31)}}).training.steps == 2**31 - 1

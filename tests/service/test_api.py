@@ -238,6 +238,8 @@ INVALID = {
                                ["body", "minillm", "rollouts_per_phase"], "multiple"),
     "rollouts vs devices": (lambda d: tiny_spec(d, resources={"devices": 3}), ["body", "minillm", "rollouts_per_phase"],
                             "(6)"),
+    "steps beyond 32 bits": (lambda d: tiny_spec(d, training={"steps": 2**31}), ["body", "training", "steps"], "2147483647"),
+    "NUL in the name": (lambda d: {**tiny_spec(d), "name": "a\x00b"}, ["body", "name"], "NUL"),
 }  # fmt: skip
 
 
@@ -250,6 +252,16 @@ def test_invalid_specs_are_422_naming_the_field_and_store_nothing(client, auth, 
     assert response.status_code == 422, response.text
     error = detail_for(response, loc)
     assert words.lower() in error["msg"].lower(), error
+    assert job_count(client, auth) == before
+
+
+def test_a_number_json_reads_as_infinity_is_422_naming_the_field(client, auth, dataset):
+    """1e999 is valid JSON and Python reads it as inf; no float field takes it."""
+    before = job_count(client, auth)
+    body = json.dumps(tiny_spec(dataset, training={"learning_rate": 12345.0})).replace("12345.0", "1e999")
+    response = client.post(JOBS, content=body, headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert "finite" in detail_for(response, ["body", "training", "learning_rate"])["msg"]
     assert job_count(client, auth) == before
 
 

@@ -20,8 +20,25 @@ Method = Literal["minillm", "kd", "seqkd", "sft"]
 DATA_FILES = ("train", "selection", "eval", "pretrain")
 
 
+# Whole numbers are stored in 32-bit columns and handed to 32-bit C code (seeds, sizes).
+INT32_MAX = 2**31 - 1
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are refused by every float field: `learning_rate: 1e999` reads as inf in YAML and JSON.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value):
+        """Every whole number fits 32 bits; no text holds a NUL (PostgreSQL refuses it, paths end there)."""
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and not -INT32_MAX - 1 <= v <= INT32_MAX:
+                raise ValueError(f"must be between {-INT32_MAX - 1} and {INT32_MAX}")
+            if isinstance(v, str) and "\x00" in v:
+                raise ValueError("must not contain a NUL character")
+        return value
 
 
 class InitFromTeacher(_Section):
