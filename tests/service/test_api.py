@@ -138,6 +138,15 @@ def test_health_and_readiness_need_no_token(client):
     assert ready.json() == {"database": "ok", "broker": "ok"}
 
 
+def test_readiness_names_a_down_broker_without_its_error_text(client, monkeypatch):
+    from worker.celery_app import celery
+
+    monkeypatch.setattr(celery.conf, "broker_url", "redis://:secret-password@127.0.0.1:1/0")  # nothing listens
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"database": "ok", "broker": "unavailable"}  # no host, port or password
+
+
 def test_prometheus_metrics_count_jobs_and_requests(client, auth, dataset):
     from app.models import Job
 
