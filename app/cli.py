@@ -145,6 +145,7 @@ def up(
     from app import crud
     from app.core.config import get_settings
     from app.core.db import session_factory
+    from app.core.files import write_private
     from app.models import User
     from sqlalchemy import select
 
@@ -153,9 +154,7 @@ def up(
     with session_factory()() as session:
         user = session.scalar(select(User).where(User.name == "local"))
         token = crud.create_token(session, user) if user else crud.create_user(session, "local")[1]
-    token_file = settings.data_dir / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
+    write_private(settings.data_dir / "token", token)
     processes = [
         subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port),
                           "--log-level", "warning"]),  # fmt: skip
@@ -182,7 +181,7 @@ def up(
                 break
             except Exception:
                 time.sleep(0.5)
-        typer.echo(f"distill is up: {url}/#token={token}\n(API docs at {url}/docs; the token is also in {token_file})")
+        typer.echo(f"distill is up: {url}/#token={token}\n(API docs at {url}/docs; the token is also in {settings.data_dir / 'token'})")
         if demo:
             job = _submit_and_follow(client, demo, follow=True, idempotency_key=None)
             typer.echo(f"checkpoints on disk: {settings.resolved_artifacts_dir / 'jobs' / job['id'] / 'checkpoints'}")

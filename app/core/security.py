@@ -11,6 +11,7 @@ from functools import lru_cache
 from urllib.parse import urlencode
 
 from .config import get_settings
+from .files import create_private_once
 
 LINK_SECONDS = 24 * 3600  # long enough to resume a multi-gigabyte download
 
@@ -20,11 +21,7 @@ def _secret() -> bytes:
     settings = get_settings()
     if settings.secret_key:
         return settings.secret_key.encode()
-    path = settings.data_dir / "secret_key"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip().encode()
+    return create_private_once(settings.data_dir / "secret_key", secrets.token_hex(32)).strip().encode()
 
 
 def _signature(path: str, expires: int) -> str:
