@@ -157,7 +157,7 @@ def reap_stale(session: Session, timeout: timedelta, now: datetime | None = None
             if _move_attempt(from_=(CANCELLING,), status=CANCELLED, finished_at=now, **where):
                 _event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
         elif job.attempts < job.max_attempts:
-            if _move_attempt(from_=(RUNNING,), status=QUEUED, worker=None, **where):
+            if _move_attempt(from_=(RUNNING,), status=QUEUED, worker=None, published_at=None, **where):
                 _event(session, job.id, "state", f"queued again: worker {job.worker} stopped responding "
                        f"(attempt {job.attempts} of {job.max_attempts})", "warning", {"state": QUEUED})  # fmt: skip
                 requeue.append(job.id)
@@ -168,6 +168,21 @@ def reap_stale(session: Session, timeout: timedelta, now: datetime | None = None
                 _event(session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error})
         session.commit()
     return requeue
+
+
+def mark_published(session: Session, job_id: str) -> None:
+    """Record that a queued job's message reached the broker."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED, Job.published_at.is_(None)).values(published_at=utcnow()))
+    session.commit()
+
+
+def unpublished(session: Session, created_before: datetime) -> list[tuple[str, str]]:
+    """(id, queue) of queued jobs whose message was never sent, created before `created_before`
+    (younger ones are being sent by the request that created them)."""
+    rows = session.execute(
+        select(Job.id, Job.queue).where(Job.status == QUEUED, Job.published_at.is_(None), Job.created_at < created_before)
+    )
+    return [(job_id, queue) for job_id, queue in rows]
 
 
 def is_active(session: Session, job_id: str, attempt: int) -> str | None:

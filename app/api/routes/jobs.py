@@ -18,11 +18,12 @@ from app.api.deps import CurrentUser, DownloadableJob, OwnedJob, SessionDep, Set
 from app.core.db import session_factory
 from app.core.security import signed_url
 from app.core.storage import s3_store
-from app.models import STATUSES, TERMINAL, Checkpoint, Dataset, EvalResult, Job, JobEvent, Metric
+from app.models import QUEUED, STATUSES, TERMINAL, Checkpoint, Dataset, EvalResult, Job, JobEvent, Metric
 from app.schemas import CheckpointOut, EvalOut, EventOut, JobOut, Page
 from worker.celery_app import queue_for
 from worker.engine.preflight import preflight
 from worker.engine.spec import JobSpec
+from worker.outbox import publish
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -47,14 +48,15 @@ def submit(
         raise RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
     body = spec.model_dump(mode="json")
     try:
-        job, created = crud.create_job(session, user, body, queue=queue_for(body, settings), total_steps=spec.total_steps,
+        job, _ = crud.create_job(session, user, body, queue=queue_for(body, settings), total_steps=spec.total_steps,
                                        max_attempts=settings.max_attempts, idempotency_key=idempotency_key)  # fmt: skip
     except crud.IdempotencyConflict:
         raise HTTPException(status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different job spec") from None
-    if created:
-        from worker.tasks import enqueue
-
-        enqueue(job.id, job.queue)
+    if job.status == QUEUED and job.published_at is None:  # new, or a retry of a job whose message never went out
+        if not publish(job.id, job.queue):
+            crud.add_event(session, job.id, "log", "the broker did not answer; the job is stored and is sent to a "
+                                                   "worker as soon as the broker is back", "warning")  # fmt: skip
+        session.refresh(job)
     return JobOut.of(job)
 
 
