@@ -34,4 +34,5 @@ def signed_url(path: str, seconds: int = LINK_SECONDS) -> tuple[str, int]:
 
 
 def valid_signature(path: str, expires: int, signature: str) -> bool:
-    return expires >= time.time() and hmac.compare_digest(_signature(path, expires), signature)
+    # As bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, not a mismatch).
+    return expires >= time.time() and hmac.compare_digest(_signature(path, expires).encode(), signature.encode())

@@ -274,6 +274,14 @@ def test_a_number_json_reads_as_infinity_is_422_naming_the_field(client, auth, d
     assert job_count(client, auth) == before
 
 
+def test_event_cursors_beyond_64_bits_are_422_naming_the_parameter(client, auth, dataset):
+    job = new_job(client, auth, dataset)
+    response = client.get(f"{JOBS}/{job['id']}/events", params={"after": 2**63}, headers=auth)
+    assert response.status_code == 422 and detail_for(response, ["query", "after"])
+    stream = client.get(f"{JOBS}/{job['id']}/events/stream", params={"after": 2**63}, headers=auth)
+    assert stream.status_code == 422
+
+
 def test_all_preflight_problems_are_reported_together(client, auth, dataset):
     spec = tiny_spec(dataset, teacher="/nonexistent/teacher", data={"train": "dataset:ds-nope"}, minillm={"rollouts_per_phase": 3})
     response = submit(client, auth, spec)

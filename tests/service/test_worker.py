@@ -6,16 +6,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.client import Client
 from app.core.db import session_factory
 from app.main import app
-from app.models import Job
+from app.models import Checkpoint, Job
 from worker.engine.launch import free_port
 from helpers import Worker, job, make_user, submit, tiny_spec, training_process, wait_for
 
@@ -87,6 +88,17 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     assert client.get(file_link).json()["num_hidden_layers"] == 2
     other = make_user()
     assert client.post(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive/link", headers=other).status_code == 404
+
+    # Hostile or stale requests are 4xx, never 500s.
+    assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/²/archive", headers=auth).status_code == 404
+    assert client.get(link.replace("signature=", "signature=é")).status_code == 403
+    with session_factory()() as session:
+        latest = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()[-1]
+        Path(latest.archive_path).unlink()
+        (Path(latest.path) / "config.json").unlink()
+    gone = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth)
+    assert gone.status_code == 404 and "no longer in storage" in gone.json()["detail"]
+    assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/files/config.json", headers=auth).status_code == 404
 
 
 def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dataset, worker):

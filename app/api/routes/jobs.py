@@ -26,6 +26,7 @@ from worker.engine.spec import JobSpec
 from worker.outbox import publish
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_ID = 2**63 - 1  # ids are 64-bit columns; a larger bound overflows the driver (a 500 on SQLite)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -93,7 +94,7 @@ def cancel(job: OwnedJob, session: SessionDep) -> JobOut:
 def events(
     job: OwnedJob,
     session: SessionDep,
-    after: Annotated[int, Query(description="id of the last event already seen")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="id of the last event already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> Page[EventOut]:
     rows = session.scalars(
@@ -106,8 +107,8 @@ def events(
 async def stream_events(
     job: OwnedJob,
     request: Request,
-    last_event_id: Annotated[int | None, Header()] = None,
-    after: int = 0,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID)] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
     """Server-sent events from the same table; reconnecting with Last-Event-ID resumes where it broke off.
     The stream ends once the job has ended and every event has been sent."""
@@ -179,7 +180,7 @@ def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
 def _checkpoint(session, job: Job, step: str) -> Checkpoint:
     rows = _checkpoints(session, job)
     found = rows[-1] if step == "latest" and rows else _best(job, rows) if step == "best" else None
-    if step.isdigit():
+    if step.isascii() and step.isdigit():  # "²" is a digit to str.isdigit, not to int()
         found = next((c for c in rows if c.step == int(step)), None)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no checkpoint {step!r}")
@@ -198,7 +199,7 @@ def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
     if c.storage_url and store is not None:
         url = store.download_url(c.storage_url, f"archives/{Path(c.archive_path).name}", filename)
         return RedirectResponse(url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": c.archive_sha256})
-    return FileResponse(c.archive_path, media_type="application/x-tar", filename=filename,
+    return FileResponse(_on_disk(c.archive_path, c), media_type="application/x-tar", filename=filename,
                         headers={"X-Checksum-SHA256": c.archive_sha256})  # fmt: skip
 
 
@@ -212,7 +213,14 @@ def checkpoint_file(job: DownloadableJob, step: str, name: str, session: Session
     if c.storage_url and store is not None:
         url = store.download_url(c.storage_url, f"checkpoints/{Path(c.path).name}/{name}", name)
         return RedirectResponse(url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": entry["sha256"]})
-    return FileResponse(Path(c.path) / name, filename=name, headers={"X-Checksum-SHA256": entry["sha256"]})
+    return FileResponse(_on_disk(Path(c.path) / name, c), filename=name, headers={"X-Checksum-SHA256": entry["sha256"]})
+
+
+def _on_disk(path: str | Path, c: Checkpoint) -> Path:
+    """`path` if the file is still there; a 404 if it was removed behind the checkpoint's row."""
+    if not Path(path).is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the files of checkpoint step {c.step} are no longer in storage")
+    return Path(path)
 
 
 @router.post("/{job_id}/checkpoints/{step}/archive/link")
