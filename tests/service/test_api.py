@@ -680,6 +680,10 @@ BAD_UPLOADS = {
     "empty": (b"", "no records"),
     "not utf-8": (b'{"instruction": "\xff\xfe"}\n', "utf-8"),
     "corpus line 2 not text": (b'{"text": "a"}\n{"text": 5}\n', ":2:"),
+    "line 2 nested 100,000 deep": (b'{"instruction": "a", "output": "b"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+                                   ":2: not valid JSON: nested too deeply"),
+    "line 1 a 5,000-digit integer": (b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n", ":1: not valid JSON"),
+    "first line nested deep": (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: not valid JSON: nested too deeply"),
 }
 
 

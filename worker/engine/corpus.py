@@ -20,7 +20,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .data import DataError, json_lines
+from .data import DataError, json_lines, parse_json_line
 
 if TYPE_CHECKING:  # the API checks uploads through this module, and never loads torch
     from transformers import PreTrainedTokenizerBase
@@ -44,9 +44,9 @@ def is_text_jsonl(path: Path) -> bool:
         for line in lines:
             if line.strip():
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
+                    obj = parse_json_line(line, str(path))
+                except DataError:
+                    return False  # read as records, whose reader reports the line
                 return isinstance(obj, dict) and "text" in obj and not {"instruction", "prompt"} & obj.keys()
     return False
 

@@ -101,10 +101,19 @@ def json_lines(path: Path, name: str) -> Iterator[tuple[object, str]]:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                yield json.loads(line), f"{name}:{number}"
-            except json.JSONDecodeError as err:
-                raise DataError(f"{name}:{number}: not valid JSON: {err.msg}") from None
+            yield parse_json_line(line, f"{name}:{number}"), f"{name}:{number}"
+
+
+def parse_json_line(line: str, where: str) -> object:
+    """One JSON value; anything json.loads refuses, or cannot finish, is a DataError naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON: {err.msg}") from None
+    except RecursionError:  # json.loads recurses once per level: [[[[...]]]] 100,000 deep
+        raise DataError(f"{where}: not valid JSON: nested too deeply") from None
+    except ValueError as err:  # an integer of more than 4,300 digits
+        raise DataError(f"{where}: not valid JSON: {err}") from None
 
 
 def read_records(source: str) -> list[Record]:

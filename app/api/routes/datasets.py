@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.models import Dataset, new_id
@@ -36,28 +38,35 @@ async def upload(
     folder.mkdir(parents=True, exist_ok=True)
     path, digest, size = folder / f"{dataset_id}.jsonl", hashlib.sha256(), 0
     partial = path.with_suffix(".partial")
-    with partial.open("wb") as out:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_upload_bytes:
-                out.close()
-                partial.unlink()
-                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                                    f"datasets are limited to {settings.max_upload_bytes} bytes")  # fmt: skip
-            digest.update(chunk)
-            out.write(chunk)
     try:
-        records = read_text_records(partial, str(partial)) if is_text_jsonl(partial) else read_records(str(partial))
+        with partial.open("wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                                        f"datasets are limited to {settings.max_upload_bytes} bytes")  # fmt: skip
+                digest.update(chunk)
+                out.write(chunk)
+        # Parsing a large file takes seconds: in a worker thread, so other requests are served meanwhile.
+        records = await run_in_threadpool(_parse, partial)
     except (DataError, UnicodeDecodeError) as err:
         partial.unlink()
         message = str(err).replace(str(partial), name)
         raise RequestValidationError([{"loc": ("body",), "msg": message, "type": "value_error"}]) from None
+    except BaseException:  # too large, the client gone mid-upload, anything else: no partial file stays
+        partial.unlink(missing_ok=True)
+        raise
     partial.rename(path)
     dataset = Dataset(id=dataset_id, user_id=user.id, name=name, path=str(path), num_records=len(records),
                       size_bytes=size, sha256=digest.hexdigest())  # fmt: skip
     session.add(dataset)
     session.commit()
     return DatasetOut.model_validate(dataset)
+
+
+def _parse(path: Path) -> list:
+    """The upload's records: pretraining documents or training records, whichever it holds."""
+    return read_text_records(path, str(path)) if is_text_jsonl(path) else read_records(str(path))
 
 
 @router.get("", response_model=list[DatasetOut])
