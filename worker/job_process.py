@@ -46,6 +46,10 @@ def main() -> None:
         pass
     except Exception:  # already reported as the job's failure by the trainer
         sys.exit(1)
+    finally:
+        # Events that waited out a database outage, the outcome among them: written before exiting,
+        # for as long as the job's lease lasts (after that the job is taken up again anyway).
+        reporter.flush(seconds=settings.heartbeat_timeout_seconds)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ is asked to stop.
 
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
+from collections import deque
 from pathlib import Path
 
 from sqlalchemy import delete, select
@@ -16,9 +18,12 @@ from sqlalchemy import delete, select
 from app import crud
 from app.core.db import session_factory
 from app.core.files import sha256_file
+from app.core.outage import OUTAGE, through_outage
 from app.core.storage import s3_store
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job, Metric
 from worker.engine.events import Event
+
+log = logging.getLogger(__name__)
 
 
 def build_archive(directory: Path, archive: Path) -> None:
@@ -44,19 +49,42 @@ class DbReporter:
         self.Session = session_factory()
         self.parent = os.getppid()
         self.store = s3_store()
+        self.pending: deque[Event] = deque()  # written in order; more than one only during an outage
+        self.outage = False
 
     def should_cancel(self) -> bool:
         if os.getppid() != self.parent:  # orphaned: the supervisor is gone
             return True
-        with self.Session() as session:
-            return crud.is_active(session, self.job_id, self.attempt) != RUNNING
+        try:
+            with self.Session() as session:
+                return crud.is_active(session, self.job_id, self.attempt) != RUNNING
+        except OUTAGE:
+            return False  # no answer is not a cancellation; the supervisor minds the lease
 
     def emit(self, event: Event) -> None:
+        self.pending.append(event)
+        self.flush()
+
+    def flush(self, seconds: float = 0.0) -> bool:
+        """Write the waiting events in order, retrying through an outage for up to `seconds`;
+        True when none is left."""
+        while self.pending:
+            try:
+                through_outage(lambda: self._write(self.pending[0]), seconds)
+            except OUTAGE:
+                if not self.outage:
+                    log.warning("the database does not answer; %d event(s) wait to be written", len(self.pending))
+                self.outage = True
+                return False
+            self.pending.popleft()
+        self.outage = False
+        return True
+
+    def _write(self, event: Event) -> None:
         with self.Session() as session:
             if crud.is_active(session, self.job_id, self.attempt) is None:
                 return
-            handler = getattr(self, f"_on_{event.type}")
-            handler(session, event)
+            getattr(self, f"_on_{event.type}")(session, event)
 
     # -- one method per event type --------------------------------------------------------------
 
@@ -80,7 +108,6 @@ class DbReporter:
         step, values = event.data["step"], event.data["values"]
         session.add_all(Metric(job_id=self.job_id, step=step, name=k, value=float(v)) for k, v in values.items())
         session.get(Job, self.job_id).latest_metrics = {"step": step, "stage": event.data.get("stage"), **values}
-        session.commit()
         crud.add_event(session, self.job_id, "metrics", "", "debug", event.data)
 
     def _on_eval(self, session, event: Event) -> None:
@@ -88,11 +115,13 @@ class DbReporter:
         session.add(EvalResult(job_id=self.job_id, step=step, label=label, scores=scores))
         if label == "best":  # the best checkpoint's test-set scores, at the end of the job
             session.get(Job, self.job_id).best_eval = {"step": step, "set": "test", "scores": scores}
-        session.commit()
         crud.add_event(session, self.job_id, "eval", event.message, "info", event.data)
 
     def _on_checkpoint(self, session, event: Event) -> None:
         step, directory = event.data["step"], Path(event.data["path"])
+        if not directory.exists():  # written late (after an outage): the engine has already replaced it
+            crud.add_event(session, self.job_id, "checkpoint", event.message + " (since replaced by a newer one)", "info", event.data)
+            return
         archive = directory.parent.parent / "archives" / f"{directory.name}.tar"
         archive.parent.mkdir(exist_ok=True)
         build_archive(directory, archive)
@@ -122,5 +151,4 @@ class DbReporter:
                     name = Path(old.path).name
                     self.store.delete(old.storage_url, [f"archives/{name}.tar", *(f"checkpoints/{name}/{f['name']}" for f in old.files)])
                 session.delete(old)
-        session.commit()
         crud.add_event(session, self.job_id, "checkpoint", event.message, "info", {**event.data, "files": files})

@@ -9,6 +9,7 @@ child, and cancelling can signal the whole group (the DeepSpeed launcher and its
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -20,10 +21,12 @@ from pathlib import Path
 from app import crud
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
+from app.core.outage import OUTAGE, through_outage
 from app.models import CANCELLED, CANCELLING, FAILED, Job
 from worker.engine.launch import deepspeed_command
 
 PR_SET_PDEATHSIG = 1
+logger = logging.getLogger(__name__)
 
 
 def die_with_parent() -> None:
@@ -74,38 +77,60 @@ def supervise(job_id: str) -> bool:
             child_command(job_id, attempt, spec, settings), stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
-        _watch(child, job_id, attempt, settings, Session)
+        try:
+            held = _watch(child, job_id, attempt, settings, Session)
+        finally:
+            if child.poll() is None:  # _watch failed unexpectedly: no training process outlives its supervisor
+                _stop(child)
     code = child.wait()
-    with Session() as session:
-        status = crud.is_active(session, job_id, attempt)
-        if status == CANCELLING:  # killed after the grace period, or stopped without saying so
-            crud.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
-        elif status is not None:  # the child ended without reporting an outcome: it crashed
-            crud.finish(session, job_id, attempt, FAILED, describe_exit(code, log))
+    if not held:
+        return True  # the lease ran out in a database outage: the reaper queues the job again
+
+    def settle() -> None:
+        with Session() as session:
+            status = crud.is_active(session, job_id, attempt)
+            if status == CANCELLING:  # killed after the grace period, or stopped without saying so
+                crud.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
+            elif status is not None:  # the child ended without reporting an outcome: it crashed
+                crud.finish(session, job_id, attempt, FAILED, describe_exit(code, log))
+
+    through_outage(settle, settings.heartbeat_timeout_seconds)
     return True
 
 
-def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> None:
+def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> bool:
     """Heartbeat while the child runs; stop it if the job is taken over, or cancelled and still
-    running after the grace period (the child stops by itself between any two units of work)."""
-    last_beat, cancel_seen = 0.0, None
+    running after the grace period (the child stops by itself between any two units of work).
+    False if the child was stopped because the database stayed unreachable until just before the
+    lease ends (the reaper may then give the job to another attempt, which must not run beside it)."""
+    last_beat, last_answer, cancel_seen = 0.0, time.monotonic(), None
     while child.poll() is None:
         time.sleep(0.5)
         now = time.monotonic()
         if cancel_seen is not None and now - cancel_seen > settings.cancel_grace_seconds:
             _stop(child)
-            return
+            return True
         if now - last_beat < settings.heartbeat_seconds:
             continue
         last_beat = now
-        with Session() as session:
-            owned = crud.heartbeat(session, job_id, attempt)
-            status = crud.is_active(session, job_id, attempt)
+        try:
+            with Session() as session:
+                owned = crud.heartbeat(session, job_id, attempt)
+                status = crud.is_active(session, job_id, attempt)
+        except OUTAGE:
+            if now - last_answer > settings.heartbeat_timeout_seconds - 2 * settings.heartbeat_seconds:
+                logger.warning("job %s: the database did not answer for %.0f s; stopping its training process "
+                            "before its lease ends", job_id, now - last_answer)  # fmt: skip
+                _stop(child)
+                return False
+            continue
+        last_answer = now
         if not owned:
             _stop(child)  # another attempt has the job now; this one must not write anything more
-            return
+            return True
         if status == CANCELLING and cancel_seen is None:
             cancel_seen = now
+    return True
 
 
 def _stop(child: subprocess.Popen, grace: float = 10.0) -> None:
