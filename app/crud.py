@@ -13,7 +13,7 @@ import json
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import DateTime, and_, func, or_, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,7 +28,6 @@ from .models import (
     Job,
     JobEvent,
     User,
-    utcnow,
 )
 
 # -- users and tokens ---------------------------------------------------------------------------
@@ -87,10 +86,18 @@ def add_event(session: Session, job_id: str, type_: str, message: str, level: st
     session.commit()
 
 
+def db_now(session: Session) -> datetime:
+    """The database's clock. Leases, heartbeats and timeouts are all read off this one clock: each
+    machine's own would let a worker whose clock runs two minutes slow have its jobs reaped."""
+    if session.get_bind().dialect.name == "sqlite":
+        return session.scalar(select(type_coerce(func.strftime("%Y-%m-%d %H:%M:%f", "now"), DateTime(timezone=True))))
+    return session.scalar(select(func.now()))
+
+
 def claim(session: Session, job_id: str, worker: str) -> int | None:
     """Take a queued job for this worker; returns the attempt number, or None if someone else has it
     (a redelivered duplicate message, or a job cancelled while queued)."""
-    now = utcnow()
+    now = db_now(session)
     attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == QUEUED)
@@ -105,7 +112,7 @@ def claim(session: Session, job_id: str, worker: str) -> int | None:
 
 def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
     """Record that attempt `attempt` is alive; False once the job has moved on without it."""
-    alive = _move_attempt(session, job_id, attempt, (RUNNING, CANCELLING), heartbeat_at=utcnow())
+    alive = _move_attempt(session, job_id, attempt, (RUNNING, CANCELLING), heartbeat_at=db_now(session))
     session.commit()
     return alive
 
@@ -116,7 +123,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
     if status not in TERMINAL:
         raise ValueError(f"finish() takes a terminal status, not {status!r}")
     from_ = (CANCELLING,) if status == CANCELLED else (RUNNING, CANCELLING)
-    values: dict = {"status": status, "finished_at": utcnow()}
+    values: dict = {"status": status, "finished_at": db_now(session)}
     if error:
         values.update(error_code=error.get("code"), error_message=error.get("message"))
     moved = _move_attempt(session, job_id, attempt, from_, **values)
@@ -130,7 +137,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
 def request_cancel(session: Session, job_id: str) -> str | None:
     """Cancel: a queued job at once, a running one by asking its worker. Returns the new status,
     or None when the job had already ended."""
-    if _move(session, job_id, (QUEUED,), status=CANCELLED, finished_at=utcnow()):
+    if _move(session, job_id, (QUEUED,), status=CANCELLED, finished_at=db_now(session)):
         _event(session, job_id, "state", "cancelled before it started", data={"state": CANCELLED})
         session.commit()
         return CANCELLED
@@ -143,10 +150,10 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     return job.status if job and job.status == CANCELLING else None
 
 
-def reap_stale(session: Session, timeout: timedelta, now: datetime | None = None) -> list[str]:
+def reap_stale(session: Session, timeout: timedelta) -> list[str]:
     """Jobs whose worker stopped sending heartbeats: back to the queue while attempts remain, else
     failed (a job cancelled while its worker died ends cancelled). Returns the ids to enqueue again."""
-    now = now or utcnow()
+    now = db_now(session)
     stale = session.scalars(
         select(Job).where(Job.status.in_((RUNNING, CANCELLING)), Job.heartbeat_at < now - timeout)
     ).all()
@@ -172,16 +179,16 @@ def reap_stale(session: Session, timeout: timedelta, now: datetime | None = None
 
 def mark_published(session: Session, job_id: str) -> None:
     """Record that a queued job's message reached the broker."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED, Job.published_at.is_(None)).values(published_at=utcnow()))
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED, Job.published_at.is_(None)).values(published_at=db_now(session)))
     session.commit()
 
 
-def unpublished(session: Session, created_before: datetime) -> list[tuple[str, str]]:
-    """(id, queue) of queued jobs whose message was never sent, created before `created_before`
+def unpublished(session: Session, grace: timedelta) -> list[tuple[str, str]]:
+    """(id, queue) of queued jobs whose message was never sent, created more than `grace` ago
     (younger ones are being sent by the request that created them)."""
-    rows = session.execute(
-        select(Job.id, Job.queue).where(Job.status == QUEUED, Job.published_at.is_(None), Job.created_at < created_before)
-    )
+    rows = session.execute(select(Job.id, Job.queue).where(
+        Job.status == QUEUED, Job.published_at.is_(None), Job.created_at < db_now(session) - grace
+    ))  # fmt: skip
     return [(job_id, queue) for job_id, queue in rows]
 
 

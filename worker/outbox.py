@@ -13,7 +13,6 @@ from datetime import timedelta
 
 from app import crud
 from app.core.db import session_factory
-from app.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -38,5 +37,5 @@ def publish(job_id: str, queue: str) -> bool:
 def publish_pending() -> list[str]:
     """Send every queued job whose message never reached the broker; the ids sent."""
     with session_factory()() as session:
-        pending = crud.unpublished(session, utcnow() - SEND_GRACE)
+        pending = crud.unpublished(session, SEND_GRACE)
     return [job_id for job_id, queue in pending if publish(job_id, queue)]

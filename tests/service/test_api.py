@@ -582,6 +582,29 @@ def test_reaper_requeues_a_lost_job_while_attempts_remain(client, auth, dataset)
         assert crud.finish(session, job["id"], 2, "succeeded")
 
 
+def test_a_worker_whose_clock_is_two_minutes_slow_keeps_its_job(client, auth, dataset, monkeypatch):
+    """Heartbeats and the reaper read the database's clock, not each machine's own."""
+    from datetime import datetime, timezone
+
+    import app.crud
+    import app.models
+    from app import crud
+
+    job = new_job(client, auth, dataset)
+    slow = lambda: datetime.now(timezone.utc) - timedelta(minutes=2)  # noqa: E731
+    for module in (app.models, app.crud):  # wherever a machine clock could be read
+        monkeypatch.setattr(module, "utcnow", slow, raising=False)
+    with db() as session:  # the slow worker claims the job and beats
+        attempt = crud.claim(session, job["id"], "slow-worker")
+        assert crud.heartbeat(session, job["id"], attempt)
+    monkeypatch.undo()
+    with db() as session:  # a reaper with a correct clock and a one-minute lease
+        assert job["id"] not in crud.reap_stale(session, timedelta(minutes=1))
+    assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "running"
+    with db() as session:
+        crud.finish(session, job["id"], attempt, "succeeded")
+
+
 def test_reaper_fails_a_job_out_of_attempts(client, auth, dataset):
     from app import crud
 
