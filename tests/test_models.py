@@ -96,3 +96,23 @@ def test_config_vocab_smaller_than_tokenizer_is_refused(tmp_path):
             (tmp_path / "s" / name).write_bytes(src.read_bytes())
     with pytest.raises(ModelError, match="smaller than the tokenizer"):
         check_compatible(resolve_model("builtin:tiny-teacher"), tmp_path / "s")
+
+
+def test_content_hash_follows_the_bytes_not_the_path(tmp_path):
+    """Teacher outputs are cached under this hash: a model replaced in place must get a new one."""
+    import shutil
+
+    from worker.engine.models import content_hash
+
+    model = tmp_path / "teacher"
+    shutil.copytree(resolve_model("builtin:tiny-teacher"), model)
+    first = content_hash(model)
+    assert content_hash(model) == first  # stable (and served from the memo the second time)
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    assert content_hash(copy) == first  # the same bytes elsewhere: the same model
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert content_hash(model) != first

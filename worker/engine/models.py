@@ -11,7 +11,9 @@ A reference is resolved to a local Hugging Face directory once; everything downs
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from .paths import cache_dir
+from .paths import cache_dir, write_atomically
 from .references import ModelError, classify
 from .spec import InitFromTeacher
 
@@ -109,6 +111,29 @@ def resolve_model(ref: str) -> Path:
         return Path(snapshot_download(value))
     except Exception as err:  # the hub client raises many types; the message is what matters here
         raise ModelError(f"{ref!r}: could not download from the hub: {err}") from err
+
+
+def content_hash(model_dir: Path) -> str:
+    """A digest of everything in a model directory (names and bytes), for keying what the model
+    computed (the teacher's references and scores): a model changed in place under the same path
+    gets new ones. Each file's SHA-256 is remembered in the cache by (path, size, mtime), so a
+    directory is read in full only when a file in it changed."""
+    memo_path = cache_dir() / "file_hashes.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        real, stat = file.resolve(), file.stat()
+        key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in memo:
+            h = hashlib.sha256()
+            with real.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            memo[key] = h.hexdigest()
+        digest.update(f"{file.relative_to(model_dir)}\0{memo[key]}\n".encode())
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(memo_path, json.dumps(memo))
+    return digest.hexdigest()
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:

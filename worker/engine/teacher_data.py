@@ -28,7 +28,7 @@ OPENINGS = ("The", "In", "A", "It", "When", "There", "This", "One", "Many", "If"
 
 def _generate(
     teacher: torch.nn.Module,
-    teacher_ref: str,
+    teacher_key: str,
     prompts: list[list[int]],
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -45,7 +45,7 @@ def _generate(
     `check` is called before every token and may raise (a cancelled job): the cache file is written
     whole or not at all.
     """
-    key = json.dumps([teacher_ref, prompts, max_new_tokens, greedy, seed])
+    key = json.dumps([teacher_key, prompts, max_new_tokens, greedy, seed])
     path = cache_dir() / "teacher_responses" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -67,7 +67,7 @@ def _generate(
 
 def teacher_responses(
     teacher: torch.nn.Module,
-    teacher_ref: str,
+    teacher_key: str,
     examples: list[Example],
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -84,7 +84,7 @@ def teacher_responses(
     answer, which is what a reference should be; SeqKD samples, as the paper does.
     """
     responses = _generate(
-        teacher, teacher_ref, [e.prompt_ids for e in examples], tokenizer, max_new_tokens=max_new_tokens,
+        teacher, teacher_key, [e.prompt_ids for e in examples], tokenizer, max_new_tokens=max_new_tokens,
         vocab_size=vocab_size, device=device, greedy=greedy, seed=seed, check=check,
     )  # fmt: skip
     return [
@@ -95,7 +95,7 @@ def teacher_responses(
 
 def teacher_text(
     teacher: torch.nn.Module,
-    teacher_ref: str,
+    teacher_key: str,
     tokenizer: PreTrainedTokenizerBase,
     *,
     documents: int,
@@ -113,7 +113,7 @@ def teacher_text(
     """
     prompts = [tokenizer.encode(OPENINGS[i % len(OPENINGS)]) for i in range(documents)]
     continuations = _generate(
-        teacher, teacher_ref, prompts, tokenizer, max_new_tokens=max_new_tokens, vocab_size=vocab_size, device=device,
+        teacher, teacher_key, prompts, tokenizer, max_new_tokens=max_new_tokens, vocab_size=vocab_size, device=device,
         greedy=False, seed=seed, check=check,
     )  # fmt: skip
     return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompts, continuations)]

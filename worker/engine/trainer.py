@@ -26,7 +26,7 @@ from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init
 from .evaluation import evaluate
 from .events import Event, Reporter
 from .host_memory import keep_freed_memory
-from .models import check_compatible, derive_student, load_model, load_tokenizer, resolve_model
+from .models import check_compatible, content_hash, derive_student, load_model, load_tokenizer, resolve_model
 from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
@@ -114,6 +114,9 @@ class Trainer:
         dtype = DTYPES[self.precision]
         # The teacher is frozen, in eval mode, in the training precision, and not wrapped by DeepSpeed.
         self.teacher = load_model(teacher_dir, dtype, self.device).eval()
+        # What the teacher computes is cached under its content, not its name: a model replaced in
+        # place under the same directory or hub id gets new references and scores.
+        self.teacher_key = content_hash(teacher_dir)
         self.teacher.requires_grad_(False)
         self.load_data()
 
@@ -170,7 +173,7 @@ class Trainer:
             self.emit("log", f"the teacher writes {d.teacher_text_documents} documents of free text for the LM term "
                              "(cached after the first time)")  # fmt: skip
             texts = teacher_text(
-                self.teacher, self.spec.teacher, self.tokenizer, documents=d.teacher_text_documents, max_new_tokens=size,
+                self.teacher, self.teacher_key, self.tokenizer, documents=d.teacher_text_documents, max_new_tokens=size,
                 vocab_size=self.vocab_size, device=self.device, seed=self.spec.training.seed,
                 check=self.cancel_check("the teacher wrote free text"),
             )  # fmt: skip
@@ -184,7 +187,7 @@ class Trainer:
 
     def teacher_writes(self, examples: list[Example], greedy: bool, doing: str) -> list[Example]:
         return teacher_responses(
-            self.teacher, self.spec.teacher, examples, self.tokenizer, max_new_tokens=self.spec.data.max_response_tokens,
+            self.teacher, self.teacher_key, examples, self.tokenizer, max_new_tokens=self.spec.data.max_response_tokens,
             vocab_size=self.vocab_size, device=self.device, greedy=greedy, seed=self.spec.training.seed,
             check=self.cancel_check(doing),
         )  # fmt: skip
@@ -242,7 +245,7 @@ class Trainer:
     def teacher_scores(self) -> tuple[dict[str, float], dict]:
         """The teacher on the test set, computed once per (teacher, test set, protocol) and cached."""
         e = self.spec.eval
-        key = json.dumps([self.spec.teacher, [x.prompt_ids for x in self.test_examples], e.seeds, e.batch_size,
+        key = json.dumps([self.teacher_key, [x.prompt_ids for x in self.test_examples], e.seeds, e.batch_size,
                           e.no_repeat_ngram_size, self.spec.data.max_response_tokens, self.precision, world_size()])  # fmt: skip
         path = cache_dir() / "teacher_evals" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         if path.exists():
