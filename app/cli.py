@@ -1,6 +1,6 @@
 """`distill`: the command line for people and CI.
 
-Server commands (`up`, `worker`, `migrate`, `users create`) act on this machine's settings;
+Server commands (`up`, `worker`, `migrate`, `users create|token|tokens|revoke`) act on this machine's settings;
 client commands (`submit`, `jobs`, `status`, `logs`, `cancel`, `download`) talk to the API at
 --url / DISTILL_URL with --token / DISTILL_TOKEN. `train` runs a spec here without any service.
 """
@@ -100,15 +100,67 @@ def _migrate() -> None:
     command.upgrade(Config(str(PROJECT_ROOT / "alembic.ini")), "head")
 
 
+EXPIRES = typer.Option(None, "--expires-days", min=1, help="The token stops working after this many days (default: until revoked).")
+
+
+def _expiry(days: int | None):
+    from datetime import timedelta
+
+    return timedelta(days=days) if days else None
+
+
 @users.command("create")
-def users_create(name: str) -> None:
+def users_create(name: str, expires_days: int | None = EXPIRES) -> None:
     """Create a user and print their API token (shown only this once)."""
     from app import crud
     from app.core.db import session_factory
 
     with session_factory()() as session:
-        _user, token = crud.create_user(session, name)
+        _user, token = crud.create_user(session, name, _expiry(expires_days))
     typer.echo(token)
+
+
+@users.command("token")
+def users_token(name: str, expires_days: int | None = EXPIRES) -> None:
+    """Print a new API token for an existing user (shown only this once); their other tokens stay valid."""
+    from app import crud
+    from app.core.db import session_factory
+    from app.models import User
+    from sqlalchemy import select
+
+    with session_factory()() as session:
+        user = session.scalar(select(User).where(User.name == name))
+        if user is None:
+            raise typer.BadParameter(f"no user {name!r}", param_hint="NAME")
+        typer.echo(crud.create_token(session, user, _expiry(expires_days)))
+
+
+@users.command("tokens")
+def users_tokens(name: str) -> None:
+    """List a user's tokens: id, created, expires, revoked (the tokens themselves are never stored)."""
+    from app import crud
+    from app.core.db import session_factory
+
+    with session_factory()() as session:
+        tokens = crud.tokens_of(session, name)
+    if tokens is None:
+        raise typer.BadParameter(f"no user {name!r}", param_hint="NAME")
+    typer.echo(f"{'id':>6}  {'created':<20} {'expires':<20} revoked")
+    for t in tokens:
+        stamp = lambda d: d.strftime("%Y-%m-%d %H:%M:%S") if d else "-"  # noqa: E731
+        typer.echo(f"{t.id:>6}  {stamp(t.created_at):<20} {stamp(t.expires_at):<20} {stamp(t.revoked_at)}")
+
+
+@users.command("revoke")
+def users_revoke(token_id: int) -> None:
+    """Revoke a token by the id `distill users tokens` shows; it stops working at once."""
+    from app import crud
+    from app.core.db import session_factory
+
+    with session_factory()() as session:
+        if not crud.revoke_token(session, token_id):
+            raise typer.BadParameter(f"no live token with id {token_id}", param_hint="TOKEN_ID")
+    typer.echo(f"revoked token {token_id}")
 
 
 def _worker_queues() -> list[str]:
@@ -151,10 +203,14 @@ def up(
 
     settings = get_settings()
     _migrate()
+    token_file = settings.data_dir / "token"
     with session_factory()() as session:
-        user = session.scalar(select(User).where(User.name == "local"))
-        token = crud.create_token(session, user) if user else crud.create_user(session, "local")[1]
-    write_private(settings.data_dir / "token", token)
+        # The token from the last start, while it still signs in: open pages and scripts keep working.
+        token = token_file.read_text().strip() if token_file.exists() else ""
+        if not (token and crud.user_for_token(session, token)):
+            user = session.scalar(select(User).where(User.name == "local"))
+            token = crud.create_token(session, user) if user else crud.create_user(session, "local")[1]
+            write_private(token_file, token)
     processes = [
         subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port),
                           "--log-level", "warning"]),  # fmt: skip
@@ -181,7 +237,7 @@ def up(
                 break
             except Exception:
                 time.sleep(0.5)
-        typer.echo(f"distill is up: {url}/#token={token}\n(API docs at {url}/docs; the token is also in {settings.data_dir / 'token'})")
+        typer.echo(f"distill is up: {url}/#token={token}\n(API docs at {url}/docs; the token is also in {token_file})")
         if demo:
             job = _submit_and_follow(client, demo, follow=True, idempotency_key=None)
             typer.echo(f"checkpoints on disk: {settings.resolved_artifacts_dir / 'jobs' / job['id'] / 'checkpoints'}")

@@ -37,23 +37,40 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_user(session: Session, name: str) -> tuple[User, str]:
+def create_user(session: Session, name: str, expires_in: timedelta | None = None) -> tuple[User, str]:
     """A new user and their first token (returned once; only its hash is stored)."""
     user = User(name=name)
     session.add(user)
     session.flush()
-    return user, create_token(session, user)
+    return user, create_token(session, user, expires_in)
 
 
-def create_token(session: Session, user: User) -> str:
+def create_token(session: Session, user: User, expires_in: timedelta | None = None) -> str:
+    """A new token for `user`, valid until revoked or, with `expires_in`, until then."""
     token = "dst_" + secrets.token_urlsafe(32)
-    session.add(ApiToken(user_id=user.id, token_hash=hash_token(token)))
+    expires_at = db_now(session) + expires_in if expires_in is not None else None
+    session.add(ApiToken(user_id=user.id, token_hash=hash_token(token), expires_at=expires_at))
     session.commit()
     return token
 
 
 def user_for_token(session: Session, token: str) -> User | None:
-    return session.scalar(select(User).join(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+    """The user a token signs in, unless it was revoked or has expired (by the database's clock)."""
+    live = and_(ApiToken.revoked_at.is_(None), or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > db_now(session)))
+    return session.scalar(select(User).join(ApiToken).where(ApiToken.token_hash == hash_token(token), live))
+
+
+def tokens_of(session: Session, user_name: str) -> list[ApiToken] | None:
+    """A user's tokens, oldest first; None if there is no such user."""
+    user = session.scalar(select(User).where(User.name == user_name))
+    return None if user is None else list(session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)))
+
+
+def revoke_token(session: Session, token_id: int) -> bool:
+    """Revoke a token by its id; False if there is no such live token."""
+    done = session.execute(update(ApiToken).where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None)).values(revoked_at=db_now(session)))
+    session.commit()
+    return done.rowcount == 1
 
 
 # -- job status machine -------------------------------------------------------------------------
