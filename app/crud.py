@@ -25,6 +25,7 @@ from .models import (
     RUNNING,
     TERMINAL,
     ApiToken,
+    Dataset,
     Job,
     JobEvent,
     User,
@@ -226,9 +227,14 @@ class IdempotencyConflict(Exception):
     """The idempotency key was used before with a different request body."""
 
 
+class TooManyJobs(Exception):
+    """The user already has as many queued or running jobs as they may."""
+
+
 def create_job(session: Session, user: User, spec: dict, *, queue: str, total_steps: int, max_attempts: int,
-               idempotency_key: str | None) -> tuple[Job, bool]:  # fmt: skip
-    """A queued job, or the job this idempotency key already created (False: not new)."""
+               idempotency_key: str | None, max_active: int) -> tuple[Job, bool]:  # fmt: skip
+    """A queued job, or the job this idempotency key already created (False: not new). A new job
+    past the user's `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
     request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
@@ -236,6 +242,8 @@ def create_job(session: Session, user: User, spec: dict, *, queue: str, total_st
             if existing.request_hash != request_hash:
                 raise IdempotencyConflict(idempotency_key)
             return existing, False
+    if active_jobs(session, user.id) >= max_active:
+        raise TooManyJobs(max_active)
     job = Job(user_id=user.id, name=spec["name"], spec=spec, queue=queue, total_steps=total_steps,
               max_attempts=max_attempts, idempotency_key=idempotency_key, request_hash=request_hash)  # fmt: skip
     session.add(job)
@@ -244,10 +252,20 @@ def create_job(session: Session, user: User, spec: dict, *, queue: str, total_st
     except IntegrityError:  # the same key, submitted concurrently: the other request won
         session.rollback()
         return create_job(session, user, spec, queue=queue, total_steps=total_steps, max_attempts=max_attempts,
-                          idempotency_key=idempotency_key)  # fmt: skip
+                          idempotency_key=idempotency_key, max_active=max_active)  # fmt: skip
     _event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
     session.commit()
     return job, True
+
+
+def active_jobs(session: Session, user_id: int) -> int:
+    """How many of a user's jobs are queued, running or cancelling."""
+    return session.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.not_in(TERMINAL)))
+
+
+def dataset_bytes(session: Session, user_id: int) -> int:
+    """Bytes of datasets a user has uploaded and keeps."""
+    return session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.user_id == user_id))
 
 
 def list_jobs(session: Session, user_id: int, *, status: str | None, limit: int, after: str | None) -> tuple[list[Job], bool]:

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the API binds to (127.0.0.1: this machine only).")
     port: int = Field(8000, description="Port the API listens on.")
     max_upload_bytes: int = Field(200 * 1024 * 1024, description="Largest dataset upload accepted.")
+    max_active_jobs_per_user: int = Field(20, ge=1, description="Jobs a user may have queued or running at once; more is a 429.")
+    max_dataset_bytes_per_user: int = Field(
+        10 * 1024**3, ge=0, description="Bytes of uploaded datasets a user may keep; an upload past it is a 429."
+    )
     max_attempts: int = Field(3, ge=1, description="Times a job is started before a lost worker marks it failed.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker reports that a job is alive.")
     heartbeat_timeout_seconds: float = Field(120.0, gt=0, description="A running job silent this long is taken up again.")

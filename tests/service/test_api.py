@@ -282,6 +282,38 @@ def test_event_cursors_beyond_64_bits_are_422_naming_the_parameter(client, auth,
     assert stream.status_code == 422
 
 
+def test_a_user_past_their_active_job_limit_gets_a_429_and_retries_still_answer(client, dataset, monkeypatch):
+    from app.core.config import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_active_jobs_per_user", 2)
+    user = make_user()
+    first = submit(client, user, tiny_spec(dataset, name="one"), **{"Idempotency-Key": "quota-1"})
+    assert submit(client, user, tiny_spec(dataset, name="two")).status_code == 201
+    third = submit(client, user, tiny_spec(dataset, name="three"))
+    assert third.status_code == 429 and "2 jobs queued or running" in third.json()["detail"]
+    assert job_count(client, user) == 2
+    retry = submit(client, user, tiny_spec(dataset, name="one"), **{"Idempotency-Key": "quota-1"})
+    assert retry.status_code == 201 and retry.json()["id"] == first.json()["id"]  # a retry is not a new job
+    assert submit(client, make_user(), tiny_spec(dataset)).status_code == 201  # the limit is per user
+    client.post(f"{JOBS}/{first.json()['id']}/cancel", headers=user)  # one ends: room for another
+    assert submit(client, user, tiny_spec(dataset, name="three")).status_code == 201
+
+
+def test_a_user_past_their_dataset_bytes_gets_a_429_and_nothing_is_stored(client, monkeypatch):
+    from app.core.config import get_settings
+
+    body = b'{"instruction": "a", "output": "b"}\n' * 10
+    monkeypatch.setattr(get_settings(), "max_dataset_bytes_per_user", len(body) * 2 + 5)
+    user = make_user()
+    for _ in range(2):
+        assert client.post(DATASETS, params={"name": "d.jsonl"}, content=body, headers=user).status_code == 201
+    files_before = dataset_files()
+    refused = client.post(DATASETS, params={"name": "d.jsonl"}, content=body, headers=user)
+    assert refused.status_code == 429 and "5 are left" in refused.json()["detail"]
+    assert len(client.get(DATASETS, headers=user).json()) == 2 and dataset_files() == files_before
+    assert client.post(DATASETS, params={"name": "d.jsonl"}, content=body, headers=make_user()).status_code == 201
+
+
 def test_all_preflight_problems_are_reported_together(client, auth, dataset):
     spec = tiny_spec(dataset, teacher="/nonexistent/teacher", data={"train": "dataset:ds-nope"}, minillm={"rollouts_per_phase": 3})
     response = submit(client, auth, spec)

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from app import crud
 from app.api.deps import CurrentUser, SessionDep, SettingsDep
 from app.models import Dataset, new_id
 from app.schemas import DatasetOut
@@ -38,6 +39,7 @@ async def upload(
     folder.mkdir(parents=True, exist_ok=True)
     path, digest, size = folder / f"{dataset_id}.jsonl", hashlib.sha256(), 0
     partial = path.with_suffix(".partial")
+    room = settings.max_dataset_bytes_per_user - crud.dataset_bytes(session, user.id)
     try:
         with partial.open("wb") as out:
             async for chunk in request.stream():
@@ -45,6 +47,10 @@ async def upload(
                 if size > settings.max_upload_bytes:
                     raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                                         f"datasets are limited to {settings.max_upload_bytes} bytes")  # fmt: skip
+                if size > room:
+                    raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                                        f"your datasets may take {settings.max_dataset_bytes_per_user} bytes in all "
+                                        f"and {max(room, 0)} are left")  # fmt: skip
                 digest.update(chunk)
                 out.write(chunk)
         # Parsing a large file takes seconds: in a worker thread, so other requests are served meanwhile.

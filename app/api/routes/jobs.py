@@ -50,9 +50,14 @@ def submit(
     body = spec.model_dump(mode="json")
     try:
         job, _ = crud.create_job(session, user, body, queue=queue_for(body, settings), total_steps=spec.total_steps,
-                                       max_attempts=settings.max_attempts, idempotency_key=idempotency_key)  # fmt: skip
+                                 max_attempts=settings.max_attempts, idempotency_key=idempotency_key,
+                                 max_active=settings.max_active_jobs_per_user)  # fmt: skip
     except crud.IdempotencyConflict:
         raise HTTPException(status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different job spec") from None
+    except crud.TooManyJobs:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                            f"you have {settings.max_active_jobs_per_user} jobs queued or running, the most allowed; "
+                            "wait for one to end or cancel one") from None  # fmt: skip
     if job.status == QUEUED and job.published_at is None:  # new, or a retry of a job whose message never went out
         if not publish(job.id, job.queue):
             crud.add_event(session, job.id, "log", "the broker did not answer; the job is stored and is sent to a "
