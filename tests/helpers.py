@@ -129,3 +129,8 @@ def submit(client, auth, spec) -> str:
 
 def job(client, auth, job_id) -> dict:
     return client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
+
+
+def wait_status(client, auth, job_id, statuses, timeout=300) -> dict:
+    """The job once its status is one of `statuses`."""
+    return wait_for(lambda: (j := job(client, auth, job_id))["status"] in statuses and j, timeout, what=f"{job_id} {statuses}")

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import psycopg
 
 from conftest import DB_NAME
-from helpers import job, submit, tiny_spec, training_process, wait_for
+from helpers import job, submit, tiny_spec, training_process, wait_for, wait_status
 
 ADMIN = "host=127.0.0.1 user=postgres dbname=postgres"
 
@@ -24,9 +24,6 @@ def database_down():
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{DB_NAME}" ALLOW_CONNECTIONS true')
 
-
-def wait_status(client, auth, job_id, statuses, timeout=300) -> dict:
-    return wait_for(lambda: (j := job(client, auth, job_id))["status"] in statuses and j, timeout, what=f"{job_id} {statuses}")
 
 
 def metric_steps(client, auth, job_id) -> list[int]:

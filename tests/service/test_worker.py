@@ -18,13 +18,10 @@ from app.core.db import session_factory
 from app.main import app
 from app.models import Checkpoint, Job
 from worker.engine.launch import free_port
-from helpers import Worker, job, make_user, submit, tiny_spec, training_process, wait_for
+from helpers import Worker, job, make_user, submit, tiny_spec, training_process, wait_for, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 
-
-def wait_status(client, auth, job_id, statuses, timeout=300) -> dict:
-    return wait_for(lambda: (j := job(client, auth, job_id))["status"] in statuses and j, timeout, what=f"{job_id} {statuses}")
 
 
 def checkpoints(client, auth, job_id) -> list:
