@@ -15,7 +15,18 @@ import redis
 from helpers import PG, Worker, create_database, drop_database, make_user
 
 DB_NAME = f"distill_test_{uuid.uuid4().hex[:8]}"
-REDIS_DB = 1 + uuid.uuid4().int % 15
+
+
+def _claim_redis_db() -> int:
+    """A Redis database number (1-15) no other test session on this machine holds: two sessions
+    sharing one would consume each other's job messages. Claims live in database 0 for an hour."""
+    for number in range(1, 16):
+        if redis.Redis(db=0).set(f"distill-tests:db:{number}", DB_NAME, nx=True, ex=3600):
+            return number
+    raise RuntimeError("all 15 Redis test databases are claimed by other test sessions")
+
+
+REDIS_DB = _claim_redis_db()
 WORK = Path(f"/tmp/{DB_NAME}")
 
 os.environ.update(
@@ -43,6 +54,7 @@ def database():
     get_engine().dispose()
     drop_database(DB_NAME)
     redis.Redis(db=REDIS_DB).flushdb()
+    redis.Redis(db=0).delete(f"distill-tests:db:{REDIS_DB}")
     shutil.rmtree(WORK, ignore_errors=True)
 
 
