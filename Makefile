@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 
-.PHONY: install test test-fast demo bench bench-peers
+.PHONY: install test test-fast chaos demo bench bench-peers
 
 install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
@@ -22,6 +22,11 @@ test: install
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
 	$(PY) -m pytest -q
+
+# The fault campaign: its own PostgreSQL and Redis, the API and workers as processes; kills and restarts
+# them while jobs run, checks nothing was lost or run twice, and writes docs/reliability.md (minutes).
+chaos: install
+	DISTILL_CHAOS_PG_BIN="$$(scripts/ensure-chaos-tools.sh)" $(PY) -m pytest -q -p no:cacheprovider tests/chaos
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not smollm2"

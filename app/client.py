@@ -1,130 +1,300 @@
-"""A small HTTP client of the API, used by the `distill` command line (and usable from CI scripts)."""
+"""The Python client of the API, for CI scripts (and the `distill` command line):
+
+    from pathlib import Path
+    from app.client import Client, load_spec_file
+
+    with Client("https://distill.example.com", token) as client:   # default: DISTILL_URL, DISTILL_TOKEN
+        job = client.jobs.create(load_spec_file(Path("ci/distill.yaml"), ["training.steps=200"]))
+        job = client.jobs.wait(job.id)                             # a JobOut; job.status, job.best_eval
+        if job.status == "succeeded":
+            client.checkpoints.download(job.id, "best", Path("models"))
+
+Answers are the API's own response models (app/schemas.py). It needs httpx, pydantic, tenacity and
+PyYAML alone (the `client` extra): nothing here imports the server's packages, which
+tests/service/test_client.py checks, and it writes no file but the downloads it is asked for.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
-from tqdm import tqdm
+import yaml
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from app.core.config import get_settings
 from app.core.files import sha256_file
-from app.models import TERMINAL
+from app.schemas import TERMINAL, CheckpointOut, DatasetOut, EvalOut, EventOut, JobOut, Page, error_body
+
+log = logging.getLogger(__name__)
+# What a proxy or load balancer answers while the API restarts or is overloaded: the API did not refuse.
+TRANSIENT_STATUSES = (502, 503, 504)
 
 
 class ApiError(RuntimeError):
-    def __init__(self, response: httpx.Response):
+    """An error the API answered (its ErrorOut): `status_code`, `message` for people, and `detail`,
+    the list of {loc, msg, type} (for a 422, one per bad field, `loc` naming it)."""
+
+    def __init__(self, status_code: int, message: str, detail: list[dict] | None = None):
+        self.status_code, self.message = status_code, message
+        self.detail = detail if detail is not None else error_body(status_code, message)["detail"]
+        super().__init__(f"HTTP {status_code}: {' '.join(message.split())[:300]}")  # one line, even of an HTML page
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> ApiError:
         try:
-            detail = response.json().get("detail", response.text)
+            body = response.json()
         except ValueError:
-            detail = response.text
-        if isinstance(detail, list):  # validation errors: one line per field
-            detail = "; ".join(f"{'.'.join(str(p) for p in d['loc'][1:]) or 'body'}: {d['msg']}" for d in detail)
-        super().__init__(f"HTTP {response.status_code}: {detail}")
-        self.status_code = response.status_code
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            return cls(response.status_code, body["message"], body.get("detail"))
+        return cls(response.status_code, response.text.strip() or response.reason_phrase)  # a proxy's page, say
 
 
-def default_token() -> str | None:
-    """DISTILL_TOKEN, else the local user's token that `distill up` saved."""
-    token = os.environ.get("DISTILL_TOKEN")
-    path = get_settings().data_dir / "token"
-    return token or (path.read_text().strip() if path.exists() else None)
+class ChecksumMismatch(RuntimeError):
+    """A downloaded file whose SHA-256 is not the one the API listed."""
+
+
+class SpecFileError(ValueError):
+    """A spec file that cannot be read, or an override that does not apply to it."""
+
+
+def _transient(err: BaseException, repeatable: bool) -> bool:
+    """Whether a failed request is worth repeating: it never reached the server, or (when it may be
+    sent twice) the connection broke, it timed out, or a proxy stood in for the API."""
+    if isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return True
+    if not repeatable:
+        return False
+    if isinstance(err, ApiError):
+        return err.status_code in TRANSIENT_STATUSES
+    return isinstance(err, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError))
+
+
+def _say_retry(state: RetryCallState) -> None:
+    method, url = state.args[:2]
+    log.warning("%s %s: %s; trying again in %.0f s", method, url, state.outcome.exception(), state.next_action.sleep)
 
 
 class Client:
-    def __init__(self, url: str | None = None, token: str | None = None, http: httpx.Client | None = None):
-        """`http`: an already configured client (for example FastAPI's TestClient) instead of url and token."""
-        settings = get_settings()
-        self.url = (url or os.environ.get("DISTILL_URL") or f"http://{settings.host}:{settings.port}").rstrip("/")
-        token = token or default_token()
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # Redirects: checkpoints kept in S3 are served from presigned URLs (httpx drops the token there).
-        self.http = http or httpx.Client(base_url=self.url, headers=headers, timeout=60, follow_redirects=True)
+    """The API at `url` with `token` (default: DISTILL_URL and DISTILL_TOKEN), as `jobs`, `datasets`
+    and `checkpoints`. A request that fails on the way (connection refused or broken, a timeout, a
+    502/503/504 from a proxy) is repeated with exponential backoff for up to `retry_seconds`, so a
+    blip during an hours-long wait does not end it; an error the API itself answers raises ApiError
+    at once. `http`: an already configured client (FastAPI's TestClient, say) instead of url and token."""
 
-    def _check(self, response: httpx.Response) -> httpx.Response:
+    def __init__(self, url: str | None = None, token: str | None = None, *, retry_seconds: float = 300,
+                 timeout: float = 60, http: httpx.Client | None = None):  # fmt: skip
+        if http is None:
+            url, token = url or os.environ.get("DISTILL_URL"), token or os.environ.get("DISTILL_TOKEN")
+            if not url:
+                raise ValueError("no API address: pass url, or set DISTILL_URL")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            # Redirects: checkpoints kept in S3 are served from presigned URLs (httpx drops the token there).
+            http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, follow_redirects=True)
+        self.http, self.retry_seconds = http, retry_seconds
+        self.jobs, self.datasets, self.checkpoints = Jobs(self), Datasets(self), Checkpoints(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, *, repeatable: bool = True, **kwargs) -> httpx.Response:
+        """`method` on /api/v1`path` (httpx's keyword arguments), repeated as the class says; an error
+        answer raises ApiError. A request that must not reach the server twice (`repeatable=False`)
+        is repeated only when it never reached it."""
+        return self.retrying(repeatable)(self._send, method, f"/api/v1{path}", **kwargs)
+
+    def retrying(self, repeatable: bool = True) -> Retrying:
+        """tenacity's loop for a request: what is repeated, how long to wait, when to stop."""
+        return Retrying(retry=retry_if_exception(lambda err: _transient(err, repeatable)), reraise=True,
+                        wait=wait_exponential_jitter(initial=1, max=30), stop=stop_after_delay(self.retry_seconds),
+                        before_sleep=_say_retry)  # fmt: skip
+
+    def _send(self, method: str, url: str, **kwargs) -> httpx.Response:
+        response = self.http.request(method, url, **kwargs)
         if response.status_code >= 400:
-            raise ApiError(response)
+            raise ApiError.of(response)
         return response
 
-    def get(self, path: str, **params) -> dict | list:
-        return self._check(self.http.get(f"/api/v1{path}", params=params)).json()
 
-    def post(self, path: str, **kwargs) -> dict:
-        return self._check(self.http.post(f"/api/v1{path}", **kwargs)).json()
+class Jobs:
+    def __init__(self, client: Client):
+        self._client = client
 
-    def submit(self, spec: dict, idempotency_key: str | None = None) -> dict:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.post("/jobs", json=spec, headers=headers)
+    def create(self, spec: dict, idempotency_key: str | None = None) -> JobOut:
+        """Submit a job (the API checks it fully first; a bad spec is an ApiError 422). Without an
+        `idempotency_key` a fresh one is sent, so that repeating the request never makes a second job."""
+        key = idempotency_key or f"client-{uuid.uuid4()}"
+        return JobOut.model_validate(self._client.request("POST", "/jobs", json=spec, headers={"Idempotency-Key": key}).json())
 
-    def upload_dataset(self, path: Path, content: bytes | None = None) -> dict:
-        """Upload a JSONL file (or `content` under its name)."""
-        return self.post("/datasets", params={"name": path.name}, content=path.read_bytes() if content is None else content,
-                         headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    def validate(self, spec: dict) -> dict:
+        """Every check submit runs, queueing nothing: the spec as a job would store it (defaults filled
+        in), or the ApiError 422 submit would raise."""
+        return self._client.request("POST", "/jobs/validate", json=spec).json()
 
-    def events(self, job_id: str, follow: bool) -> Iterator[dict]:
-        """Every event of the job in order; with `follow`, until the job has ended."""
-        after = 0
+    def list(self, status: str | None = None, page_size: int = 100) -> Iterator[JobOut]:
+        """Every job (with `status`, those in it), newest first; pages are fetched as the iteration reaches them."""
+        params: dict = {"limit": page_size, **({"status": status} if status else {})}
+        while True:
+            page = Page[JobOut].model_validate(self._client.request("GET", "/jobs", params=params).json())
+            yield from page.data
+            if not (page.has_more and page.data):
+                return
+            params["after"] = page.data[-1].id
+
+    def retrieve(self, job_id: str) -> JobOut:
+        return JobOut.model_validate(self._client.request("GET", f"/jobs/{job_id}").json())
+
+    def cancel(self, job_id: str) -> JobOut:
+        """Cancel a job: at once if queued, within seconds if running. A job that has already ended
+        is returned as it is, so a repeated cancel (or a retried one) does no harm."""
+        try:
+            return JobOut.model_validate(self._client.request("POST", f"/jobs/{job_id}/cancel").json())
+        except ApiError as err:
+            if err.status_code != 409:
+                raise
+            return self.retrieve(job_id)
+
+    def wait(self, job_id: str, poll_seconds: float = 5.0) -> JobOut:
+        """The job once it has ended: succeeded, failed or cancelled."""
+        while (job := self.retrieve(job_id)).status not in TERMINAL:
+            time.sleep(poll_seconds)
+        return job
+
+    def events(self, job_id: str, follow: bool = False, poll_seconds: float = 1.0) -> Iterator[EventOut]:
+        """The job's events in order; with `follow`, on until the job has ended."""
+        params = {"after": 0, "limit": 1000}
         while True:
             # Status before events: a terminal status is committed with its event, so a page read
             # after seeing it holds everything up to the end.
-            ended = not follow or self.get(f"/jobs/{job_id}")["status"] in TERMINAL
-            page = self.get(f"/jobs/{job_id}/events", after=after, limit=1000)
-            for event in page["data"]:
-                after = event["id"]
+            ended = not follow or self.retrieve(job_id).status in TERMINAL
+            page = Page[EventOut].model_validate(self._client.request("GET", f"/jobs/{job_id}/events", params=params).json())
+            for event in page.data:
+                params["after"] = event.id
                 yield event
-            if page["has_more"]:
+            if page.has_more:
                 continue
             if ended:
                 return
-            time.sleep(1.0)
+            time.sleep(poll_seconds)
 
-    def download(self, job_id: str, step: str, out: Path) -> Path:
-        """Download a checkpoint archive (resuming a partial one with a Range request), check its
-        SHA-256 and every file's, and unpack it into `out`. Returns the model directory."""
-        listing = self.get(f"/jobs/{job_id}/checkpoints")
-        chosen = next((c for c in listing if (str(c["step"]) == step or (step == "latest" and c["latest"])
-                                              or (step == "best" and c["best"]))), None)  # fmt: skip
+    def log(self, job_id: str, attempt: int | None = None, tail: int | None = None) -> str:
+        """What the training process of an attempt (default: the latest) printed, its server paths
+        hidden; with `tail`, its last lines only. The API answers at most a log's last 4 MiB."""
+        params = {k: v for k, v in (("attempt", attempt), ("tail", tail)) if v is not None}
+        return self._client.request("GET", f"/jobs/{job_id}/logs", params=params).text
+
+    def metrics(self, job_id: str) -> dict[str, list[dict]]:
+        """Each metric's series: {name: [{step, value}, ...]} in step order."""
+        return self._client.request("GET", f"/jobs/{job_id}/metrics").json()
+
+    def evals(self, job_id: str) -> list[EvalOut]:
+        return [EvalOut.model_validate(e) for e in self._client.request("GET", f"/jobs/{job_id}/evals").json()]
+
+
+class Datasets:
+    def __init__(self, client: Client):
+        self._client = client
+
+    def upload(self, path: Path, content: bytes | None = None) -> DatasetOut:
+        """Upload a JSONL file (or `content` under its name). Repeated only if it never reached the
+        server: a repeat after a lost answer would store the dataset twice."""
+        answer = self._client.request("POST", "/datasets", repeatable=False, params={"name": path.name},
+                                      content=path.read_bytes() if content is None else content,
+                                      headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+        return DatasetOut.model_validate(answer.json())
+
+    def list(self) -> list[DatasetOut]:
+        return [DatasetOut.model_validate(d) for d in self._client.request("GET", "/datasets").json()]
+
+
+class Checkpoints:
+    def __init__(self, client: Client):
+        self._client = client
+
+    def list(self, job_id: str) -> list[CheckpointOut]:
+        """The job's checkpoints, oldest first, with sizes and SHA-256; `latest` and `best` marked."""
+        return [CheckpointOut.model_validate(c) for c in self._client.request("GET", f"/jobs/{job_id}/checkpoints").json()]
+
+    def download(self, job_id: str, step: str | int, out: Path,
+                 progress: Callable[[int, int], None] | None = None) -> Path:  # fmt: skip
+        """Download checkpoint `step` (a number, "latest" or "best") into `out` and unpack it; returns
+        the model directory. A broken transfer goes on where it stopped (a Range request, also when
+        called again); the archive's SHA-256 and every file's are checked. `progress(done, total)`
+        is called with bytes as they arrive."""
+        chosen = next((c for c in self.list(job_id) if str(c.step) == str(step) or (step == "latest" and c.latest)
+                       or (step == "best" and c.best)), None)  # fmt: skip
         if chosen is None:
-            raise RuntimeError(f"job {job_id} has no checkpoint {step!r}")
+            raise ApiError(404, f"job {job_id} has no checkpoint {step!r}")
         out.mkdir(parents=True, exist_ok=True)
-        partial = out / f"{job_id}-step-{chosen['step']}.tar.partial"
-        have = partial.stat().st_size if partial.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        url = f"/api/v1/jobs/{job_id}/checkpoints/{chosen['step']}/archive"
-        with self.http.stream("GET", url, headers=headers) as response:
-            if response.status_code == 416:  # already complete
-                pass
-            else:
-                self._check(response)
-                mode = "ab" if response.status_code == 206 else "wb"
-                with partial.open(mode) as f, tqdm(total=chosen["archive_size"], initial=have if mode == "ab" else 0,
-                                                   unit="B", unit_scale=True, desc="download") as bar:  # fmt: skip
-                    for chunk in response.iter_bytes(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        if sha256_file(partial) != chosen["archive_sha256"]:
+        partial = out / f"{job_id}-step-{chosen.step}.tar.partial"
+        url = f"/api/v1/jobs/{job_id}/checkpoints/{chosen.step}/archive"
+        self._client.retrying()(self._fetch, "GET", url, partial, chosen.archive_size, progress)
+        if sha256_file(partial) != chosen.archive_sha256:
             partial.unlink()
-            raise RuntimeError("the downloaded archive does not match its SHA-256; it was removed, download again")
+            raise ChecksumMismatch("the downloaded archive does not match its SHA-256; it was removed, download again")
         with tarfile.open(partial) as tar:
             tar.extractall(out, filter="data")
             names = tar.getnames()
         model_dir = out / Path(names[0]).parts[0]
-        for entry in chosen["files"]:
-            if sha256_file(model_dir / entry["name"]) != entry["sha256"]:
-                raise RuntimeError(f"{entry['name']} does not match its SHA-256")
+        for entry in chosen.files:
+            if sha256_file(model_dir / entry.name) != entry.sha256:
+                raise ChecksumMismatch(f"{entry.name} does not match its SHA-256")
         partial.unlink()
         return model_dir
 
+    def _fetch(self, method: str, url: str, partial: Path, total: int, progress: Callable[[int, int], None] | None) -> None:
+        """The archive's bytes appended to `partial` from where it ends (`method` and `url` first, as
+        the retry log names them)."""
+        have = partial.stat().st_size if partial.exists() else 0
+        with self._client.http.stream(method, url, headers={"Range": f"bytes={have}-"} if have else {}) as response:
+            if response.status_code == 416:  # already complete
+                return
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError.of(response)
+            if response.status_code != 206:  # the whole file again
+                have = 0
+            with partial.open("ab" if have else "wb") as f:
+                for chunk in response.iter_bytes(1 << 20):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if progress:
+                        progress(have, total)
 
-def load_spec_file(path: Path) -> dict:
-    import yaml
 
-    data = yaml.safe_load(path.read_text())
+def load_spec_file(path: Path, overrides: Iterable[str] = ()) -> dict:
+    """A spec file (YAML or JSON) as a mapping, with each `a.b.c=VALUE` of `overrides` set in it:
+    VALUE is read as YAML (`200`, `true`, `1.0e-4`, `[1, 2]`, `null`), and missing sections are made."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecFileError(f"{path}: not valid YAML or JSON: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a spec is a mapping of fields")
+        raise SpecFileError(f"{path}: a spec is a mapping of fields")
+    for override in overrides:
+        dotted, equals, text = override.partition("=")
+        keys = dotted.strip().split(".")
+        if not equals or not all(keys):
+            raise SpecFileError(f"override {override!r}: expected a dotted path, =, and a value, like training.steps=200")
+        section = data
+        for key in keys[:-1]:
+            if section.get(key) is None:
+                section[key] = {}
+            section = section[key]
+            if not isinstance(section, dict):
+                raise SpecFileError(f"override {override!r}: {key} is not a section of fields")
+        try:
+            section[keys[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecFileError(f"override {override!r}: the value is not YAML: {' '.join(str(err).split())}") from None
     return data
 

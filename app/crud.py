@@ -1,35 +1,21 @@
-"""Reads and writes of the service's tables. The job status machine lives here: every change is one
-conditional UPDATE, so two processes can never both move a job, and nothing leaves a terminal status.
-
-    queued ──claim──▶ running ──▶ succeeded | failed
-      │                  │  ▲ (lost worker: back to queued while attempts remain)
-      └──cancel──▶ cancelled ◀── cancelling ◀──cancel── running
-"""
+"""Reads and writes of the service's tables, by name, for the API, the command line and the workers.
+The job status machine, which moves jobs between statuses, is app/job_status.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import secrets
-from datetime import datetime, timedelta
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import timedelta
 
-from sqlalchemy import DateTime, and_, func, or_, select, type_coerce, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .models import (
-    CANCELLED,
-    CANCELLING,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    TERMINAL,
-    ApiToken,
-    Dataset,
-    Job,
-    JobEvent,
-    User,
-)
+from .core.db import db_now
+from .models import QUEUED, TERMINAL, ApiToken, Checkpoint, Dataset, EvalResult, Job, JobEvent, Metric, User
 
 # -- users and tokens ---------------------------------------------------------------------------
 
@@ -38,11 +24,19 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class NameTaken(Exception):
+    """A user of that name exists already."""
+
+
 def create_user(session: Session, name: str, expires_in: timedelta | None = None) -> tuple[User, str]:
     """A new user and their first token (returned once; only its hash is stored)."""
     user = User(name=name)
     session.add(user)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # the unique name: asked by the database, so two creations at once cannot both win
+        session.rollback()
+        raise NameTaken(name) from None
     return user, create_token(session, user, expires_in)
 
 
@@ -61,9 +55,13 @@ def user_for_token(session: Session, token: str) -> User | None:
     return session.scalar(select(User).join(ApiToken).where(ApiToken.token_hash == hash_token(token), live))
 
 
+def user_named(session: Session, name: str) -> User | None:
+    return session.scalar(select(User).where(User.name == name))
+
+
 def tokens_of(session: Session, user_name: str) -> list[ApiToken] | None:
     """A user's tokens, oldest first; None if there is no such user."""
-    user = session.scalar(select(User).where(User.name == user_name))
+    user = user_named(session, user_name)
     return None if user is None else list(session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)))
 
 
@@ -74,150 +72,23 @@ def revoke_token(session: Session, token_id: int) -> bool:
     return done.rowcount == 1
 
 
-# -- job status machine -------------------------------------------------------------------------
+# -- job events ---------------------------------------------------------------------------------
 
 
-# A status change and the event that announces it are committed together: a reader that sees the
-# new status (the event stream deciding it is done, say) also sees the event.
-
-
-def _move(session: Session, job_id: str, from_: tuple[str, ...], **values) -> bool:
-    """Apply `values` if the job is in one of `from_` (not committed); True if it was."""
-    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(from_)).values(**values))
-    return result.rowcount == 1
-
-
-def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str, ...], **values) -> bool:
-    """Like `_move`, only while attempt `attempt` owns the job."""
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(from_), Job.attempts == attempt).values(**values)
-    )
-    return result.rowcount == 1
-
-
-def _event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+def stage_event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+    """Add an event to the session without committing: it commits with the change it announces."""
     session.add(JobEvent(job_id=job_id, type=type_, level=level, message=message, data=data or {}))
 
 
 def add_event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
-    _event(session, job_id, type_, message, level, data)
+    stage_event(session, job_id, type_, message, level, data)
     session.commit()
 
 
-def db_now(session: Session) -> datetime:
-    """The database's clock. Leases, heartbeats and timeouts are all read off this one clock: each
-    machine's own would let a worker whose clock runs two minutes slow have its jobs reaped."""
-    if session.get_bind().dialect.name == "sqlite":
-        return session.scalar(select(type_coerce(func.strftime("%Y-%m-%d %H:%M:%f", "now"), DateTime(timezone=True))))
-    return session.scalar(select(func.now()))
-
-
-def claim(session: Session, job_id: str, worker: str) -> int | None:
-    """Take a queued job for this worker; returns the attempt number, or None if someone else has it
-    (a redelivered duplicate message, or a job cancelled while queued)."""
-    now = db_now(session)
-    attempt = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED)
-        .values(status=RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now, started_at=now)
-        .returning(Job.attempts)
-    ).scalar()
-    if attempt is not None:
-        _event(session, job_id, "state", f"running (attempt {attempt}) on {worker}", data={"state": RUNNING, "attempt": attempt})
-    session.commit()
-    return attempt
-
-
-def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
-    """Record that attempt `attempt` is alive; False once the job has moved on without it."""
-    alive = _move_attempt(session, job_id, attempt, (RUNNING, CANCELLING), heartbeat_at=db_now(session))
-    session.commit()
-    return alive
-
-
-def finish(session: Session, job_id: str, attempt: int, status: str, error: dict | None = None, message: str | None = None) -> bool:
-    """End attempt `attempt` with a terminal status (cancelled only from cancelling); `message` is
-    the engine's own account of it (e.g. what a cancel interrupted)."""
-    if status not in TERMINAL:
-        raise ValueError(f"finish() takes a terminal status, not {status!r}")
-    from_ = (CANCELLING,) if status == CANCELLED else (RUNNING, CANCELLING)
-    values: dict = {"status": status, "finished_at": db_now(session)}
-    if error:
-        values.update(error_code=error.get("code"), error_message=error.get("message"))
-    moved = _move_attempt(session, job_id, attempt, from_, **values)
-    if moved:
-        message = message or (status if not error else f"{status}: {error.get('code')}: {error.get('message')}")
-        _event(session, job_id, "state", message, "error" if status == FAILED else "info", {"state": status, "error": error})
-    session.commit()
-    return moved
-
-
-def request_cancel(session: Session, job_id: str) -> str | None:
-    """Cancel: a queued job at once, a running one by asking its worker. Returns the new status,
-    or None when the job had already ended."""
-    if _move(session, job_id, (QUEUED,), status=CANCELLED, finished_at=db_now(session)):
-        _event(session, job_id, "state", "cancelled before it started", data={"state": CANCELLED})
-        session.commit()
-        return CANCELLED
-    if _move(session, job_id, (RUNNING,), status=CANCELLING):
-        _event(session, job_id, "state", "cancelling: the worker stops at the next step", data={"state": CANCELLING})
-        session.commit()
-        return CANCELLING
-    session.rollback()
-    job = session.get(Job, job_id)
-    return job.status if job and job.status == CANCELLING else None
-
-
-def reap_stale(session: Session, timeout: timedelta) -> list[str]:
-    """Jobs whose worker stopped sending heartbeats: back to the queue while attempts remain, else
-    failed (a job cancelled while its worker died ends cancelled). Returns the ids to enqueue again."""
-    now = db_now(session)
-    stale = session.scalars(
-        select(Job).where(Job.status.in_((RUNNING, CANCELLING)), Job.heartbeat_at < now - timeout)
-    ).all()
-    requeue = []
-    for job in stale:
-        where = dict(session=session, job_id=job.id, attempt=job.attempts)
-        if job.status == CANCELLING:
-            if _move_attempt(from_=(CANCELLING,), status=CANCELLED, finished_at=now, **where):
-                _event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
-        elif job.attempts < job.max_attempts:
-            if _move_attempt(from_=(RUNNING,), status=QUEUED, worker=None, published_at=None, **where):
-                _event(session, job.id, "state", f"queued again: worker {job.worker} stopped responding "
-                       f"(attempt {job.attempts} of {job.max_attempts})", "warning", {"state": QUEUED})  # fmt: skip
-                requeue.append(job.id)
-        else:
-            error = {"code": "WorkerLost", "message": f"the worker stopped responding on all {job.max_attempts} attempts"}
-            if _move_attempt(from_=(RUNNING,), status=FAILED, finished_at=now, error_code=error["code"],
-                             error_message=error["message"], **where):  # fmt: skip
-                _event(session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error})
-        session.commit()
-    return requeue
-
-
-def mark_published(session: Session, job_id: str) -> None:
-    """Record that a queued job's message reached the broker."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED, Job.published_at.is_(None)).values(published_at=db_now(session)))
-    session.commit()
-
-
-def unpublished(session: Session, grace: timedelta) -> list[tuple[str, str]]:
-    """(id, queue) of queued jobs whose message was never sent, created more than `grace` ago
-    (younger ones are being sent by the request that created them)."""
-    rows = session.execute(select(Job.id, Job.queue).where(
-        Job.status == QUEUED, Job.published_at.is_(None), Job.created_at < db_now(session) - grace
-    ))  # fmt: skip
-    return [(job_id, queue) for job_id, queue in rows]
-
-
-def is_active(session: Session, job_id: str, attempt: int) -> str | None:
-    """The job's status if attempt `attempt` still owns it, else None (it was taken over or ended)."""
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.attempts != attempt or job.status not in (RUNNING, CANCELLING):
-        return None
-    return job.status
-
-
+def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    """Up to `limit` of a job's events after event id `after`, oldest first."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+    return list(session.scalars(query))
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -253,7 +124,7 @@ def create_job(session: Session, user: User, spec: dict, *, queue: str, total_st
         session.rollback()
         return create_job(session, user, spec, queue=queue, total_steps=total_steps, max_attempts=max_attempts,
                           idempotency_key=idempotency_key, max_active=max_active)  # fmt: skip
-    _event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
+    stage_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
     session.commit()
     return job, True
 
@@ -261,11 +132,6 @@ def create_job(session: Session, user: User, spec: dict, *, queue: str, total_st
 def active_jobs(session: Session, user_id: int) -> int:
     """How many of a user's jobs are queued, running or cancelling."""
     return session.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.not_in(TERMINAL)))
-
-
-def dataset_bytes(session: Session, user_id: int) -> int:
-    """Bytes of datasets a user has uploaded and keeps."""
-    return session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.user_id == user_id))
 
 
 def list_jobs(session: Session, user_id: int, *, status: str | None, limit: int, after: str | None) -> tuple[list[Job], bool]:
@@ -280,3 +146,63 @@ def list_jobs(session: Session, user_id: int, *, status: str | None, limit: int,
                                     and_(Job.created_at == anchor.created_at, Job.id < anchor.id)))  # fmt: skip
     jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     return list(jobs[:limit]), len(jobs) > limit
+
+
+def jobs_ahead(session: Session, jobs: Iterable[Job]) -> dict[str, int]:
+    """For each queued job among `jobs`, how many queued jobs on its queue (anyone's) were submitted
+    before it: roughly the order in which workers take them."""
+    def ahead(job: Job) -> int:
+        earlier = or_(Job.created_at < job.created_at, and_(Job.created_at == job.created_at, Job.id < job.id))
+        return session.scalar(select(func.count()).select_from(Job).where(Job.status == QUEUED, Job.queue == job.queue, earlier))
+
+    return {job.id: ahead(job) for job in jobs if job.status == QUEUED}
+
+
+def jobs_by_status(session: Session) -> dict[str, int]:
+    """How many jobs there are in each status (statuses with none left out)."""
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+def queue_depths(session: Session) -> dict[str, int]:
+    """How many jobs wait in each queue (queues with none left out)."""
+    return dict(session.execute(select(Job.queue, func.count()).where(Job.status == QUEUED).group_by(Job.queue)).all())
+
+
+# -- what a job produced ------------------------------------------------------------------------
+
+
+def metric_series(session: Session, job_id: str) -> dict[str, list[dict]]:
+    """Each metric's series: {name: [{step, value}, ...]} in step order."""
+    series: dict[str, list[dict]] = defaultdict(list)
+    for row in session.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.step, Metric.id)):
+        series[row.name].append({"step": row.step, "value": row.value})
+    return series
+
+
+def evals_of(session: Session, job_id: str) -> list[EvalResult]:
+    """A job's evaluation results in the order they were recorded."""
+    return list(session.scalars(select(EvalResult).where(EvalResult.job_id == job_id).order_by(EvalResult.id)))
+
+
+def checkpoints_of(session: Session, job_id: str) -> list[Checkpoint]:
+    """A job's checkpoints, oldest step first."""
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+
+# -- datasets -----------------------------------------------------------------------------------
+
+
+def add_dataset(session: Session, dataset: Dataset) -> Dataset:
+    session.add(dataset)
+    session.commit()
+    return dataset
+
+
+def datasets_of(session: Session, user_id: int) -> list[Dataset]:
+    """A user's datasets, newest first."""
+    return list(session.scalars(select(Dataset).where(Dataset.user_id == user_id).order_by(Dataset.created_at.desc())))
+
+
+def dataset_bytes(session: Session, user_id: int) -> int:
+    """Bytes of datasets a user has uploaded and keeps."""
+    return session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.user_id == user_id))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
@@ -11,15 +10,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import compile_path
 
+from app.api import errors
 from app.api.routes import datasets, health, jobs
 from app.api.routes.health import REQUEST_SECONDS
-from worker.reaper import reap_forever
+from app.core.body_limit import BodyLimit
+from app.reaper import reap_forever
 
 
 @asynccontextmanager
@@ -32,25 +32,38 @@ async def lifespan(_app: FastAPI):
     stop.set()
 
 
-app = FastAPI(title="distill", version="0.1.0", lifespan=lifespan,
+def operation_id(route: APIRoute) -> str:
+    """`{tag}_{name}` (jobs_create, datasets_upload): short, and stable as long as the route's name is,
+    where FastAPI's default spells out the path and method; generated clients name their methods
+    after it. A route's name is its function's unless the route sets `name=`; a route without a tag
+    (the web page's, outside the description) is its name alone."""
+    return "_".join([*route.tags[:1], route.name])
+
+
+app = FastAPI(title="distill", version="0.1.0", lifespan=lifespan, generate_unique_id_function=operation_id,
               description="Knowledge distillation of large language models with MiniLLM, as a service.")  # fmt: skip
+errors.install(app)
 
 
-def _json_safe(value):
-    """`value` with every non-finite float as text: JSON has no inf or nan."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
+def openapi() -> dict:
+    """FastAPI's description, with two things FastAPI gets wrong put right. It describes an event
+    stream's events with `itemSchema`, an OpenAPI 3.2 keyword that 3.1 (and the client generators
+    reading it) refuse: here it is the stream's `schema`, which tools for 3.1 (schemathesis among
+    them) read as each event's. And it files the errors a route declares under the route's own
+    media type (an event stream, plain text), where they are JSON."""
+    schema = FastAPI.openapi(app)  # built once, then cached on app.openapi_schema
+    for path in schema["paths"].values():
+        for operation in path.values():
+            for status_code, response in operation["responses"].items():
+                content = response.get("content", {})
+                if "itemSchema" in content.get("text/event-stream", {}):
+                    content["text/event-stream"] = {"schema": content["text/event-stream"]["itemSchema"]}
+                if status_code.startswith("4") and len(content) == 1 and "application/json" not in content:
+                    response["content"] = {"application/json": content.popitem()[1]}
+    return schema
 
 
-@app.exception_handler(RequestValidationError)
-async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's own 422 body; an echoed input of 1e999 (read as inf) would otherwise fail to render (a 500)."""
-    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+app.openapi = openapi
 
 
 api = APIRouter(prefix="/api/v1")
@@ -58,6 +71,10 @@ api.include_router(jobs.router)
 api.include_router(datasets.router)
 app.include_router(api)
 app.include_router(health.router)
+# A job spec is a few KB; 1 MiB bounds what is parsed in memory. Dataset uploads stream to disk
+# under DISTILL_MAX_UPLOAD_BYTES instead.
+MAX_BODY_BYTES = 1024 * 1024
+app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=(("POST", "/api/v1/datasets"),))
 
 # The web page (frontend/): index.html at /, its own code under /static, the pinned libraries that
 # `make install` fetched under /vendor. Registered after the API, so API routes always match first.

@@ -8,12 +8,12 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# A job's statuses live with what the API shows (app/schemas.py imports no SQLAlchemy, for the client);
+# imported here too, where the code that reads and writes the tables has always found them.
+from .schemas import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL  # noqa: F401
+
 # BIGINT keys on PostgreSQL; SQLite only auto-increments a column declared INTEGER.
 BigId = BigInteger().with_variant(Integer, "sqlite")
-
-QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
 
 
 def utcnow() -> datetime:
@@ -33,6 +33,11 @@ class User(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Where the user's jobs report their end, unless a spec's notify.webhook_url says otherwise.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Signs the user's webhooks (HMAC-SHA256). Kept as it is, not hashed: signing needs the secret
+    # itself, as the receiver's check does; `distill users webhook` shows it when it is made.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiToken(Base):
@@ -122,6 +127,7 @@ class EvalResult(Base):
     step: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(String(100))
     scores: Mapped[dict] = mapped_column()
+    samples: Mapped[list] = mapped_column(default=list)  # [{prompt, reference, response}] (eval.samples)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -139,3 +145,36 @@ class Checkpoint(Base):
     scores: Mapped[dict | None] = mapped_column()  # eval at this step, if there was one
     storage_url: Mapped[str | None] = mapped_column(Text)  # s3://bucket/prefix/jobs/ID/ when copied to S3
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RegisteredWorker(Base):
+    """A running `distill worker` and the queues it consumes. Its reaper thread refreshes `seen_at`
+    (the database's clock) every heartbeat, so one that died without saying so ages out; the API
+    reads this to tell a job that waits for a free worker from one that no worker would ever take."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid, as on the jobs it claims
+    queues: Mapped[list] = mapped_column()  # ["gpu-1", "gpu-2"]
+    started_at: Mapped[datetime] = mapped_column()
+    seen_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class WebhookDelivery(Base):
+    """The outbox of job-end webhooks: one row per finished job that has a webhook, added in the
+    transaction that ends the job, sent by the reapers (app/webhooks.py). `pending` until the
+    receiver answers 2xx (`delivered`) or every attempt has failed (`failed`); a sender claims a row
+    by setting `claimed_until` in a conditional update, so two reapers never send it at once."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whd"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)  # a job ends once
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict] = mapped_column()
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # rounds of sending, each of a few quick tries
+    next_attempt_at: Mapped[datetime | None] = mapped_column()  # None: at once
+    claimed_until: Mapped[datetime | None] = mapped_column()  # a sender holds it until then
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()

@@ -1,13 +1,23 @@
-"""What the API returns (requests are the engine's JobSpec, validated as such)."""
+"""What the API returns (requests are the engine's JobSpec, validated as such).
+
+The Python client (app/client.py) parses answers with these models, and a CI script installs it
+with the `client` extra alone: so nothing here imports SQLAlchemy (or anything beyond pydantic) at
+import time.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from .models import Job
+if TYPE_CHECKING:
+    from .models import Job
+
+QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
 
 
 class Progress(BaseModel):
@@ -36,16 +46,22 @@ class JobOut(BaseModel):
     error: JobError | None
     attempts: int
     max_attempts: int
+    queue_position: int | None = Field(
+        None, description="While queued: how many queued jobs on the same queue were submitted before this one."
+    )
+    waiting_for: str | None = Field(
+        None, description="While queued and no live worker consumes the job's queue: what it waits for, and how to start one."
+    )
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, queue_position: int | None = None, waiting_for: str | None = None) -> JobOut:
         return cls(
             id=job.id, name=job.name, status=job.status, spec=job.spec, queue=job.queue, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at,
             progress=Progress(step=job.step, total_steps=job.total_steps, eta_seconds=job.eta_seconds),
             latest_metrics=job.latest_metrics or {}, best_eval=job.best_eval,
             error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
-            attempts=job.attempts, max_attempts=job.max_attempts,
+            attempts=job.attempts, max_attempts=job.max_attempts, queue_position=queue_position, waiting_for=waiting_for,
         )  # fmt: skip
 
 
@@ -75,6 +91,22 @@ class EvalOut(BaseModel):
     created_at: datetime
 
 
+class Sample(BaseModel):
+    prompt: str = Field(description="The user's request, without the prompt template.")
+    reference: str | None = Field(description="The set's gold response (the teacher's, where the teacher wrote them).")
+    response: str = Field(description="What the evaluated model answered, sampled under the first seed.")
+
+
+class EvalSamplesOut(BaseModel):
+    """One evaluation's sample generations: the first `eval.samples` prompts of its set (the selection set for
+    label `selection`, else the test set), the same prompts for every model and step."""
+
+    model_config = ConfigDict(from_attributes=True)
+    step: int
+    label: str
+    samples: list[Sample]
+
+
 class CheckpointFile(BaseModel):
     name: str
     size: int
@@ -100,3 +132,62 @@ class DatasetOut(BaseModel):
     size_bytes: int
     sha256: str
     created_at: datetime
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float | None = Field(description="null where the value was not a finite number (a loss that became NaN).")
+
+
+class SignedLink(BaseModel):
+    url: str = Field(description="The path with `expires`, `kid` and `signature`: it works without a token until it expires.")
+    expires: int = Field(description="When the link stops working, in seconds since the Unix epoch.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    database: Literal["ok", "unavailable"]
+    broker: Literal["ok", "unavailable"]
+
+
+# The kind of an error that is not about one field, by status: stable words a program may branch on.
+ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+               409: "conflict", 413: "content_too_large", 429: "too_many_requests", 500: "internal_error"}  # fmt: skip
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(description="Where the problem is, e.g. `[\"body\", \"training\", \"steps\"]` or "
+                                             "`[\"query\", \"limit\"]`; empty when it is not about one field.")  # fmt: skip
+    msg: str
+    type: str = Field(description="Its kind: pydantic's for a field (`missing`, `int_parsing`, `value_error`), else the "
+                                  "status's (`not_found`, `conflict`, `too_many_requests`, ...).")  # fmt: skip
+    input: Any = Field(None, description="A field error's: the value refused.")
+    ctx: dict | None = Field(None, description="A field error's: the limits it broke.")
+
+
+class ErrorOut(BaseModel):
+    """Every error the API answers, whatever its status: `message` for people, `detail` for programs.
+    A 422 has one `detail` item per bad field, `loc` naming it; any other error has one, with an empty `loc`."""
+
+    message: str = Field(description="One line that says what went wrong (each bad field, for a 422).")
+    detail: list[ErrorDetail]
+
+
+def error_body(status_code: int, message: str) -> dict:
+    """An ErrorOut for an error that is not about one field: a missing job, a refused token, a limit."""
+    return {"message": message, "detail": [{"loc": [], "msg": message, "type": ERROR_TYPES.get(status_code, "error")}]}
+
+
+def field_errors_body(errors: list[dict]) -> dict:
+    """An ErrorOut for a 422: pydantic's error for each bad field, and one line naming them all."""
+    return {"message": "; ".join(_where(e["loc"]) + e["msg"] for e in errors), "detail": errors}
+
+
+def _where(loc: list) -> str:
+    """`training.steps: ` for ["body", "training", "steps"], `limit: ` for ["query", "limit"], nothing
+    for ["body"] (the body as a whole: its message says what is wrong with it)."""
+    where = ".".join(str(part) for part in loc[1:])
+    return f"{where}: " if where else ""

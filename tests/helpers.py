@@ -71,14 +71,15 @@ def make_user(name: str | None = None) -> dict:
 class Worker:
     """A real `distill worker` process (Celery, solo pool) that tests can start and SIGKILL."""
 
-    def __init__(self, log: Path, **env: str):
-        self.log, self.env, self.process = log, env, None
+    def __init__(self, log: Path, queues: str = "cpu-1,cpu-2", cwd: Path | None = None, environ: dict | None = None, **env: str):
+        """`environ`: the environment to start from (default: this process's); `env`: changes to it."""
+        self.log, self.queues, self.cwd, self.process = log, queues, cwd, None
+        self.environ = {**(os.environ if environ is None else environ), **env}
 
     def start(self) -> "Worker":
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(self.env)
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu-1,cpu-2"],
-                                        stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        env = {k: v for k, v in self.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", self.queues],
+                                        stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=self.cwd)  # fmt: skip
         return self
 
     def kill(self) -> None:

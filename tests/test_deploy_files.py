@@ -43,3 +43,14 @@ def test_both_images_run_as_an_unprivileged_user():
     for target in ("api", "worker"):
         users = re.findall(r"^USER (\S+)", finals[target], re.M)
         assert users and users[-1] not in ("root", "0"), target
+
+
+def test_compose_confines_spec_paths_to_roots_the_workers_mount():
+    from app.core.config import Settings
+
+    settings = {k: v for k, v in COMPOSE["x-settings"].items() if "${" not in v}
+    # The settings load as the services would load them: roots apart from the artifacts they share.
+    loaded = Settings(**{k.removeprefix("DISTILL_").lower(): v for k, v in settings.items()}, data_dir="/data")
+    assert loaded.model_roots and loaded.data_roots and loaded.api_sees_worker_files is False
+    mounts = {v.split(":")[1] for v in SERVICES["worker"]["volumes"]}
+    assert {str(p) for p in loaded.model_roots + loaded.data_roots} <= mounts

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers import read_events, tiny_spec
 from worker.engine import checkpoints as ckpt
 from worker.engine import trainer as trainer_module
+from worker.engine.data import read_records
 from worker.engine.events import Event, JsonlReporter
 from worker.engine.spec import parse_spec
 from worker.engine.trainer import Cancelled, train
@@ -90,6 +91,14 @@ def test_method_runs_end_to_end(tmp_path, dataset, method, extra):
     assert [e["step"] for e in evals if e["set"] == "selection"] == [0, 3, 6] + ([total] if total > 6 else [])
     seeds = sorted(str(seed) for seed in parse_spec(spec).eval.seeds)
     assert all(sorted(e["per_seed"]) == seeds for e in evals if e["set"] == "test")
+    # Every evaluation keeps the samples of its set's first 3 prompts (eval.samples): the same prompts and
+    # references for the teacher, the initial student and every step.
+    for kept_set in ("test", "selection"):
+        kept = [[(s["prompt"], s["reference"]) for s in e["samples"]] for e in evals if e["set"] == kept_set]
+        assert len(kept[0]) == 3 and all(k == kept[0] for k in kept), kept_set
+        assert all(isinstance(s["response"], str) for e in evals for s in e["samples"])
+    test_prompts = [s["prompt"] for s in evals[0]["samples"]]
+    assert test_prompts == [r.message for r in read_records(spec["data"]["eval"])[:3]]
     assert list(scores) == ["teacher", "initial", "final", "best"]
     assert set(scores["final"]) == {"rouge_l", "response_length", "distinct_4", "reverse_kl", "forward_kl"}
     final = out / "checkpoints" / f"step-{total:06d}"
@@ -104,12 +113,12 @@ def test_best_checkpoint_is_chosen_on_the_selection_set_and_scored_on_the_test_s
 
     def scripted_evaluate(model, teacher, examples, tokenizer, spec, vocab_size, device, seeds, check=None):
         if seeds == spec.eval.selection_seeds:
-            return {"rouge_l": next(selection_rouge)}, {}
+            return {"rouge_l": next(selection_rouge)}, {}, []
         tested.append({k: v.clone() for k, v in model.state_dict().items()})
-        return {"rouge_l": 1.0}, {}
+        return {"rouge_l": 1.0}, {}, []
 
     monkeypatch.setattr(trainer_module, "evaluate", scripted_evaluate)
-    monkeypatch.setattr(trainer_module.Trainer, "teacher_scores", lambda self: ({"rouge_l": 1.0}, {}))  # never cached
+    monkeypatch.setattr(trainer_module.Trainer, "teacher_scores", lambda self: ({"rouge_l": 1.0}, {}, []))  # never cached
     out, scores = run(tmp_path, tiny_spec(dataset, method="sft", checkpoints={"every_steps": 3, "keep": 1}))
     events = read_events(out)
     assert ckpt.best_step(out) == 3 and events[-1]["data"]["best_step"] == 3
@@ -203,6 +212,10 @@ def test_two_processes_under_the_deepspeed_launcher(tmp_path, dataset):
     events = read_events(out)
     assert any("2 process(es)" in e["message"] for e in events)
     assert events[-1]["data"]["state"] == "succeeded"
+    # The samples come from both ranks (each holds every other prompt), in the test set's order.
+    first = [r.message for r in read_records(spec["data"]["eval"])[:3]]
+    tests = [e["data"] for e in events if e["type"] == "eval" and e["data"]["set"] == "test"]
+    assert len(tests) == 4 and all([s["prompt"] for s in e["samples"]] == first for e in tests)
     assert_loads_and_generates(out / "checkpoints" / "step-000004")
 
 

@@ -55,10 +55,10 @@ def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
     seeds, vocab = [10, 20], len(tokenizer)
     device = torch.device("cpu")
 
-    scores, per_seed = evaluate(teacher, teacher, examples, tokenizer, spec, vocab, device, seeds)
+    scores, per_seed, _ = evaluate(teacher, teacher, examples, tokenizer, spec, vocab, device, seeds)
     assert scores["reverse_kl_samples"] == pytest.approx(0.0, abs=1e-5)
 
-    scores, per_seed = evaluate(student, teacher, examples, tokenizer, spec, vocab, device, seeds)
+    scores, per_seed, _ = evaluate(student, teacher, examples, tokenizer, spec, vocab, device, seeds)
     for seed in seeds:  # the same draws as evaluate's, scored by hand
         generator, tokens, total = torch.Generator().manual_seed(seed * 7919), 0.0, 0.0
         for start in (0, 2):
@@ -76,3 +76,37 @@ def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
 
     off = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6}})
     assert "reverse_kl_samples" not in evaluate(student, teacher, examples, tokenizer, off, vocab, device, [10])[0]
+
+
+def test_samples_are_the_first_prompts_answered_under_the_first_seed():
+    """eval.samples keeps the first N prompts' responses as the first seed drew them (no second generation)."""
+    from worker.engine.batch import collate
+    from worker.engine.data import Record, tokenize
+    from worker.engine.evaluation import evaluate
+    from worker.engine.models import load_tokenizer, resolve_model
+    from worker.engine.sampling import sample
+    from worker.engine.spec import parse_spec
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    tokenizer = load_tokenizer(resolve_model("builtin:tiny-teacher"))
+    student = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny-student")).eval()
+    records = [Record(f"Name a colour, {i}.", "Be brief." if i == 1 else "", f"Blue {i}.") for i in range(3)]
+    examples, _ = tokenize(records, tokenizer, "alpaca", 64, 6)
+    spec = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6},
+                       "eval": {"samples": 2, "batch_size": 2, "no_repeat_ngram_size": 0}})  # fmt: skip
+    vocab, device = len(tokenizer), torch.device("cpu")
+
+    _, _, samples = evaluate(student, None, examples, tokenizer, spec, vocab, device, [20, 10])
+    batch = collate([(e.prompt_ids, []) for e in examples[:2]], tokenizer.pad_token_id)
+    out = sample(student, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6, eos_id=tokenizer.eos_token_id,
+                 pad_id=tokenizer.pad_token_id, vocab_size=vocab, generator=torch.Generator().manual_seed(20 * 7919),
+                 no_repeat_ngram_size=0).batch  # fmt: skip
+    drawn = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+             for ids, mask in zip(out.response_ids, out.response_mask)]  # fmt: skip
+    assert samples == [
+        {"prompt": "Name a colour, 0.", "reference": "Blue 0.", "response": drawn[0]},
+        {"prompt": "Name a colour, 1.\n\nBe brief.", "reference": "Blue 1.", "response": drawn[1]},
+    ]
+    off = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6}, "eval": {"samples": 0}})
+    assert evaluate(student, None, examples, tokenizer, off, vocab, device, [10])[2] == []

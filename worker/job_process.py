@@ -12,21 +12,36 @@ import sys
 
 from app.core.config import get_settings
 from app.core.db import session_factory
+from app.core.path_roots import Roots, confine
 from app.models import Dataset, Job
+from worker.engine.events import Event
 from worker.engine.spec import DATA_FILES, JobSpec
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter
-from worker.supervisor import die_with_parent, job_dir
+from app.job_paths import job_dir
+from worker.supervisor import die_with_parent
 
 
-def resolve_datasets(spec: dict, session) -> dict:
-    """Replace `dataset:ID` references with the uploaded file's path."""
-    data = dict(spec.get("data", {}))
+class SpecRefused(ValueError):
+    """The spec names something this job may not read (any more): a path outside the roots, or a
+    dataset that is gone or not its owner's."""
+
+
+def readable_spec(job: Job, session, roots: Roots) -> JobSpec:
+    """The job's spec as the engine reads it: paths checked against the roots on this machine (where
+    the files are read) and resolved, hub ids marked, `dataset:ID` replaced by the upload's file."""
+    spec, problems = confine(JobSpec.model_validate(job.spec), roots, on_disk=True)
+    if problems:
+        raise SpecRefused("; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems))
+    data = {}
     for key in DATA_FILES:
-        ref = data.get(key)
-        if isinstance(ref, str) and ref.startswith("dataset:"):
-            data[key] = session.get(Dataset, ref.removeprefix("dataset:")).path
-    return {**spec, "data": data}
+        ref = getattr(spec.data, key)
+        if ref is not None and ref.startswith("dataset:"):
+            dataset = session.get(Dataset, ref.removeprefix("dataset:"))
+            if dataset is None or dataset.user_id != job.user_id:
+                raise SpecRefused(f"data.{key}: {ref}: no such uploaded dataset (was it deleted?)")
+            data[key] = dataset.path
+    return spec.model_copy(update={"data": spec.data.model_copy(update=data)})
 
 
 def main() -> None:
@@ -37,9 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     die_with_parent()  # the launcher (or the supervisor) is gone: so is this attempt
     settings = get_settings()
-    with session_factory()() as session:
-        spec = JobSpec.model_validate(resolve_datasets(session.get(Job, args.job_id).spec, session))
     reporter = DbReporter(args.job_id, args.attempt)
+    try:
+        with session_factory()() as session:
+            spec = readable_spec(session.get(Job, args.job_id), session, Roots.of(settings))
+    except SpecRefused as err:
+        reporter.emit(Event("state", f"failed: {err}", "error", {"state": "failed", "error": {"code": "SpecRefused", "message": str(err)}}))
+        reporter.flush(seconds=settings.heartbeat_timeout_seconds)
+        sys.exit(1)
     try:
         train(spec, job_dir(settings, args.job_id), reporter)
     except Cancelled:

@@ -1,8 +1,10 @@
 """The engine's reporter inside the service: every event goes to the database as it happens.
 
-Writes are fenced by the attempt number: once the job belongs to another attempt (its worker was
-presumed lost and the job was taken up again) or has ended, this process writes nothing more and
-is asked to stop.
+Writes are fenced by the attempt number, atomically: each event's rows are written in the
+transaction that locked the job's row while this attempt owned it (`job_status.hold`). Once the job
+belongs to another attempt (its worker was presumed lost and the job was taken up again) or has
+ended, this process writes nothing more and is asked to stop. Paths in what users read are
+relative to the job's folder (`job_paths.hide_server_paths`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from pathlib import Path
 
 from sqlalchemy import delete, select
 
-from app import crud
+from app import crud, job_status
+from app.core.config import get_settings
 from app.core.db import session_factory
 from app.core.files import sha256_file
 from app.core.outage import OUTAGE, through_outage
 from app.core.storage import s3_store
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job, Metric
 from worker.engine.events import Event
+from app.job_paths import hide_server_paths
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class DbReporter:
     def __init__(self, job_id: str, attempt: int):
         self.job_id, self.attempt = job_id, attempt
         self.Session = session_factory()
+        self.settings = get_settings()
         self.parent = os.getppid()
         self.store = s3_store()
         self.pending: deque[Event] = deque()  # written in order; more than one only during an outage
@@ -57,7 +62,7 @@ class DbReporter:
             return True
         try:
             with self.Session() as session:
-                return crud.is_active(session, self.job_id, self.attempt) != RUNNING
+                return job_status.is_active(session, self.job_id, self.attempt) != RUNNING
         except OUTAGE:
             return False  # no answer is not a cancellation; the supervisor minds the lease
 
@@ -81,22 +86,33 @@ class DbReporter:
         return True
 
     def _write(self, event: Event) -> None:
+        archive = self._archive(event) if event.type == "checkpoint" else None  # slow file work before the lock
         with self.Session() as session:
-            if crud.is_active(session, self.job_id, self.attempt) is None:
+            if job_status.hold(session, self.job_id, self.attempt) is None:
+                session.rollback()
                 return
-            getattr(self, f"_on_{event.type}")(session, event)
+            if event.type == "checkpoint":
+                self._on_checkpoint(session, event, archive)
+            else:
+                getattr(self, f"_on_{event.type}")(session, event)
+
+    def _event(self, session, type_: str, message: str, level: str, data: dict) -> None:
+        crud.add_event(session, self.job_id, type_, self._hide(message), level, self._hide(data))
+
+    def _hide(self, value):
+        return hide_server_paths(value, self.settings, self.job_id)
 
     # -- one method per event type --------------------------------------------------------------
 
     def _on_state(self, session, event: Event) -> None:
         state = event.data.get("state")
         if state in (SUCCEEDED, CANCELLED, FAILED):
-            crud.finish(session, self.job_id, self.attempt, state, event.data.get("error"), event.message)
+            job_status.finish(session, self.job_id, self.attempt, state, self._hide(event.data.get("error")), self._hide(event.message))
         else:
-            crud.add_event(session, self.job_id, "log", event.message, event.level, event.data)
+            self._event(session, "log", event.message, event.level, event.data)
 
     def _on_log(self, session, event: Event) -> None:
-        crud.add_event(session, self.job_id, "log", event.message, event.level, event.data)
+        self._event(session, "log", event.message, event.level, event.data)
 
     def _on_progress(self, session, event: Event) -> None:
         job = session.get(Job, self.job_id)
@@ -106,23 +122,31 @@ class DbReporter:
 
     def _on_metrics(self, session, event: Event) -> None:
         step, values = event.data["step"], event.data["values"]
+        # A resumed attempt runs again the steps after its checkpoint: its values replace those the
+        # lost attempt wrote, so each metric has one point per step.
+        session.execute(delete(Metric).where(Metric.job_id == self.job_id, Metric.step == step, Metric.name.in_(values)))
         session.add_all(Metric(job_id=self.job_id, step=step, name=k, value=float(v)) for k, v in values.items())
         session.get(Job, self.job_id).latest_metrics = {"step": step, "stage": event.data.get("stage"), **values}
-        crud.add_event(session, self.job_id, "metrics", "", "debug", event.data)
+        self._event(session, "metrics", "", "debug", event.data)
 
     def _on_eval(self, session, event: Event) -> None:
         step, label, scores = event.data["step"], event.data["label"], event.data["scores"]
-        session.add(EvalResult(job_id=self.job_id, step=step, label=label, scores=scores))
+        session.execute(delete(EvalResult).where(EvalResult.job_id == self.job_id, EvalResult.step == step, EvalResult.label == label))
+        # Hidden as the eval event's copy is, so that the samples API and the event log show the same text.
+        samples = self._hide(event.data["samples"])
+        session.add(EvalResult(job_id=self.job_id, step=step, label=label, scores=scores, samples=samples))
         if label == "best":  # the best checkpoint's test-set scores, at the end of the job
             session.get(Job, self.job_id).best_eval = {"step": step, "set": "test", "scores": scores}
-        crud.add_event(session, self.job_id, "eval", event.message, "info", event.data)
+        self._event(session, "eval", event.message, "info", event.data)
 
-    def _on_checkpoint(self, session, event: Event) -> None:
-        step, directory = event.data["step"], Path(event.data["path"])
-        if not directory.exists():  # written late (after an outage): the engine has already replaced it
-            crud.add_event(session, self.job_id, "checkpoint", event.message + " (since replaced by a newer one)", "info", event.data)
-            return
-        archive = directory.parent.parent / "archives" / f"{directory.name}.tar"
+    def _archive(self, event: Event) -> dict | None:
+        """The Checkpoint row's file columns for a checkpoint's directory, archived and uploaded; None if the
+        engine has already replaced the checkpoint (its event is written late, after an outage).
+        The archive's name carries the attempt: a stale attempt never overwrites the current one's."""
+        directory = Path(event.data["path"])
+        if not directory.exists():
+            return None
+        archive = directory.parent.parent / "archives" / f"{directory.name}-attempt-{self.attempt}.tar"
         archive.parent.mkdir(exist_ok=True)
         build_archive(directory, archive)
         files = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())]
@@ -132,12 +156,18 @@ class DbReporter:
             self.store.upload(storage_url, f"archives/{archive.name}", archive)
             for f in files:
                 self.store.upload(storage_url, f"checkpoints/{directory.name}/{f['name']}", directory / f["name"])
-        session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step))
-        session.add(Checkpoint(
-            job_id=self.job_id, step=step, path=str(directory), archive_path=str(archive),
-            archive_size=archive.stat().st_size, archive_sha256=sha256_file(archive), files=files,
-            scores=event.data.get("scores"), storage_url=storage_url,
-        ))  # fmt: skip
+        return dict(path=str(directory), archive_path=str(archive), archive_size=archive.stat().st_size,
+                    archive_sha256=sha256_file(archive), files=files, storage_url=storage_url)  # fmt: skip
+
+    def _on_checkpoint(self, session, event: Event, built: dict | None) -> None:
+        step = event.data["step"]
+        if built is None:
+            self._event(session, "checkpoint", event.message + " (since replaced by a newer one)", "info", event.data)
+            return
+        # The same step written again (by an attempt that resumed before it): the new one replaces it.
+        for same in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)).all():
+            self._forget(session, same, replaced_by=built)
+        session.add(Checkpoint(job_id=self.job_id, step=step, scores=event.data.get("scores"), **built))
         job = session.get(Job, self.job_id)
         # The engine chose this checkpoint as the best so far (by its selection-set scores); once the
         # test set has scored it, those scores stand.
@@ -146,9 +176,19 @@ class DbReporter:
         # The engine keeps only the newest checkpoints (and the best): forget those it removed.
         for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
             if not Path(old.path).exists():
-                Path(old.archive_path).unlink(missing_ok=True)
-                if old.storage_url and self.store is not None:
-                    name = Path(old.path).name
-                    self.store.delete(old.storage_url, [f"archives/{name}.tar", *(f"checkpoints/{name}/{f['name']}" for f in old.files)])
-                session.delete(old)
-        crud.add_event(session, self.job_id, "checkpoint", event.message, "info", {**event.data, "files": files})
+                self._forget(session, old)
+        self._event(session, "checkpoint", event.message, "info", {**event.data, "files": built["files"]})
+
+    def _forget(self, session, checkpoint: Checkpoint, replaced_by: dict | None = None) -> None:
+        """Delete a checkpoint's row and its files; where `replaced_by` (the new row of the same step)
+        reuses their names, only the old archive, and only if its name differs."""
+        keys = []
+        if replaced_by is None or replaced_by["archive_path"] != checkpoint.archive_path:
+            Path(checkpoint.archive_path).unlink(missing_ok=True)
+            keys.append(f"archives/{Path(checkpoint.archive_path).name}")
+        if replaced_by is None:
+            keys += [f"checkpoints/{Path(checkpoint.path).name}/{f['name']}" for f in checkpoint.files]
+        if checkpoint.storage_url and self.store is not None:
+            self.store.delete(checkpoint.storage_url, keys)
+        session.delete(checkpoint)
+        session.flush()

@@ -12,18 +12,19 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from app import crud
+from app import job_status
+from app.worker_registry import worker_name
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
 from app.models import CANCELLED, CANCELLING, FAILED, Job
 from worker.engine.launch import deepspeed_command
+from app.job_paths import hide_server_paths, job_dir
 
 PR_SET_PDEATHSIG = 1
 logger = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ def die_with_parent() -> None:
     a killed worker and races the attempt that takes its job over."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.resolved_artifacts_dir / "jobs" / job_id
 
 
 def child_command(job_id: str, attempt: int, spec: dict, settings: Settings) -> list[str]:
@@ -65,7 +62,7 @@ def supervise(job_id: str) -> bool:
     settings = get_settings()
     Session = session_factory()
     with Session() as session:
-        attempt = crud.claim(session, job_id, worker=f"{socket.gethostname()}:{os.getpid()}")
+        attempt = job_status.claim(session, job_id, worker=worker_name())
         if attempt is None:
             return False
         spec = session.get(Job, job_id).spec
@@ -88,11 +85,11 @@ def supervise(job_id: str) -> bool:
 
     def settle() -> None:
         with Session() as session:
-            status = crud.is_active(session, job_id, attempt)
+            status = job_status.is_active(session, job_id, attempt)
             if status == CANCELLING:  # killed after the grace period, or stopped without saying so
-                crud.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
+                job_status.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
             elif status is not None:  # the child ended without reporting an outcome: it crashed
-                crud.finish(session, job_id, attempt, FAILED, describe_exit(code, log))
+                job_status.finish(session, job_id, attempt, FAILED, hide_server_paths(describe_exit(code, log), settings, job_id))
 
     through_outage(settle, settings.heartbeat_timeout_seconds)
     return True
@@ -115,8 +112,8 @@ def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Setting
         last_beat = now
         try:
             with Session() as session:
-                owned = crud.heartbeat(session, job_id, attempt)
-                status = crud.is_active(session, job_id, attempt)
+                owned = job_status.heartbeat(session, job_id, attempt)
+                status = job_status.is_active(session, job_id, attempt)
         except OUTAGE:
             if now - last_answer > settings.heartbeat_timeout_seconds - 2 * settings.heartbeat_seconds:
                 logger.warning("job %s: the database did not answer for %.0f s; stopping its training process "

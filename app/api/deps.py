@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import crud
+from app.core import streams
 from app.core.config import Settings, get_settings
 from app.core.db import get_session
 from app.core.security import valid_signature
@@ -17,21 +19,38 @@ from app.models import Job, User
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 _bearer = HTTPBearer(auto_error=False, description="A token from `distill users create NAME`.")
+# Ids, cursors and names that reach PostgreSQL: its text refuses NUL (a DataError, a 500), so a
+# NUL is a 422 naming the parameter. Job ids are 20 characters; 64 leaves room and bounds the echo.
+NO_NUL = r"^[^\x00]*$"
+JobId = Annotated[str, Path(max_length=64, pattern=NO_NUL)]
 
 
 def current_user(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
     user = crud.user_for_token(session, credentials.credentials) if credentials else None
+    release_connection(session)
     if user is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
     return user
 
 
+def release_connection(session: Session) -> None:
+    """End a dependency's read transaction, so that its connection goes back to the pool at once.
+
+    FastAPI runs each sync dependency and then the route in separate threadpool calls. A connection
+    kept in between belongs to a request waiting for a thread, while the threads (40) may all be
+    waiting for a connection (the pool has 15): with 200 concurrent submits nothing moved until the
+    pool timed out, and requests failed (tests/chaos, "200 concurrent submits"). What was read stays
+    loaded (expire_on_commit=False)."""
+    session.commit()
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
 
 
-def owned_job(job_id: str, session: SessionDep, user: CurrentUser) -> Job:
+def owned_job(job_id: JobId, session: SessionDep, user: CurrentUser) -> Job:
     """The job, if it is the user's; anyone else's job is answered exactly like a missing one."""
     job = session.get(Job, job_id)
+    release_connection(session)
     if job is None or job.user_id != user.id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
     return job
@@ -40,21 +59,38 @@ def owned_job(job_id: str, session: SessionDep, user: CurrentUser) -> Job:
 OwnedJob = Annotated[Job, Depends(owned_job)]
 
 
+async def stream_slot(user: CurrentUser, settings: SettingsDep) -> AsyncIterator[None]:
+    """One of the user's event-stream slots, held until the stream ends or the client goes away:
+    FastAPI leaves a dependency like this one only after the streamed response is over."""
+    limit = settings.max_streams_per_user
+    try:
+        with streams.stream_slot(user.id, limit):
+            yield
+    except streams.TooManyStreams:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"you have {limit} event streams open, the most allowed "
+                            "(max_streams_per_user); close one before opening another") from None  # fmt: skip
+
+
+StreamSlot = Annotated[None, Depends(stream_slot)]
+
+
 def downloadable_job(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     expires: Annotated[int | None, Query(description="from a signed link")] = None,
+    kid: Annotated[str | None, Query(description="from a signed link: the id of the key that signed it")] = None,
     signature: Annotated[str | None, Query(description="from a signed link")] = None,
 ) -> Job:
     """A job whose files may be downloaded: the user's own (bearer token), or any job through a
     signed link made for exactly this path, until it expires."""
     if signature is None:
         return owned_job(job_id, session, current_user(session, credentials))
-    if expires is None or not valid_signature(request.url.path, expires, signature):
+    if expires is None or kid is None or not valid_signature(request.url.path, expires, kid, signature):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this download link is invalid or has expired")
     job = session.get(Job, job_id)
+    release_connection(session)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
     return job

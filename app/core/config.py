@@ -7,15 +7,27 @@ Production points the same settings at PostgreSQL, Redis and shared storage.
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A list of folders in one variable, separated as in PATH: DISTILL_DATA_ROOTS=/srv/data:/mnt/shared
+PathList = Annotated[list[Path], NoDecode]
+# Signing keys in one variable: DISTILL_SECRET_KEY=KID:SECRET,KID:SECRET (the first signs)
+SigningKeys = Annotated[list[tuple[str, str]], NoDecode]
+KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # also safe as a file name
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DISTILL_", env_file=".env", env_ignore_empty=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="DISTILL_", env_file=".env", env_ignore_empty=True, extra="ignore",
+        hide_input_in_errors=True,  # a malformed DISTILL_SECRET_KEY must not be printed in the start-up error
+    )
 
     data_dir: Path = Field(Path(".distill"), description="Embedded default home of the database, broker and artifacts.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; e.g. postgresql+psycopg://user@host/db. Default: SQLite in data_dir.")
@@ -36,13 +48,70 @@ class Settings(BaseSettings):
     )
     visibility_timeout_seconds: int = Field(7 * 24 * 3600, description="Redis redelivery timeout; above the longest job.")
     auto_accelerator: str = Field("cpu", description="Queue kind for jobs with resources.accelerator auto: cpu or gpu.")
+    refuse_unserved_queues: bool = Field(
+        False, description="Refuse (422) a job whose queue no live worker consumes, instead of queuing it with a warning."
+    )
     worker_cpu_processes: int = Field(2, ge=1, description="Largest resources.devices a CPU worker takes.")
     hostfile: Path | None = Field(None, description="DeepSpeed hostfile: run multi-process jobs across these machines.")
-    secret_key: str | None = Field(None, description="Signs short-lived download links; the same on every API replica. "
-                                   "Default: generated once into data_dir/secret_key.")
+    secret_key: SigningKeys = Field([], description="Keys that sign download links, as KID:SECRET separated by ',': "
+                                    "the first signs, all are accepted; a lone SECRET has key id 'default'. The same on "
+                                    "every API replica. Empty: key files in data_dir/keys, managed with `distill keys`.")
+    max_streams_per_user: int = Field(8, ge=1, description="Event streams a user may hold open on one API process; "
+                                      "more is a 429.")
+    model_roots: PathList = Field([], description="Folders of model directories that job specs may name by absolute "
+                                  "path, separated by ':'; symlinks are resolved before the check. Empty: none.")
+    data_roots: PathList = Field([], description="Folders of data files that job specs may name by absolute path, "
+                                 "separated by ':'. Empty: data comes only as builtin:NAME or an upload (dataset:ID).")
+    allow_hub_models: bool = Field(True, description="Whether specs may name hub ids (org/name) that workers download.")
+    api_sees_worker_files: bool = Field(
+        True, description="Whether the API machine has the workers' model and data roots at the same paths (the "
+        "embedded set-up): then submit checks those files exist; else it checks only where they are, and workers "
+        "check the rest when the job starts.")
     s3_bucket: str | None = Field(None, description="Keep checkpoints in this S3 bucket too; downloads are redirected there.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2...); default: AWS.")
     s3_prefix: str = Field("distill", description="Key prefix of everything stored in the bucket.")
+    webhook_allow_private: bool = Field(
+        False, description="Whether webhooks may go to loopback, private, link-local and other non-public addresses. "
+        "Off: a user of a shared service cannot make it post to hosts inside its network (SSRF).")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="How long one webhook request may take.")
+    webhook_retry_seconds: float = Field(
+        30.0, gt=0, description="Wait before a webhook's second round of attempts; it doubles each round, up to an hour.")
+    webhook_max_attempts: int = Field(
+        12, ge=1, description="Rounds of attempts (each of up to 3 quick tries) before a webhook delivery is given up.")
+
+    @field_validator("model_roots", "data_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, value):
+        if isinstance(value, str):
+            value = [Path(part) for part in value.split(os.pathsep) if part]
+        if any(not Path(root).is_absolute() for root in value):
+            raise ValueError("path roots must be absolute paths")
+        return value
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+            value = [tuple(part.strip() for part in entry.split(":", 1)) if ":" in entry else ("default", entry) for entry in entries]
+        kids = [kid for kid, _ in value]
+        if not all(KEY_ID.fullmatch(kid) and secret for kid, secret in value) or len(set(kids)) < len(kids):
+            raise ValueError("give KID:SECRET pairs separated by ',', each key id unique and made of 1-64 letters, "
+                             "digits, '-' or '_', each secret non-empty")
+        return value
+
+    @model_validator(mode="after")
+    def _roots_apart_from_own_files(self) -> Settings:
+        """A root that holds the service's own files (every user's uploads and checkpoints), or lies
+        inside them, would undo the isolation the roots exist for."""
+        own = [Path(os.path.realpath(p)) for p in (self.data_dir, self.resolved_artifacts_dir)]
+        for root in self.model_roots + self.data_roots:
+            real = Path(os.path.realpath(root))
+            for folder in own:
+                if folder.is_relative_to(real) or real.is_relative_to(folder):
+                    raise ValueError(f"the path root {root} overlaps the service's own files in {folder}: "
+                                     "users could read each other's uploads and checkpoints through it")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -4,9 +4,10 @@ the API, the worker and the training process write to it at the same time."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import DateTime, Engine, create_engine, event, func, select, type_coerce
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import get_settings
@@ -40,3 +41,12 @@ def session_factory() -> sessionmaker[Session]:
 def get_session() -> Iterator[Session]:
     with session_factory()() as session:
         yield session
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock. Leases, heartbeats, timeouts and worker liveness are all read off this
+    one clock: each machine's own would let a worker whose clock runs two minutes slow have its jobs
+    reaped."""
+    if session.get_bind().dialect.name == "sqlite":
+        return session.scalar(select(type_coerce(func.strftime("%Y-%m-%d %H:%M:%f", "now"), DateTime(timezone=True))))
+    return session.scalar(select(func.now()))

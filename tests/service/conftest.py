@@ -4,15 +4,18 @@ Each test session gets its own PostgreSQL database and Redis database number, so
 each other's jobs. The settings are environment variables, set here before any app module reads them.
 """
 
+import getpass
 import os
 import shutil
+import tempfile
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
 
-from helpers import PG, Worker, create_database, drop_database, make_user
+from helpers import PG, Worker, create_database, drop_database, make_user, wait_for
 
 DB_NAME = f"distill_test_{uuid.uuid4().hex[:8]}"
 
@@ -28,6 +31,9 @@ def _claim_redis_db() -> int:
 
 REDIS_DB = _claim_redis_db()
 WORK = Path(f"/tmp/{DB_NAME}")
+# Specs may name files only inside the operator's roots: here pytest's temporary folders, where the
+# tests write their datasets and models (apart from the service's own files under WORK).
+ROOTS = str(Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}")
 
 os.environ.update(
     DISTILL_DATABASE_URL=f"{PG}/{DB_NAME}",
@@ -37,6 +43,11 @@ os.environ.update(
     DISTILL_HEARTBEAT_SECONDS="1",
     DISTILL_HEARTBEAT_TIMEOUT_SECONDS="8",
     DISTILL_MAX_ATTEMPTS="3",
+    DISTILL_MODEL_ROOTS=ROOTS,
+    DISTILL_DATA_ROOTS=ROOTS,
+    # Webhook receivers in the tests listen on 127.0.0.1; a failed round is tried again a second later.
+    DISTILL_WEBHOOK_ALLOW_PRIVATE="true",
+    DISTILL_WEBHOOK_RETRY_SECONDS="1",
 )
 
 
@@ -69,6 +80,25 @@ def client():
         yield test_client
 
 
+@pytest.fixture(scope="module")
+def server():
+    """The API over HTTP (uvicorn in a thread of this process, so it shares the test database), for
+    the browser and the command line."""
+    import uvicorn
+
+    from app.main import app
+    from worker.engine.launch import free_port
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True, name="uvicorn")
+    thread.start()
+    wait_for(lambda: srv.started, timeout=30, interval=0.1, what="uvicorn to start")
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
 @pytest.fixture
 def auth() -> dict:
     return make_user()
@@ -80,13 +110,13 @@ def no_leftover_jobs():
     a worker started afterwards would otherwise run all of them before the test's own job."""
     from sqlalchemy import select
 
-    from app import crud
+    from app import job_status
     from app.core.db import session_factory
     from app.models import QUEUED, Job
 
     with session_factory()() as session:
         for job_id in session.scalars(select(Job.id).where(Job.status == QUEUED)).all():
-            crud.request_cancel(session, job_id)
+            job_status.request_cancel(session, job_id)
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
 """The REST API v1 against the real PostgreSQL and Redis of this session (no Celery worker runs here:
-submitted jobs stay queued, and the status machine is driven through app.crud where a test needs it).
+submitted jobs stay queued, and the status machine is driven through app.job_status where a test needs it).
 """
 
 import hashlib
 import json
 import re
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -60,6 +61,21 @@ def detail_for(response, loc: list) -> dict:
     return matches[0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def a_worker_serves_the_test_queues():
+    """The jobs here go to cpu-1 and cpu-2: registered as served, the way a worker's reaper thread
+    does it, so that their events are only the ones each test expects. (Nothing consumes the
+    messages: the jobs stay queued. tests/service/test_queues.py is about unserved queues.)"""
+    from app.reaper import reap_forever
+
+    stop = threading.Event()
+    thread = threading.Thread(target=reap_forever, args=(stop, ["cpu-1", "cpu-2"]), daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(timeout=30)
+
+
 def set_heartbeat_back(job_id: str, seconds: float = 2, **values) -> None:
     """Move the heartbeat a little into the past: enough for a zero timeout, well inside the 8 s the
     API's own reaper thread uses, so that thread never races these tests."""
@@ -87,12 +103,15 @@ def dataset_files():
 PROTECTED = [
     ("GET", JOBS),
     ("POST", JOBS),
+    ("POST", f"{JOBS}/validate"),
     ("GET", f"{JOBS}/job-0000000000000000"),
     ("POST", f"{JOBS}/job-0000000000000000/cancel"),
     ("GET", f"{JOBS}/job-0000000000000000/events"),
     ("GET", f"{JOBS}/job-0000000000000000/events/stream"),
     ("GET", f"{JOBS}/job-0000000000000000/metrics"),
     ("GET", f"{JOBS}/job-0000000000000000/evals"),
+    ("GET", f"{JOBS}/job-0000000000000000/samples"),
+    ("GET", f"{JOBS}/job-0000000000000000/logs"),
     ("GET", f"{JOBS}/job-0000000000000000/checkpoints"),
     ("GET", f"{JOBS}/job-0000000000000000/checkpoints/latest/archive"),
     ("GET", f"{JOBS}/job-0000000000000000/checkpoints/best/files/config.json"),
@@ -139,9 +158,9 @@ def test_health_and_readiness_need_no_token(client):
 
 
 def test_readiness_names_a_down_broker_without_its_error_text(client, monkeypatch):
-    from worker.celery_app import celery
+    from app.core.broker import broker
 
-    monkeypatch.setattr(celery.conf, "broker_url", "redis://:secret-password@127.0.0.1:1/0")  # nothing listens
+    monkeypatch.setattr(broker().conf, "broker_url", "redis://:secret-password@127.0.0.1:1/0")  # nothing listens
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json() == {"database": "ok", "broker": "unavailable"}  # no host, port or password
@@ -233,8 +252,10 @@ INVALID = {
     "unknown top-level field": (lambda d: {**tiny_spec(d), "trainig": {"steps": 3}}, ["body", "trainig"], "extra"),
     "wrong nested type": (lambda d: tiny_spec(d, training={"steps": "x"}), ["body", "training", "steps"], "integer"),
     "missing student": (lambda d: {k: v for k, v in tiny_spec(d).items() if k != "student"}, ["body", "student"], "required"),
-    "teacher directory missing": (lambda d: tiny_spec(d, teacher="/nonexistent/teacher-model"), ["body", "teacher"],
+    "teacher directory missing": (lambda d: tiny_spec(d, teacher=str(d / "no-such-teacher")), ["body", "teacher"],
                                   "no such model directory"),
+    "teacher outside the roots": (lambda d: tiny_spec(d, teacher="/nonexistent/teacher-model"), ["body", "teacher"],
+                                  "not a model directory this service may read"),
     "unknown builtin model": (lambda d: tiny_spec(d, student={"model": "builtin:nope"}), ["body", "student", "model"],
                               "unknown builtin model"),
     "missing train file": (lambda d: tiny_spec(d, data={"train": str(d / "missing.jsonl")}), ["body", "data", "train"],
@@ -290,7 +311,7 @@ def test_a_user_past_their_active_job_limit_gets_a_429_and_retries_still_answer(
     first = submit(client, user, tiny_spec(dataset, name="one"), **{"Idempotency-Key": "quota-1"})
     assert submit(client, user, tiny_spec(dataset, name="two")).status_code == 201
     third = submit(client, user, tiny_spec(dataset, name="three"))
-    assert third.status_code == 429 and "2 jobs queued or running" in third.json()["detail"]
+    assert third.status_code == 429 and "2 jobs queued or running" in third.json()["message"]
     assert job_count(client, user) == 2
     retry = submit(client, user, tiny_spec(dataset, name="one"), **{"Idempotency-Key": "quota-1"})
     assert retry.status_code == 201 and retry.json()["id"] == first.json()["id"]  # a retry is not a new job
@@ -309,7 +330,7 @@ def test_a_user_past_their_dataset_bytes_gets_a_429_and_nothing_is_stored(client
         assert client.post(DATASETS, params={"name": "d.jsonl"}, content=body, headers=user).status_code == 201
     files_before = dataset_files()
     refused = client.post(DATASETS, params={"name": "d.jsonl"}, content=body, headers=user)
-    assert refused.status_code == 429 and "5 are left" in refused.json()["detail"]
+    assert refused.status_code == 429 and "5 are left" in refused.json()["message"]
     assert len(client.get(DATASETS, headers=user).json()) == 2 and dataset_files() == files_before
     assert client.post(DATASETS, params={"name": "d.jsonl"}, content=body, headers=make_user()).status_code == 201
 
@@ -462,14 +483,16 @@ def test_listing_limit_100_is_accepted(client, auth):
 
 
 def test_other_users_jobs_are_invisible(client, auth, dataset):
+    from app.schemas import error_body
+
     job = new_job(client, auth, dataset)
     other = make_user()
     for method, suffix in [("GET", ""), ("GET", "/events"), ("GET", "/events/stream"), ("GET", "/metrics"),
-                           ("GET", "/evals"), ("GET", "/checkpoints"), ("GET", "/checkpoints/latest/archive"),
+                           ("GET", "/evals"), ("GET", "/samples"), ("GET", "/checkpoints"), ("GET", "/checkpoints/latest/archive"),
                            ("GET", "/checkpoints/best/files/config.json"), ("POST", "/cancel")]:  # fmt: skip
         response = client.request(method, f"{JOBS}/{job['id']}{suffix}", headers=other)
         assert response.status_code == 404, (suffix, response.text)
-        assert response.json() == {"detail": f"no job {job['id']}"}  # exactly like a job that does not exist
+        assert response.json() == error_body(404, f"no job {job['id']}")  # exactly like a job that does not exist
     assert client.get(JOBS, headers=other).json() == {"data": [], "has_more": False}
     # the cancel attempt changed nothing
     assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "queued"
@@ -502,25 +525,25 @@ def test_cancel_a_queued_job(client, auth, dataset):
 
     again = client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
     assert again.status_code == 409, again.text
-    assert "cancelled" in again.json()["detail"]
+    assert "cancelled" in again.json()["message"]
 
     states = [e["data"]["state"] for e in events_of(client, auth, job["id"]) if e["type"] == "state"]
     assert states == ["queued", "cancelled"]
 
     # a worker that receives the message later cannot start it
-    from app import crud
+    from app import job_status
 
     with db() as session:
-        assert crud.claim(session, job["id"], "late-worker") is None
+        assert job_status.claim(session, job["id"], "late-worker") is None
     assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "cancelled"
 
 
 def test_cancel_a_running_job_asks_the_worker(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        attempt = crud.claim(session, job["id"], "w")
+        attempt = job_status.claim(session, job["id"], "w")
     assert attempt == 1
     running = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert running["status"] == "running" and running["attempts"] == 1 and running["started_at"] is not None
@@ -533,11 +556,11 @@ def test_cancel_a_running_job_asks_the_worker(client, auth, dataset):
     assert again.status_code == 200 and again.json()["status"] == "cancelling"
 
     with db() as session:
-        assert crud.is_active(session, job["id"], attempt) == "cancelling"
-        assert crud.heartbeat(session, job["id"], attempt) is True
-        assert crud.finish(session, job["id"], attempt + 1, "cancelled") is False  # not its attempt
-        assert crud.finish(session, job["id"], attempt, "cancelled") is True
-        assert crud.heartbeat(session, job["id"], attempt) is False
+        assert job_status.is_active(session, job["id"], attempt) == "cancelling"
+        assert job_status.heartbeat(session, job["id"], attempt) is True
+        assert job_status.finish(session, job["id"], attempt + 1, "cancelled") is False  # not its attempt
+        assert job_status.finish(session, job["id"], attempt, "cancelled") is True
+        assert job_status.heartbeat(session, job["id"], attempt) is False
     done = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert done["status"] == "cancelled" and done["finished_at"] is not None
     assert client.post(f"{JOBS}/{job['id']}/cancel", headers=auth).status_code == 409
@@ -546,30 +569,30 @@ def test_cancel_a_running_job_asks_the_worker(client, auth, dataset):
 
 
 def test_terminal_statuses_are_final(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        attempt = crud.claim(session, job["id"], "w")
-        assert crud.finish(session, job["id"], attempt, "cancelled") is False  # cancelled only from cancelling
-        assert crud.finish(session, job["id"], attempt, "succeeded") is True
+        attempt = job_status.claim(session, job["id"], "w")
+        assert job_status.finish(session, job["id"], attempt, "cancelled") is False  # cancelled only from cancelling
+        assert job_status.finish(session, job["id"], attempt, "succeeded") is True
         for status in ("failed", "cancelled", "succeeded"):
-            assert crud.finish(session, job["id"], attempt, status, {"code": "X", "message": "y"}) is False
-        assert crud.request_cancel(session, job["id"]) is None
-        assert crud.claim(session, job["id"], "w2") is None
-        assert crud.heartbeat(session, job["id"], attempt) is False
+            assert job_status.finish(session, job["id"], attempt, status, {"code": "X", "message": "y"}) is False
+        assert job_status.request_cancel(session, job["id"]) is None
+        assert job_status.claim(session, job["id"], "w2") is None
+        assert job_status.heartbeat(session, job["id"], attempt) is False
     done = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert done["status"] == "succeeded" and done["error"] is None
     assert client.post(f"{JOBS}/{job['id']}/cancel", headers=auth).status_code == 409
 
 
 def test_a_failed_job_reports_its_error(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        attempt = crud.claim(session, job["id"], "w")
-        assert crud.finish(session, job["id"], attempt, "failed", {"code": "OOM", "message": "out of memory"})
+        attempt = job_status.claim(session, job["id"], "w")
+        assert job_status.finish(session, job["id"], attempt, "failed", {"code": "OOM", "message": "out of memory"})
     failed = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert failed["status"] == "failed" and failed["error"] == {"code": "OOM", "message": "out of memory"}
     last = events_of(client, auth, job["id"])[-1]
@@ -580,38 +603,38 @@ def test_a_failed_job_reports_its_error(client, auth, dataset):
 
 
 def test_claim_once(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        assert crud.claim(session, job["id"], "w1") == 1
-        assert crud.claim(session, job["id"], "w2") is None  # a redelivered duplicate is ignored
-        assert crud.finish(session, job["id"], 1, "succeeded")
+        assert job_status.claim(session, job["id"], "w1") == 1
+        assert job_status.claim(session, job["id"], "w2") is None  # a redelivered duplicate is ignored
+        assert job_status.finish(session, job["id"], 1, "succeeded")
     fetched = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert fetched["attempts"] == 1
     assert [e["data"]["state"] for e in events_of(client, auth, job["id"])] == ["queued", "running", "succeeded"]
 
 
 def test_reaper_requeues_a_lost_job_while_attempts_remain(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        attempt = crud.claim(session, job["id"], "w1")
+        attempt = job_status.claim(session, job["id"], "w1")
     set_heartbeat_back(job["id"])
     with db() as session:
-        assert job["id"] not in crud.reap_stale(session, timedelta(minutes=1))  # not stale yet
-        assert job["id"] in crud.reap_stale(session, timedelta(seconds=0))
+        assert job["id"] not in job_status.reap_stale(session, timedelta(minutes=1))  # not stale yet
+        assert job["id"] in job_status.reap_stale(session, timedelta(seconds=0))
         # the lost attempt can no longer report
-        assert crud.heartbeat(session, job["id"], attempt) is False
-        assert crud.finish(session, job["id"], attempt, "succeeded") is False
+        assert job_status.heartbeat(session, job["id"], attempt) is False
+        assert job_status.finish(session, job["id"], attempt, "succeeded") is False
     requeued = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert requeued["status"] == "queued" and requeued["attempts"] == 1
     last = events_of(client, auth, job["id"])[-1]
     assert last["data"]["state"] == "queued" and last["level"] == "warning"
     with db() as session:  # the next attempt takes it
-        assert crud.claim(session, job["id"], "w2") == 2
-        assert crud.finish(session, job["id"], 2, "succeeded")
+        assert job_status.claim(session, job["id"], "w2") == 2
+        assert job_status.finish(session, job["id"], 2, "succeeded")
 
 
 def test_a_worker_whose_clock_is_two_minutes_slow_keeps_its_job(client, auth, dataset, monkeypatch):
@@ -619,33 +642,34 @@ def test_a_worker_whose_clock_is_two_minutes_slow_keeps_its_job(client, auth, da
     from datetime import datetime, timezone
 
     import app.crud
+    import app.job_status
     import app.models
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     slow = lambda: datetime.now(timezone.utc) - timedelta(minutes=2)  # noqa: E731
-    for module in (app.models, app.crud):  # wherever a machine clock could be read
+    for module in (app.models, app.crud, app.job_status):  # wherever a machine clock could be read
         monkeypatch.setattr(module, "utcnow", slow, raising=False)
     with db() as session:  # the slow worker claims the job and beats
-        attempt = crud.claim(session, job["id"], "slow-worker")
-        assert crud.heartbeat(session, job["id"], attempt)
+        attempt = job_status.claim(session, job["id"], "slow-worker")
+        assert job_status.heartbeat(session, job["id"], attempt)
     monkeypatch.undo()
     with db() as session:  # a reaper with a correct clock and a one-minute lease
-        assert job["id"] not in crud.reap_stale(session, timedelta(minutes=1))
+        assert job["id"] not in job_status.reap_stale(session, timedelta(minutes=1))
     assert client.get(f"{JOBS}/{job['id']}", headers=auth).json()["status"] == "running"
     with db() as session:
-        crud.finish(session, job["id"], attempt, "succeeded")
+        job_status.finish(session, job["id"], attempt, "succeeded")
 
 
 def test_reaper_fails_a_job_out_of_attempts(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        crud.claim(session, job["id"], "w1")
+        job_status.claim(session, job["id"], "w1")
     set_heartbeat_back(job["id"], attempts=3)
     with db() as session:
-        assert job["id"] not in crud.reap_stale(session, timedelta(seconds=0))
+        assert job["id"] not in job_status.reap_stale(session, timedelta(seconds=0))
     failed = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert failed["status"] == "failed" and failed["finished_at"] is not None
     assert failed["error"]["code"] == "WorkerLost"
@@ -654,30 +678,30 @@ def test_reaper_fails_a_job_out_of_attempts(client, auth, dataset):
 
 
 def test_reaper_ends_a_cancelling_job_whose_worker_died(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        crud.claim(session, job["id"], "w1")
+        job_status.claim(session, job["id"], "w1")
     assert client.post(f"{JOBS}/{job['id']}/cancel", headers=auth).json()["status"] == "cancelling"
     set_heartbeat_back(job["id"])
     with db() as session:
-        assert job["id"] not in crud.reap_stale(session, timedelta(seconds=0))
+        assert job["id"] not in job_status.reap_stale(session, timedelta(seconds=0))
     done = client.get(f"{JOBS}/{job['id']}", headers=auth).json()
     assert done["status"] == "cancelled" and done["finished_at"] is not None
     assert events_of(client, auth, job["id"])[-1]["data"]["state"] == "cancelled"
 
 
 def test_reaper_leaves_fresh_and_queued_jobs_alone(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     queued = new_job(client, auth, dataset)
     running = new_job(client, auth, dataset)
     with db() as session:
-        crud.claim(session, running["id"], "w1")
-        reaped = crud.reap_stale(session, timedelta(seconds=60))
+        job_status.claim(session, running["id"], "w1")
+        reaped = job_status.reap_stale(session, timedelta(seconds=60))
         assert queued["id"] not in reaped and running["id"] not in reaped
-        assert crud.finish(session, running["id"], 1, "succeeded")
+        assert job_status.finish(session, running["id"], 1, "succeeded")
     assert client.get(f"{JOBS}/{queued['id']}", headers=auth).json()["status"] == "queued"
     assert client.get(f"{JOBS}/{running['id']}", headers=auth).json()["status"] == "succeeded"
 
@@ -795,14 +819,14 @@ def test_datasets_list_newest_first(client, auth):
 
 
 def test_events_page_after_an_id(client, auth, dataset):
-    from app import crud
+    from app import job_status
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        crud.claim(session, job["id"], "w")
+        job_status.claim(session, job["id"], "w")
     client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
     with db() as session:
-        crud.finish(session, job["id"], 1, "cancelled")
+        job_status.finish(session, job["id"], 1, "cancelled")
     events = events_of(client, auth, job["id"])
     assert len(events) == 4
     ids = [e["id"] for e in events]
@@ -862,13 +886,13 @@ def test_event_stream_of_an_ended_job(client, auth, dataset):
 def test_a_status_change_is_never_visible_without_its_event(client, auth, dataset, monkeypatch):
     """The event stream ends when it sees a terminal status and no new events; that is only safe if
     the status and its `state` event are committed together."""
-    from app import crud
+    from app import crud, job_status
     from app.models import Job
 
     job = new_job(client, auth, dataset)
     with db() as session:
-        attempt = crud.claim(session, job["id"], "w")
-    write_event, seen = crud._event, {}
+        attempt = job_status.claim(session, job["id"], "w")
+    write_event, seen = crud.stage_event, {}
 
     def look_from_another_connection(session, job_id, type_, message, level="info", data=None):
         if (data or {}).get("state") == "succeeded":  # the UPDATE ran in this transaction just before
@@ -876,9 +900,9 @@ def test_a_status_change_is_never_visible_without_its_event(client, auth, datase
                 seen["status"] = other.get(Job, job_id).status
         write_event(session, job_id, type_, message, level, data)
 
-    monkeypatch.setattr(crud, "_event", look_from_another_connection)
+    monkeypatch.setattr(crud, "stage_event", look_from_another_connection)
     with db() as session:
-        assert crud.finish(session, job["id"], attempt, "succeeded")
+        assert job_status.finish(session, job["id"], attempt, "succeeded")
     assert seen["status"] == "running"  # not yet "succeeded" without its event
     stream = client.get(f"{JOBS}/{job['id']}/events/stream", headers=auth).text
     states = [json.loads(e["data"])["data"].get("state") for e in parse_sse(stream)]
@@ -894,8 +918,57 @@ def test_a_new_job_has_no_checkpoints_metrics_or_evals(client, auth, dataset):
     assert client.get(f"{base}/checkpoints", headers=auth).json() == []
     assert client.get(f"{base}/metrics", headers=auth).json() == {}
     assert client.get(f"{base}/evals", headers=auth).json() == []
+    assert client.get(f"{base}/samples", headers=auth).json() == []
     for path in ("checkpoints/latest/archive", "checkpoints/best/archive", "checkpoints/3/archive",
                  "checkpoints/best/files/config.json", "checkpoints/latest/files/config.json"):  # fmt: skip
         response = client.get(f"{base}/{path}", headers=auth)
         assert response.status_code == 404, (path, response.text)
-        assert "has no checkpoint" in response.json()["detail"]
+        assert "has no checkpoint" in response.json()["message"]
+
+
+# -- 11. the training process's log -------------------------------------------------------------
+
+
+def test_a_jobs_log_is_its_owners_per_attempt_with_server_paths_hidden(client, auth, dataset):
+    import sys
+
+    from app import job_status
+    from app.api.routes.jobs import LOG_BYTES
+    from app.core.config import get_settings
+    from app.models import Job
+    from app.job_paths import job_dir
+
+    job = new_job(client, auth, dataset)
+    url = f"{JOBS}/{job['id']}/logs"
+    not_started = client.get(url, headers=auth)
+    assert not_started.status_code == 404 and "no log yet" in not_started.text
+    with db() as session:
+        assert job_status.claim(session, job["id"], "w1") == 1
+    assert client.get(url, headers=auth).status_code == 404  # started; its process has written nothing yet
+
+    folder = job_dir(get_settings(), job["id"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "attempt-1.log").write_text(f"saving {folder}/checkpoints/step-3\nimported {sys.prefix}/lib/torch\n")
+    (folder / "attempt-2.log").write_text("".join(f"line {i}\n" for i in range(LOG_BYTES // 10 + 1000)))  # over the cap
+    with db() as session:  # a second attempt, as after a lost worker
+        session.execute(update(Job).where(Job.id == job["id"]).values(attempts=2))
+        session.commit()
+
+    first = client.get(url, headers=auth, params={"attempt": 1})
+    assert first.status_code == 200 and first.headers["content-type"].startswith("text/plain")
+    assert first.text == "saving checkpoints/step-3\nimported <python>/lib/torch\n"
+    latest = client.get(url, headers=auth)  # the latest attempt's, cut to the cap at a line's start
+    lines, last = latest.text.splitlines(), LOG_BYTES // 10 + 999
+    assert lines[0].startswith("[the first ") and lines[0].endswith(f"an answer holds its last {LOG_BYTES}]")
+    assert lines[1].startswith("line ") and lines[-1] == f"line {last}"
+    assert len(latest.content) <= LOG_BYTES + len(lines[0]) + 1
+    assert client.get(url, headers=auth, params={"tail": 2}).text == f"line {last - 1}\nline {last}\n"
+
+    missing = client.get(url, headers=auth, params={"attempt": 3})
+    assert missing.status_code == 404 and "has had 2" in missing.text
+    for bad in ({"attempt": 0}, {"tail": 0}, {"attempt": "x"}):
+        assert client.get(url, headers=auth, params=bad).status_code == 422, bad
+    other = client.get(url, headers=make_user(), params={"attempt": 1})  # anyone else's job is answered as a missing one
+    assert other.status_code == 404 and "saving" not in other.text
+    with db() as session:
+        assert job_status.finish(session, job["id"], 2, "succeeded")

@@ -7,27 +7,30 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from worker.engine.launch import free_port
 from helpers import make_user, tiny_spec, wait_for
+from worker.engine.data import read_records
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Screenshots of every page go to runs/screenshots/ (not tracked). The two shown in the README are
-# refreshed under docs/ only when asked: UPDATE_DOCS_SCREENSHOTS=1 make test.
+# Screenshots of every page go to runs/screenshots/ (not tracked). The README's two, docs/job-detail.png and
+# docs/compare.png, show real SmolLM2 jobs (test_readme_screenshots_of_real_smollm2_jobs), which writes them
+# under docs/ as well only when asked: UPDATE_DOCS_SCREENSHOTS=1 make test.
 ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / ("docs" if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1" else "runs/screenshots")
+SHOTS = ROOT / "runs/screenshots"
+UPDATE_DOCS = os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1"
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, *, docs: bool = False, clip: dict | None = None) -> None:
+    """The whole page (or `clip` of it) at the context's viewport width; `docs`: also docs/NAME when asked."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / name), full_page=True)
+    page.screenshot(path=str(SHOTS / name), full_page=True, clip=clip)
+    if docs and UPDATE_DOCS:
+        shutil.copyfile(SHOTS / name, ROOT / "docs" / name)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]  # fmt: skip
 
@@ -36,20 +39,6 @@ pytestmark = [
     pytest.mark.usefixtures("no_leftover_jobs"),
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium: run scripts/ensure-browser.sh"),
 ]
-
-
-@pytest.fixture(scope="module")
-def server():
-    from app.main import app
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True, name="uvicorn")
-    thread.start()
-    wait_for(lambda: srv.started, timeout=30, interval=0.1, what="uvicorn to start")
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -150,7 +139,12 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     for key in ("loss", "reward", "reverse_kl", "lr", "tokens_per_s"):
         assert canvas_drawn(page, f"#chart-{key} canvas"), key
     assert canvas_drawn(page, "#chart-eval canvas")
-    shot(page, "job-detail.png")
+    # Sample generations: the test set's first 3 prompts, answered by the teacher, the initial and the final student.
+    first_prompt = read_records(spec["data"]["eval"])[0].message
+    expect(page.locator("#samples-test thead th")).to_contain_text(["Prompt", "Reference", "Teacher", "Initial student", "Final"])
+    expect(page.locator("#samples-test tbody tr")).to_have_count(3)
+    expect(page.locator("#samples-test tbody tr").first.locator("td").first).to_have_text(first_prompt)
+    expect(page.locator("#samples-selection tbody tr")).to_have_count(3)
 
     # A checkpoint archive downloads (the page fetches it with the token, then saves it).
     with page.expect_response(lambda r: "/archive" in r.url) as response, page.expect_download() as download:
@@ -171,7 +165,13 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     expect(page.locator("#compare-evals")).to_contain_text("rouge_l")
     assert canvas_drawn(page, "#compare-loss canvas")
     assert canvas_drawn(page, "#compare-eval_rouge_l canvas")
-    shot(page, "compare.png")
+    # Both jobs answered the same 3 test prompts: a row each, a column per job.
+    expect(page.locator("#compare-samples thead th")).to_have_count(4)
+    for name in ("tiny-ui", "tiny-kd"):
+        expect(page.locator("#compare-samples thead")).to_contain_text(name)
+    expect(page.locator("#compare-samples tbody tr")).to_have_count(3)
+    expect(page.locator("#compare-samples tbody tr").first.locator("td").first).to_have_text(first_prompt)
+    expect(page.locator("#compare-samples tbody td", has_text=re.compile(r"^—$"))).to_have_count(0)  # none missing
 
     # Sign out returns to the sign-in screen.
     page.get_by_role("button", name="Sign out").click()
@@ -182,6 +182,254 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     # Chromium logs every non-2xx response as a console error: the one 422 is the bad spec above.
     expected = [p for p in problems if "status of 422" in p]
     assert len(expected) == 1 and [p for p in problems if p not in expected] == [], problems
+
+
+def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, browser_page):
+    """A job for a queue no worker serves says so on its page, until a worker for it registers (the
+    page looks again every few seconds while the job is queued: no event on the job announces it)."""
+    import httpx
+
+    from app import worker_registry
+    from app.core.db import session_factory
+
+    page, problems = browser_page
+    user = make_user()
+    expect = playwright_sync.expect
+    response = httpx.post(f"{server}/api/v1/jobs", headers=user,
+                          json=tiny_spec(dataset, name="tiny-gpu", method="kd", resources={"accelerator": "gpu", "devices": 9}))  # fmt: skip
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+
+    page.goto(f"{server}/#token={token_of(user)}")
+    page.goto(f"{server}/#/jobs/{job_id}")
+    expect(page.locator("#job-status")).to_have_attribute("data-status", "queued")
+    expect(page.locator("#queue-position")).to_have_text("gpu-9: 0 jobs ahead")
+    expect(page.locator("#waiting-for")).to_have_text("no worker serves queue gpu-9; start one with `distill worker --queues gpu-9`")
+    shot(page, "job-waiting.png")
+
+    with session_factory()() as session:
+        worker_registry.register(session, "browser-test:1", ["gpu-9"])
+    expect(page.locator("#waiting-for")).to_be_hidden(timeout=15_000)
+    with session_factory()() as session:
+        worker_registry.unregister(session, "browser-test:1")
+    assert httpx.post(f"{server}/api/v1/jobs/{job_id}/cancel", headers=user).status_code == 200
+    assert problems == []
+
+
+def test_stages_smoothing_spec_log_and_clone_on_a_jobs_page(server, worker, dataset, browser_page):
+    """A job with a recovery stage: its curves mark where MiniLLM takes over and smooth as the slider
+    says; its page shows its spec, downloads its training log and clones it into the new-job form."""
+    import httpx
+    import yaml
+
+    from app.core.config import get_settings
+    from app.job_paths import job_dir
+
+    page, problems = browser_page
+    user = make_user()
+    expect = playwright_sync.expect
+    response = httpx.post(f"{server}/api/v1/jobs", headers=user,
+                          json=tiny_spec(dataset, name="tiny-stages", recovery={"method": "sft", "steps": 2}))  # fmt: skip
+    assert response.status_code == 201, response.text
+    job = response.json()
+    page.goto(f"{server}/#token={token_of(user)}")
+    page.goto(f"{server}/#/jobs/{job['id']}")
+    expect(page.locator("#job-status")).to_have_attribute("data-status", "succeeded", timeout=300_000)
+
+    # The stages, from the metrics events: said in words, and a line between steps 2 and 3 of each curve.
+    expect(page.locator("#stages")).to_have_text("Stages: recovery-sft from step 1, minillm from step 3.")
+    assert column_drawn(page, "#chart-loss canvas", 2.5)
+
+    # Smoothing: none draws the series as it is; 0.9 draws it faintly under its moving average, which
+    # starts again at the stage change (another loss).
+    slider = page.get_by_label("Smoothing")
+    slider.fill("0")
+    raw = chart_series(page, "#chart-loss canvas")
+    assert len(raw) == 1 and len(raw[0]["data"]) == 8
+    slider.fill("0.9")
+    expect(page.locator("output[for=smoothing]")).to_have_text("0.90")
+    faint, smoothed = chart_series(page, "#chart-loss canvas")
+    assert faint["faint"] and faint["data"] == raw[0]["data"]
+    assert smoothed["data"] != raw[0]["data"]
+    for step in (1, 3):  # the first point of each stage is its own value
+        assert smoothed["data"][step - 1] == pytest.approx(raw[0]["data"][step - 1])
+    assert len(chart_series(page, "#chart-lr canvas")) == 1  # a schedule, not a measurement: never smoothed
+    assert page.evaluate("localStorage.getItem('distill.smoothing')") == "0.9"  # kept for the next page
+
+    # The spec, collapsed until asked for.
+    expect(page.locator("#spec pre")).to_be_hidden()
+    page.locator("#spec summary").click()
+    assert yaml.safe_load(page.locator("#spec pre").text_content()) == job["spec"]
+    shot(page, "job-stages.png")
+
+    # The training process's log, as the API answers it: the server's folders hidden.
+    folder = job_dir(get_settings(), job["id"])
+    with (folder / "attempt-1.log").open("a") as log:
+        log.write(f"wrote {folder}/checkpoints/step-8\n")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download log").click()
+    assert download.value.suggested_filename == f"{job['id']}-attempt-1.log"
+    text = Path(download.value.path()).read_text()
+    assert text.endswith("wrote checkpoints/step-8\n") and str(folder) not in text
+
+    # Clone: the new-job form with the whole spec, renamed; submitted as it is, the same job again.
+    page.get_by_role("link", name="Clone").click()
+    expect(page.locator("#f-name")).to_have_value("tiny-stages-copy")
+    expect(page.locator("#f-training-steps")).to_have_value("6")
+    expect(page.locator("#f-minillm-rollouts_per_phase")).to_have_value("4")
+    expect(page.locator("#f-student-model")).to_have_value("builtin:tiny-student")
+    expect(page.locator("#f-yaml")).to_be_visible()  # the form holds the main fields; the editor all of them
+    assert yaml.safe_load(page.locator("#f-yaml").input_value()) == {**job["spec"], "name": "tiny-stages-copy"}
+    shot(page, "new-job-clone.png")
+    page.get_by_role("button", name="Submit job").click()
+    page.wait_for_url(re.compile(r"#/jobs/job-"))
+    copy_id = page.url.rsplit("/", 1)[-1]
+    copy = httpx.get(f"{server}/api/v1/jobs/{copy_id}", headers=user).json()
+    assert copy_id != job["id"] and copy["spec"] == {**job["spec"], "name": "tiny-stages-copy"}
+    httpx.post(f"{server}/api/v1/jobs/{copy_id}/cancel", headers=user)
+    wait_for(lambda: httpx.get(f"{server}/api/v1/jobs/{copy_id}", headers=user).json()["status"] == "cancelled",
+             timeout=120, interval=1, what="the copy to be cancelled")  # fmt: skip
+    assert problems == []
+
+
+def test_compare_lists_the_settings_that_differ(server, dataset, browser_page):
+    """Two queued jobs (no worker runs here): the compare page lists exactly the spec fields in which
+    they differ; the rest only when asked for."""
+    import httpx
+
+    page, problems = browser_page
+    user = make_user()
+    expect = playwright_sync.expect
+    specs = [tiny_spec(dataset, name="lr-high"),
+             tiny_spec(dataset, name="lr-low", method="kd", training={"learning_rate": 1e-4}, checkpoints={"keep": 3})]  # fmt: skip
+    ids = []
+    for spec in specs:
+        response = httpx.post(f"{server}/api/v1/jobs", headers=user, json=spec)
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+
+    page.goto(f"{server}/#token={token_of(user)}")
+    page.goto(f"{server}/#/compare?ids={','.join(ids)}")
+    rows = page.locator("#compare-settings tbody tr")
+    expect(rows.locator("visible=true")).to_have_count(4)
+    shown = [rows.nth(i).get_attribute("data-path") for i in range(rows.count()) if rows.nth(i).is_visible()]
+    assert shown == ["name", "method", "training.learning_rate", "checkpoints.keep"]  # in the spec's order
+    expect(rows.filter(has=page.locator("th", has_text=re.compile(r"^training\.learning_rate$"))).locator("td")).to_have_text(["0.001", "0.0001"])
+    page.get_by_label(re.compile(r"Show the \d+ settings that are the same")).check()
+    expect(rows.locator("visible=true")).to_have_count(rows.count())
+    expect(rows.filter(has=page.locator("th", has_text=re.compile(r"^training\.steps$"))).locator("td")).to_have_text(["6", "6"])
+    shot(page, "compare-settings.png")
+    for job_id in ids:
+        assert httpx.post(f"{server}/api/v1/jobs/{job_id}/cancel", headers=user).status_code == 200
+    assert problems == []
+
+
+# The README's screenshots: a short real job (SmolLM2-135M-Instruct distilled into 10 of its layers: KD
+# recovery, then MiniLLM) and, to compare it with, word-level KD for the same number of steps on the same data.
+SMOLLM2_MINILLM = {
+    "name": "smollm2-minillm",
+    "method": "minillm",
+    "teacher": "builtin:smollm2-135m-instruct",
+    "student": {"init_from_teacher": {"num_layers": 10, "strategy": "even"}},
+    "data": {"train": "builtin:demo", "prompt_format": "chat", "max_prompt_tokens": 192, "max_response_tokens": 48,
+             "max_train_records": 32},
+    "recovery": {"method": "kd", "steps": 16, "learning_rate": 5e-4, "lr_schedule": "cosine"},
+    "training": {"steps": 8, "batch_size": 4, "learning_rate": 2e-5, "warmup_steps": 0},
+    "minillm": {"rollouts_per_phase": 8, "rollout_batch_size": 8, "ppo_epochs": 2},
+    "eval": {"every_steps": 8, "num_prompts": 4, "seeds": [10], "selection_num_prompts": 4, "batch_size": 4},
+    "checkpoints": {"every_steps": 8, "keep": 2},
+}  # fmt: skip
+SMOLLM2_KD = {**SMOLLM2_MINILLM, "name": "smollm2-kd", "method": "kd", "recovery": None,
+              "training": {"steps": 24, "batch_size": 4, "learning_rate": 5e-4, "lr_schedule": "cosine", "warmup_steps": 0}}  # fmt: skip
+
+
+@pytest.mark.smollm2
+def test_readme_screenshots_of_real_smollm2_jobs(server, worker, browser_page):
+    """The two jobs above run on the real worker; the job page and the compare page show what they did, and
+    are the README's docs/job-detail.png and docs/compare.png (written there with UPDATE_DOCS_SCREENSHOTS=1).
+    Minutes with a warm cache: the teacher's conversion and its reference answers are cached in .cache/."""
+    import httpx
+
+    page, problems = browser_page
+    user = make_user()
+    expect = playwright_sync.expect
+    ids = []
+    for spec in (SMOLLM2_MINILLM, SMOLLM2_KD):  # the worker runs them one after the other
+        response = httpx.post(f"{server}/api/v1/jobs", headers=user, json=spec)
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+
+    # The MiniLLM job's page, followed live to the end.
+    page.goto(f"{server}/#token={token_of(user)}")
+    page.goto(f"{server}/#/jobs/{ids[0]}")
+    expect(page.locator("#job-status")).to_have_attribute("data-status", "succeeded", timeout=600_000)
+    expect(page.locator("#stages")).to_have_text("Stages: recovery-kd from step 1, minillm from step 17.")
+    for key in ("loss", "reward", "reverse_kl", "lr", "tokens_per_s"):
+        assert canvas_drawn(page, f"#chart-{key} canvas"), key
+    assert canvas_drawn(page, "#chart-eval canvas")
+    # The evaluation table: the teacher, the initial student and the best checkpoint on the test set, with scores.
+    expect(page.locator("#evals tbody tr", has_text="best")).to_be_visible(timeout=10_000)
+    heads = page.locator("#evals thead th").all_text_contents()
+    rouge = heads.index("rouge_l")
+    for label in ("teacher", "initial", "final", "best"):
+        cells = page.locator("#evals tbody tr").filter(has=page.locator("td", has_text=re.compile(f"^{label}$"))).first.locator("td")
+        assert float(cells.nth(rouge).text_content()) >= 0, label
+    # Sample generations with real text: the teacher's answers are sentences.
+    expect(page.locator("#samples-test thead th")).to_contain_text(["Prompt", "Reference", "Teacher", "Initial student"])
+    expect(page.locator("#samples-test thead")).to_contain_text("Final")
+    rows = page.locator("#samples-test tbody tr")
+    expect(rows).to_have_count(3)
+    teacher = page.locator("#samples-test thead th").all_text_contents().index("Teacher")
+    for i in range(3):
+        cells = rows.nth(i).locator("td").all_text_contents()
+        assert "—" not in cells and len(cells[teacher].split()) >= 5, cells
+    page.mouse.move(0, 0)  # no tooltip in the picture
+    time.sleep(1)  # the charts' animations end
+    # The meaningful part: status, summary, curves, evaluations and the sample generations (not the checkpoints and event log).
+    box = page.locator("#samples").bounding_box()
+    shot(page, "job-detail.png", docs=True, clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 16})
+
+    # The two jobs compared, once the KD job has ended.
+    wait_for(lambda: httpx.get(f"{server}/api/v1/jobs/{ids[1]}", headers=user).json()["status"] in ("succeeded", "failed", "cancelled"),
+             timeout=600, interval=1, what="the KD job to end")  # fmt: skip
+    assert httpx.get(f"{server}/api/v1/jobs/{ids[1]}", headers=user).json()["status"] == "succeeded"
+    page.goto(f"{server}/#/compare?ids={','.join(ids)}")
+    expect(page.get_by_role("heading", name="Compare jobs")).to_be_visible()
+    differ = page.locator("#compare-settings tbody tr").locator("visible=true")
+    expect(differ.first).to_be_visible()
+    shown = [differ.nth(i).get_attribute("data-path") for i in range(differ.count())]
+    assert shown[:2] == ["name", "method"] and "recovery.method" in shown, shown
+    expect(page.locator("#compare-evals thead th")).to_have_count(3)
+    expect(page.locator("#compare-evals tbody")).to_contain_text("rouge_l")
+    for key in ("loss", "lr", "tokens_per_s", "eval_rouge_l"):
+        assert canvas_drawn(page, f"#compare-{key} canvas"), key
+    expect(page.locator("#compare-samples tbody tr")).to_have_count(3)
+    expect(page.locator("#compare-samples tbody td", has_text=re.compile(r"^—$"))).to_have_count(0)
+    page.mouse.move(0, 0)
+    time.sleep(1)
+    shot(page, "compare.png", docs=True)
+    assert problems == []
+
+
+def chart_series(page, selector: str) -> list[dict]:
+    """The datasets the chart on that canvas draws: label, faint (the raw series under a smoothed one), y values."""
+    return page.evaluate(
+        """(sel) => window.Chart.getChart(document.querySelector(sel)).data.datasets.map(
+             (d) => ({ label: d.label, faint: !!d.faint, data: d.data.map((p) => p.y) }))""",
+        selector,
+    )
+
+
+def column_drawn(page, selector: str, step: float) -> bool:
+    """Most of the chart area's height is drawn at `step` on the x axis: a vertical line there."""
+    return page.evaluate(
+        """([sel, step]) => { const c = document.querySelector(sel), chart = window.Chart.getChart(c), a = chart.chartArea;
+             const r = chart.currentDevicePixelRatio, x = Math.round(chart.scales.x.getPixelForValue(step) * r);
+             const d = c.getContext('2d').getImageData(x - 1, Math.round(a.top * r), 3, Math.round((a.bottom - a.top) * r)).data;
+             let rows = 0; for (let i = 0; i < d.length; i += 12) if (d[i + 3] || d[i + 7] || d[i + 11]) rows++;
+             return rows > 0.4 * d.length / 12; }""",
+        [selector, step],
+    )
 
 
 def canvas_drawn(page, selector: str) -> bool:

@@ -8,7 +8,8 @@ from worker.engine.paths import PROJECT_ROOT
 
 from helpers import PG, create_database, drop_database
 
-TABLES = {"users", "api_tokens", "datasets", "jobs", "job_events", "metrics", "evals", "checkpoints"}
+TABLES = {"users", "api_tokens", "datasets", "jobs", "job_events", "metrics", "evals", "checkpoints", "workers",
+          "webhook_deliveries"}
 
 
 def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
@@ -21,6 +22,7 @@ def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
     try:
         command.upgrade(config, "head")
         assert TABLES <= set(inspect(engine).get_table_names())
+        assert "samples" in {c["name"] for c in inspect(engine).get_columns("evals")}  # 0006
         command.downgrade(config, "base")
         assert not TABLES & set(inspect(engine).get_table_names())
         command.upgrade(config, "head")  # and back up again

@@ -35,12 +35,22 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     assert done["progress"]["step"] == done["progress"]["total_steps"] == 6 and done["attempts"] == 1
     assert done["best_eval"]["scores"]["rouge_l"] >= 0 and "loss" in done["latest_metrics"]
 
-    types = {e["type"] for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]}
-    assert {"state", "metrics", "eval", "checkpoint", "log"} <= types
+    events = client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
+    assert {"state", "metrics", "eval", "checkpoint", "log"} <= {e["type"] for e in events}
+    # Paths are the job's own, never the server's: its artifacts folder appears nowhere.
+    assert [e["data"]["path"] for e in events if e["type"] == "checkpoint"] == ["checkpoints/step-000003", "checkpoints/step-000006"]
+    assert os.environ["DISTILL_ARTIFACTS_DIR"] not in str(events)
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
     assert [p["step"] for p in series["loss"]] == [1, 2, 3, 4, 5, 6] and "reverse_kl" in series
     labels = [e["label"] for e in client.get(f"/api/v1/jobs/{job_id}/evals", headers=auth).json()]
     assert labels[:2] == ["teacher", "initial"] and labels[-2:] == ["final", "best"] and "selection" in labels
+    # Every evaluation kept its sample generations: the first 3 prompts of its set, the same for every model.
+    kept = client.get(f"/api/v1/jobs/{job_id}/samples", headers=auth).json()
+    assert [k["label"] for k in kept] == labels
+    for kept_set in ({"teacher", "initial", "final", "best"}, {"selection"}):
+        prompts = [[s["prompt"] for s in k["samples"]] for k in kept if k["label"] in kept_set]
+        assert len(prompts[0]) == 3 and all(p == prompts[0] for p in prompts)
+    assert all(isinstance(s["response"], str) and s["reference"] for k in kept for s in k["samples"])
 
     listing = checkpoints(client, auth, job_id)
     assert [c["step"] for c in listing] == [3, 6] and listing[-1]["latest"] and sum(c["best"] for c in listing) == 1
@@ -61,7 +71,7 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     statuses = []
     http = TestClient(app, headers=auth)
     http.event_hooks["response"].append(lambda r: statuses.append(r.status_code))
-    model_dir = Client(http=http).download(job_id, "latest", out)
+    model_dir = Client(http=http).checkpoints.download(job_id, "latest", out)
     assert 206 in statuses  # resumed, not started over
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -94,7 +104,7 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
         Path(latest.archive_path).unlink()
         (Path(latest.path) / "config.json").unlink()
     gone = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth)
-    assert gone.status_code == 404 and "no longer in storage" in gone.json()["detail"]
+    assert gone.status_code == 404 and "no longer in storage" in gone.json()["message"]
     assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/files/config.json", headers=auth).status_code == 404
 
 

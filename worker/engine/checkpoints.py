@@ -19,6 +19,7 @@ import torch
 
 from .distributed import barrier, rank
 from .data import held_out_source
+from .references import looks_like_hub_id
 from .spec import JobSpec
 
 STATE_FILE = "trainer_state.json"
@@ -56,44 +57,110 @@ def best_step(output_dir: Path) -> int | None:
     return found[1]["best"][1] if found and found[1]["best"] else None
 
 
+# The method's paper, for the card's text and the hub's arxiv: tag (SFT is no one paper's method).
+PAPERS = {
+    "minillm": ("MiniLLM: Knowledge Distillation of Large Language Models (Gu et al., 2023)", "2306.08543"),
+    "kd": ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "1503.02531"),
+    "seqkd": ("Sequence-Level Knowledge Distillation (Kim and Rush, 2016)", "1606.07947"),
+}
+METHODS = {"minillm": "MiniLLM (reverse KL, policy gradient on the student's own samples)",
+           "kd": "word-level knowledge distillation (forward KL on the gold responses)",
+           "seqkd": "sequence-level knowledge distillation (fine-tuning on the teacher's samples)",
+           "sft": "supervised fine-tuning on the gold responses"}  # fmt: skip
+# Builtin models that are published models under another name: the card links the original.
+BUILTIN_ORIGINS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+METRIC_NAMES = {"rouge_l": ("rougeL", "Rouge-L F1 x100"), "reverse_kl": ("reverse_kl", "Reverse KL to the teacher"),
+                "forward_kl": ("forward_kl", "Forward KL to the teacher"), "distinct_4": ("distinct_4", "Distinct-4"),
+                "response_length": ("response_length", "Mean response length (tokens)")}  # fmt: skip
+
+
+def _public_data(ref: str | None) -> str | None:
+    """A data reference as the card may show it (the card is downloaded, and may be pushed to a
+    public hub): a builtin as it is, a file by its name only, never a server path."""
+    return ref if ref is None or ref.startswith("builtin:") else Path(ref).name
+
+
+def _public_model(ref: str) -> str:
+    """A model reference as the card may show it: a hub id or builtin as it is, a directory by its name."""
+    ref = ref.removeprefix("hub:")  # the form the service hands hub ids to the engine in
+    if ref.startswith("builtin:") or (looks_like_hub_id(ref) and not Path(ref).is_dir()):
+        return ref
+    return Path(ref).name
+
+
+def _hub_model(ref: str) -> str | None:
+    """The hub id a model reference stands for, if any (a builtin converted from a published model counts)."""
+    ref = _public_model(ref)
+    if ref in BUILTIN_ORIGINS:
+        return BUILTIN_ORIGINS[ref]
+    return ref if looks_like_hub_id(ref) and not ref.startswith("builtin:") else None
+
+
 def model_card(
     spec: JobSpec, step: int, scores: dict[str, dict[str, float]], selection: dict[str, float] | None,
     best: tuple[float, int] | None,
 ) -> str:
-    """README.md for the Hugging Face directory: what this model is and how it scored.
+    """README.md for the Hugging Face directory: what this model is and how it scored, with the hub's
+    metadata (base model, datasets, model-index) so that a checkpoint pushed to a hub shows its scores.
 
     `scores`: test-set scores by label (teacher, initial, final, best); `selection`: this checkpoint's
     selection-set scores, if they were taken; `best`: (selection Rouge-L, step) of the best checkpoint.
+    The model-index holds this checkpoint's own scores only: the test set's when it is the final
+    model (the teacher's and the initial student's are in the table, not claimed as this model's),
+    and the selection set's at this step.
     """
-    student = spec.student.model or (
-        f"{spec.student.init_from_teacher.num_layers} layers of the teacher ({spec.student.init_from_teacher.strategy})"
-    )
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData  # the engine's only use of the hub library
+
+    init = spec.student.init_from_teacher
+    origin = spec.student.model or spec.teacher  # the weights the student started from
+    student = _public_model(spec.student.model) if spec.student.model else f"{init.num_layers} layers of the teacher ({init.strategy})"
     stages = (f"{spec.recovery.method} for {spec.recovery.steps} steps, then " if spec.recovery else "") + (
         f"{spec.method} for {spec.training.steps} steps"
     )
+    held_out = "held out from the training set"
+    test_set = _public_data(held_out_source(spec.data.train, spec.data.eval, "eval")) or held_out
+    selection_set = _public_data(held_out_source(spec.data.train, spec.data.selection, "selection")) or held_out
+    named = [getattr(spec.data, k) for k in ("train", "selection", "eval", "pretrain")] + [test_set, selection_set]
+    datasets = sorted({d for d in named if d and d.startswith("builtin:")})  # data is never a hub id here
+
+    results = []
+    own = {"test": scores.get("final") if step == spec.total_steps else None, "selection": selection}
+    if own["test"] is None and best and best[1] == step:
+        own["test"] = scores.get("best")
+    for split, source in (("test", test_set), ("selection", selection_set)):
+        for metric, value in (own[split] or {}).items():
+            kind, name = METRIC_NAMES.get(metric, (metric, metric))
+            results.append(EvalResult(task_type="text-generation", dataset_type=source, dataset_name=f"{split} set: {source}",
+                                      dataset_split=split, metric_type=kind, metric_name=name, metric_value=float(value)))  # fmt: skip
+    paper = PAPERS.get(spec.method)
+    data = ModelCardData(
+        model_name=f"{spec.name} (step {step})", base_model=_hub_model(origin), datasets=datasets or None,
+        library_name="transformers", pipeline_tag="text-generation",
+        tags=["distillation", spec.method, "distill"] + ([f"arxiv:{paper[1]}"] if paper else []),
+        eval_results=results or None,
+    )  # fmt: skip
     lines = [
-        "---",
-        "library_name: transformers",
-        f"tags: [distillation, {spec.method}]",
-        "---",
         f"# {spec.name} (step {step})",
         "",
-        f"Distilled with `{spec.method}` by the distill service.",
+        f"Distilled by the distill service with {METHODS[spec.method]}"
+        + (f", after [{paper[0]}](https://arxiv.org/abs/{paper[1]})." if paper else "."),
         "",
-        f"- Teacher: `{spec.teacher}`",
+        f"- Method: `{spec.method}`",
+        f"- Teacher: `{_public_model(spec.teacher)}`",
         f"- Student initialisation: `{student}`",
-        f"- Training data: `{spec.data.train}` (prompt format `{spec.data.prompt_format}`)",
+        f"- Training data: `{_public_data(spec.data.train)}` (prompt format `{spec.data.prompt_format}`)",
         f"- Schedule: {stages}; this checkpoint is after step {step} of {spec.total_steps}",
+        f"- Batch {spec.training.batch_size} x {spec.training.gradient_accumulation} accumulation x "
+        f"{spec.resources.devices} device(s), learning rate {spec.training.learning_rate:g}",
         f"- Precision `{spec.deepspeed.precision}`, ZeRO stage {spec.deepspeed.zero_stage}, seed {spec.training.seed}",
         "",
     ]
-    held_out = "held out from the training set"
     if scores:
         metrics = sorted({k for s in scores.values() for k in s})
         lines += [
             "## Evaluation",
             "",
-            f"Test set `{held_out_source(spec.data.train, spec.data.eval, 'eval') or held_out}`, up to "
+            f"Test set `{test_set}`, up to "
             f"{spec.eval.num_prompts} prompts, sampled at temperature 1 once per seed {spec.eval.seeds} (no repeated "
             f"{spec.eval.no_repeat_ngram_size}-grams); each score is the mean over the seeds. `best` is the checkpoint "
             "with the highest selection-set Rouge-L.",
@@ -105,12 +172,12 @@ def model_card(
             lines.append(f"| {label} | " + " | ".join(f"{values[m]:.3f}" if m in values else "" for m in metrics) + " |")
         lines.append("")
     if selection:
-        source = held_out_source(spec.data.train, spec.data.selection, "selection") or held_out
-        lines += [f"Selection set `{source}`: Rouge-L {selection['rouge_l']:.3f} at this step"
+        lines += [f"Selection set `{selection_set}`: Rouge-L {selection['rouge_l']:.3f} at this step"
                   + (f"; the best so far is step {best[1]} ({best[0]:.3f})." if best else "."), ""]  # fmt: skip
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]  # fmt: skip
-    return "\n".join(lines)
+    # ModelCard checks the metadata as it parses it: a card the hub would refuse fails here, not at a push.
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines)))
 
 
 def export_model(engine, tokenizer, out: Path, card: str, zero_stage: int) -> None:

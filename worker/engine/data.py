@@ -47,6 +47,11 @@ class Record:
     input: str
     response: str | None
 
+    @property
+    def message(self) -> str:
+        """What the user asks, without a template: the chat format's user message, and what sample generations show."""
+        return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
+
 
 @dataclass(frozen=True)
 class Example:
@@ -155,8 +160,7 @@ def format_prompt(record: Record, prompt_format: str, tokenizer: PreTrainedToken
         return f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{record.instruction}\n\n### Response:\n"
     if not tokenizer.chat_template:
         raise DataError("data.prompt_format: `chat` needs a tokenizer with a chat template; use `alpaca`")
-    message = f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
-    return tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template([{"role": "user", "content": record.message}], add_generation_prompt=True, tokenize=False)
 
 
 def tokenize(

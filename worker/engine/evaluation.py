@@ -5,6 +5,8 @@ with Rouge-L F1 (Porter stemming, max over references, x100) by the `rouge-score
 used. Alongside: mean response length (tokens), distinct-4 of the responses, and the per-token
 reverse and forward KL between student and teacher on the held-out gold responses (teacher-forced);
 with `eval.sample_kl`, also the reverse KL on the model's own sampled responses, per seed.
+A few of the sampled responses are kept to be read (`eval.samples`): those of the first prompts under the first
+seed, so that every model and every step answers the same prompts.
 The sampled metrics are computed per seed and averaged over seeds, as the paper reports the mean of
 5 seeds; distinct-4 too, so that the same response drawn under two seeds does not count as a repeat.
 Prompts are split across ranks and the results gathered, so every rank does its share of forwards.
@@ -72,8 +74,9 @@ def evaluate(
     device: torch.device,
     seeds: list[int],
     check: Callable[[], None] | None = None,
-) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-    """Scores of `model` on `examples`, sampled once per seed: (means over seeds, values per seed).
+) -> tuple[dict[str, float], dict[int, dict[str, float]], list[dict[str, str | None]]]:
+    """Scores of `model` on `examples`, sampled once per seed: (means over seeds, values per seed,
+    sample generations: {prompt, reference, response} of the first `eval.samples` examples under the first seed).
 
     With `teacher`, the means also hold the KLs to it on the gold responses (no sampling, no seed).
     `check` is called before every generated token and every scoring batch; it may raise (a cancelled job).
@@ -83,6 +86,7 @@ def evaluate(
     mine = examples[rank() :: world_size()]
     cfg = spec.eval
     scored = []  # (seed, rouge, length, text)
+    samples = []  # (index in examples, sample)
     sample_kl = {}  # seed -> (sampled tokens, summed reverse KL at them)
     for seed in seeds:
         generator = torch.Generator(device=device).manual_seed(seed * 7919 + rank())
@@ -101,11 +105,15 @@ def evaluate(
                 m = out.response_mask.double()
                 sums = sample_kl.setdefault(seed, torch.zeros(2, dtype=torch.float64))
                 sums += torch.stack([m.sum(), (kl * m).sum()]).cpu()
-            for example, ids, mask in zip(chunk, out.response_ids.cpu(), out.response_mask.cpu()):
+            for offset, (example, ids, mask) in enumerate(zip(chunk, out.response_ids.cpu(), out.response_mask.cpu())):
                 text = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
                 score = rouge_l(text, [example.record.response or ""])
                 scored.append((seed, score, int(mask.sum()), text))
+                index = rank() + (start + offset) * world_size()  # this rank holds examples[rank::world_size]
+                if seed == seeds[0] and index < cfg.samples:
+                    samples.append((index, {"prompt": example.record.message, "reference": example.record.response, "response": text}))
     scores, per_seed = summarize(_gather(scored))
+    samples = [sample for _, sample in sorted(_gather(samples), key=lambda s: s[0])]
     for seed, sums in sample_kl.items():  # the same seeds, in the same order, on every rank
         sums = all_reduce_sum(sums)
         per_seed[seed]["reverse_kl_samples"] = float(sums[1] / sums[0].clamp(min=1))
@@ -126,4 +134,4 @@ def evaluate(
         scores["reverse_kl"] = float(sums[1] / sums[0])
         scores["forward_kl"] = float(sums[2] / sums[0])
     model.train(was_training)
-    return scores, per_seed
+    return scores, per_seed, samples

@@ -21,7 +21,8 @@ EventType = Literal["state", "progress", "metrics", "eval", "checkpoint", "log"]
 @dataclass
 class Event:
     """`state` data: {state}; `progress`: {step, total_steps}; `metrics`: {step, values};
-    `eval`: {step, label, scores}; `checkpoint`: {step, path}; `log`: message only."""
+    `eval`: {step, label, set, scores, per_seed, samples: [{prompt, reference, response}]}; `checkpoint`: {step, path};
+    `log`: message only."""
 
     type: EventType
     message: str = ""

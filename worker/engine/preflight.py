@@ -16,10 +16,14 @@ from .references import ModelError, check_reference
 from .spec import DATA_FILES, JobSpec
 
 
-def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id: False) -> list[tuple[tuple, str]]:
+def preflight(
+    spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id: False, check_files: bool = True
+) -> list[tuple[tuple, str]]:
+    """The spec's problems by field. Without `check_files`, model directories, data files and hub
+    ids are left to the machine that reads them (an API that does not see the workers' files)."""
     problems: list[tuple[tuple, str]] = []
     for loc, ref in (("teacher",), spec.teacher), (("student", "model"), spec.student.model):
-        if ref is None:
+        if ref is None or not (check_files or ref.startswith("builtin:")):
             continue
         try:
             check_reference(ref)
@@ -32,6 +36,8 @@ def preflight(spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id:
         if source.startswith("dataset:"):
             if not dataset_exists(source.removeprefix("dataset:")):
                 problems.append((("data", key), f"{source}: no such uploaded dataset"))
+            continue
+        if not (check_files or source.startswith("builtin:")):
             continue
         try:
             (check_corpus if key == "pretrain" else resolve_source)(source)

@@ -1,7 +1,9 @@
 """Model references, checked without loading anything: the API checks specs with this module, and
 never imports torch or transformers (`models` builds and loads what a reference names, on workers).
 
-A reference is `builtin:NAME`, a local Hugging Face model directory, or a hub id where a hub is reachable.
+A reference is `builtin:NAME`, a local Hugging Face model directory, or a hub id where a hub is
+reachable: `org/name`, or `hub:org/name`, which is never taken for a directory (the service hands
+the engine hub ids in that form, so a worker never reads a directory that happens to bear the name).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def looks_like_hub_id(ref: str) -> bool:
+    return ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not ref.endswith("/")
+
+
 def classify(ref: str) -> tuple[str, str | Path]:
     """("builtin", name), ("dir", path) or ("hub", id); raises ModelError for anything unusable."""
     if ref.startswith("builtin:"):
@@ -37,14 +43,21 @@ def classify(ref: str) -> tuple[str, str | Path]:
         if name not in BUILTINS:
             raise ModelError(f"unknown builtin model {ref!r}; builtins are: {', '.join('builtin:' + b for b in BUILTINS)}")
         return "builtin", name
+    if ref.startswith("hub:"):
+        return _hub(ref.removeprefix("hub:"))
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{ref!r} is a directory but has no config.json: not a Hugging Face model directory")
         return "dir", path
-    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(ref):
         raise ModelError(f"{ref!r}: no such model directory")
+    return _hub(ref)
+
+
+def _hub(ref: str) -> tuple[str, str]:
+    if not looks_like_hub_id(ref):
+        raise ModelError(f"{ref!r} is not a hub id (org/name)")
     if not _hub_reachable():
         raise ModelError(
             f"{ref!r} is not a local directory, and the Hugging Face hub is not reachable from this machine: "

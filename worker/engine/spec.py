@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Method = Literal["minillm", "kd", "seqkd", "sft"]
 # The data fields that name a file: a path, builtin:NAME, or dataset:ID (an upload to the service).
@@ -22,6 +23,19 @@ DATA_FILES = ("train", "selection", "eval", "pretrain")
 
 # Whole numbers are stored in 32-bit columns and handed to 32-bit C code (seeds, sizes).
 INT32_MAX = 2**31 - 1
+# The kernel's limits on a path (Linux NAME_MAX and PATH_MAX less its NUL).
+NAME_MAX, PATH_MAX = 255, 4095
+
+
+def _fits_a_path(value: str) -> str:
+    """A model or data reference may be looked up on disk; past the kernel's limits that lookup
+    fails with ENAMETOOLONG instead of answering "no such file", so such a value is refused here."""
+    if len(value.encode()) > PATH_MAX or any(len(part.encode()) > NAME_MAX for part in value.split("/")):
+        raise ValueError(f"is longer than a path can be ({NAME_MAX} bytes between slashes, {PATH_MAX} in all)")
+    return value
+
+
+Reference = Annotated[str, AfterValidator(_fits_a_path)]
 
 
 class _Section(BaseModel):
@@ -49,7 +63,7 @@ class InitFromTeacher(_Section):
 
 
 class StudentSpec(_Section):
-    model: str | None = Field(
+    model: Reference | None = Field(
         None, description="Local Hugging Face directory, hub id, or builtin:NAME. Leave empty to derive from the teacher."
     )
     init_from_teacher: InitFromTeacher | None = Field(
@@ -64,24 +78,24 @@ class StudentSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: str = Field(
+    train: Reference = Field(
         "builtin:demo",
         description="Training set: a JSONL path (Dolly layout instruction/input/output, or prompt/response), "
         "or builtin:demo (the project's own instructions; the teacher writes the references).",
     )
-    selection: str | None = Field(
+    selection: Reference | None = Field(
         None,
         description="Selection set: scored every eval.every_steps steps to choose the best checkpoint (highest Rouge-L); "
         "kept apart from the test set. Same forms as `train`. Empty: builtin:demo-selection for builtin:demo, else "
         "eval.selection_num_prompts training records are held out (those just before the test hold-out).",
     )
-    eval: str | None = Field(
+    eval: Reference | None = Field(
         None,
         description="Test set: scores the best checkpoint, the final model, the initial student and the teacher at "
         "the end of the job. Same forms as `train`. Empty: builtin:demo-eval for builtin:demo, else the last "
         "eval.num_prompts training records are held out.",
     )
-    pretrain: str | None = Field(
+    pretrain: Reference | None = Field(
         None,
         description='Pretraining corpus of MiniLLM\'s LM term (the paper\'s L_PT): a JSONL file of {"text": ...} records, '
         "a plain text file (one document), dataset:ID, or builtin:teacher-text (free text the teacher samples once "
@@ -168,6 +182,10 @@ class KDSpec(_Section):
     kd_ratio: float = Field(0.5, ge=0, le=1, description="Loss = (1−r)·cross-entropy + r·forward KL(teacher‖student).")
 
 
+# Each seed is a full pass of sampling and scoring; a bound also keeps a stored spec small.
+MAX_SEEDS = 100
+
+
 class EvalSpec(_Section):
     # The paper's protocol: sampled responses scored on a held-out test set, averaged over 5 seeds;
     # the checkpoint reported is the one with the best Rouge-L on a separate selection (validation) set.
@@ -177,13 +195,13 @@ class EvalSpec(_Section):
     )
     num_prompts: int = Field(64, ge=1, description="Test-set prompts (paper: the 500 of DollyEval).")
     seeds: list[int] = Field(
-        [10, 20, 30, 40, 50], min_length=1,
+        [10, 20, 30, 40, 50], min_length=1, max_length=MAX_SEEDS,
         description="Sampling seeds on the test set; each score is the mean over seeds (paper: 10, 20, 30, 40, 50). "
         "One seed costs a fifth.",
     )  # fmt: skip
     selection_num_prompts: int = Field(32, ge=1, description="Selection-set prompts scored at each evaluation.")
     selection_seeds: list[int] = Field(
-        [10], min_length=1, description="Sampling seeds on the selection set (the reference code samples its validation set once)."
+        [10], min_length=1, max_length=MAX_SEEDS, description="Sampling seeds on the selection set (the reference code samples its validation set once)."
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation call.")
     no_repeat_ngram_size: int = Field(6, ge=0, description="Paper's eval protocol: no repeated 6-grams.")
@@ -192,6 +210,11 @@ class EvalSpec(_Section):
         "sampled responses, per seed (what MiniLLM minimises; the default KLs are on the gold responses). Costs one "
         "student and one teacher forward per sampled batch."
     )
+    samples: int = Field(
+        3, ge=0, le=16, description="Sample generations kept with each evaluation: the first N prompts of the set, with "
+        "their reference and the response sampled under the first seed (the same prompts for every model and step; "
+        "0: none)."
+    )  # fmt: skip
 
     @field_validator("seeds", "selection_seeds")
     @classmethod
@@ -222,10 +245,31 @@ class ResourcesSpec(_Section):
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: GPUs when present, else CPU.")
 
 
+def _webhook_url(value: str | None) -> str | None:
+    """An absolute http(s) URL; where it may point (public addresses only, by default) is the
+    service's check (app/webhooks.py), at submit and again when it is sent."""
+    if value is None:
+        return value
+    parts = urlsplit(value)
+    parts.port  # noqa: B018 - raises ValueError for a port out of range
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain spaces")
+    return value
+
+
+class NotifySpec(_Section):
+    webhook_url: Annotated[str | None, AfterValidator(_webhook_url)] = Field(
+        None, max_length=2000, description="POST a signed JSON message here when the job ends (succeeded, failed or "
+        "cancelled). Empty: the user's default webhook, if they have one (`distill users webhook`)."
+    )
+
+
 class JobSpec(_Section):
     name: str = Field("distill-job", min_length=1, max_length=200, description="A label for people.")
     method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
-    teacher: str = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
+    teacher: Reference = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
     student: StudentSpec = Field(..., description="The model that is trained.")
     data: DataSpec = Field(DataSpec(), description="Training, selection and test data, the pretraining corpus, prompt format, lengths.")
     training: TrainingSpec = Field(TrainingSpec(), description="Steps, batch, optimizer and schedule of the main method.")
@@ -236,6 +280,7 @@ class JobSpec(_Section):
     checkpoints: CheckpointSpec = Field(CheckpointSpec(), description="When to save and how many to keep.")
     deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="ZeRO stage, precision, offload.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="How many devices, and which kind.")
+    notify: NotifySpec = Field(NotifySpec(), description="Who is told when the job ends.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -259,8 +304,11 @@ class JobSpec(_Section):
         return self.training.steps + (self.recovery.steps if self.recovery else 0)
 
     def fingerprint(self) -> str:
-        """Stable hash of everything that shapes the result; a resumed run must have the same one."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """Stable hash of everything that shapes the result; a resumed run must have the same one.
+        Where the job's end is reported and how many sample answers an evaluation keeps do not shape
+        it (and runs from before `notify` and `eval.samples` keep their hash)."""
+        shaping = self.model_dump(mode="json", exclude={"notify": True, "eval": {"samples"}})
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SpecError(ValueError):

@@ -51,6 +51,7 @@ class Trainer:
         self.spec, self.output_dir, self.reporter = spec, Path(output_dir), reporter
         self.scores: dict[str, dict[str, float]] = {}  # test-set label -> scores
         self.per_seed: dict[str, dict] = {}  # test-set label -> scores per seed (this process's evaluations)
+        self.samples: dict[str, list] = {}  # test-set label -> sample generations (this process's evaluations)
         self.selection: dict[int, dict[str, float]] = {}  # step -> selection-set scores
         # The best checkpoint: the highest selection-set Rouge-L among checkpoints scored there, as (Rouge-L, step).
         self.best: tuple[float, int] | None = None
@@ -219,7 +220,7 @@ class Trainer:
         """Score the student on the selection set; a checkpoint saved at this step may become the best."""
         started = time.perf_counter()
         self.emit("log", f"evaluating the selection set at step {step}")
-        scores, per_seed = evaluate(self.engine.module, self.teacher, self.selection_examples, self.tokenizer, self.spec,
+        scores, per_seed, samples = evaluate(self.engine.module, self.teacher, self.selection_examples, self.tokenizer, self.spec,
                                     self.vocab_size, self.device, self.spec.eval.selection_seeds,
                                     check=self.cancel_check(f"evaluating the selection set at step {step}"))  # fmt: skip
         self.selection[step] = scores
@@ -228,42 +229,48 @@ class Trainer:
             self.best = (scores["rouge_l"], step)
         self.emit("eval", f"selection set at step {step}: " + _fmt(scores) + f" [{time.perf_counter() - started:.0f}s]"
                   + (" (best so far)" if best else ""), step=step, label="selection", set="selection", scores=scores,
-                  per_seed=per_seed, best=best)  # fmt: skip
+                  per_seed=per_seed, samples=samples, best=best)  # fmt: skip
 
     def evaluate_test(self, label: str, step: int, model: torch.nn.Module) -> None:
         started = time.perf_counter()
         self.emit("log", f"evaluating {label} on the test set")
-        scores, per_seed = evaluate(model, self.teacher, self.test_examples, self.tokenizer, self.spec, self.vocab_size,
-                                    self.device, self.spec.eval.seeds, check=self.cancel_check(f"evaluating {label}"))  # fmt: skip
-        self.record_test(label, step, scores, per_seed, f" [{time.perf_counter() - started:.0f}s]")
+        scores, per_seed, samples = evaluate(model, self.teacher, self.test_examples, self.tokenizer, self.spec,
+                                             self.vocab_size, self.device, self.spec.eval.seeds,
+                                             check=self.cancel_check(f"evaluating {label}"))  # fmt: skip
+        self.record_test(label, step, scores, per_seed, samples, f" [{time.perf_counter() - started:.0f}s]")
 
-    def record_test(self, label: str, step: int, scores: dict, per_seed: dict, note: str = "") -> None:
-        self.scores[label], self.per_seed[label] = scores, per_seed
+    def record_test(self, label: str, step: int, scores: dict, per_seed: dict, samples: list, note: str = "") -> None:
+        self.scores[label], self.per_seed[label], self.samples[label] = scores, per_seed, samples
         self.emit("eval", f"test set, {label} (step {step}): " + _fmt(scores) + note, step=step, label=label, set="test",
-                  scores=scores, per_seed=per_seed)  # fmt: skip
+                  scores=scores, per_seed=per_seed, samples=samples)  # fmt: skip
 
-    def teacher_scores(self) -> tuple[dict[str, float], dict]:
-        """The teacher on the test set, computed once per (teacher, test set, protocol) and cached."""
+    def teacher_scores(self) -> tuple[dict[str, float], dict, list]:
+        """The teacher on the test set, computed once per (teacher, test set, protocol) and cached, with its sample
+        generations."""
         e = self.spec.eval
-        key = json.dumps([self.teacher_key, [x.prompt_ids for x in self.test_examples], e.seeds, e.batch_size,
-                          e.no_repeat_ngram_size, self.spec.data.max_response_tokens, self.precision, world_size()])  # fmt: skip
+        # The references are in the key as they shape Rouge-L and the samples; eval.samples, as the cache holds that
+        # many samples. Both also keep the files written before samples were kept (scores only) from being read.
+        key = json.dumps([self.teacher_key, [x.prompt_ids for x in self.test_examples],
+                          [x.response_ids for x in self.test_examples], e.seeds, e.batch_size, e.no_repeat_ngram_size,
+                          self.spec.data.max_response_tokens, self.precision, world_size(), e.samples])  # fmt: skip
         path = cache_dir() / "teacher_evals" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         if path.exists():
             cached = json.loads(path.read_text())
-            return cached["scores"], cached["per_seed"]
+            return cached["scores"], cached["per_seed"], cached["samples"]
         self.emit("log", "evaluating the teacher on the test set (cached after the first time)")
-        scores, per_seed = evaluate(self.teacher, None, self.test_examples, self.tokenizer, self.spec, self.vocab_size,
-                                    self.device, e.seeds, check=self.cancel_check("evaluating the teacher"))  # fmt: skip
+        scores, per_seed, samples = evaluate(self.teacher, None, self.test_examples, self.tokenizer, self.spec,
+                                             self.vocab_size, self.device, e.seeds,
+                                             check=self.cancel_check("evaluating the teacher"))  # fmt: skip
         if rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps({"scores": scores, "per_seed": per_seed}))
-        return scores, per_seed
+            write_atomically(path, json.dumps({"scores": scores, "per_seed": per_seed, "samples": samples}))
+        return scores, per_seed, samples
 
     def evaluate_best_on_test(self, step: int) -> None:
         """The best checkpoint on the test set: the final model's scores when it is the final model."""
         best = self.best[1]
         if best == step:
-            self.record_test("best", best, self.scores["final"], self.per_seed["final"], " (the final model)")
+            self.record_test("best", best, self.scores["final"], self.per_seed["final"], self.samples["final"], " (the final model)")
             return
         path = self.output_dir / "checkpoints" / ckpt.step_dir_name(best)
         model = load_model(path, DTYPES[self.precision], self.device)
@@ -313,18 +320,22 @@ class Trainer:
                 self.evaluate_selection(0)
         self.emit("state", f"training from step {start} of {total}", state="running")
         self.emit("progress", step=start, total_steps=total)
-        step = start
+        step, pace = start, None  # pace: (stage index, when its first step in this attempt began, steps before it)
         for step in range(start + 1, total + 1):
             index, local = self.locate(step - 1)
             stage = self.stages[index]
+            if pace is None or pace[0] != index:
+                pace = (index, time.perf_counter(), step - 1)
             torch.manual_seed(spec.training.seed * 100_003 + step)  # anything a library draws globally
-            started = time.perf_counter()
             lr = self.engine.get_lr()[0]  # what the optimizer uses for this step
             metrics = stage.train_step(local)
             metrics["lr"] = lr
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(f"loss became {metrics['loss']} at step {step} ({stage.name}); try a lower learning rate")
-            eta = (time.perf_counter() - started) * (total - step)
+            # The ETA from the stage's average wall time per step so far, evaluations and checkpoints
+            # included: one step's time swings (MiniLLM samples its rollouts every few steps) and
+            # leaves out the rest, while the stages of a job differ too much in speed to average together.
+            eta = (time.perf_counter() - pace[1]) / (step - pace[2]) * (total - step)
             self.emit("metrics", step=step, stage=stage.name, values=metrics)
             self.emit("progress", step=step, total_steps=total, eta_seconds=eta)
             last = step == total

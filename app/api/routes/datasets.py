@@ -8,27 +8,28 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.deps import CurrentUser, SessionDep, SettingsDep
+from app.api.deps import NO_NUL, CurrentUser, SessionDep, SettingsDep
+from app.api.errors import errors
+from app.api.release import ReleasingRoute
 from app.models import Dataset, new_id
 from app.schemas import DatasetOut
 from worker.engine.corpus import is_text_jsonl, read_text_records
 from worker.engine.data import DataError, read_records
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=ReleasingRoute)  # see app/api/release.py
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, responses=errors(401, 413, 422, 429),
              openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}})  # fmt: skip
 async def upload(
     request: Request,
     session: SessionDep,
     user: CurrentUser,
     settings: SettingsDep,
-    name: Annotated[str, Query(min_length=1, max_length=200)],
+    name: Annotated[str, Query(min_length=1, max_length=200, pattern=NO_NUL)],
 ) -> DatasetOut:
     """The request body is the JSONL file itself (`curl --data-binary @train.jsonl`). Records use
     Dolly's layout (instruction, input, output) or prompt/response; a bad line is named by number.
@@ -63,10 +64,8 @@ async def upload(
         partial.unlink(missing_ok=True)
         raise
     partial.rename(path)
-    dataset = Dataset(id=dataset_id, user_id=user.id, name=name, path=str(path), num_records=len(records),
-                      size_bytes=size, sha256=digest.hexdigest())  # fmt: skip
-    session.add(dataset)
-    session.commit()
+    dataset = crud.add_dataset(session, Dataset(id=dataset_id, user_id=user.id, name=name, path=str(path),
+                                                num_records=len(records), size_bytes=size, sha256=digest.hexdigest()))  # fmt: skip
     return DatasetOut.model_validate(dataset)
 
 
@@ -75,7 +74,6 @@ def _parse(path: Path) -> list:
     return read_text_records(path, str(path)) if is_text_jsonl(path) else read_records(str(path))
 
 
-@router.get("", response_model=list[DatasetOut])
+@router.get("", response_model=list[DatasetOut], name="list", responses=errors(401))
 def list_datasets(session: SessionDep, user: CurrentUser) -> list[DatasetOut]:
-    rows = session.scalars(select(Dataset).where(Dataset.user_id == user.id).order_by(Dataset.created_at.desc()))
-    return [DatasetOut.model_validate(d) for d in rows]
+    return [DatasetOut.model_validate(d) for d in crud.datasets_of(session, user.id)]

@@ -7,10 +7,13 @@ import logging
 from fastapi import APIRouter, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
+from app import crud
 from app.core.db import session_factory
-from app.models import QUEUED, STATUSES, Job
+from app.models import STATUSES
+from app.schemas import Health, Readiness
+from app.core.broker import broker
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
@@ -26,11 +29,10 @@ class JobCollector:
         by_status = GaugeMetricFamily("distill_jobs", "Jobs by status", labels=["status"])
         depth = GaugeMetricFamily("distill_queue_depth", "Jobs waiting for a worker, by queue", labels=["queue"])
         with session_factory()() as session:
-            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            queued = session.execute(select(Job.queue, func.count()).where(Job.status == QUEUED).group_by(Job.queue)).all()
+            counts, queued = crud.jobs_by_status(session), crud.queue_depths(session)
         for name in STATUSES:
             by_status.add_metric([name], counts.get(name, 0))
-        for queue, count in queued:
+        for queue, count in queued.items():
             depth.add_metric([queue], count)
         yield by_status
         yield depth
@@ -40,12 +42,12 @@ registry.register(JobCollector())
 
 
 @router.get("/healthz")
-def healthz() -> dict:
-    return {"status": "ok"}
+def healthz() -> Health:
+    return Health(status="ok")
 
 
-@router.get("/readyz")
-def readyz(response: Response) -> dict:
+@router.get("/readyz", responses={503: {"model": Readiness, "description": "The database or the broker does not answer."}})
+def readyz(response: Response) -> Readiness:
     """Ready when the database and the broker answer. The answer says which one is down, not why:
     anyone may ask, and a driver's error names hosts, users and databases. The log has the error."""
     checks = {}
@@ -57,9 +59,7 @@ def readyz(response: Response) -> dict:
         log.warning("readiness: the database does not answer", exc_info=True)
         checks["database"] = "unavailable"
     try:
-        from worker.celery_app import celery
-
-        with celery.connection_for_write() as connection:
+        with broker().connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=3)
         checks["broker"] = "ok"
     except Exception:
@@ -67,7 +67,7 @@ def readyz(response: Response) -> dict:
         checks["broker"] = "unavailable"
     if any(v != "ok" for v in checks.values()):
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return checks
+    return Readiness(**checks)
 
 
 @router.get("/metrics", include_in_schema=False)

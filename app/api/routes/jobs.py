@@ -3,33 +3,48 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from app import crud
-from app.api.deps import CurrentUser, DownloadableJob, OwnedJob, SessionDep, SettingsDep
+from app import crud, job_status, webhooks, worker_registry
+from app.api.deps import NO_NUL, CurrentUser, DownloadableJob, OwnedJob, SessionDep, SettingsDep, StreamSlot
+from app.api.errors import errors
+from app.api.release import ReleasingRoute
+from app.core.broker import queue_for
+from app.core.config import Settings
 from app.core.db import session_factory
+from app.core.path_roots import Roots, confine
 from app.core.security import signed_url
 from app.core.storage import s3_store
-from app.models import QUEUED, STATUSES, TERMINAL, Checkpoint, Dataset, EvalResult, Job, JobEvent, Metric
-from app.schemas import CheckpointOut, EvalOut, EventOut, JobOut, Page
-from worker.celery_app import queue_for
+from app.outbox import publish
+from app.models import QUEUED, STATUSES, TERMINAL, Checkpoint, Dataset, Job, JobEvent, User
+from app.schemas import CheckpointOut, EvalOut, EvalSamplesOut, EventOut, JobOut, MetricPoint, Page, SignedLink
 from worker.engine.preflight import preflight
 from worker.engine.spec import JobSpec
-from worker.outbox import publish
+from app.job_paths import hide_server_paths, job_dir
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=ReleasingRoute)  # see app/api/release.py
 MAX_ID = 2**63 - 1  # ids are 64-bit columns; a larger bound overflows the driver (a 500 on SQLite)
+# What any route on one of the user's jobs may answer: no token, no such job (or another user's), a bad parameter.
+ON_A_JOB = (401, 404, 422)
+# A download's body, described for generated clients (which save it as bytes).
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+DOWNLOAD = {206: {"description": "The byte range the request's Range asked for."},
+            307: {"description": "With S3 storage: a redirect to a presigned URL that serves the same bytes."},
+            **errors(401, 403, 404, 422)}  # fmt: skip
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+# 400: a body that cannot be read at all (not UTF-8), which FastAPI refuses before it parses the spec.
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, name="create",
+             responses=errors(400, 401, 409, 413, 422, 429))
 def submit(
     spec: JobSpec,
     session: SessionDep,
@@ -39,84 +54,135 @@ def submit(
 ) -> JobOut:
     """Validate the spec fully (models, data, shapes) and queue the job. With an `Idempotency-Key`,
     repeating the same request returns the same job; the same key with another body is a 409."""
-
-    def dataset_exists(dataset_id: str) -> bool:
-        dataset = session.get(Dataset, dataset_id)
-        return dataset is not None and dataset.user_id == user.id
-
-    problems = preflight(spec, dataset_exists)
-    if problems:
-        raise RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
-    body = spec.model_dump(mode="json")
+    body, queue, served = _accept(spec, session, user, settings)
     try:
-        job, _ = crud.create_job(session, user, body, queue=queue_for(body, settings), total_steps=spec.total_steps,
-                                 max_attempts=settings.max_attempts, idempotency_key=idempotency_key,
-                                 max_active=settings.max_active_jobs_per_user)  # fmt: skip
+        job, created = crud.create_job(session, user, body, queue=queue, total_steps=spec.total_steps,
+                                       max_attempts=settings.max_attempts, idempotency_key=idempotency_key,
+                                       max_active=settings.max_active_jobs_per_user)  # fmt: skip
     except crud.IdempotencyConflict:
         raise HTTPException(status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different job spec") from None
     except crud.TooManyJobs:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
                             f"you have {settings.max_active_jobs_per_user} jobs queued or running, the most allowed; "
                             "wait for one to end or cancel one") from None  # fmt: skip
+    if created and queue not in served:  # accepted all the same: a worker for it may start later
+        crud.add_event(session, job.id, "log", _unserved(queue), "warning", {"queue": queue})
     if job.status == QUEUED and job.published_at is None:  # new, or a retry of a job whose message never went out
+        # publish() records the send in a session of its own: this request's connection goes back to
+        # the pool first (a retry's read left it checked out), else each thread holds one connection
+        # while waiting for a second, and 200 concurrent submits exhaust the pool (tests/chaos).
+        session.commit()
         if not publish(job.id, job.queue):
             crud.add_event(session, job.id, "log", "the broker did not answer; the job is stored and is sent to a "
                                                    "worker as soon as the broker is back", "warning")  # fmt: skip
         session.refresh(job)
-    return JobOut.of(job)
+    return _out(session, settings, [job])[0]
 
 
-@router.get("", response_model=Page[JobOut])
+@router.post("/validate", response_model=JobSpec, responses=errors(400, 401, 413, 422))
+def validate(spec: JobSpec, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> dict:
+    """Run every check submit runs and queue nothing: the spec as submit would store it (defaults
+    filled in), or the 422 submit would answer."""
+    return _accept(spec, session, user, settings)[0]
+
+
+def _accept(spec: JobSpec, session: Session, user: User, settings: Settings) -> tuple[dict, str, set[str]]:
+    """The checks a spec passes before it is queued: paths inside the operator's roots, the preflight
+    (models, data, shapes) and, where the server refuses them, a queue no live worker serves. A 422
+    naming each bad field; else the spec as stored, its queue, and the queues live workers serve."""
+
+    def dataset_exists(dataset_id: str) -> bool:
+        dataset = session.get(Dataset, dataset_id)
+        return dataset is not None and dataset.user_id == user.id
+
+    confined, problems = confine(spec, Roots.of(settings), on_disk=settings.api_sees_worker_files)
+    refused = {loc for loc, _ in problems}
+    problems += [p for p in preflight(confined, dataset_exists, settings.api_sees_worker_files) if p[0] not in refused]
+    problems += webhooks.spec_problems(spec.notify.webhook_url, user, settings)
+    if problems:
+        raise RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
+    body = spec.model_dump(mode="json")
+    queue = queue_for(body, settings)
+    served = worker_registry.served_queues(session, _liveness(settings))
+    if queue not in served and settings.refuse_unserved_queues:
+        offered = f"queues served now: {', '.join(sorted(served))}" if served else "no worker is running"
+        raise RequestValidationError([{"loc": ("body", "resources"), "type": "value_error",
+                                       "msg": f"{_unserved(queue)}; this server refuses such jobs ({offered})"}])  # fmt: skip
+    return body, queue, served
+
+
+@router.get("", response_model=Page[JobOut], name="list", responses=errors(401, 422))
 def list_jobs(
     session: SessionDep,
     user: CurrentUser,
+    settings: SettingsDep,
     status_: Annotated[Literal[STATUSES] | None, Query(alias="status")] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="id of the last job of the previous page")] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=NO_NUL, description="id of the last job of the previous page")] = None,
 ) -> Page[JobOut]:
     jobs, has_more = crud.list_jobs(session, user.id, status=status_, limit=limit, after=after)
-    return Page(data=[JobOut.of(j) for j in jobs], has_more=has_more)
+    return Page(data=_out(session, settings, jobs), has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job: OwnedJob) -> JobOut:
-    return JobOut.of(job)
+@router.get("/{job_id}", response_model=JobOut, name="retrieve", responses=errors(*ON_A_JOB))
+def get_job(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> JobOut:
+    return _out(session, settings, [job])[0]
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel(job: OwnedJob, session: SessionDep) -> JobOut:
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(*ON_A_JOB, 409))
+def cancel(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step, keeping its checkpoints."""
-    if crud.request_cancel(session, job.id) is None:
+    if job_status.request_cancel(session, job.id) is None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} has already ended ({job.status})")
     session.refresh(job)
-    return JobOut.of(job)
+    return _out(session, settings, [job])[0]
+
+
+def _liveness(settings: Settings) -> timedelta:
+    """A worker counts as serving its queues while it refreshed its registration this recently:
+    as long as a running job may go without a heartbeat before it is taken up again."""
+    return timedelta(seconds=settings.heartbeat_timeout_seconds)
+
+
+def _unserved(queue: str) -> str:
+    return f"no worker serves queue {queue}; start one with `distill worker --queues {queue}`"
+
+
+def _out(session: Session, settings: Settings, jobs: list[Job]) -> list[JobOut]:
+    """The jobs as the API shows them; a queued one with its place in its queue, and what it waits
+    for when no live worker consumes that queue."""
+    ahead = crud.jobs_ahead(session, jobs)
+    served = worker_registry.served_queues(session, _liveness(settings)) if ahead else set()
+    return [JobOut.of(job, queue_position=ahead.get(job.id),
+                      waiting_for=_unserved(job.queue) if job.id in ahead and job.queue not in served else None)
+            for job in jobs]  # fmt: skip
 
 
 # -- events -------------------------------------------------------------------------------------
 
 
-@router.get("/{job_id}/events", response_model=Page[EventOut])
+@router.get("/{job_id}/events", response_model=Page[EventOut], responses=errors(*ON_A_JOB))
 def events(
     job: OwnedJob,
     session: SessionDep,
     after: Annotated[int, Query(ge=0, le=MAX_ID, description="id of the last event already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> Page[EventOut]:
-    rows = session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.id > after).order_by(JobEvent.id).limit(limit + 1)
-    ).all()
+    rows = crud.events_after(session, job.id, after, limit + 1)
     return Page(data=[EventOut.model_validate(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
-@router.get("/{job_id}/events/stream", response_class=EventSourceResponse)
+@router.get("/{job_id}/events/stream", response_class=EventSourceResponse, responses=errors(*ON_A_JOB, 429))
 async def stream_events(
     job: OwnedJob,
+    _slot: StreamSlot,
     request: Request,
     last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID)] = None,
     after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ):
     """Server-sent events from the same table; reconnecting with Last-Event-ID resumes where it broke off.
-    The stream ends once the job has ended and every event has been sent."""
+    The stream ends once the job has ended and every event has been sent. A user may hold
+    DISTILL_MAX_STREAMS_PER_USER streams open at once on one API process; one more is a 429."""
     cursor, job_id, Session = last_event_id or after, job.id, session_factory()
 
     def read(after_id: int) -> tuple[list[JobEvent], bool]:
@@ -124,10 +190,7 @@ async def stream_events(
             # Status first: a terminal status seen here was committed with its event, so the event
             # query below, which runs later, includes it.
             ended = session.get(Job, job_id).status in TERMINAL
-            rows = session.scalars(
-                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(500)
-            ).all()
-            return list(rows), ended
+            return crud.events_after(session, job_id, after_id, 500), ended
 
     while not await request.is_disconnected():
         rows, ended = await asyncio.to_thread(read, cursor)  # blocking database I/O off the event loop
@@ -140,29 +203,64 @@ async def stream_events(
             await asyncio.sleep(0.5)
 
 
+# -- the training process's output --------------------------------------------------------------
+
+LOG_BYTES = 4 * 1024 * 1024  # the most of a log one answer holds: its end, where a failure shows
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}}, **errors(*ON_A_JOB)})  # fmt: skip
+def logs(
+    job: OwnedJob,
+    settings: SettingsDep,
+    attempt: Annotated[int | None, Query(ge=1, le=MAX_ID, description="which attempt's log; default: the latest")] = None,
+    tail: Annotated[int | None, Query(ge=1, le=MAX_ID, description="only the last N lines")] = None,
+) -> PlainTextResponse:
+    """What the training process of an attempt printed (its stdout and stderr), with the server's
+    folders hidden as in events. A log over 4 MiB is answered with its last 4 MiB, after a line that
+    says how much was left out."""
+    if not job.attempts:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has not started: it has no log yet")
+    attempt = attempt or job.attempts
+    path = job_dir(settings, job.id) / f"attempt-{attempt}.log"
+    if attempt > job.attempts or not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no log of attempt {attempt} "
+                            f"(it has had {job.attempts}; a log lives on the machine that ran the attempt)")  # fmt: skip
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - LOG_BYTES))
+        data = f.read(LOG_BYTES)
+    if size > len(data) and b"\n" in data:  # cut: drop the partial first line
+        data = data[data.index(b"\n") + 1 :]
+    lines = data.decode(errors="replace").splitlines(keepends=True)
+    if tail is not None and tail < len(lines):
+        lines = lines[-tail:]
+    elif size > len(data):
+        lines.insert(0, f"[the first {size - len(data)} bytes of this log are left out: an answer holds its last {LOG_BYTES}]\n")
+    return PlainTextResponse(hide_server_paths("".join(lines), settings, job.id))
+
+
 # -- metrics and evals --------------------------------------------------------------------------
 
 
-@router.get("/{job_id}/metrics")
+@router.get("/{job_id}/metrics", response_model=dict[str, list[MetricPoint]], responses=errors(*ON_A_JOB))
 def metrics(job: OwnedJob, session: SessionDep) -> dict[str, list[dict]]:
     """Each metric's series: {name: [{step, value}, ...]} in step order."""
-    series: dict[str, list[dict]] = defaultdict(list)
-    for row in session.scalars(select(Metric).where(Metric.job_id == job.id).order_by(Metric.step, Metric.id)):
-        series[row.name].append({"step": row.step, "value": row.value})
-    return series
+    return crud.metric_series(session, job.id)
 
 
-@router.get("/{job_id}/evals", response_model=list[EvalOut])
+@router.get("/{job_id}/evals", response_model=list[EvalOut], responses=errors(*ON_A_JOB))
 def evals(job: OwnedJob, session: SessionDep) -> list[EvalOut]:
-    rows = session.scalars(select(EvalResult).where(EvalResult.job_id == job.id).order_by(EvalResult.id))
-    return [EvalOut.model_validate(r) for r in rows]
+    return [EvalOut.model_validate(r) for r in crud.evals_of(session, job.id)]
+
+
+@router.get("/{job_id}/samples", response_model=list[EvalSamplesOut], responses=errors(*ON_A_JOB))
+def samples(job: OwnedJob, session: SessionDep) -> list[EvalSamplesOut]:
+    """The sample generations of each evaluation that kept some, in the order they were recorded."""
+    return [EvalSamplesOut.model_validate(r) for r in crud.evals_of(session, job.id) if r.samples]
 
 
 # -- checkpoints --------------------------------------------------------------------------------
-
-
-def _checkpoints(session, job: Job) -> list[Checkpoint]:
-    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)))
 
 
 def _best(job: Job, rows: list[Checkpoint]) -> Checkpoint | None:
@@ -171,9 +269,9 @@ def _best(job: Job, rows: list[Checkpoint]) -> Checkpoint | None:
     return next((c for c in rows if c.step == step), rows[-1] if rows else None)
 
 
-@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut])
+@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut], responses=errors(*ON_A_JOB))
 def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
-    rows = _checkpoints(session, job)
+    rows = crud.checkpoints_of(session, job.id)
     best = _best(job, rows)
     return [
         CheckpointOut(step=c.step, created_at=c.created_at, archive_size=c.archive_size, archive_sha256=c.archive_sha256,
@@ -183,7 +281,7 @@ def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
 
 
 def _checkpoint(session, job: Job, step: str) -> Checkpoint:
-    rows = _checkpoints(session, job)
+    rows = crud.checkpoints_of(session, job.id)
     found = rows[-1] if step == "latest" and rows else _best(job, rows) if step == "best" else None
     if step.isascii() and step.isdigit():  # "²" is a digit to str.isdigit, not to int()
         found = next((c for c in rows if c.step == int(step)), None)
@@ -193,7 +291,7 @@ def _checkpoint(session, job: Job, step: str) -> Checkpoint:
 
 
 @router.get("/{job_id}/checkpoints/{step}/archive", response_class=FileResponse,
-            responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "a byte range"}})  # fmt: skip
+            responses={200: {"content": {"application/x-tar": BINARY}}, **DOWNLOAD})  # fmt: skip
 def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
     """The checkpoint's Hugging Face directory as an uncompressed tar. Content-Length, ETag and Range
     requests let an interrupted download resume; X-Checksum-SHA256 is the whole archive's digest.
@@ -208,7 +306,8 @@ def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
                         headers={"X-Checksum-SHA256": c.archive_sha256})  # fmt: skip
 
 
-@router.get("/{job_id}/checkpoints/{step}/files/{name}", response_class=FileResponse)
+@router.get("/{job_id}/checkpoints/{step}/files/{name}", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": BINARY}}, **DOWNLOAD})  # fmt: skip
 def checkpoint_file(job: DownloadableJob, step: str, name: str, session: SessionDep) -> Response:
     c = _checkpoint(session, job, step)
     entry = next((f for f in c.files if f["name"] == name), None)
@@ -228,19 +327,19 @@ def _on_disk(path: str | Path, c: Checkpoint) -> Path:
     return Path(path)
 
 
-@router.post("/{job_id}/checkpoints/{step}/archive/link")
-def archive_link(job: OwnedJob, step: str, request: Request, session: SessionDep) -> dict:
+@router.post("/{job_id}/checkpoints/{step}/archive/link", response_model=SignedLink, responses=errors(*ON_A_JOB))
+def archive_link(job: OwnedJob, step: str, request: Request, session: SessionDep) -> SignedLink:
     """A signed URL of the archive that needs no token for a day: for browsers and download managers."""
     _checkpoint(session, job, step)
     url, expires = signed_url(request.url.path.removesuffix("/link"))
-    return {"url": url, "expires": expires}
+    return SignedLink(url=url, expires=expires)
 
 
-@router.post("/{job_id}/checkpoints/{step}/files/{name}/link")
-def file_link(job: OwnedJob, step: str, name: str, request: Request, session: SessionDep) -> dict:
+@router.post("/{job_id}/checkpoints/{step}/files/{name}/link", response_model=SignedLink, responses=errors(*ON_A_JOB))
+def file_link(job: OwnedJob, step: str, name: str, request: Request, session: SessionDep) -> SignedLink:
     """A signed URL of one checkpoint file that needs no token for a day."""
     c = _checkpoint(session, job, step)
     if not any(f["name"] == name for f in c.files):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"checkpoint step {c.step} has no file {name!r}")
     url, expires = signed_url(request.url.path.removesuffix("/link"))
-    return {"url": url, "expires": expires}
+    return SignedLink(url=url, expires=expires)

@@ -7,10 +7,10 @@ export const token = {
   clear: () => localStorage.removeItem(KEY),
 };
 
+// An error the API answered: every one is {message, detail: [{loc, msg, type}]} (README, "Errors").
 export class ApiError extends Error {
   constructor(status, body) {
-    const detail = body && body.detail;
-    super(typeof detail === "string" ? detail : `request failed (${status})`);
+    super(body && typeof body.message === "string" ? body.message : `request failed (${status})`);
     this.status = status;
     this.body = body;
   }
@@ -43,6 +43,23 @@ export async function api(path, { method = "GET", body, raw, signal, headers: ex
  */
 export async function download(path, filename) {
   const { url } = await api(`${path}/link`, { method: "POST" });
+  save(url, filename);
+}
+
+/**
+ * Save what a GET of `path` answers as a file: for text the API makes for each request (a training
+ * log), which has no signed link. It passes through this page's memory; the API caps its size.
+ */
+export async function saveAnswer(path, filename) {
+  const response = await fetch(`/api/v1${path}`, { headers: headers() });
+  if (response.status === 401) window.dispatchEvent(new CustomEvent("distill:unauthorized"));
+  if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+  const url = URL.createObjectURL(await response.blob());
+  save(url, filename);
+  setTimeout(() => URL.revokeObjectURL(url), 60_000); // once the browser has taken the file
+}
+
+function save(url, filename) {
   const a = Object.assign(document.createElement("a"), { href: url, download: filename });
   document.body.append(a);
   a.click();
@@ -60,7 +77,7 @@ export async function followEvents(jobId, { after = 0, onEvent, signal }) {
       const response = await fetch(`/api/v1/jobs/${jobId}/events/stream?after=${cursor}`, {
         headers: headers({ Accept: "text/event-stream" }), signal,
       });
-      if (!response.ok) throw new ApiError(response.status, null);
+      if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
@@ -80,8 +97,9 @@ export async function followEvents(jobId, { after = 0, onEvent, signal }) {
       }
     } catch (err) {
       if (signal.aborted) return;
-      if (err instanceof ApiError && err.status < 500) throw err;
-      await new Promise((resolve) => setTimeout(resolve, 2000));
+      // 429: the user holds as many streams as allowed (other tabs); wait for one to close.
+      if (err instanceof ApiError && err.status < 500 && err.status !== 429) throw err;
+      await new Promise((resolve) => setTimeout(resolve, err.status === 429 ? 10000 : 2000));
     }
   }
 }

@@ -1,33 +1,51 @@
-// Job detail: live status from the SSE stream, progress and ETA, metric charts, evals, events, checkpoints.
-import { api, download, followEvents } from "../api.js";
-import { SERIES, lineChart, points } from "../charts.js";
+// Job detail: live status from the SSE stream, progress and ETA, its spec (and a clone of it), metric
+// charts, evals, events, the training process's log, checkpoints.
+import { api, download, followEvents, saveAnswer } from "../api.js";
+import { SERIES, lineChart, points, smoothingControl } from "../charts.js";
+import { dump } from "/vendor/js-yaml.mjs";
+import { samplesTable } from "../samples.js";
 import { TERMINAL, badge, bytes, duration, h, num, progressCell, studentLabel, toast, when } from "../util.js";
 
 export function render(main, { id }) {
   const control = new AbortController();
-  let job = null, refreshTimer = null, refreshing = false, again = false;
+  let job = null, refreshTimer = null, queuedTimer = null, refreshing = false, again = false;
 
   const title = h("h1", {}, "Job ", h("span.mono", {}, id));
   const status = h("span", { id: "job-status", role: "status" });
   const cancel = h("button.danger", { type: "button", id: "cancel", hidden: true, onclick: onCancel }, "Cancel job");
+  const clone = h("a.button.secondary", { id: "clone", href: `#/new?clone=${encodeURIComponent(id)}` }, "Clone");
+  const saveLog = h("button.secondary", { type: "button", id: "download-log", hidden: true, onclick: onSaveLog }, "Download log");
+  const specText = h("pre.spec-text", {});
   const summary = h("dl.summary.card", { id: "summary" });
   const error = h("p.error-box", { role: "alert", hidden: true });
-  const charts = SERIES.map(([key, label]) => ({ key, ...lineChart(label, { id: `chart-${key}` }) }));
-  const evalChart = lineChart("Evaluation Rouge-L", { id: "chart-eval" });
+  const waiting = h("p.warning-box", { id: "waiting-for", role: "status", hidden: true });
+  const charts = SERIES.map(([key, label]) => ({ key, ...lineChart(label, { id: `chart-${key}`, smooth: key !== "lr" }) }));
+  const evalChart = lineChart("Evaluation Rouge-L", { id: "chart-eval", smooth: false });
+  // Each step's stage, from the metrics events (the metrics API has values only); a resumed attempt's repeat replaces.
+  const stageOf = new Map();
+  const stageNote = h("p.small.muted", { id: "stages", hidden: true });
   const evalTable = h("div.table-wrap", { id: "evals" });
+  const samples = h("div", { id: "samples" });
+  let kept = [], keptFor = null; // the sample generations, and the evaluations they were fetched after
   const checkpoints = h("div.table-wrap", { id: "checkpoints" });
   const log = h("ol.log", { id: "events", "aria-live": "off", tabindex: 0, "aria-label": "Event log" });
 
   main.append(
     h("p.small", {}, h("a", { href: "#/jobs" }, "← All jobs")),
     title,
-    h("div.toolbar", {}, status, cancel),
+    h("div.toolbar", {}, status, cancel, clone, saveLog),
     error,
+    waiting,
     summary,
-    h("h2", {}, "Training curves"),
+    h("details.card", { id: "spec" }, h("summary", {}, "Spec"), specText),
+    h("div.toolbar", {}, h("h2", {}, "Training curves"), smoothingControl()),
+    stageNote,
     h("div.grid", {}, charts.map((c) => c.card)),
     h("h2", {}, "Evaluations"),
     h("div.grid", {}, evalChart.card, h("div", {}, evalTable)),
+    h("h2", {}, "Sample generations"),
+    h("p.small.muted", {}, "The first prompts of each set, answered under the first sampling seed: the same prompts for every model and step."),
+    samples,
     h("h2", {}, "Checkpoints"),
     checkpoints,
     h("h2", {}, "Events"),
@@ -44,6 +62,17 @@ export function render(main, { id }) {
     }
   }
 
+  function onSaveLog() {
+    saveAnswer(`/jobs/${id}/logs`, `${id}-attempt-${job.attempts}.log`).catch((err) => toast(`Download failed: ${err.message}`));
+  }
+
+  /** The first step of each stage, in step order. */
+  function stageStarts() {
+    const starts = [];
+    for (const [step, name] of [...stageOf].sort((a, b) => a[0] - b[0])) if (starts.at(-1)?.name !== name) starts.push({ step, name });
+    return starts;
+  }
+
   function showJob() {
     title.replaceChildren(job.name, " ", h("span.small.muted.mono", {}, job.id));
     document.title = `${job.name} · distill`;
@@ -51,12 +80,16 @@ export function render(main, { id }) {
     status.dataset.status = job.status;
     cancel.hidden = TERMINAL.has(job.status) || job.status === "cancelling";
     cancel.disabled = false;
+    saveLog.hidden = !job.attempts;
+    if (!specText.textContent) specText.textContent = dump(job.spec, { lineWidth: 120 }); // a job's spec never changes
     const s = job.spec, best = job.best_eval;
     const item = (label, ...value) => [h("div", {}, h("dt", {}, label), h("dd", {}, ...value))];
     summary.replaceChildren(
       ...item("Method", s.method),
       ...item("Teacher → student", `${s.teacher} → ${studentLabel(s)}`),
       ...item("Training data", h("span.mono", {}, s.data.train)),
+      ...item("Queue", h("span", { id: "queue-position" }, job.status === "queued"
+        ? `${job.queue}: ${job.queue_position} job${job.queue_position === 1 ? "" : "s"} ahead` : job.queue)),
       ...item("Progress", progressCell(job)),
       ...item("ETA", job.status === "running" ? duration(job.progress.eta_seconds) : "—"),
       ...item("Best checkpoint Rouge-L", best ? `${num(best.scores.rouge_l, 3)} (step ${best.step}, ${best.set === "test" ? "test" : "selection"} set)` : "—"),
@@ -67,6 +100,12 @@ export function render(main, { id }) {
       error.textContent = `${job.error.code}: ${job.error.message}`;
       error.hidden = false;
     } else error.hidden = true;
+    waiting.textContent = job.waiting_for || "";
+    waiting.hidden = !job.waiting_for;
+    // A queued job's place and the workers that serve its queue change without an event on this
+    // job: look again every few seconds until it leaves the queue.
+    clearTimeout(queuedTimer);
+    if (job.status === "queued") queuedTimer = setTimeout(refresh, 5000);
   }
 
   function showEvals(evals) {
@@ -84,6 +123,27 @@ export function render(main, { id }) {
       sets.push({ label: "teacher (test set)", dashed: true, data: [{ x: Math.min(...xs), y: teacher.scores.rouge_l }, { x: Math.max(...xs), y: teacher.scores.rouge_l }] });
     }
     evalChart.update(sets);
+  }
+
+  // Test set: the teacher, the initial student, the final model and the best checkpoint. Selection set: the
+  // student at its first evaluation, at the best checkpoint's step and at the latest.
+  function showSamples() {
+    const test = kept.filter((e) => e.label !== "selection"), selection = kept.filter((e) => e.label === "selection");
+    const final = test.find((e) => e.label === "final"), bestStep = job.best_eval?.step, latest = selection.at(-1);
+    const isFinal = (e) => e.label === "best" && e.step === final?.step; // the best checkpoint is the final model
+    const testLabel = (e) => {
+      if (e.label === "teacher") return "Teacher";
+      if (e.label === "initial") return "Initial student";
+      if (e.label === "best") return `Best (step ${e.step})`;
+      return `Final${test.some(isFinal) ? " = best" : ""} (step ${e.step})`;
+    };
+    const testColumns = test.filter((e) => !isFinal(e)).map((e) => ({ label: testLabel(e), samples: e.samples }));
+    const selectionColumns = selection.filter((e) => e === selection[0] || e === latest || e.step === bestStep).map((e) => ({
+      label: `Step ${e.step}` + (e.step === bestStep ? " (best)" : "") + (e === latest && e !== selection[0] ? " (latest)" : ""), samples: e.samples }));
+    const part = (title, partId, columns) => columns.length ? [h("h3", {}, title), h("div.table-wrap", { id: partId }, samplesTable(columns))] : [];
+    samples.replaceChildren(...(kept.length
+      ? [...part("Test set", "samples-test", testColumns), ...part("Selection set", "samples-selection", selectionColumns)]
+      : [h("p.muted", {}, "No sample generations yet.")]));
   }
 
   function showCheckpoints(rows) {
@@ -115,8 +175,15 @@ export function render(main, { id }) {
       if (control.signal.aborted) return;
       job = j;
       showJob();
-      for (const c of charts) c.update([{ label: c.key, data: points(metrics[c.key]) }]);
+      const stages = stageStarts();
+      stageNote.textContent = `Stages: ${stages.map((s) => `${s.name} from step ${s.step}`).join(", ")}.`;
+      stageNote.hidden = stages.length < 2;
+      for (const c of charts) c.update([{ label: c.key, data: points(metrics[c.key]) }], { stages });
       showEvals(evals);
+      // Sample generations change only with the evaluations: fetched again when one is recorded.
+      const evalsNow = `${evals.length} ${evals.at(-1)?.created_at}`;
+      if (evalsNow !== keptFor) [kept, keptFor] = [await api(`/jobs/${id}/samples`), evalsNow];
+      showSamples();
       showCheckpoints(cps);
     } catch (err) {
       if (!control.signal.aborted) { error.textContent = err.message; error.hidden = false; }
@@ -139,13 +206,18 @@ export function render(main, { id }) {
 
   refresh().then(() => followEvents(id, {
     signal: control.signal,
-    onEvent: (e) => { addEvent(e); schedule(); },
+    onEvent: (e) => {
+      if (e.type === "metrics") stageOf.set(e.data.step, e.data.stage);
+      addEvent(e);
+      schedule();
+    },
   })).then(() => { if (!control.signal.aborted) { clearTimeout(refreshTimer); refreshTimer = null; refresh(); } })
     .catch((err) => { if (!control.signal.aborted) toast(err.message); });
 
   return () => {
     control.abort();
     clearTimeout(refreshTimer);
+    clearTimeout(queuedTimer);
     for (const c of [...charts, evalChart]) c.destroy();
   };
 }

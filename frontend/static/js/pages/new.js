@@ -1,5 +1,6 @@
 // New job: a form for the main fields (defaults and help from the API's own schema) or the full
 // spec as YAML; the API validates it, and each 422 error appears beside the field its `loc` names.
+// #/new?clone=JOB_ID starts from that job's spec.
 import { api } from "../api.js";
 import { dump, load } from "/vendor/js-yaml.mjs";
 import { h, toast } from "../util.js";
@@ -56,7 +57,7 @@ function setPath(obj, path, value) {
   node[keys.at(-1)] = value;
 }
 
-export function render(main) {
+export function render(main, { params }) {
   const inputs = new Map(); // path -> input element
   const errors = new Map(); // path -> error element
   const summary = h("div.error-box", { role: "alert", hidden: true, id: "form-errors", tabindex: -1 });
@@ -108,7 +109,7 @@ export function render(main) {
       toast(`Uploaded ${ds.name}: ${ds.num_records} records`);
     } catch (err) {
       const e = errors.get([...inputs].find(([, i]) => i === input)[0]);
-      e.textContent = err.body && Array.isArray(err.body.detail) ? err.body.detail.map((d) => d.msg).join("; ") : err.message;
+      e.textContent = err.message;
       e.hidden = false;
     }
   }
@@ -183,6 +184,23 @@ export function render(main) {
     (first || summary).focus();
   }
 
+  /**
+   * Start from another job's whole spec: its main fields in the form, and all of it in the YAML
+   * editor, opened (the form holds only the main fields, and a clone should lose nothing).
+   */
+  function fill(spec) {
+    const source = form.querySelector(`input[name="student-source"][value="${spec.student?.init_from_teacher ? "derive" : "model"}"]`);
+    source.checked = true;
+    source.dispatchEvent(new Event("change"));
+    for (const [path, input] of inputs) {
+      const value = path.split(".").reduce((node, key) => node?.[key], spec);
+      input.value = value == null ? "" : String(value);
+    }
+    // Registered after the editor's own toggle handler, which writes the form's fields into it.
+    advanced.addEventListener("toggle", () => { yaml.value = dump(spec, { lineWidth: 120 }); }, { once: true });
+    advanced.open = true;
+  }
+
   async function onSubmit(event) {
     event.preventDefault();
     clearErrors();
@@ -220,5 +238,10 @@ export function render(main) {
       sections[0], studentFieldset(all), ...sections.slice(1),
       advanced,
       h("p", {}, submit));
+    const cloned = params.get("clone");
+    if (cloned) api(`/jobs/${encodeURIComponent(cloned)}`).then((job) => {
+      fill({ ...job.spec, name: `${job.name}-copy` });
+      form.prepend(h("p.muted", { id: "clone-note" }, "A copy of job ", h("a", { href: `#/jobs/${job.id}` }, job.name), "'s spec: edit it, then submit."));
+    }).catch((err) => { summary.textContent = `Could not load job ${cloned} to clone: ${err.message}`; summary.hidden = false; });
   }).catch((err) => { summary.textContent = `Could not load the spec schema: ${err.message}`; summary.hidden = false; });
 }

@@ -1,0 +1,43 @@
+"""Where a job's files live on a worker, and how paths appear to its user.
+
+Events, errors and logs a user reads name files relative to the job's folder (`checkpoints/step-6`),
+never as the server's absolute paths: those would tell every user how the servers are laid out.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from app.core.config import Settings
+from worker.engine.paths import PROJECT_ROOT, cache_dir
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return settings.resolved_artifacts_dir / "jobs" / job_id
+
+
+def hide_server_paths(value, settings: Settings, job_id: str):
+    """`value` (a string, or dicts and lists of them) with server folders named by what they are:
+    the job's own folder dropped (its paths become relative), the others as <artifacts>, <cache>,
+    <distill> (the installed code) and <python>."""
+    if isinstance(value, dict):
+        return {k: hide_server_paths(v, settings, job_id) for k, v in value.items()}
+    if isinstance(value, list):
+        return [hide_server_paths(v, settings, job_id) for v in value]
+    if not isinstance(value, str):
+        return value
+    # Longest first: the job's folder lies inside the artifacts folder, the venv inside the code's.
+    for folder, name in sorted(_named_folders(settings, job_id).items(), key=lambda item: -len(item[0])):
+        value = value.replace(folder + "/", name).replace(folder, name.rstrip("/") or ".")
+    return value
+
+
+def _named_folders(settings: Settings, job_id: str) -> dict[str, str]:
+    return {
+        str(job_dir(settings, job_id)): "",
+        str(settings.resolved_artifacts_dir): "<artifacts>/",
+        str(cache_dir()): "<cache>/",
+        str(PROJECT_ROOT): "<distill>/",
+        sys.prefix: "<python>/",
+    }

@@ -1,0 +1,86 @@
+"""Attempt fencing is atomic with the write: a stale attempt (its job taken over while it still ran)
+can neither write nor delete anything of the attempt that took over, even in between the check and
+the write."""
+
+import threading
+import time
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from app import job_status
+from app.core.db import session_factory
+from app.models import Checkpoint, Job, Metric
+from helpers import submit, tiny_spec
+from worker.engine.events import Event
+from worker.reporter import DbReporter
+
+
+def running_job(client, auth, dataset) -> str:
+    job_id = submit(client, auth, tiny_spec(dataset))
+    with session_factory()() as session:
+        assert job_status.claim(session, job_id, "w1") == 1
+    return job_id
+
+
+def take_over(job_id: str) -> None:
+    """What the reaper and the next worker do when attempt 1 stops sending heartbeats."""
+    with session_factory()() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=Job.heartbeat_at - timedelta(hours=1)))
+        session.commit()
+        assert job_id in job_status.reap_stale(session, timedelta(seconds=1))
+        assert job_status.claim(session, job_id, "w2") == 2
+
+
+def test_a_take_over_waits_for_the_write_that_passed_the_fence(client, auth, dataset):
+    job_id = running_job(client, auth, dataset)
+    Session = session_factory()
+    stale = Session()
+    assert job_status.hold(stale, job_id, 1) == "running"
+    taken = threading.Thread(target=take_over, args=(job_id,))
+    taken.start()
+    time.sleep(1.0)
+    assert taken.is_alive()  # the reaper waits on the held row ...
+    stale.add(Metric(job_id=job_id, step=1, name="loss", value=1.0))
+    stale.commit()  # ... until the write that passed the fence has committed
+    taken.join(timeout=30)
+    assert not taken.is_alive()
+    with Session() as session:
+        assert session.get(Job, job_id).attempts == 2
+        assert job_status.hold(session, job_id, 1) is None  # from now on attempt 1 is fenced off
+        assert job_status.hold(session, job_id, 2) == "running"
+
+
+def test_a_stale_attempt_writes_and_deletes_nothing(client, auth, dataset, tmp_path):
+    job_id = running_job(client, auth, dataset)
+    take_over(job_id)
+    current = DbReporter(job_id, 2)
+    folder = tmp_path / "checkpoints" / "step-000003"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    current.emit(Event("checkpoint", "checkpoint step 3", data={"step": 3, "path": str(folder)}))
+    current.emit(Event("metrics", data={"step": 3, "values": {"loss": 2.0}}))
+
+    stale = DbReporter(job_id, 1)
+    stale.emit(Event("metrics", data={"step": 3, "values": {"loss": 9.0}}))
+    stale.emit(Event("checkpoint", "checkpoint step 3", data={"step": 3, "path": str(folder)}))
+    stale.emit(Event("state", "failed", "error", {"state": "failed", "error": {"code": "X", "message": "stale"}}))
+    with session_factory()() as session:
+        assert [m.value for m in session.scalars(select(Metric).where(Metric.job_id == job_id))] == [2.0]
+        rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
+        assert [(c.step, c.archive_path.endswith("step-000003-attempt-2.tar")) for c in rows] == [(3, True)]
+        assert session.get(Job, job_id).status == "running"
+
+
+def test_a_resumed_attempt_replaces_the_points_of_the_steps_it_runs_again(client, auth, dataset):
+    job_id = running_job(client, auth, dataset)
+    first = DbReporter(job_id, 1)
+    for step in (1, 2, 3):
+        first.emit(Event("metrics", data={"step": step, "values": {"loss": 10.0 + step}}))
+    take_over(job_id)  # resumes from a checkpoint at step 1: steps 2 and 3 run again
+    second = DbReporter(job_id, 2)
+    for step in (2, 3):
+        second.emit(Event("metrics", data={"step": step, "values": {"loss": 20.0 + step}}))
+    with session_factory()() as session:
+        points = session.execute(select(Metric.step, Metric.value).where(Metric.job_id == job_id).order_by(Metric.step)).all()
+    assert [tuple(p) for p in points] == [(1, 11.0), (2, 22.0), (3, 23.0)]

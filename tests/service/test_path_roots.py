@@ -1,0 +1,129 @@
+"""Tenant isolation of spec paths: a job reads server files only inside the operator's roots, and no
+answer tells whether a file outside them exists. Checked at submit (the API shares the roots here)
+and on the worker, where the files are read."""
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.core.config import Settings, get_settings
+from app.core.path_roots import Roots, confine
+from helpers import make_user, submit, tiny_spec, wait_status
+from worker.engine.references import ModelError, classify
+from worker.engine.spec import JobSpec
+from app.job_paths import hide_server_paths
+
+JOBS = "/api/v1/jobs"
+
+
+def refusal(client, auth, spec, loc) -> str:
+    response = client.post(JOBS, json=spec, headers=auth)
+    assert response.status_code == 422, response.text
+    return next(d["msg"] for d in response.json()["detail"] if d["loc"] == ["body", *loc])
+
+
+@pytest.fixture
+def outside(tmp_path_factory) -> Path:
+    """A folder outside the roots (which are pytest's temporary folders in these tests)."""
+    folder = Path(os.environ["DISTILL_ARTIFACTS_DIR"]).parent / "outside"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "secret.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    return folder
+
+
+def test_a_path_outside_the_roots_is_refused_with_the_same_words_whether_or_not_it_exists(client, auth, dataset, outside):
+    exists, missing = str(outside / "secret.jsonl"), str(outside / "no-such.jsonl")
+    said = [refusal(client, auth, tiny_spec(dataset, data={"train": path}), ("data", "train")) for path in (exists, missing)]
+    assert said[0].replace(exists, "PATH") == said[1].replace(missing, "PATH")
+    assert "DISTILL_DATA_ROOTS" in said[0] and "dataset:ID" in said[0]
+    for path in ("/etc/passwd", "/etc/no-such-file"):  # the server's own files, the same
+        assert refusal(client, auth, tiny_spec(dataset, data={"train": path}), ("data", "train")).replace(path, "PATH") == said[0].replace(exists, "PATH")
+
+
+def test_escapes_through_dotdot_symlinks_and_relative_paths_are_refused(client, auth, dataset, outside):
+    link = dataset / "innocent.jsonl"
+    link.symlink_to(outside / "secret.jsonl")  # inside a root, pointing out of it
+    for path in (str(link), f"{dataset}/../../../{outside.relative_to('/')}/secret.jsonl"):
+        assert "may read" in refusal(client, auth, tiny_spec(dataset, data={"train": path}), ("data", "train"))
+    for path in ("train.jsonl", "~/train.jsonl", "../train.jsonl"):
+        assert "absolute path" in refusal(client, auth, tiny_spec(dataset, data={"eval": path}), ("data", "eval"))
+    assert "may read" in refusal(client, auth, tiny_spec(dataset, teacher=str(outside)), ("teacher",))
+    # A relative model path is only ever a hub id, never a folder on the server (here: the artifacts')
+    relative = os.path.relpath(os.environ["DISTILL_ARTIFACTS_DIR"])
+    assert "absolute path" in refusal(client, auth, tiny_spec(dataset, student={"model": relative}), ("student", "model"))
+
+
+def test_another_users_upload_cannot_be_read_by_its_server_path(client, auth, dataset):
+    owner = make_user()
+    body = b'{"instruction": "a private question", "output": "a private answer"}\n' * 4
+    uploaded = client.post("/api/v1/datasets", params={"name": "private.jsonl"}, content=body, headers=owner).json()
+    path = Path(os.environ["DISTILL_ARTIFACTS_DIR"]) / "datasets" / f"{uploaded['id']}.jsonl"
+    assert path.is_file()  # the file is there, and still:
+    assert "may read" in refusal(client, auth, tiny_spec(dataset, data={"train": str(path)}), ("data", "train"))
+    assert "no such uploaded dataset" in refusal(client, auth, tiny_spec(dataset, data={"train": f"dataset:{uploaded['id']}"}), ("data", "train"))
+
+
+def test_hub_models_only_where_the_operator_allows_them(client, auth, dataset, monkeypatch):
+    monkeypatch.setattr(get_settings(), "allow_hub_models", False)
+    assert "DISTILL_ALLOW_HUB_MODELS" in refusal(client, auth, tiny_spec(dataset, teacher="org/model"), ("teacher",))
+
+
+def test_the_engine_gets_resolved_paths_and_marked_hub_ids(tmp_path):
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "train.jsonl"
+    real.write_text("{}\n")
+    (tmp_path / "data" / "alias.jsonl").symlink_to(real)
+    roots = Roots(models=(tmp_path / "models",), data=(tmp_path / "data",), allow_hub=True)
+    spec = JobSpec.model_validate({"teacher": "org/model", "student": {"model": "builtin:tiny-student"},
+                                   "data": {"train": str(tmp_path / "data" / "alias.jsonl"), "eval": "dataset:ds-1"}})  # fmt: skip
+    confined, problems = confine(spec, roots, on_disk=True)
+    assert problems == []
+    assert (confined.teacher, confined.student.model) == ("hub:org/model", "builtin:tiny-student")
+    assert (confined.data.train, confined.data.eval) == (str(real), "dataset:ds-1")
+    # Without the disk (an API that does not share the roots) only the lexical form is checked.
+    lexical, problems = confine(spec.model_copy(update={"data": spec.data.model_copy(update={"train": "/elsewhere/x"})}), roots, on_disk=False)
+    assert [loc for loc, _ in problems] == [("data", "train")]
+
+
+def test_a_hub_reference_is_never_read_as_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    (tmp_path / "org" / "model" / "config.json").write_text("{}")
+    assert classify("org/model")[0] == "dir"  # the engine on its own: a local folder wins (the CLI's `distill train`)
+    with pytest.raises(ModelError, match="hub is not reachable"):
+        classify("hub:org/model")
+
+
+def test_roots_that_overlap_the_services_own_files_are_refused(tmp_path):
+    with pytest.raises(ValidationError, match="overlaps the service's own files"):
+        Settings(data_dir=tmp_path / "data", data_roots=str(tmp_path), model_roots=[])
+    with pytest.raises(ValidationError, match="absolute"):
+        Settings(data_dir=tmp_path / "data", model_roots="models", data_roots=[])
+    settings = Settings(data_dir=tmp_path / "data", data_roots=f"{tmp_path / 'a'}:{tmp_path / 'b'}", model_roots=[])
+    assert settings.data_roots == [tmp_path / "a", tmp_path / "b"]
+
+
+def test_server_paths_are_shown_relative_to_the_job():
+    settings = get_settings()
+    job = settings.resolved_artifacts_dir / "jobs" / "job-1"
+    text = f"checkpoint step 3: {job}/checkpoints/step-000003; another job: {settings.resolved_artifacts_dir}/jobs/job-2"
+    assert hide_server_paths({"m": [text]}, settings, "job-1") == {
+        "m": ["checkpoint step 3: checkpoints/step-000003; another job: <artifacts>/jobs/job-2"]
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftover_jobs")
+def test_the_worker_checks_the_roots_where_it_reads_the_files(client, auth, dataset, outside, worker, monkeypatch):
+    """An API that does not see the workers' files checks only where a path points; the worker
+    resolves it and refuses a symlink out of the roots before reading anything."""
+    link = dataset / "looks-fine.jsonl"
+    link.symlink_to(outside / "secret.jsonl")
+    monkeypatch.setattr(get_settings(), "api_sees_worker_files", False)
+    job_id = submit(client, auth, tiny_spec(dataset, data={"train": str(link)}))
+    done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "SpecRefused"
+    assert "data.train" in done["error"]["message"] and "may read" in done["error"]["message"]
