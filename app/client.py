@@ -29,7 +29,7 @@ import yaml
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from app.core.files import sha256_file
-from app.schemas import TERMINAL, CheckpointOut, DatasetOut, EvalOut, EventOut, JobOut, Page, error_body
+from app.schemas import TERMINAL, CheckpointOut, DatasetOut, EvalOut, EvalSamplesOut, EventOut, JobOut, Page, error_body
 
 log = logging.getLogger(__name__)
 # What a proxy or load balancer answers while the API restarts or is overloaded: the API did not refuse.
@@ -198,6 +198,10 @@ class Jobs:
 
     def evals(self, job_id: str) -> list[EvalOut]:
         return [EvalOut.model_validate(e) for e in self._client.request("GET", f"/jobs/{job_id}/evals").json()]
+
+    def samples(self, job_id: str) -> list[EvalSamplesOut]:
+        """The sample generations each evaluation kept (prompt, reference, the model's answer)."""
+        return [EvalSamplesOut.model_validate(e) for e in self._client.request("GET", f"/jobs/{job_id}/samples").json()]
 
 
 class Datasets:

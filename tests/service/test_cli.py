@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from app.cli import EXIT_CODES
+from app.client import Client
 from app.core.config import Settings
 from helpers import tiny_spec, wait_for
 from worker.engine.launch import free_port
@@ -211,6 +212,9 @@ def test_submit_wait_exits_0_for_a_succeeded_job_and_1_for_a_failed_one(server, 
     assert [c["step"] for c in listed] == [3, 6] and sum(c["best"] for c in listed) == 1
     assert {"teacher", "initial", "final", "best"} <= {e["label"] for e in json.loads(_api(server, auth, "evals", job["id"], "--json").stdout)}
     assert "state" in {e["type"] for e in json.loads(_api(server, auth, "logs", job["id"], "--json").stdout)}
+    with Client(server, auth["Authorization"].removeprefix("Bearer ")) as client:  # the same, from Python
+        kept = {k.label: k.samples for k in client.jobs.samples(job["id"])}
+    assert {"teacher", "initial", "final"} <= kept.keys() and all(s.response is not None for s in kept["final"])
     fetched = _api(server, auth, "download", job["id"], "--step", "best", "-o", str(tmp_path / "models"), "--json")
     assert fetched.returncode == 0, fetched.stderr
     assert (PROJECT_ROOT / json.loads(fetched.stdout)["path"] / "config.json").is_file()
