@@ -56,7 +56,7 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset
 
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="models")["Contents"]}
     prefix = f"distill/jobs/{job_id}/"
-    assert f"{prefix}archives/step-000006.tar" in keys and f"{prefix}checkpoints/step-000006/model.safetensors" in keys
+    assert f"{prefix}archives/step-000006-attempt-1.tar" in keys and f"{prefix}checkpoints/step-000006/model.safetensors" in keys
     assert not any("step-000003" in k for k in keys)  # pruned with the local copy
 
     listing = client.get(f"/api/v1/jobs/{job_id}/checkpoints", headers=auth).json()
