@@ -10,7 +10,7 @@
             client.checkpoints.download(job.id, "best", Path("models"))
 
 Answers are the API's own response models (app/schemas.py). It needs httpx, pydantic, tenacity and
-PyYAML alone (the `client` extra): nothing here imports the server's packages, which
+PyYAML alone (the package without its `server` extra): nothing here imports the server's packages, which
 tests/service/test_client.py checks, and it writes no file but the downloads it is asked for.
 """
 

@@ -6,6 +6,7 @@ never as the server's absolute paths: those would tell every user how the server
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def hide_server_paths(value, settings: Settings, job_id: str):
         return value
     # Longest first: the job's folder lies inside the artifacts folder, the venv inside the code's.
     for folder, name in sorted(_named_folders(settings, job_id).items(), key=lambda item: -len(item[0])):
-        value = value.replace(folder + "/", name).replace(folder, name.rstrip("/") or ".")
+        # Only the folder itself, never a longer name it begins (/srv/proj is not in /srv/project2).
+        value = re.sub(re.escape(folder) + r"(/|(?![\w.-]))", lambda m: name if m.group(1) else name.rstrip("/") or ".", value)
     return value
 
 

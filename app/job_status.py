@@ -28,10 +28,10 @@ def _move(session: Session, job_id: str, from_: tuple[str, ...], **values) -> bo
     return result.rowcount == 1
 
 
-def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str, ...], **values) -> bool:
-    """Like `_move`, only while attempt `attempt` owns the job."""
+def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str, ...], *also, **values) -> bool:
+    """Like `_move`, only while attempt `attempt` owns the job (and the conditions `also` hold)."""
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(from_), Job.attempts == attempt).values(**values)
+        update(Job).where(Job.id == job_id, Job.status.in_(from_), Job.attempts == attempt, *also).values(**values)
     )
     return result.rowcount == 1
 
@@ -98,25 +98,26 @@ def reap_stale(session: Session, timeout: timedelta) -> list[str]:
     """Jobs whose worker stopped sending heartbeats: back to the queue while attempts remain, else
     failed (a job cancelled while its worker died ends cancelled). Returns the ids to enqueue again."""
     now = db_now(session)
-    stale = session.scalars(
-        select(Job).where(Job.status.in_((RUNNING, CANCELLING)), Job.heartbeat_at < now - timeout)
-    ).all()
+    silent = Job.heartbeat_at < now - timeout
+    stale = session.scalars(select(Job).where(Job.status.in_((RUNNING, CANCELLING)), silent)).all()
     requeue = []
     for job in stale:
-        where = dict(session=session, job_id=job.id, attempt=job.attempts)
+        # Each update asks again whether the job is silent: a heartbeat committed since the query
+        # above means its worker is alive, and the job must stay its.
+        owned = (session, job.id, job.attempts)
         if job.status == CANCELLING:
-            if _move_attempt(from_=(CANCELLING,), status=CANCELLED, finished_at=now, **where):
+            if _move_attempt(*owned, (CANCELLING,), silent, status=CANCELLED, finished_at=now):
                 crud.stage_event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
                 webhooks.stage_delivery(session, job.id)
         elif job.attempts < job.max_attempts:
-            if _move_attempt(from_=(RUNNING,), status=QUEUED, worker=None, published_at=None, **where):
+            if _move_attempt(*owned, (RUNNING,), silent, status=QUEUED, worker=None, published_at=None):
                 crud.stage_event(session, job.id, "state", f"queued again: worker {job.worker} stopped responding "
                                  f"(attempt {job.attempts} of {job.max_attempts})", "warning", {"state": QUEUED})  # fmt: skip
                 requeue.append(job.id)
         else:
             error = {"code": "WorkerLost", "message": f"the worker stopped responding on all {job.max_attempts} attempts"}
-            if _move_attempt(from_=(RUNNING,), status=FAILED, finished_at=now, error_code=error["code"],
-                             error_message=error["message"], **where):  # fmt: skip
+            if _move_attempt(*owned, (RUNNING,), silent, status=FAILED, finished_at=now, error_code=error["code"],
+                             error_message=error["message"]):  # fmt: skip
                 crud.stage_event(session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error})
                 webhooks.stage_delivery(session, job.id)
         session.commit()

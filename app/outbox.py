@@ -49,7 +49,7 @@ def resend_lost() -> list[str]:
     asked (the embedded broker keeps its messages in a file). A job is looked for once its message
     has had SEND_GRACE to arrive; a message a worker is taking at that very moment may be sent
     twice, which is harmless (see above)."""
-    if not get_settings().resolved_broker_url.startswith(("redis://", "rediss://")):
+    if not get_settings().resolved_broker_url.startswith("redis"):  # redis:// and rediss://, as app.core.broker
         return []
     with session_factory()() as session:
         waiting = job_status.published_before(session, SEND_GRACE)

@@ -1,7 +1,7 @@
 """What the API returns (requests are the engine's JobSpec, validated as such).
 
 The Python client (app/client.py) parses answers with these models, and a CI script installs it
-with the `client` extra alone: so nothing here imports SQLAlchemy (or anything beyond pydantic) at
+without the `server` extra: so nothing here imports SQLAlchemy (or anything beyond pydantic) at
 import time.
 """
 

@@ -86,15 +86,22 @@ class DbReporter:
         return True
 
     def _write(self, event: Event) -> None:
-        archive = self._archive(event) if event.type == "checkpoint" else None  # slow file work before the lock
+        # Slow file and bucket work happens outside the transaction that holds the job's row lock:
+        # archives are built before it, files of forgotten checkpoints deleted after it commits.
+        built = self._archive(event) if event.type == "checkpoint" else None
+        doomed: list[tuple[dict, dict | None]] = []
         with self.Session() as session:
             if job_status.hold(session, self.job_id, self.attempt) is None:
                 session.rollback()
+                if built is not None:  # this attempt no longer owns the job: nothing of it stays
+                    Path(built["archive_path"]).unlink(missing_ok=True)
                 return
             if event.type == "checkpoint":
-                self._on_checkpoint(session, event, archive)
+                self._on_checkpoint(session, event, built, doomed)
             else:
                 getattr(self, f"_on_{event.type}")(session, event)
+        for files, replaced_by in doomed:
+            self._delete_files(files, replaced_by)
 
     def _event(self, session, type_: str, message: str, level: str, data: dict) -> None:
         crud.add_event(session, self.job_id, type_, self._hide(message), level, self._hide(data))
@@ -151,7 +158,9 @@ class DbReporter:
         build_archive(directory, archive)
         files = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())]
         storage_url = None
-        if self.store is not None:
+        # A stale attempt must not overwrite the current one's objects in the bucket (the checkpoint's
+        # keys are per step): upload only while this attempt owns the job.
+        if self.store is not None and self._owns():
             storage_url = self.store.job_url(self.job_id)
             self.store.upload(storage_url, f"archives/{archive.name}", archive)
             for f in files:
@@ -159,14 +168,20 @@ class DbReporter:
         return dict(path=str(directory), archive_path=str(archive), archive_size=archive.stat().st_size,
                     archive_sha256=sha256_file(archive), files=files, storage_url=storage_url)  # fmt: skip
 
-    def _on_checkpoint(self, session, event: Event, built: dict | None) -> None:
+    def _owns(self) -> bool:
+        with self.Session() as session:
+            return job_status.is_active(session, self.job_id, self.attempt) is not None
+
+    def _on_checkpoint(self, session, event: Event, built: dict | None, doomed: list) -> None:
         step = event.data["step"]
         if built is None:
             self._event(session, "checkpoint", event.message + " (since replaced by a newer one)", "info", event.data)
             return
         # The same step written again (by an attempt that resumed before it): the new one replaces it.
         for same in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)).all():
-            self._forget(session, same, replaced_by=built)
+            doomed.append((_file_columns(same), built))
+            session.delete(same)
+        session.flush()  # the old row of this step is gone before the new one is inserted
         session.add(Checkpoint(job_id=self.job_id, step=step, scores=event.data.get("scores"), **built))
         job = session.get(Job, self.job_id)
         # The engine chose this checkpoint as the best so far (by its selection-set scores); once the
@@ -176,19 +191,23 @@ class DbReporter:
         # The engine keeps only the newest checkpoints (and the best): forget those it removed.
         for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
             if not Path(old.path).exists():
-                self._forget(session, old)
+                doomed.append((_file_columns(old), None))
+                session.delete(old)
         self._event(session, "checkpoint", event.message, "info", {**event.data, "files": built["files"]})
 
-    def _forget(self, session, checkpoint: Checkpoint, replaced_by: dict | None = None) -> None:
-        """Delete a checkpoint's row and its files; where `replaced_by` (the new row of the same step)
-        reuses their names, only the old archive, and only if its name differs."""
+    def _delete_files(self, checkpoint: dict, replaced_by: dict | None) -> None:
+        """Delete the files of a checkpoint whose row is gone (its `_file_columns`); where `replaced_by`
+        (the new row of the same step) reuses their names, only the old archive, if its name differs."""
         keys = []
-        if replaced_by is None or replaced_by["archive_path"] != checkpoint.archive_path:
-            Path(checkpoint.archive_path).unlink(missing_ok=True)
-            keys.append(f"archives/{Path(checkpoint.archive_path).name}")
+        if replaced_by is None or replaced_by["archive_path"] != checkpoint["archive_path"]:
+            Path(checkpoint["archive_path"]).unlink(missing_ok=True)
+            keys.append(f"archives/{Path(checkpoint['archive_path']).name}")
         if replaced_by is None:
-            keys += [f"checkpoints/{Path(checkpoint.path).name}/{f['name']}" for f in checkpoint.files]
-        if checkpoint.storage_url and self.store is not None:
-            self.store.delete(checkpoint.storage_url, keys)
-        session.delete(checkpoint)
-        session.flush()
+            keys += [f"checkpoints/{Path(checkpoint['path']).name}/{f['name']}" for f in checkpoint["files"]]
+        if checkpoint["storage_url"] and self.store is not None:
+            self.store.delete(checkpoint["storage_url"], keys)
+
+
+def _file_columns(checkpoint: Checkpoint) -> dict:
+    """What deleting a checkpoint's files needs, read while its row is still loaded."""
+    return {k: getattr(checkpoint, k) for k in ("path", "archive_path", "files", "storage_url")}

@@ -102,9 +102,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _roots_apart_from_own_files(self) -> Settings:
-        """A root that holds the service's own files (every user's uploads and checkpoints), or lies
-        inside them, would undo the isolation the roots exist for."""
-        own = [Path(os.path.realpath(p)) for p in (self.data_dir, self.resolved_artifacts_dir)]
+        """A root that holds the service's own files (every user's uploads, checkpoints and cached
+        teacher outputs), or lies inside them, would undo the isolation the roots exist for."""
+        from worker.engine.paths import cache_dir
+
+        own = [Path(os.path.realpath(p)) for p in (self.data_dir, self.resolved_artifacts_dir, cache_dir())]
         for root in self.model_roots + self.data_roots:
             real = Path(os.path.realpath(root))
             for folder in own:

@@ -66,6 +66,7 @@ def _model(ref: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | Non
         if resolved is None:
             return None, f"{ref!r} is not a model directory this service may read: {_where(roots.models, 'DISTILL_MODEL_ROOTS')}"
         return resolved, None
+    ref = ref.removeprefix("hub:")  # the explicit form of a hub id
     if looks_like_hub_id(ref):
         if not roots.allow_hub:
             return None, f"{ref!r}: this service does not download hub models (DISTILL_ALLOW_HUB_MODELS is off); use builtin:NAME or a model directory inside {_where(roots.models, 'DISTILL_MODEL_ROOTS')}"

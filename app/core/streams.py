@@ -37,7 +37,3 @@ def stream_slot(user_id: int, limit: int) -> Iterator[None]:
             _open[user_id] -= 1
             if not _open[user_id]:
                 del _open[user_id]
-
-
-def open_streams(user_id: int) -> int:
-    return _open[user_id]

@@ -645,6 +645,7 @@ def test_a_worker_whose_clock_is_two_minutes_slow_keeps_its_job(client, auth, da
     import app.job_status
     import app.models
     from app import job_status
+    from app.core.db import db_now
 
     job = new_job(client, auth, dataset)
     slow = lambda: datetime.now(timezone.utc) - timedelta(minutes=2)  # noqa: E731
@@ -653,6 +654,8 @@ def test_a_worker_whose_clock_is_two_minutes_slow_keeps_its_job(client, auth, da
     with db() as session:  # the slow worker claims the job and beats
         attempt = job_status.claim(session, job["id"], "slow-worker")
         assert job_status.heartbeat(session, job["id"], attempt)
+        beat = session.get(app.models.Job, job["id"], populate_existing=True).heartbeat_at
+        assert abs((db_now(session) - beat).total_seconds()) < 30  # the database's time, not the slow clock's
     monkeypatch.undo()
     with db() as session:  # a reaper with a correct clock and a one-minute lease
         assert job["id"] not in job_status.reap_stale(session, timedelta(minutes=1))

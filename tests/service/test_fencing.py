@@ -70,6 +70,7 @@ def test_a_stale_attempt_writes_and_deletes_nothing(client, auth, dataset, tmp_p
         rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
         assert [(c.step, c.archive_path.endswith("step-000003-attempt-2.tar")) for c in rows] == [(3, True)]
         assert session.get(Job, job_id).status == "running"
+    assert [p.name for p in (tmp_path / "archives").iterdir()] == ["step-000003-attempt-2.tar"]  # none of the stale one's
 
 
 def test_a_resumed_attempt_replaces_the_points_of_the_steps_it_runs_again(client, auth, dataset):
@@ -84,3 +85,26 @@ def test_a_resumed_attempt_replaces_the_points_of_the_steps_it_runs_again(client
     with session_factory()() as session:
         points = session.execute(select(Metric.step, Metric.value).where(Metric.job_id == job_id).order_by(Metric.step)).all()
     assert [tuple(p) for p in points] == [(1, 11.0), (2, 22.0), (3, 23.0)]
+
+
+def test_a_heartbeat_that_lands_while_the_reaper_waits_keeps_the_job(client, auth, dataset):
+    """The reaper picks silent jobs with one query and moves them with another: a heartbeat committed
+    in between means the worker is alive, and the job stays its."""
+    job_id = running_job(client, auth, dataset)
+    Session = session_factory()
+    with Session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=Job.heartbeat_at - timedelta(hours=1)))
+        session.commit()
+    worker = Session()
+    assert job_status.hold(worker, job_id, 1) == "running"  # the worker is writing: the reaper's update waits
+    requeued = []
+    reaper = threading.Thread(target=lambda: requeued.extend(job_status.reap_stale(Session(), timedelta(seconds=60))))
+    reaper.start()
+    time.sleep(1.0)
+    assert reaper.is_alive()
+    assert job_status.heartbeat(worker, job_id, 1)  # the worker's heartbeat commits (and frees the row)
+    reaper.join(timeout=30)
+    assert requeued == []
+    with Session() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts) == ("running", 1)

@@ -82,6 +82,8 @@ def test_the_engine_gets_resolved_paths_and_marked_hub_ids(tmp_path):
     assert problems == []
     assert (confined.teacher, confined.student.model) == ("hub:org/model", "builtin:tiny-student")
     assert (confined.data.train, confined.data.eval) == (str(real), "dataset:ds-1")
+    explicit, problems = confine(spec.model_copy(update={"teacher": "hub:org/model"}), roots, on_disk=True)
+    assert (explicit.teacher, problems) == ("hub:org/model", [])  # the explicit form is kept, not doubled
     # Without the disk (an API that does not share the roots) only the lexical form is checked.
     lexical, problems = confine(spec.model_copy(update={"data": spec.data.model_copy(update={"train": "/elsewhere/x"})}), roots, on_disk=False)
     assert [loc for loc, _ in problems] == [("data", "train")]
@@ -109,9 +111,11 @@ def test_roots_that_overlap_the_services_own_files_are_refused(tmp_path):
 def test_server_paths_are_shown_relative_to_the_job():
     settings = get_settings()
     job = settings.resolved_artifacts_dir / "jobs" / "job-1"
-    text = f"checkpoint step 3: {job}/checkpoints/step-000003; another job: {settings.resolved_artifacts_dir}/jobs/job-2"
+    text = (f"checkpoint step 3: {job}/checkpoints/step-000003; another job: {settings.resolved_artifacts_dir}/jobs/job-2; "
+            f"the job itself: {job}; a longer name: {settings.resolved_artifacts_dir}-old/x")
     assert hide_server_paths({"m": [text]}, settings, "job-1") == {
-        "m": ["checkpoint step 3: checkpoints/step-000003; another job: <artifacts>/jobs/job-2"]
+        "m": ["checkpoint step 3: checkpoints/step-000003; another job: <artifacts>/jobs/job-2; "
+              f"the job itself: .; a longer name: {settings.resolved_artifacts_dir}-old/x"]
     }
 
 

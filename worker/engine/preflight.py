@@ -8,7 +8,7 @@ first thing in a job (`models.check_compatible`), before anything is trained.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .corpus import check_corpus
 from .data import DataError, resolve_source
@@ -17,13 +17,16 @@ from .spec import DATA_FILES, JobSpec
 
 
 def preflight(
-    spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id: False, check_files: bool = True
+    spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id: False, check_files: bool = True,
+    skip: Collection[tuple] = (),
 ) -> list[tuple[tuple, str]]:
     """The spec's problems by field. Without `check_files`, model directories, data files and hub
-    ids are left to the machine that reads them (an API that does not see the workers' files)."""
+    ids are left to the machine that reads them (an API that does not see the workers' files).
+    Fields in `skip` are not looked at (a service refused them already, and must not even ask the
+    disk about them)."""
     problems: list[tuple[tuple, str]] = []
     for loc, ref in (("teacher",), spec.teacher), (("student", "model"), spec.student.model):
-        if ref is None or not (check_files or ref.startswith("builtin:")):
+        if ref is None or loc in skip or not (check_files or ref.startswith("builtin:")):
             continue
         try:
             check_reference(ref)
@@ -31,7 +34,7 @@ def preflight(
             problems.append((loc, str(err)))
     for key in DATA_FILES:
         source = getattr(spec.data, key)
-        if source is None:
+        if source is None or ("data", key) in skip:
             continue
         if source.startswith("dataset:"):
             if not dataset_exists(source.removeprefix("dataset:")):

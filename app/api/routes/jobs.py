@@ -96,8 +96,7 @@ def _accept(spec: JobSpec, session: Session, user: User, settings: Settings) -> 
         return dataset is not None and dataset.user_id == user.id
 
     confined, problems = confine(spec, Roots.of(settings), on_disk=settings.api_sees_worker_files)
-    refused = {loc for loc, _ in problems}
-    problems += [p for p in preflight(confined, dataset_exists, settings.api_sees_worker_files) if p[0] not in refused]
+    problems += preflight(confined, dataset_exists, settings.api_sees_worker_files, skip={loc for loc, _ in problems})
     problems += webhooks.spec_problems(spec.notify.webhook_url, user, settings)
     if problems:
         raise RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
