@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from conftest import WORK
 from helpers import Worker, job, submit, tiny_spec, training_process, wait_for
 from worker.engine.paths import PROJECT_ROOT
 
@@ -19,8 +20,10 @@ GRACE = 3  # DISTILL_CANCEL_GRACE_SECONDS of these workers: how long a job may t
 
 
 @pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
+def cache():
+    """A cache of its own for each test, beside the service's files: outside the path roots (pytest's
+    temporary folders), which may not overlap a cache of teacher outputs."""
+    return WORK / "caches" / uuid.uuid4().hex[:8]
 
 
 @pytest.fixture
