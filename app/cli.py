@@ -403,6 +403,9 @@ def worker(
     from app.reaper import reap_forever
 
     chosen = [q.strip() for q in queues.split(",") if q.strip()] or _worker_queues()
+    # Until Celery installs its own SIGTERM handler (a warm shutdown), a SIGTERM must still end this
+    # process through the `finally` below: the default action would leave its queues registered.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # The reaper thread also registers the queues this worker serves, and unregisters them once stopped.
     stop = threading.Event()
     reaper = threading.Thread(target=reap_forever, args=(stop, chosen), daemon=True, name="reaper")

@@ -147,9 +147,11 @@ def test_a_server_may_refuse_jobs_for_unserved_queues(client, auth, dataset, ref
 
 @pytest.mark.timeout(180)
 def test_a_real_worker_registers_its_queues_and_a_killed_one_ages_out(client, auth, dataset, tmp_path):
+    # Stopped the moment it registers: before Celery has even installed its own SIGTERM handler.
     stopped = Worker(tmp_path / "stopped.log", queues="gpu-5").start()
-    wait_for(lambda: "gpu-5" in served(), timeout=60, what="the worker to register gpu-5")
+    wait_for(lambda: "gpu-5" in served(), timeout=60, interval=0.02, what="the worker to register gpu-5")
     stopped.stop()
+    assert stopped.process.returncode == 0  # it ended by its own `finally`, not by the signal
     assert "gpu-5" not in served()  # a worker that stops says so at once
 
     killed = Worker(tmp_path / "killed.log", queues="gpu-5").start()
