@@ -703,6 +703,23 @@ def datasets(as_json: bool = JsonOption, url: str = UrlOption, token: str = Toke
     _emit(as_json, listed, "\n".join(rows))
 
 
+@cli.command()
+def webhook(
+    url: str | None = typer.Argument(None, help="Where your jobs report their end (a spec's notify.webhook_url overrides it)."),
+    clear: bool = typer.Option(False, "--clear", help="Remove your default webhook URL."),
+    new_secret: bool = typer.Option(False, "--new-secret", help="Make a new signing secret; the old one stops signing at once."),
+    as_json: bool = JsonOption,
+    url_: str = UrlOption,
+    token: str = TokenOption,
+) -> None:
+    """Set your default webhook URL; without URL, show it. Prints the signing secret when one is made
+    (the first time, or with --new-secret): the receiver checks each message with it."""
+    me = _client(url_, token).me
+    shown = me.set_webhook(None if clear else url or me.webhook().url, new_secret) if (url or clear or new_secret) else me.webhook()
+    text = f"webhook: {shown.url or '(none)'}" + (f"\nsigning secret (shown only now): {shown.secret}" if shown.secret else "")
+    _emit(as_json, shown, text)
+
+
 def main() -> None:
     cli()
 

@@ -29,7 +29,8 @@ import yaml
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from app.core.files import sha256_file
-from app.schemas import TERMINAL, CheckpointOut, DatasetOut, EvalOut, EvalSamplesOut, EventOut, JobOut, Page, error_body
+from app.schemas import (TERMINAL, CheckpointOut, DatasetOut, EvalOut, EvalSamplesOut, EventOut, JobOut, Page, WebhookOut,
+                         error_body)
 
 log = logging.getLogger(__name__)
 # What a proxy or load balancer answers while the API restarts or is overloaded: the API did not refuse.
@@ -82,8 +83,8 @@ def _say_retry(state: RetryCallState) -> None:
 
 
 class Client:
-    """The API at `url` with `token` (default: DISTILL_URL and DISTILL_TOKEN), as `jobs`, `datasets`
-    and `checkpoints`. A request that fails on the way (connection refused or broken, a timeout, a
+    """The API at `url` with `token` (default: DISTILL_URL and DISTILL_TOKEN), as `jobs`, `datasets`,
+    `checkpoints` and `me`. A request that fails on the way (connection refused or broken, a timeout, a
     502/503/504 from a proxy) is repeated with exponential backoff for up to `retry_seconds`, so a
     blip during an hours-long wait does not end it; an error the API itself answers raises ApiError
     at once. `http`: an already configured client (FastAPI's TestClient, say) instead of url and token."""
@@ -98,7 +99,7 @@ class Client:
             # Redirects: checkpoints kept in S3 are served from presigned URLs (httpx drops the token there).
             http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, follow_redirects=True)
         self.http, self.retry_seconds = http, retry_seconds
-        self.jobs, self.datasets, self.checkpoints = Jobs(self), Datasets(self), Checkpoints(self)
+        self.jobs, self.datasets, self.checkpoints, self.me = Jobs(self), Datasets(self), Checkpoints(self), Me(self)
 
     def __enter__(self) -> Client:
         return self
@@ -218,6 +219,23 @@ class Datasets:
 
     def list(self) -> list[DatasetOut]:
         return [DatasetOut.model_validate(d) for d in self._client.request("GET", "/datasets").json()]
+
+
+class Me:
+    """What the signed-in user manages: their default webhook."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def webhook(self) -> WebhookOut:
+        return WebhookOut.model_validate(self._client.request("GET", "/me/webhook").json())
+
+    def set_webhook(self, url: str | None, new_secret: bool = False) -> WebhookOut:
+        """Set (None: remove) the default webhook URL. The answer holds the signing secret when one
+        was made: the first time, or with `new_secret`. Repeated only if it never reached the server:
+        an answer lost on the way would take with it a secret that is not shown again."""
+        answer = self._client.request("PUT", "/me/webhook", repeatable=False, json={"url": url, "new_secret": new_secret})
+        return WebhookOut.model_validate(answer.json())
 
 
 class Checkpoints:

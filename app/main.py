@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import compile_path
 
 from app.api import errors
-from app.api.routes import datasets, health, jobs
+from app.api.routes import datasets, health, jobs, me
 from app.api.routes.health import REQUEST_SECONDS
 from app.core.body_limit import BodyLimit
 from app.reaper import reap_forever
@@ -69,6 +69,7 @@ app.openapi = openapi
 api = APIRouter(prefix="/api/v1")
 api.include_router(jobs.router)
 api.include_router(datasets.router)
+api.include_router(me.router)
 app.include_router(api)
 app.include_router(health.router)
 # A job spec is a few KB; 1 MiB bounds what is parsed in memory. Dataset uploads stream to disk

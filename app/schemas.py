@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.engine.spec import WebhookUrl
+
 if TYPE_CHECKING:
     from .models import Job
 
@@ -144,6 +146,17 @@ class SignedLink(BaseModel):
     expires: int = Field(description="When the link stops working, in seconds since the Unix epoch.")
 
 
+class WebhookIn(BaseModel):
+    url: WebhookUrl = Field(..., description="Where your jobs report their end; null removes it.")
+    new_secret: bool = Field(False, description="Make a new signing secret; the old one stops signing at once.")
+
+
+class WebhookOut(BaseModel):
+    url: str | None
+    has_secret: bool = Field(description="Whether messages can be signed: a job may name a webhook only then.")
+    secret: str | None = Field(None, description="The signing secret (`whsec_...`), only in the answer that made it.")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 
@@ -155,7 +168,8 @@ class Readiness(BaseModel):
 
 # The kind of an error that is not about one field, by status: stable words a program may branch on.
 ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-               409: "conflict", 413: "content_too_large", 429: "too_many_requests", 500: "internal_error"}  # fmt: skip
+               409: "conflict", 413: "content_too_large", 416: "range_not_satisfiable", 429: "too_many_requests",
+               500: "internal_error"}  # fmt: skip
 
 
 class ErrorDetail(BaseModel):

@@ -30,6 +30,7 @@ import json
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from datetime import timedelta
@@ -130,8 +131,8 @@ def spec_problems(notify_url: str | None, user: User, settings: Settings) -> lis
     loc = ("notify", "webhook_url")
     problems = [(loc, problem)] if (problem := url_problem(notify_url, settings)) else []
     if not user.webhook_secret:
-        problems.append((loc, f"user {user.name!r} has no webhook secret to sign messages with; an operator makes one "
-                              f"with `distill users webhook {user.name} --new-secret`"))  # fmt: skip
+        problems.append((loc, f"user {user.name!r} has no webhook secret to sign messages with; make one with "
+                              "`distill webhook --new-secret` (PUT /api/v1/me/webhook)"))  # fmt: skip
     return problems
 
 
@@ -216,7 +217,7 @@ def _deliver(Session, delivery_id: str, settings: Settings) -> bool:
         url, message = delivery.url, delivery.payload
     try:
         if not secret:
-            raise Refused("the user has no webhook secret (`distill users webhook NAME --new-secret` makes one)")
+            raise Refused("the user has no webhook secret (`distill webhook --new-secret` makes one)")
         for retrying in Retrying(stop=stop_after_attempt(TRIES), wait=wait_exponential(multiplier=0.5, max=4),
                                  retry=retry_if_exception_type(DeliveryError), reraise=True):  # fmt: skip
             with retrying:
@@ -257,6 +258,15 @@ def _send(url: str, message: dict, secret: str, settings: Settings) -> None:
         raise DeliveryError(f"no answer within {settings.webhook_timeout_seconds:g} s") from None
 
 
+def _tls(settings: Settings) -> ssl.SSLContext:
+    """What an https receiver's certificate is checked against: the public CAs (httpx's default,
+    certifi's), and the operator's own CAs where DISTILL_WEBHOOK_CA_FILE names them."""
+    context = httpx.create_ssl_context(trust_env=False)
+    if settings.webhook_ca_file:
+        context.load_verify_locations(cafile=settings.webhook_ca_file)
+    return context
+
+
 async def _post(url: str, message: dict, secret: str, settings: Settings) -> None:
     with anyio.fail_after(settings.webhook_timeout_seconds):
         target = httpx.URL(url)
@@ -272,7 +282,7 @@ async def _post(url: str, message: dict, secret: str, settings: Settings) -> Non
                                 extensions={"sni_hostname": target.host} if target.scheme == "https" else {})  # fmt: skip
         try:
             # trust_env off: no proxy from the environment, which would connect to the name instead.
-            async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as http:
+            async with httpx.AsyncClient(trust_env=False, follow_redirects=False, verify=_tls(settings)) as http:
                 response = await http.send(request, stream=True)  # the receiver's body is not read
                 await response.aclose()
         except httpx.HTTPError as err:

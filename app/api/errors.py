@@ -8,9 +8,10 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.utils import is_body_allowed_for_status_code
 from starlette.exceptions import HTTPException
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from app.schemas import ErrorOut, error_body, field_errors_body
 
@@ -43,6 +44,23 @@ async def server_error(_request: Request, _exc: Exception) -> JSONResponse:
     """A bug's 500, in the same shape. Starlette raises the exception on after this answer, so the
     server logs its traceback; the client never sees it."""
     return JSONResponse(error_body(500, "internal server error; the server's log has the cause"), status_code=500)
+
+
+class FileDownload(FileResponse):
+    """A FileResponse whose answers to a bad Range header are errors in the one shape (Starlette's own
+    are plain text). Starlette parses the header while it sends the response, still inside the
+    route's exception handling, and before anything is sent: an HTTPException raised here is answered
+    by http_error."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader as exc:
+            raise HTTPException(400, f"Range header {http_range[:100]!r}: {exc.content}") from None
+        except RangeNotSatisfiable as exc:
+            raise HTTPException(416, f"Range header {http_range[:100]!r}: the file has {exc.max_size} bytes",
+                                headers={"Content-Range": f"bytes */{exc.max_size}"}) from None  # fmt: skip
 
 
 def _json_safe(value):

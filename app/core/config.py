@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # A list of folders in one variable, separated as in PATH: DISTILL_DATA_ROOTS=/srv/data:/mnt/shared
@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(
         False, description="Whether webhooks may go to loopback, private, link-local and other non-public addresses. "
         "Off: a user of a shared service cannot make it post to hosts inside its network (SSRF).")
+    webhook_ca_file: FilePath | None = Field(
+        None, description="PEM file of certificate authorities that webhook receivers' certificates may also be signed by, "
+        "beside the public ones: for receivers inside a network with its own CA.")
     webhook_timeout_seconds: float = Field(10.0, gt=0, description="How long one webhook request may take.")
     webhook_retry_seconds: float = Field(
         30.0, gt=0, description="Wait before a webhook's second round of attempts; it doubles each round, up to an hour.")

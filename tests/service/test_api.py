@@ -119,6 +119,8 @@ PROTECTED = [
     ("POST", f"{JOBS}/job-0000000000000000/checkpoints/best/files/config.json/link"),
     ("GET", DATASETS),
     ("POST", f"{DATASETS}?name=x.jsonl"),
+    ("GET", "/api/v1/me/webhook"),
+    ("PUT", "/api/v1/me/webhook"),
 ]
 
 

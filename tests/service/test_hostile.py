@@ -171,6 +171,13 @@ CASES = [
             words="no file 'secret.key'"),
     Hostile("NUL in a file name", "GET", f"{JOBS}/<mine>/checkpoints/3/files/config.json%00", 404,
             words="no file 'config.json\\x00'"),
+    # -- Range headers on downloads
+    Hostile("a Range in lines, not bytes", "GET", f"{JOBS}/<mine>/checkpoints/latest/archive", 400, words="Range header",
+            headers={"Range": "lines=0-9"}),
+    Hostile("a Range without a unit", "GET", f"{JOBS}/<mine>/checkpoints/3/files/config.json", 400,
+            words="Range header", headers={"Range": "0-9"}),
+    Hostile("a Range past the file's end", "GET", f"{JOBS}/<mine>/checkpoints/3/files/config.json", 416,
+            words="the file has", headers={"Range": f"bytes={2**40}-"}),
     # -- signed links: bound to their path and time, and only to their own signature
     Hostile("a non-ASCII signature", "GET", "<archive_link>é", 403, words="invalid or has expired", token=False),
     Hostile("a signature of another path", "GET", "<archive_link_on_file>", 403, words="invalid or has expired",
@@ -199,6 +206,17 @@ CASES = [
     Hostile("a token of Latin-1 bytes", "GET", JOBS, 401, words="bearer token", token=False,
             headers={"Authorization": b"Bearer \xe9\xff"}),
     Hostile("no token for a spec", "POST", JOBS, 401, words="bearer token", token=False, json=spec()),
+    # -- a user's own webhook
+    Hostile("a javascript: webhook", "PUT", "/api/v1/me/webhook", 422, ("body", "url"), "http",
+            json={"url": "javascript:alert(1)"}),
+    Hostile("a webhook of 5,000 characters", "PUT", "/api/v1/me/webhook", 422, ("body", "url"), "2000",
+            json={"url": "https://example.com/" + "a" * 5000}),
+    Hostile("a webhook on the metadata service", "PUT", "/api/v1/me/webhook", 422, ("body", "url"), "not a public address",
+            json={"url": "http://169.254.169.254/latest/meta-data"}, settings={"webhook_allow_private": False}),
+    Hostile("new_secret as words", "PUT", "/api/v1/me/webhook", 422, ("body", "new_secret"), "boolean",
+            json={"url": None, "new_secret": "yes please"}),
+    Hostile("no token for a webhook", "PUT", "/api/v1/me/webhook", 401, words="bearer token", token=False,
+            json={"url": None}),
     # -- server paths outside the operator's roots (tests/service/test_path_roots.py has the rest)
     Hostile("data.train is the server's /etc/passwd", "POST", JOBS, 422, ("body", "data", "train"), "may read",
             json=spec(data={"train": "/etc/passwd"})),

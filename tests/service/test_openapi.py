@@ -30,6 +30,8 @@ OPERATION_IDS = {
     "POST /api/v1/jobs/{job_id}/checkpoints/{step}/files/{name}/link": "jobs_file_link",
     "POST /api/v1/datasets": "datasets_upload",
     "GET /api/v1/datasets": "datasets_list",
+    "GET /api/v1/me/webhook": "me_webhook",
+    "PUT /api/v1/me/webhook": "me_set_webhook",
     "GET /healthz": "health_healthz",
     "GET /readyz": "health_readyz",
 }

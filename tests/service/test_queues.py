@@ -191,3 +191,28 @@ def test_the_command_line_shows_a_queued_jobs_place_and_what_it_waits_for(server
     assert "queued on gpu-4: 1 job(s) ahead\nwarning: no worker serves queue gpu-4" in status.stderr
     cancel(client, auth, ahead, job_id)
     assert "queued on" not in distill("status", job_id).stderr  # nothing to say once it has left the queue
+
+
+def test_the_queue_positions_of_a_listing_take_one_query(client, auth, dataset):
+    from sqlalchemy import event
+
+    from app import crud
+    from app.core.db import get_engine, session_factory
+    from app.models import Job
+
+    job_ids = [gpu_job(client, auth, dataset, 9) for _ in range(4)]
+    statements = []
+
+    def record(_connection, _cursor, statement, *_args):
+        statements.append(statement)
+
+    with session_factory()() as session:
+        jobs = [session.get(Job, job_id) for job_id in job_ids]
+        event.listen(get_engine(), "before_cursor_execute", record)
+        try:
+            ahead = crud.jobs_ahead(session, jobs)
+        finally:
+            event.remove(get_engine(), "before_cursor_execute", record)
+    assert ahead == {job_id: place for place, job_id in enumerate(job_ids)}
+    assert len(statements) == 1, statements
+    cancel(client, auth, *job_ids)

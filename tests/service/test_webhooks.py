@@ -5,6 +5,7 @@ is down for a while, and several reapers sending at once."""
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anyio
 import pytest
+import trustme
 from huggingface_hub import ModelCard
 from sqlalchemy import select, update
 
@@ -40,14 +42,18 @@ def readme_verify():
 class Receiver:
     """An HTTP server in a thread that records every request; the first `fail_first` answer 500."""
 
-    def __init__(self, port: int | None = None, fail_first: int = 0, delay: float = 0.0):
-        self.port, self.fail_first, self.delay = port or free_port(), fail_first, delay
+    def __init__(self, port: int | None = None, fail_first: int = 0, delay: float = 0.0, tls: ssl.SSLContext | None = None):
+        """`tls`: serve https with this server context (its certificate), on `https_url(host)`."""
+        self.port, self.fail_first, self.delay, self.tls = port or free_port(), fail_first, delay, tls
         self.requests: list[dict] = []  # {path, headers, body, status}
         self.lock, self.server = threading.Lock(), None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hooks/distill"
+
+    def https_url(self, host: str) -> str:
+        return f"https://{host}:{self.port}/hooks/distill"
 
     def accepted(self) -> list[dict]:
         with self.lock:
@@ -71,6 +77,8 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -286,6 +294,108 @@ def test_a_spec_webhook_needs_a_secret_to_sign_with(client, dataset):
         (["body", "notify", "webhook_url"], True)]  # fmt: skip
     bad = client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": "ftp://example.com/h"}), headers=auth)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-2:] == ["notify", "webhook_url"]
+
+
+def test_users_set_their_own_webhook_and_its_secret_through_the_api(client, dataset, receiver):
+    auth, other = make_user(), make_user()
+    hook = "/api/v1/me/webhook"
+    assert client.get(hook, headers=auth).json() == {"url": None, "has_secret": False, "secret": None}
+    refused = client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": receiver.url}), headers=auth)
+    assert "`distill webhook --new-secret`" in refused.json()["detail"][0]["msg"]
+
+    bad = client.put(hook, json={"url": "ftp://example.com/h"}, headers=auth)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "url"]
+    assert client.get(hook, headers=auth).json()["has_secret"] is False  # nothing stored
+
+    made = client.put(hook, json={"url": receiver.url}, headers=auth).json()
+    assert made["url"] == receiver.url and made["has_secret"] and made["secret"].startswith("whsec_")
+    assert client.get(hook, headers=auth).json() == {"url": receiver.url, "has_secret": True, "secret": None}  # never shown again
+    assert client.put(hook, json={"url": receiver.url}, headers=auth).json()["secret"] is None  # kept, not made again
+    assert client.get(hook, headers=other).json()["url"] is None  # each user's own
+    assert client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": receiver.url}),
+                       headers=auth).status_code == 200  # fmt: skip
+
+    first = end_job(client, auth, dataset)
+    one_message(receiver, first, made["secret"])
+    rotated = client.put(hook, json={"url": receiver.url, "new_secret": True}, headers=auth).json()["secret"]
+    assert rotated.startswith("whsec_") and rotated != made["secret"]
+    second = end_job(client, auth, dataset)
+    one_message(receiver, second, rotated)
+
+    cleared = client.put(hook, json={"url": None}, headers=auth).json()
+    assert cleared == {"url": None, "has_secret": True, "secret": None}
+    third = end_job(client, auth, dataset)
+    time.sleep(3 * get_settings().heartbeat_seconds)
+    assert delivery(third) is None and not messages_for(receiver, third)  # no webhook: nothing staged or sent
+
+
+def test_a_user_may_not_point_their_webhook_inside_the_servers_network(client):
+    auth = make_user()
+    strict = get_settings().model_copy(update={"webhook_allow_private": False})
+    client.app.dependency_overrides[get_settings] = lambda: strict
+    try:
+        response = client.put("/api/v1/me/webhook", json={"url": "http://10.0.0.7/hook"}, headers=auth)
+    finally:
+        del client.app.dependency_overrides[get_settings]
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "url"] and "not a public address" in error["msg"]
+    assert client.get("/api/v1/me/webhook", headers=auth).json()["url"] is None
+
+
+def test_the_command_line_sets_the_users_own_webhook(server, client, receiver):
+    auth = make_user()
+    token = auth["Authorization"].removeprefix("Bearer ")
+
+    def distill(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "webhook", *args, "--json", "--url", server, "--token", token],
+                              capture_output=True, text=True, env=os.environ.copy(), timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    made = distill(receiver.url)
+    assert made["url"] == receiver.url and made["secret"].startswith("whsec_")
+    assert distill() == {"url": receiver.url, "has_secret": True, "secret": None}
+    rotated = distill("--new-secret")  # the URL stays
+    assert rotated["url"] == receiver.url and rotated["secret"] not in (None, made["secret"])
+    assert distill("--clear")["url"] is None
+    assert client.get("/api/v1/me/webhook", headers=auth).json() == {"url": None, "has_secret": True, "secret": None}
+
+
+def test_an_https_receiver_is_checked_against_the_urls_host_and_the_operators_ca(tmp_path):
+    """The message goes to the address the name resolved to, yet TLS checks the certificate against
+    the URL's host name; certificates of an operator's own CA pass only with DISTILL_WEBHOOK_CA_FILE."""
+    ca = trustme.CA()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_side)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trusting = get_settings().model_copy(update={"webhook_ca_file": tmp_path / "ca.pem"})
+    message = {"id": "whd-tls", "type": "job.succeeded", "job": {"id": "job-tls"}}
+    receiver = Receiver(tls=server_side).start()
+    try:
+        webhooks._send(receiver.https_url("localhost"), message, "whsec_tls", trusting)
+        [request] = receiver.accepted()
+        assert json.loads(request["body"]) == message and request["headers"]["Host"] == f"localhost:{receiver.port}"
+        assert readme_verify()("whsec_tls", request["headers"]["X-Distill-Signature"], request["body"])
+
+        # The same certificate named by address: it is not the name the certificate holds.
+        with pytest.raises(webhooks.DeliveryError, match="CERTIFICATE_VERIFY_FAILED.*IP address mismatch"):
+            webhooks._send(receiver.https_url("127.0.0.1"), message, "whsec_tls", trusting)
+        # Without the operator's CA, only public CAs are trusted.
+        with pytest.raises(webhooks.DeliveryError, match="CERTIFICATE_VERIFY_FAILED.*unable to get local issuer"):
+            webhooks._send(receiver.https_url("localhost"), message, "whsec_tls", get_settings())
+        assert len(receiver.requests) == 1  # a refused certificate: nothing was sent
+    finally:
+        receiver.stop()
+
+
+def test_a_webhook_ca_file_that_is_not_there_is_a_settings_error_naming_it(tmp_path):
+    from pydantic import ValidationError
+
+    from app.core.config import Settings
+
+    with pytest.raises(ValidationError, match="webhook_ca_file"):
+        Settings(webhook_ca_file=tmp_path / "missing.pem")
 
 
 def test_a_receiver_that_answers_too_slowly_is_a_failed_try_bounded_in_time():

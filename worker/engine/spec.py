@@ -259,10 +259,14 @@ def _webhook_url(value: str | None) -> str | None:
     return value
 
 
+# A webhook URL as specs and the API take it (app/schemas.py WebhookIn).
+WebhookUrl = Annotated[Annotated[str, Field(max_length=2000)] | None, AfterValidator(_webhook_url)]
+
+
 class NotifySpec(_Section):
-    webhook_url: Annotated[str | None, AfterValidator(_webhook_url)] = Field(
-        None, max_length=2000, description="POST a signed JSON message here when the job ends (succeeded, failed or "
-        "cancelled). Empty: the user's default webhook, if they have one (`distill users webhook`)."
+    webhook_url: WebhookUrl = Field(
+        None, description="POST a signed JSON message here when the job ends (succeeded, failed or "
+        "cancelled). Empty: the user's default webhook, if they have one (`distill webhook`)."
     )
 
 

@@ -10,13 +10,13 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.orm import Session
 
 from app import crud, job_status, webhooks, worker_registry
 from app.api.deps import NO_NUL, CurrentUser, DownloadableJob, OwnedJob, SessionDep, SettingsDep, StreamSlot
-from app.api.errors import errors
+from app.api.errors import FileDownload, errors
 from app.api.release import ReleasingRoute
 from app.core.broker import queue_for
 from app.core.config import Settings
@@ -39,7 +39,7 @@ ON_A_JOB = (401, 404, 422)
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 DOWNLOAD = {206: {"description": "The byte range the request's Range asked for."},
             307: {"description": "With S3 storage: a redirect to a presigned URL that serves the same bytes."},
-            **errors(401, 403, 404, 422)}  # fmt: skip
+            **errors(400, 401, 403, 404, 416, 422)}  # fmt: skip
 
 
 # 400: a body that cannot be read at all (not UTF-8), which FastAPI refuses before it parses the spec.
@@ -289,7 +289,7 @@ def _checkpoint(session, job: Job, step: str) -> Checkpoint:
     return found
 
 
-@router.get("/{job_id}/checkpoints/{step}/archive", response_class=FileResponse,
+@router.get("/{job_id}/checkpoints/{step}/archive", response_class=FileDownload,
             responses={200: {"content": {"application/x-tar": BINARY}}, **DOWNLOAD})  # fmt: skip
 def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
     """The checkpoint's Hugging Face directory as an uncompressed tar. Content-Length, ETag and Range
@@ -301,11 +301,11 @@ def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
     if c.storage_url and store is not None:
         url = store.download_url(c.storage_url, f"archives/{Path(c.archive_path).name}", filename)
         return RedirectResponse(url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": c.archive_sha256})
-    return FileResponse(_on_disk(c.archive_path, c), media_type="application/x-tar", filename=filename,
+    return FileDownload(_on_disk(c.archive_path, c), media_type="application/x-tar", filename=filename,
                         headers={"X-Checksum-SHA256": c.archive_sha256})  # fmt: skip
 
 
-@router.get("/{job_id}/checkpoints/{step}/files/{name}", response_class=FileResponse,
+@router.get("/{job_id}/checkpoints/{step}/files/{name}", response_class=FileDownload,
             responses={200: {"content": {"application/octet-stream": BINARY}}, **DOWNLOAD})  # fmt: skip
 def checkpoint_file(job: DownloadableJob, step: str, name: str, session: SessionDep) -> Response:
     c = _checkpoint(session, job, step)
@@ -316,7 +316,7 @@ def checkpoint_file(job: DownloadableJob, step: str, name: str, session: Session
     if c.storage_url and store is not None:
         url = store.download_url(c.storage_url, f"checkpoints/{Path(c.path).name}/{name}", name)
         return RedirectResponse(url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": entry["sha256"]})
-    return FileResponse(_on_disk(Path(c.path) / name, c), filename=name, headers={"X-Checksum-SHA256": entry["sha256"]})
+    return FileDownload(_on_disk(Path(c.path) / name, c), filename=name, headers={"X-Checksum-SHA256": entry["sha256"]})
 
 
 def _on_disk(path: str | Path, c: Checkpoint) -> Path:
