@@ -715,7 +715,10 @@ def webhook(
     """Set your default webhook URL; without URL, show it. Prints the signing secret when one is made
     (the first time, or with --new-secret): the receiver checks each message with it."""
     me = _client(url_, token).me
-    shown = me.set_webhook(None if clear else url or me.webhook().url, new_secret) if (url or clear or new_secret) else me.webhook()
+    if url or clear or new_secret:
+        shown = me.set_webhook(None if clear else url or me.webhook().url, new_secret)  # --new-secret alone keeps the URL
+    else:
+        shown = me.webhook()
     text = f"webhook: {shown.url or '(none)'}" + (f"\nsigning secret (shown only now): {shown.secret}" if shown.secret else "")
     _emit(as_json, shown, text)
 
