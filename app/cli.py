@@ -139,6 +139,8 @@ UrlOption = typer.Option(None, "--url", envvar="DISTILL_URL", help="API address 
 TokenOption = typer.Option(None, "--token", envvar="DISTILL_TOKEN", help="API token (default: the local user's).")
 JsonOption = typer.Option(False, "--json", is_eager=True, callback=_errors_as_json,
                           help="Print one JSON document on stdout (an error: one on stderr).")  # fmt: skip
+ClearWebhookOption = typer.Option(False, "--clear", help="Remove the default webhook URL.")
+NewSecretOption = typer.Option(False, "--new-secret", help="Make a new signing secret; the old one stops signing at once.")
 SetOption = typer.Option([], "--set", metavar="PATH=VALUE",
                          help="Set a spec field, e.g. --set training.steps=200 (repeatable; VALUE is read as YAML).")  # fmt: skip
 
@@ -308,12 +310,17 @@ def users_revoke(token_id: int, as_json: bool = JsonOption) -> None:
     _emit(as_json, {"revoked": token_id}, f"revoked token {token_id}")
 
 
+def _webhook_text(url: str | None, secret: str | None) -> str:
+    """A default webhook as `distill webhook` and `distill users webhook` print it; the secret only when just made."""
+    return f"webhook: {url or '(none)'}" + (f"\nsigning secret (shown only now): {secret}" if secret else "")
+
+
 @users.command("webhook")
 def users_webhook(
     name: str,
     url: str | None = typer.Argument(None, help="Where the user's jobs report their end (a spec's notify.webhook_url overrides it)."),
-    clear: bool = typer.Option(False, "--clear", help="Remove the user's default webhook URL."),
-    new_secret: bool = typer.Option(False, "--new-secret", help="Make a new signing secret; the old one stops signing at once."),
+    clear: bool = ClearWebhookOption,
+    new_secret: bool = NewSecretOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Set a user's default webhook URL; without URL, show it. Prints the signing secret when one is
@@ -338,8 +345,7 @@ def users_webhook(
             raise Failure(f"no user {name!r}", ExitCode.NOT_FOUND)
         secret = webhooks.set_user_webhook(session, user, url, clear=clear, rotate=new_secret) if (url or clear or new_secret) else None
         shown = {"name": name, "webhook_url": user.webhook_url, **({"secret": secret} if secret else {})}
-    text = f"webhook: {shown['webhook_url'] or '(none)'}" + (f"\nsigning secret (shown only now): {secret}" if secret else "")
-    _emit(as_json, shown, text)
+    _emit(as_json, shown, _webhook_text(user.webhook_url, secret))
 
 
 @keys.command("rotate")
@@ -706,8 +712,8 @@ def datasets(as_json: bool = JsonOption, url: str = UrlOption, token: str = Toke
 @cli.command()
 def webhook(
     url: str | None = typer.Argument(None, help="Where your jobs report their end (a spec's notify.webhook_url overrides it)."),
-    clear: bool = typer.Option(False, "--clear", help="Remove your default webhook URL."),
-    new_secret: bool = typer.Option(False, "--new-secret", help="Make a new signing secret; the old one stops signing at once."),
+    clear: bool = ClearWebhookOption,
+    new_secret: bool = NewSecretOption,
     as_json: bool = JsonOption,
     url_: str = UrlOption,
     token: str = TokenOption,
@@ -719,8 +725,7 @@ def webhook(
         shown = me.set_webhook(None if clear else url or me.webhook().url, new_secret)  # --new-secret alone keeps the URL
     else:
         shown = me.webhook()
-    text = f"webhook: {shown.url or '(none)'}" + (f"\nsigning secret (shown only now): {shown.secret}" if shown.secret else "")
-    _emit(as_json, shown, text)
+    _emit(as_json, shown, _webhook_text(shown.url, shown.secret))
 
 
 def main() -> None:

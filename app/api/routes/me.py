@@ -29,4 +29,4 @@ def set_webhook(change: WebhookIn, user: CurrentUser, session: SessionDep, setti
     if change.url is not None and (problem := webhooks.url_problem(change.url, settings)):
         raise RequestValidationError([{"loc": ("body", "url"), "msg": problem, "type": "value_error", "input": change.url}])
     secret = webhooks.set_user_webhook(session, user, change.url, clear=change.url is None, rotate=change.new_secret)
-    return WebhookOut(url=user.webhook_url, has_secret=True, secret=secret)
+    return WebhookOut(url=user.webhook_url, has_secret=bool(user.webhook_secret), secret=secret)
