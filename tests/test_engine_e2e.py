@@ -9,7 +9,9 @@ import sys
 
 import pytest
 import torch
+import transformers.modeling_utils
 import yaml
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import read_events, tiny_spec
@@ -17,6 +19,7 @@ from worker.engine import checkpoints as ckpt
 from worker.engine import trainer as trainer_module
 from worker.engine.data import read_records
 from worker.engine.events import Event, JsonlReporter
+from worker.engine.paths import cache_dir
 from worker.engine.spec import parse_spec
 from worker.engine.trainer import Cancelled, train
 
@@ -146,7 +149,7 @@ def test_minillm_lm_term_trains_on_data_pretrain(tmp_path, dataset, source):
     said = [e["message"] for e in events if e["message"].startswith("minillm: LM term")]
     assert len(said) == 1 and re.fullmatch(
         rf"minillm: LM term: next-token loss on data\.pretrain \({re.escape(source)}: \d+ chunks of 16 tokens\), "
-        r"weight minillm\.lm_coef 1", said[0]), said  # fmt: skip
+        r"weight minillm\.lm_coef 1; teacher logits kept for each phase \(\d+\.\d\d GB per process\)", said[0]), said  # fmt: skip
     assert events.index(next(e for e in events if e["message"] == said[0])) < events.index(
         next(e for e in events if e["type"] == "metrics"))  # said at the start
     assert all(m["lm_loss"] > 0 for m in metrics_by_step(out).values())
@@ -181,6 +184,29 @@ def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dataset):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["kd", "minillm"])
+def test_gradient_checkpointing_recomputes_every_student_layer_and_trains_alike(tmp_path, dataset, monkeypatch, method):
+    """training.gradient_checkpointing: each training forward checkpoints both decoder layers of the student
+    (their activations are recomputed in the backward), and the job trains to the same losses as without."""
+    checkpointed = []
+
+    def counting(function, *args, **kwargs):  # function: partial(forward, layer, ...)
+        checkpointed.append(function.args[0])
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+    settings = dict(method=method, eval={"every_steps": 0, "seeds": [10]}, checkpoints={"every_steps": 0})
+    plain, _ = run(tmp_path, tiny_spec(dataset, training={"steps": 3}, **settings), "plain")
+    assert checkpointed == []
+    spec = tiny_spec(dataset, training={"steps": 3, "gradient_checkpointing": True}, **settings)
+    recomputed, _ = run(tmp_path, spec, "recomputed")
+    # KD: 3 steps × 2 layers. MiniLLM: the same, in its updates, which run the student without dropout (eval mode).
+    assert len(checkpointed) == 3 * 2 and len({id(layer) for layer in checkpointed}) == 2
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in checkpointed)
+    expected, got = metrics_by_step(plain), metrics_by_step(recomputed)
+    assert [got[s]["loss"] for s in (1, 2, 3)] == pytest.approx([expected[s]["loss"] for s in (1, 2, 3)], rel=1e-6)
+
+
 def test_checkpoint_retention_keeps_latest_and_best(tmp_path, dataset):
     out, _ = run(tmp_path, tiny_spec(dataset, checkpoints={"every_steps": 1, "keep": 2}))
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
@@ -198,17 +224,25 @@ def test_cancel_stops_at_next_step_and_keeps_checkpoints(tmp_path, dataset):
     assert (out / "checkpoints" / "step-000003" / "config.json").exists()
 
 
-def test_two_processes_under_the_deepspeed_launcher(tmp_path, dataset):
-    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 4},
-                     eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
-    path = tmp_path / "spec.yaml"
+def train_from_the_cli(tmp_path, spec, name, **env):
+    """`distill train` in a fresh process (with resources.devices 2, under the DeepSpeed launcher); its output directory.
+    `env`: variables to set."""
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    out = tmp_path / "two"
+    out = tmp_path / name
     # A fresh shell's environment: the in-process runs above set this process's rank variables.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+           **env}  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "app.cli", "train", str(path), "-o", str(out)],
                             capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_two_processes_under_the_deepspeed_launcher(tmp_path, dataset):
+    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 4},
+                     eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+    out = train_from_the_cli(tmp_path, spec, "two")
     events = read_events(out)
     assert any("2 process(es)" in e["message"] for e in events)
     assert events[-1]["data"]["state"] == "succeeded"
@@ -217,6 +251,51 @@ def test_two_processes_under_the_deepspeed_launcher(tmp_path, dataset):
     tests = [e["data"] for e in events if e["type"] == "eval" and e["data"]["set"] == "test"]
     assert len(tests) == 4 and all([s["prompt"] for s in e["samples"]] == first for e in tests)
     assert_loads_and_generates(out / "checkpoints" / "step-000004")
+
+
+def test_a_teacher_sharded_over_two_processes_trains_as_a_whole_one(tmp_path, dataset):
+    """MiniLLM on 2 processes, its teacher whole or split between them (deepspeed.shard_teacher): each
+    process holds half the teacher, and the losses are those of the whole teacher, step by step.
+
+    Every collective run of the teacher is on the way: teacher-mixed sampling over two phases and the
+    scoring of the rollouts, the free text of the LM term and the teacher's test-set scores (each run
+    has a cache of its own, so both compute them), and the KLs of the evaluations.
+
+    Against the same ZeRO-3 student with a whole teacher, only the teacher differs: measured, the
+    runs agree to the bit (the gathered weights are the very ones), and the tolerance, 1e-6
+    relative, leaves room for float32 rounding in another order and none for a teacher computed
+    wrongly. Against a ZeRO-0 student with a whole teacher, the job as one would run it without
+    sharding, the first phase (steps 1 and 2) agrees to 1e-5 relative (measured: 2e-7). The second
+    phase is sampled from students whose weights differ in the last bits (ZeRO-3 and ZeRO-0 reduce
+    gradients in another order), so its rollouts may differ by a token: it is not compared.
+    """
+    base = dict(resources={"devices": 2}, training={"steps": 3}, data={"pretrain": "builtin:teacher-text",
+                "teacher_text_documents": 2}, minillm={"lm_chunk_tokens": 16}, eval={"every_steps": 0, "seeds": [10]},
+                checkpoints={"every_steps": 0})  # fmt: skip
+    runs = {}
+    for name, deepspeed in (("zero0", {"zero_stage": 0}), ("whole", {"zero_stage": 3}),
+                            ("sharded", {"zero_stage": 3, "shard_teacher": True})):  # fmt: skip
+        cache = tmp_path / f"cache-{name}"  # the models and compiled ops are shared; the teacher's outputs are not
+        cache.mkdir()
+        (cache_dir() / "models").mkdir(exist_ok=True)
+        (cache / "models").symlink_to(cache_dir() / "models")
+        runs[name] = train_from_the_cli(tmp_path, tiny_spec(dataset, **base, deepspeed=deepspeed), name,
+                                        DISTILL_CACHE_DIR=str(cache), TORCH_EXTENSIONS_DIR=str(cache_dir() / "torch_extensions"))  # fmt: skip
+    zero0, whole, sharded = (metrics_by_step(runs[name]) for name in ("zero0", "whole", "sharded"))
+    assert sorted(whole) == sorted(sharded) == sorted(zero0) == [1, 2, 3]  # two phases of rollouts
+    names = ("loss", "pg_loss", "reverse_kl", "lm_loss", "reward")
+    for step in whole:
+        for name in names:
+            assert sharded[step][name] == pytest.approx(whole[step][name], rel=1e-6, abs=1e-7), (step, name)
+    for step in (1, 2):
+        for name in names:
+            assert sharded[step][name] == pytest.approx(zero0[step][name], rel=1e-5, abs=1e-7), (step, name)
+    said = [e["message"] for e in read_events(runs["sharded"]) if e["message"].startswith("teacher sharded")]
+    held = re.fullmatch(r"teacher sharded over 2 processes \(ZeRO-3\): rank 0 holds (\d+) of (\d+) parameters, "
+                        r"rank 1 holds (\d+)", said[0])  # fmt: skip
+    first, total, second = map(int, held.groups())
+    assert first == pytest.approx(total / 2, rel=0.1) and second == pytest.approx(total / 2, rel=0.1), said
+    assert not any(e["message"].startswith("teacher sharded") for e in read_events(runs["whole"]))
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ not a full forward), reads the teacher once a phase, and takes the update's voca
 from one chunked autograd Function. Here the plain step is written out again, from the pure
 functions and full forwards, and everything the stage computed must agree with it: the teacher's
 logits, the log-probs, weights, rewards and advantages of the rollouts, and the update's loss and
-gradients.
+gradients. Where the teacher's logits are recomputed per update instead of kept for the phase
+(minillm.teacher_logits), the step must agree with the kept one; a resume state leaves the kept ones
+out, and they must come back bit for bit.
 """
 
 from __future__ import annotations
@@ -33,19 +35,27 @@ from worker.engine.losses import (
 from worker.engine.spec import parse_spec
 from worker.engine.stages import METHODS
 from worker.engine.stages.base import Context, Schedule, Stopwatch, TrainingData
-from worker.engine.stages.minillm import MiniLLMStage
+from worker.engine.stages.minillm import MiniLLMStage, keeps_teacher_logits
 
 V, EOS, PAD = 48, 2, 0
 
 
 class Engine:
-    """The part of a DeepSpeedEngine that collect() and a forward use."""
+    """The part of a DeepSpeedEngine that a MiniLLM step uses; `step` keeps the gradients instead of
+    applying them, so that two steps can be compared."""
 
     def __init__(self, module: torch.nn.Module):
-        self.module = module
+        self.module, self.grads = module, []
 
     def __call__(self, **inputs):
         return self.module(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.grads.append([p.grad.clone() for p in self.module.parameters()])
+        self.module.zero_grad()
 
 
 def tiny(seed: int, layers: int) -> LlamaForCausalLM:
@@ -58,13 +68,13 @@ def tiny(seed: int, layers: int) -> LlamaForCausalLM:
     return model
 
 
-def collected(alpha: float, temperature: float) -> MiniLLMStage:
+def collected(alpha: float, temperature: float, teacher_logits: str = "keep") -> MiniLLMStage:
     spec = parse_spec({
         "student": {"model": "toy"},
         "data": {"max_response_tokens": 10},
         "training": {"batch_size": 4, "seed": 3},
         "minillm": {"rollouts_per_phase": 8, "rollout_batch_size": 4, "ppo_epochs": 1,
-                    "teacher_mix_alpha": alpha, "temperature": temperature},
+                    "teacher_mix_alpha": alpha, "temperature": temperature, "teacher_logits": teacher_logits},
     })  # fmt: skip
     student, teacher = tiny(1, 1), tiny(2, 2).requires_grad_(False)
     tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
@@ -76,9 +86,10 @@ def collected(alpha: float, temperature: float) -> MiniLLMStage:
     return stage
 
 
+@pytest.mark.parametrize("teacher_logits", ["keep", "recompute"])
 @pytest.mark.parametrize("alpha, temperature", [(0.2, 1.0), (0.5, 0.8), (0.0, 1.0)])
-def test_rollout_statistics_equal_the_plain_full_forward_scoring(alpha, temperature):
-    stage = collected(alpha, temperature)
+def test_rollout_statistics_equal_the_plain_full_forward_scoring(alpha, temperature, teacher_logits):
+    stage = collected(alpha, temperature, teacher_logits)
     ro, cfg, ctx = stage.rollouts, stage.cfg, stage.ctx
     batch, mask = ro.batch, ro.batch.response_mask.float()
     valid = mask.bool()
@@ -88,7 +99,10 @@ def test_rollout_statistics_equal_the_plain_full_forward_scoring(alpha, temperat
         s_logits = response_logits(ctx.engine.module, batch, V)
         t_logits = response_logits(ctx.teacher, batch, V)
     # Kept from decoding (with mixing) or from the one full forward (without): the teacher's logits.
-    torch.testing.assert_close(ro.teacher_logits[valid], t_logits[valid], atol=2e-5, rtol=1e-5)
+    if teacher_logits == "keep":
+        torch.testing.assert_close(ro.teacher_logits[valid], t_logits[valid], atol=2e-5, rtol=1e-5)
+    else:
+        assert ro.teacher_logits is None
 
     def logp(logits, t=1.0):
         return torch.log_softmax(logits / t, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
@@ -139,3 +153,43 @@ def test_update_loss_and_gradients_equal_the_plain_step(alpha, temperature, sing
     assert max(float(g.abs().max()) for g in grads_ref) > 1e-3
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.2, 1.0), (0.5, 0.8), (0.0, 1.0)])
+def test_recomputing_the_teacher_logits_gives_the_kept_step(alpha, temperature):
+    """The same update with the phase's teacher logits kept and recomputed per micro-batch: the
+    same losses and gradients (the recomputed logits come from a full forward, the kept ones from
+    decoding, so they agree to rounding)."""
+    kept, recomputed = collected(alpha, temperature, "keep"), collected(alpha, temperature, "recompute")
+    assert torch.equal(kept.rollouts.batch.response_ids, recomputed.rollouts.batch.response_ids)
+    a, b = kept.train_step(0), recomputed.train_step(0)
+    assert b["time_teacher_forward"] > 0 and "time_teacher_forward" not in a
+    for name in ("loss", "pg_loss", "reverse_kl", "clip_fraction"):
+        assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
+    assert max(float(g.abs().max()) for g in grads_of(kept)) > 1e-3
+    for g, g_ref in zip(grads_of(kept), grads_of(recomputed)):
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-4)
+
+
+def grads_of(stage: MiniLLMStage) -> list[torch.Tensor]:
+    return stage.ctx.engine.grads[0]
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.2, 1.0), (0.5, 0.8), (0.0, 1.0)])
+def test_a_resume_state_leaves_the_teacher_logits_out_and_they_come_back_bit_for_bit(alpha, temperature):
+    stage = collected(alpha, temperature, "keep")
+    state = stage.state_dict()
+    assert state["rollouts"].teacher_logits is None and stage.rollouts.teacher_logits is not None
+    resumed = collected(alpha, temperature, "keep")  # the same models and samples, as a resumed job has
+    resumed.load_state_dict(state)
+    resumed.train_step(0)
+    assert torch.equal(resumed.rollouts.teacher_logits, stage.rollouts.teacher_logits)
+
+
+def test_auto_keeps_the_teacher_logits_within_the_budget():
+    spec = parse_spec({"student": {"model": "toy"}, "data": {"max_response_tokens": 256},
+                       "minillm": {"rollouts_per_phase": 64, "teacher_logits_budget_gb": 4}})  # fmt: skip
+    # 64 rollouts × 256 tokens × 49,152 × 2 bytes = 1.5 GiB fits 4; × 151,936 = 4.6 GiB does not.
+    assert keeps_teacher_logits(spec, 49_152, 2) and not keeps_teacher_logits(spec, 151_936, 2)
+    assert keeps_teacher_logits(spec.model_copy(update={"minillm": spec.minillm.model_copy(update={"teacher_logits": "keep"})}), 151_936, 2)
+    assert not keeps_teacher_logits(spec.model_copy(update={"minillm": spec.minillm.model_copy(update={"teacher_logits": "recompute"})}), 49_152, 2)

@@ -34,6 +34,8 @@ class BigramLM(torch.nn.Module):
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = torch.nn.Parameter(table.clone().float())
+        # No decoder layers, so nothing for the sampler's KV cache to hold: the next token depends on the current one.
+        self.config = SimpleNamespace(get_text_config=lambda decoder=False: SimpleNamespace(num_hidden_layers=0))
 
     def forward(self, input_ids, logits_to_keep=0, **_):
         logits = self.table[input_ids]
@@ -406,7 +408,8 @@ def test_the_lm_term_is_next_token_loss_on_the_corpus_in_the_same_update():
     assert on["loss"] == pytest.approx(on["pg_loss"] + on["reverse_kl"] + on["lm_loss"], rel=1e-6)
     assert off["lm_loss"] == 0 and off_stage.lm_pairs == []
     assert "LM term: next-token loss on data.pretrain (corpus.jsonl: 1 chunks of 512 tokens)" in stage.describe()
-    assert off_stage.describe() == "minillm: LM term off (no data.pretrain; builtin:teacher-text is one for the paper's L_PT)"
+    assert off_stage.describe() == ("minillm: LM term off (no data.pretrain; builtin:teacher-text is one for the paper's "
+                                    "L_PT); teacher logits kept for each phase (0.00 GB per process)")  # 64 × 6 × 4 × 4 bytes
 
 
 def test_the_lm_term_on_training_responses_only_when_named():

@@ -63,6 +63,7 @@ def test_every_field_has_help_text():
         ({"student": {}}, "student"),
         ({"student": {"model": "x", "init_from_teacher": {"num_layers": 2}}}, "student"),
         ({**STUDENT, "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer"),
+        ({**STUDENT, "deepspeed": {"zero_stage": 3, "shard_teacher": True}}, "deepspeed.shard_teacher needs resources.devices 2"),
         ({**STUDENT, "eval": {"seeds": [10, 10]}}, "eval.seeds"),
         ({**STUDENT, "method": "kd", "data": {"pretrain": "builtin:teacher-text"}}, "data.pretrain is used only by method minillm"),
         ({**STUDENT, "data": {"pretrain": "c.txt"}, "minillm": {"lm_data": "train_responses"}}, "data.pretrain is unused"),
@@ -74,6 +75,12 @@ def test_every_field_has_help_text():
 def test_bad_specs_name_the_field(data, field):
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
         parse_spec(data)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_a_teacher_is_sharded_whatever_the_students_zero_stage(zero_stage):
+    spec = parse_spec({**STUDENT, "deepspeed": {"zero_stage": zero_stage, "shard_teacher": True}, "resources": {"devices": 2}})
+    assert spec.deepspeed.shard_teacher
 
 
 def test_yaml_and_json_files(tmp_path):

@@ -50,11 +50,6 @@ class SequenceBatch:
         )
 
 
-def pad_columns(t: Tensor, width: int) -> Tensor:
-    """Right-pad a per-response-position tensor (B, Lr, ...) with zeros to `width` positions."""
-    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
-
-
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
     """(prompt ids, response ids) pairs -> SequenceBatch."""
     lq = max(len(p) for p, _ in examples)

@@ -8,9 +8,11 @@ launcher or torchrun, which set the same variables. CPU uses gloo, GPUs NCCL.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -75,6 +77,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank0_says(flag: bool) -> bool:
+    """Rank 0's `flag`, on every rank: for a choice all ranks must make alike (whether to run a
+    collective), which a file appearing between two ranks' looks could otherwise split."""
+    return bool(all_reduce_sum(torch.tensor([1 if flag and rank() == 0 else 0])).item())
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions `model`: each forward then gathers its weights from every rank, so
+    every rank must run the same number of forwards."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def _cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -124,6 +138,40 @@ def engine_config(spec: JobSpec, precision: str) -> dict:
     }
 
 
+def teacher_config(spec: JobSpec, precision: str, hidden_size: int) -> dict:
+    """The config of a sharded teacher (deepspeed.shard_teacher): ZeRO-3 inference, no optimizer, as
+    TRL prepares its reference models.
+
+    Its weights are split over all processes; a forward gathers each layer's weights just before the
+    layer runs and frees them after. Tensors of up to 10 × hidden_size elements (norms, biases) stay
+    whole on every rank once gathered, which spares a collective per small tensor, and a bucket of
+    0.9 × hidden_size² elements is prefetched ahead (TRL's values).
+    """
+    return {
+        "train_micro_batch_size_per_gpu": spec.training.batch_size,  # required by DeepSpeed; unused here
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+    }
+
+
+def initialize_teacher(model: torch.nn.Module, config: dict):
+    """The ZeRO-3 engine of a teacher built under `teacher_config` (`load_model(..., zero3=config)`).
+
+    The engine installs the hooks that gather the weights on the module, and removes them when it is
+    collected: keep it as long as the module runs.
+    """
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine
+
+
 def initialize(model: torch.nn.Module, spec: JobSpec, precision: str, lr_at: Callable[[int], float]):
     import deepspeed
 
@@ -134,3 +182,31 @@ def initialize(model: torch.nn.Module, spec: JobSpec, precision: str, lr_at: Cal
         model=model, model_parameters=model.parameters(), config=engine_config(spec, precision), lr_scheduler=scheduler
     )
     return engine
+
+
+def _fits_whole(module: torch.nn.Module) -> bool:
+    """Whether the whole of a ZeRO-3 module takes at most half its device's free memory."""
+    whole = sum(p.ds_numel * p.element_size() for p in module.parameters())
+    device = next(module.parameters()).device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    return whole <= free / 2
+
+
+@contextmanager
+def whole_for_decoding(engine) -> Iterator[torch.nn.Module]:
+    """The engine's module, for decoding many tokens in a row.
+
+    Under ZeRO-3, when the whole model fits in half the device's free memory, its parameters are
+    gathered once for the block and its forwards are plain ones (DeepSpeed's
+    `unwrap_model_for_generation`, which TRL uses for the same reason): otherwise each layer's
+    weights are gathered from every rank again for every token, and ranks wait on each other at
+    every layer of every token.
+    """
+    module = engine.module
+    if not is_sharded(module) or not _fits_whole(module):
+        yield module
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield module

@@ -136,9 +136,29 @@ def content_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A causal LM from a local directory, in `dtype` on `device`, ready for the engine's forwards."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu", zero3: dict | None = None
+) -> torch.nn.Module:
+    """A causal LM from a local directory, in `dtype` on `device`, ready for the engine's forwards.
+
+    The weights are read straight onto `device` in `dtype`, never whole in another place or precision
+    first. With `zero3`, a DeepSpeed config of ZeRO stage 3, the model is built under
+    `deepspeed.zero.Init` instead: each rank keeps only its shard of every weight, on its own device
+    (DeepSpeed's current one), for `deepspeed.initialize` with the same config.
+    """
+    if zero3 is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device)
+    else:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        # While an HfDeepSpeedConfig of stage 3 is alive, from_pretrained builds models under zero.Init.
+        # transformers holds it by a weak reference only: `hf_config` keeps it alive through this load,
+        # and the reference is cleared after it, so that other loads (a checkpoint to evaluate) stay whole.
+        hf_config = HfDeepSpeedConfig(zero3)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        finally:
+            unset_hf_deepspeed_config()
     # transformers slices the hidden states to the positions whose logits are asked for
     # (`logits_to_keep`); the slice is not contiguous, and torch's matmul then broadcasts the LM head's
     # weight into a batch of copies (B × hidden × vocab, hundreds of MB) on every call instead of one
@@ -181,6 +201,10 @@ def check_compatible(teacher_dir: Path, student_dir: Path) -> None:
 
 def _config_vocab_size(model_dir: Path) -> int:
     return AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+
+
+def hidden_size(model_dir: Path) -> int:
+    return AutoConfig.from_pretrained(model_dir).get_text_config().hidden_size
 
 
 def layer_indices(num_layers: int, keep: int, strategy: str) -> list[int]:

@@ -126,6 +126,10 @@ class TrainingSpec(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (reference code: 0.9, 0.95).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     seed: int = Field(10, description="Seed of every random choice: data order, sampling, initialisation.")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each decoder layer's inputs from the student's forward and recompute the rest in "
+        "the backward: activation memory for about a third more compute per step, in every method's updates."
+    )
 
 
 class RecoverySpec(_Section):
@@ -145,7 +149,20 @@ class MiniLLMSpec(_Section):
     # The reference samples 256 rollouts on 4+ GPUs with a global minibatch of 64: 16 updates per
     # phase. 64 rollouts at batch 8 on one process gives 32, so a default job resamples ~30 times.
     rollouts_per_phase: int = Field(64, ge=1, description="Rollouts sampled per phase, over all processes.")
-    rollout_batch_size: int = Field(16, ge=1, description="Prompts per sampling call (the reference's chunk size).")
+    rollout_batch_size: int = Field(
+        64, ge=1, description="Prompts decoded together, at most: a process decodes its rollouts in batches of this size "
+        "(one batch at the defaults). Larger batches decode faster and hold larger KV caches (the reference: 16)."
+    )
+    teacher_logits: Literal["auto", "keep", "recompute"] = Field(
+        "auto", description="The single-step term needs the teacher's whole distribution at every rollout token. keep: "
+        "kept for the phase from sampling (fastest; rollouts × response tokens × vocabulary × 2 bytes per process); "
+        "recompute: the teacher runs again on each update's micro-batch (memory independent of the phase's size); "
+        "auto: keep while that fits minillm.teacher_logits_budget_gb."
+    )
+    teacher_logits_budget_gb: float = Field(
+        4.0, gt=0, description="The most memory (GB per process, on its device) that teacher_logits auto lets the phase's "
+        "teacher logits take before it recomputes them instead."
+    )
     length_normalization: bool = Field(True, description="Divide the long-term return by the number of future tokens.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of future rewards (paper: 1; reference code: 0.95).")
     reward_clip: float = Field(
@@ -238,6 +255,11 @@ class DeepSpeedSpec(_Section):
         "auto", description="auto: bf16 where the hardware supports it, else fp32. fp16 needs a GPU."
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer state on the CPU (ZeRO 1-3).")
+    shard_teacher: bool = Field(
+        False, description="Split the frozen teacher's weights over the job's processes (ZeRO-3 inference), for a "
+        "teacher bigger than one device: each holds 1/resources.devices of them and gathers each layer's weights as "
+        "it runs it. Needs resources.devices 2 or more; the student's zero_stage is independent."
+    )
 
 
 class ResourcesSpec(_Section):
@@ -290,6 +312,8 @@ class JobSpec(_Section):
     def _consistent(self) -> JobSpec:
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        if self.deepspeed.shard_teacher and self.resources.devices == 1:
+            raise ValueError("deepspeed.shard_teacher needs resources.devices 2 or more: one process holds the whole teacher")
         if self.data.pretrain:  # never silently unused
             if self.method != "minillm":
                 raise ValueError("data.pretrain is used only by method minillm (its LM term)")

@@ -3,7 +3,8 @@ text for MiniLLM's LM term (`builtin:teacher-text`).
 
 Generating it is the slow part of a short job, and the result depends only on the teacher, the
 prompts and the decoding settings, so it is cached under that key and shared by every job and
-process (one process generates, the others wait on the lock and read the file).
+process (one process generates, the others wait on the lock and read the file; a sharded teacher
+generates on all the job's processes together).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .batch import collate
 from .data import Example
+from .distributed import barrier, is_sharded, rank, rank0_says
 from .paths import cache_dir, write_atomically
 from .sampling import sample
 
@@ -44,24 +46,39 @@ def _generate(
 
     `check` is called before every token and may raise (a cancelled job): the cache file is written
     whole or not at all.
+
+    A sharded teacher (ZeRO-3) decodes only with every rank of the job at once: then all ranks decode
+    the same prompts in lock step, rank 0 writes the file, and every rank reads that one.
     """
     key = json.dumps([teacher_key, prompts, max_new_tokens, greedy, seed])
     path = cache_dir() / "teacher_responses" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            generator = torch.Generator(device=device).manual_seed(seed)
-            responses: list[list[int]] = []
-            for start in range(0, len(prompts), batch_size):
-                batch = collate([(p, []) for p in prompts[start : start + batch_size]], tokenizer.pad_token_id).to(device)
-                out = sample(
-                    teacher, batch.prompt_ids, batch.prompt_mask, max_new_tokens=max_new_tokens,
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab_size,
-                    generator=generator, temperature=0.0 if greedy else 1.0,
-                    no_repeat_ngram_size=6 if greedy else 0, sync_ranks=False, check=check,
-                ).batch  # fmt: skip
-                responses += [ids[m.bool()].tolist() for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
-            write_atomically(path, json.dumps(responses))
+    sharded = is_sharded(teacher)
+
+    def decode() -> list[list[int]]:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        responses: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = collate([(p, []) for p in prompts[start : start + batch_size]], tokenizer.pad_token_id).to(device)
+            out = sample(
+                teacher, batch.prompt_ids, batch.prompt_mask, max_new_tokens=max_new_tokens,
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab_size,
+                generator=generator, temperature=0.0 if greedy else 1.0,
+                no_repeat_ngram_size=6 if greedy else 0, sync_ranks=sharded, check=check,
+            ).batch  # fmt: skip
+            responses += [ids[m.bool()].tolist() for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
+        return responses
+
+    if sharded:
+        if not rank0_says(path.exists()):
+            responses = decode()
+            if rank() == 0:
+                write_atomically(path, json.dumps(responses))
+            barrier()
+    else:  # one process decodes; the others (ranks of this job or other jobs) wait for its file
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                write_atomically(path, json.dumps(decode()))
     return json.loads(path.read_text())
 
 

@@ -22,11 +22,24 @@ from transformers.utils import logging as hf_logging
 from . import checkpoints as ckpt
 from .corpus import TEACHER_TEXT, chunk, read_texts
 from .data import Example, read_records, split_held_out, tokenize
-from .distributed import DTYPES, all_reduce_sum, barrier, choose_precision, init_process_group, initialize, rank, world_size
+from .distributed import (
+    DTYPES,
+    all_reduce_sum,
+    barrier,
+    choose_precision,
+    engine_config,
+    init_process_group,
+    initialize,
+    initialize_teacher,
+    rank,
+    rank0_says,
+    teacher_config,
+    world_size,
+)
 from .evaluation import evaluate
 from .events import Event, Reporter
 from .host_memory import keep_freed_memory
-from .models import check_compatible, content_hash, derive_student, load_model, load_tokenizer, resolve_model
+from .models import check_compatible, content_hash, derive_student, hidden_size, load_model, load_tokenizer, resolve_model
 from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
@@ -113,16 +126,19 @@ class Trainer:
         self.vocab_size = len(self.tokenizer)
 
         dtype = DTYPES[self.precision]
-        # The teacher is frozen, in eval mode, in the training precision, and not wrapped by DeepSpeed.
-        self.teacher = load_model(teacher_dir, dtype, self.device).eval()
+        self.teacher = self.load_teacher(teacher_dir, dtype)
         # What the teacher computes is cached under its content, not its name: a model replaced in
         # place under the same directory or hub id gets new references and scores.
         self.teacher_key = content_hash(teacher_dir)
-        self.teacher.requires_grad_(False)
         self.load_data()
 
         self.cancel_check("loading the student")()
-        student = load_model(student_dir, torch.float32)
+        # In the training precision, as the engine would cast it, and at ZeRO-3 partitioned from the start.
+        zero3 = engine_config(spec, self.precision) if spec.deepspeed.zero_stage == 3 else None
+        student = load_model(student_dir, dtype, self.device, zero3)
+        if spec.training.gradient_checkpointing:
+            # Non-reentrant: the variant torch recommends, which also recomputes through ZeRO-3's hooks.
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # One schedule per stage; the optimizer's learning rate follows them over the global step.
         self.plan = plan(spec)
         self.schedules = [schedule for _, _, schedule in self.plan]
@@ -131,6 +147,24 @@ class Trainer:
         self.stages = [method.stage(name, self.ctx, method, self.data, schedule) for name, method, schedule in self.plan]
         for stage in self.stages:
             self.emit("log", stage.describe())
+
+    def load_teacher(self, teacher_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+        """The frozen teacher, in eval mode, in the training precision. Sharded (deepspeed.shard_teacher),
+        it is the module of a ZeRO-3 engine without an optimizer, built partitioned: a rank only ever
+        holds its shard of each weight, and every rank must run each of its forwards."""
+        if not self.spec.deepspeed.shard_teacher:
+            return load_model(teacher_dir, dtype, self.device).eval().requires_grad_(False)
+        config = teacher_config(self.spec, self.precision, hidden_size(teacher_dir))
+        teacher = load_model(teacher_dir, dtype, self.device, zero3=config).requires_grad_(False)
+        self.teacher_engine = initialize_teacher(teacher, config)  # kept: it holds the hooks that gather the weights
+        # A rank holds its shard of each weight, and the small ones whole (see teacher_config).
+        held = torch.zeros(world_size(), dtype=torch.int64)
+        held[rank()] = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in teacher.parameters())
+        held = all_reduce_sum(held).tolist()
+        total = sum(p.ds_numel for p in teacher.parameters())
+        self.emit("log", f"teacher sharded over {world_size()} processes (ZeRO-3): rank 0 holds {held[0]} of {total} "
+                         "parameters" + "".join(f", rank {r} holds {n}" for r, n in enumerate(held) if r))  # fmt: skip
+        return teacher.eval()
 
     def load_data(self) -> None:
         spec, d = self.spec, self.spec.data
@@ -254,7 +288,7 @@ class Trainer:
                           [x.response_ids for x in self.test_examples], e.seeds, e.batch_size, e.no_repeat_ngram_size,
                           self.spec.data.max_response_tokens, self.precision, world_size(), e.samples])  # fmt: skip
         path = cache_dir() / "teacher_evals" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
-        if path.exists():
+        if rank0_says(path.exists()):  # alike on every rank: evaluating is collective
             cached = json.loads(path.read_text())
             return cached["scores"], cached["per_seed"], cached["samples"]
         self.emit("log", "evaluating the teacher on the test set (cached after the first time)")

@@ -78,6 +78,20 @@ class Context:
         return response_logits(self.teacher, batch, self.vocab_size)
 
 
+def eval_with_checkpointing(model: torch.nn.Module) -> None:
+    """Eval mode (no dropout), except that layers with gradient checkpointing on keep checkpointing.
+
+    transformers checkpoints a layer only while that layer's own `training` flag is set; dropout
+    reads the flags of the modules below it. Setting only the checkpointing layers' flags keeps
+    MiniLLM's updates free of dropout (old and new log-probs must agree) and within the activation
+    memory that training.gradient_checkpointing asked for.
+    """
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
 def pairs(examples: list[Example]) -> list[tuple[list[int], list[int]]]:
     return [(e.prompt_ids, e.response_ids) for e in examples]
 

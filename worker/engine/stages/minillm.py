@@ -7,14 +7,14 @@ other text to every update, in the same forward as the rollouts, as the referenc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
-from ..batch import SequenceBatch, collate, pad_columns, response_logits
+from ..batch import SequenceBatch, collate, response_logits
 from ..data import sample_order
-from ..distributed import all_reduce_sum, rank, world_size
+from ..distributed import all_reduce_sum, is_sharded, rank, whole_for_decoding, world_size
 from ..losses import (
     importance_weights,
     kd_loss,
@@ -28,7 +28,7 @@ from ..losses import (
 )
 from ..sampling import sample
 from ..spec import JobSpec
-from .base import Context, Method, Schedule, Stopwatch, TrainingData, pairs
+from .base import Context, Method, Schedule, Stopwatch, TrainingData, eval_with_checkpointing, pairs
 
 
 def lm_source(spec: JobSpec) -> Literal["pretrain", "train_responses"] | None:
@@ -51,10 +51,23 @@ class Rollouts:
     weights: torch.Tensor  # importance weight q_old / p̃ per token
     advantages: torch.Tensor  # detached, normalised long-term returns
     rewards: torch.Tensor  # log p_teacher − log q_old per token, clipped (for reporting)
-    # The teacher's logits at every response position (N, Lr, V), in its dtype: the single-step term
-    # needs its whole distribution, and the teacher's weights never change, so it is read once a phase.
-    # The price is memory: N × Lr × V × 2 or 4 bytes for the phase (64 × 64 × 49k × 2 B = 0.4 GB).
-    teacher_logits: torch.Tensor
+    # The teacher's logits at every response position (N, Lr, V) in its dtype, when they are kept for
+    # the phase (see `keeps_teacher_logits`); None when each update recomputes its micro-batch's, and
+    # in a resume state (rebuilt on resume, bit for bit, by `MiniLLMStage.teacher_logits_again`).
+    teacher_logits: torch.Tensor | None
+
+
+def teacher_logits_bytes(spec: JobSpec, vocab_size: int, element_size: int) -> int:
+    """What keeping a phase's teacher logits takes on each process: rollouts × longest response × vocabulary."""
+    return spec.minillm.rollouts_per_phase // world_size() * spec.data.max_response_tokens * vocab_size * element_size
+
+
+def keeps_teacher_logits(spec: JobSpec, vocab_size: int, element_size: int) -> bool:
+    """minillm.teacher_logits, with auto decided by the budget (the same on every process and every resume)."""
+    mode = spec.minillm.teacher_logits
+    if mode == "auto":
+        return teacher_logits_bytes(spec, vocab_size, element_size) <= spec.minillm.teacher_logits_budget_gb * 2**30
+    return mode == "keep"
 
 
 class MiniLLMStage:
@@ -78,6 +91,8 @@ class MiniLLMStage:
                 f"minillm.rollouts_per_phase ({self.cfg.rollouts_per_phase}) must be a multiple of "
                 f"resources.devices × training.batch_size × training.gradient_accumulation ({world_size() * minibatch})"
             )
+        self.teacher_dtype = next(ctx.teacher.parameters()).dtype
+        self.keep = keeps_teacher_logits(spec, ctx.vocab_size, self.teacher_dtype.itemsize)
         self.phase: int | None = None
         self.rollouts: Rollouts | None = None
 
@@ -88,76 +103,128 @@ class MiniLLMStage:
         return {method.responses} | ({lm} if lm else set())
 
     def describe(self) -> str:
-        """What this stage trains, for the job's log; MiniLLM's LM term in particular."""
+        """What this stage trains, for the job's log: MiniLLM's LM term, and where the teacher's logits come from."""
         cfg, spec = self.cfg, self.ctx.spec
+        size = teacher_logits_bytes(spec, self.ctx.vocab_size, self.teacher_dtype.itemsize) / 2**30
+        if self.keep:
+            logits = f"teacher logits kept for each phase ({size:.2f} GB per process)"
+        else:
+            logits = f"teacher logits recomputed for each update (keeping them would take {size:.2f} GB per process)"
         if self.lm is None:
             why = "minillm.lm_coef is 0" if cfg.lm_coef == 0 else "no data.pretrain; builtin:teacher-text is one for the paper's L_PT"
-            return f"{self.name}: LM term off ({why})"
+            return f"{self.name}: LM term off ({why}); {logits}"
         loss = "next-token loss" if cfg.kd_ratio == 0 else f"{1 - cfg.kd_ratio:g}·next-token loss + {cfg.kd_ratio:g}·forward KL to the teacher"
         if self.lm == "pretrain":
             text = f"data.pretrain ({spec.data.pretrain}: {len(self.lm_pairs)} chunks of {cfg.lm_chunk_tokens} tokens)"
         else:
             text = "the training responses (minillm.lm_data train_responses, not the paper's L_PT)"
-        return f"{self.name}: LM term: {loss} on {text}, weight minillm.lm_coef {cfg.lm_coef:g}"
+        return f"{self.name}: LM term: {loss} on {text}, weight minillm.lm_coef {cfg.lm_coef:g}; {logits}"
 
     # -- sampling -------------------------------------------------------------------------------
+
+    @property
+    def mixing(self) -> bool:
+        return self.cfg.teacher_mix_alpha > 0
+
+    def _chunks(self) -> range:
+        """Where each sampling call's rows start among this rank's rollouts."""
+        return range(0, self.rollouts_per_rank, self.cfg.rollout_batch_size)
+
+    def _logits_buffer(self) -> torch.Tensor:
+        """Room for the phase's teacher logits at the longest response. Zeros: the columns past a
+        batch's last token are never written, and stay finite (masked out, but multiplied by 0)."""
+        shape = (self.rollouts_per_rank, self.ctx.spec.data.max_response_tokens, self.ctx.vocab_size)
+        return torch.zeros(shape, dtype=self.teacher_dtype, device=self.ctx.device)
+
+    def _sample(self, model, prompt_ids, prompt_mask, **kwargs):
+        ctx = self.ctx
+        return sample(
+            model, prompt_ids, prompt_mask, max_new_tokens=ctx.spec.data.max_response_tokens,
+            eos_id=ctx.tokenizer.eos_token_id, pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size,
+            temperature=self.cfg.temperature, **kwargs,
+        )  # fmt: skip
 
     @torch.no_grad()
     def collect(self, phase: int, clock: Stopwatch) -> None:
         """Sample this rank's rollouts for `phase` and score them."""
         ctx, cfg, seed = self.ctx, self.cfg, self.ctx.spec.training.seed
-        student = ctx.engine.module
-        student.eval()  # no dropout: old and new log-probs must agree while the weights are unchanged
         first = (phase * world_size() + rank()) * self.rollouts_per_rank
         indices = sample_order(len(self.prompts), seed + 1, first, self.rollouts_per_rank)
         generator = torch.Generator(device=ctx.device).manual_seed((seed * 1_000_003 + phase) * 1009 + rank())
-        parts, kept = [], []
-        for start in range(0, len(indices), cfg.rollout_batch_size):
-            chunk = indices[start : start + cfg.rollout_batch_size]
-            prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(ctx.device)
-            with clock("sample"):
-                part, teacher_logits = sample(
-                    student, prompts.prompt_ids, prompts.prompt_mask,
-                    max_new_tokens=ctx.spec.data.max_response_tokens, eos_id=ctx.tokenizer.eos_token_id,
-                    pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size, generator=generator,
-                    mix_model=ctx.teacher, mix_alpha=cfg.teacher_mix_alpha, temperature=cfg.temperature,
+        # With teacher mixing the teacher decodes every rollout, and its logits at each response
+        # position are kept from there when the phase keeps them: the updates never run it again.
+        kept = self._logits_buffer() if self.keep else None
+        ctx.engine.module.eval()  # no dropout: old and new log-probs must agree while the weights are unchanged
+        parts = []
+        with clock("sample"), whole_for_decoding(ctx.engine) as student:
+            for start in self._chunks():
+                chunk = indices[start : start + cfg.rollout_batch_size]
+                prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(ctx.device)
+                out = self._sample(
+                    student, prompts.prompt_ids, prompts.prompt_mask, generator=generator, mix_model=ctx.teacher,
+                    mix_alpha=cfg.teacher_mix_alpha, sync_ranks=is_sharded(student) or is_sharded(ctx.teacher),
+                    logits_out=kept[start : start + len(chunk)] if kept is not None and self.mixing else None,
                 )  # fmt: skip
-            parts.append(part)
-            kept.append(teacher_logits)
+                parts.append(out.batch)
         batch = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
         width = batch.response_ids.shape[1]
-        # With teacher mixing the teacher decoded every rollout, and its logits at each response
-        # position are kept from there: neither the scoring below nor the updates run it again.
-        teacher_logits = None if kept[0] is None else torch.cat([pad_columns(t, width) for t in kept])
-        logp_old, logp_teacher, scored = [], [], []
+        student = ctx.engine.module
+        logp_old, logp_teacher, logp_teacher_t = [], [], []
         for start in range(0, len(batch), ctx.spec.training.batch_size):
             rows = slice(start, start + ctx.spec.training.batch_size)
             mb = batch.select(rows)
             with clock("score"):
                 # The student's log-probs are recomputed by a full forward in the code path training
                 # uses: the sampler's incremental (KV-cache) numerics differ slightly and would push
-                # the first PPO ratio off 1. Without mixing, the teacher reads the rollouts once,
-                # here, and its logits serve the updates too.
+                # the first PPO ratio off 1. The teacher runs here unless mixing kept its logits.
                 s_logits = response_logits(student, mb, ctx.vocab_size)
-                t_logits = ctx.teacher_logits(mb) if teacher_logits is None else teacher_logits[rows]
+                if kept is not None and self.mixing:
+                    t_logits = kept[rows, :width]
+                else:
+                    t_logits = ctx.teacher_logits(mb)
+                    if kept is not None:
+                        kept[rows, :width] = t_logits
             logp_old.append(token_log_probs(scaled(s_logits, cfg.temperature), mb.response_ids))
             logp_teacher.append(token_log_probs(t_logits, mb.response_ids))
-            scored.append(t_logits)
-        teacher_logits = torch.cat(scored) if teacher_logits is None else teacher_logits
+            # The importance weight compares with the teacher at the sampling temperature; the reward
+            # is the teacher's own log-probability, at temperature 1 (as the reference).
+            logp_teacher_t.append(logp_teacher[-1] if cfg.temperature == 1 else token_log_probs(scaled(t_logits, cfg.temperature), mb.response_ids))
         mask = batch.response_mask.float()
         logp_old = torch.cat(logp_old) * mask
         logp_teacher = torch.cat(logp_teacher)
-        # The importance weight compares with the teacher at the sampling temperature; the reward is
-        # the teacher's own log-probability, at temperature 1 (as the reference).
-        logp_teacher_t = logp_teacher if cfg.temperature == 1 else token_log_probs(scaled(teacher_logits, cfg.temperature), batch.response_ids)
-        weights = importance_weights(logp_old, logp_teacher_t, cfg.teacher_mix_alpha) * mask
+        weights = importance_weights(logp_old, torch.cat(logp_teacher_t), cfg.teacher_mix_alpha) * mask
         rewards = token_rewards(logp_teacher, logp_old, mask, cfg.reward_clip)
         returns = long_term_returns(rewards, mask, cfg.gamma, cfg.length_normalization)
         # Whitened once per phase over every rank's rollouts (the reference whitens per micro-batch):
         # a larger sample gives steadier statistics, and it is the same for every PPO epoch.
         advantages = whiten(returns, mask, all_reduce_sum(masked_moments(returns, mask))) if cfg.whiten_advantages else returns
         self.phase = phase
-        self.rollouts = Rollouts(batch, logp_old, weights, advantages.detach(), rewards, teacher_logits)
+        self.rollouts = Rollouts(batch, logp_old, weights, advantages.detach(), rewards, None if kept is None else kept[:, :width])
+
+    @torch.no_grad()
+    def teacher_logits_again(self) -> torch.Tensor:
+        """The kept teacher logits of the current phase, computed again exactly as `collect` did: by
+        replaying the teacher's side of each sampling call on the sampled tokens (mixing), or by the
+        scoring's forwards (no mixing). A resume state leaves them out (they are the phase's largest
+        tensor by far); the same computation on the same inputs gives the same bits, so a resumed job
+        continues exactly as the uninterrupted one."""
+        ctx, batch = self.ctx, self.rollouts.batch
+        kept, width = self._logits_buffer(), batch.response_ids.shape[1]
+        if not self.mixing:
+            for start in range(0, len(batch), ctx.spec.training.batch_size):
+                rows = slice(start, start + ctx.spec.training.batch_size)
+                kept[rows, :width] = ctx.teacher_logits(batch.select(rows))
+            return kept[:, :width]
+        for start in self._chunks():
+            rows = slice(start, start + self.cfg.rollout_batch_size)
+            part = batch.select(rows)
+            own = int(part.prompt_mask.sum(-1).max())  # the call's own prompt width, before the phase's concat padded it
+            self._sample(
+                ctx.teacher, part.prompt_ids[:, -own:], part.prompt_mask[:, -own:], generator=None,
+                sync_ranks=is_sharded(ctx.engine.module) or is_sharded(ctx.teacher),
+                forced_ids=part.response_ids, logits_out=kept[rows],
+            )  # fmt: skip
+        return kept[:, :width]
 
     # -- updates --------------------------------------------------------------------------------
 
@@ -170,10 +237,13 @@ class MiniLLMStage:
         if self.phase != phase:
             self.collect(phase, clock)
         ro = self.rollouts
+        if self.keep and ro.teacher_logits is None:  # resumed mid-phase
+            with clock("teacher_forward"):
+                ro.teacher_logits = self.teacher_logits_again()
         order = torch.randperm(
             self.rollouts_per_rank, generator=torch.Generator().manual_seed((spec.training.seed * 7 + phase) * 101 + epoch)
         )
-        engine.module.eval()  # dropout off during RL, as in the reference (PPOModel sets eval())
+        eval_with_checkpointing(engine.module)  # dropout off during RL, as in the reference (PPOModel sets eval())
         sums: dict[str, float] = {}
         tokens = 0
         for k in range(ga):
@@ -186,6 +256,11 @@ class MiniLLMStage:
                 parts.append(lm)
             # PPO and LM batches share one forward, as in the reference: one pass over the weights.
             joint = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
+            if ro.teacher_logits is not None:
+                teacher = ro.teacher_logits[idx]
+            else:
+                with clock("teacher_forward"):  # recomputed: memory independent of the phase's size
+                    teacher = ctx.teacher_logits(mb)
             lm_teacher = None
             if self.lm and cfg.kd_ratio > 0:
                 with clock("teacher_forward"):  # the LM term's forward KL to the teacher
@@ -194,7 +269,7 @@ class MiniLLMStage:
                 logits = response_logits(engine, joint, ctx.vocab_size)
                 lr_ = mb.response_ids.shape[1]
                 objective = minillm_loss(
-                    logits[:b, :lr_], ro.teacher_logits[idx], mb.response_ids, mask,
+                    logits[:b, :lr_], teacher, mb.response_ids, mask,
                     ro.logp_old[idx], ro.weights[idx], ro.advantages[idx],
                     cfg.temperature, cfg.clip_range, cfg.single_step,
                 )  # fmt: skip
@@ -227,7 +302,8 @@ class MiniLLMStage:
     # -- resume ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"phase": self.phase, "rollouts": self.rollouts}
+        rollouts = None if self.rollouts is None else replace(self.rollouts, teacher_logits=None)
+        return {"phase": self.phase, "rollouts": rollouts}
 
     def load_state_dict(self, state: dict) -> None:
         self.phase, self.rollouts = state["phase"], state["rollouts"]
