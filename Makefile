@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 
-.PHONY: install test test-fast chaos demo bench bench-peers
+.PHONY: install test test-fast chaos demo bench bench-peers gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
@@ -43,3 +43,20 @@ bench: install
 bench-peers: install
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) bench/peers.py
+
+# On a machine with one GPU, within 10 minutes: the GPU tests, the demo job, the MiniLLM step (MFU), the
+# memory benchmark and a 7B-shaped teacher with a 0.5B-shaped student; writes the figures into
+# docs/performance.md (scripts/gpu_check.py). It installs nothing from a registry (GPU machines bring
+# their own torch); it runs on .venv where this checkout has one, else python3 (GPU_CHECK_PY=... to choose).
+# DRY_RUN=1: the same steps, shortened, on the CPU, printing what it would write (CI runs it).
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) scripts/gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run)
+
+# Wheels of everything the engine needs but torch, for a GPU machine that reaches no registry: into
+# gpu-wheels/ (git-ignored), carried with the checkout; `make gpu-check` installs from it by itself.
+# GPU_PYTHON and GPU_ARCH: that machine's Python version and architecture.
+GPU_PYTHON ?= 3.11
+GPU_ARCH ?= x86_64
+gpu-wheels: install
+	$(PY) scripts/gpu_check.py --fetch-wheels --python-version $(GPU_PYTHON) --arch $(GPU_ARCH)
