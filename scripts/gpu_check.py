@@ -9,8 +9,9 @@ The steps, in order, each a subprocess with its own time limit, all within the t
 1. tests: `pytest -m gpu tests/test_gpu.py`, the losses and sampling on CUDA against the CPU;
 2. demo: `distill train examples/smollm2-minillm.yaml` on the GPU (dry run: examples/tiny.yaml);
 3. step: bench/minillm_step.py, a MiniLLM step's breakdown and its MFU;
-4. memory: bench/memory.py, peak memory per setting (dry run: --quick);
-5. big pair: bench/big_pair.py, a 7B-shaped teacher and a 0.5B-shaped student with random weights,
+4. decode: bench/decode.py, tokens/s of the demo models' decoding, eager and compiled (CUDA graphs);
+5. memory: bench/memory.py, peak memory per setting (dry run: --quick);
+6. big pair: bench/big_pair.py, a 7B-shaped teacher and a 0.5B-shaped student with random weights,
    seconds per step and peak GPU memory (dry run: the same path with tiny models).
 
 A failed step does not stop the others; the exit status is 1 if any failed. On a GPU the result,
@@ -338,6 +339,16 @@ def step_minillm(runner: Runner) -> Result:
     return result("MiniLLM step", command, out, bool(step) and (runner.dry_run or "MFU" in out.stdout), figures)
 
 
+def step_decode(runner: Runner) -> Result:
+    """Decoding tokens/s of the demo models, eager and with the compiled step (CUDA graphs on a GPU)."""
+    # One batch size: each compiles its own graphs (a minute or so for the two models).
+    size = ["--batch-sizes", "4", "--tokens", "8"] if runner.dry_run else ["--batch-sizes", "64"]
+    command = ["bench/decode.py", *size, "--compile-too"]
+    out = runner.run("decode", command, 150)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("decode:", "batch ", "compiled batch "))]
+    return result("decoding", command, out, any(line.startswith("compiled batch ") for line in lines), lines)
+
+
 def step_memory(runner: Runner) -> Result:
     """Peak memory per setting (bench/memory.py), its lines as printed."""
     command = ["bench/memory.py", *(["--quick"] if runner.dry_run else [])]
@@ -358,7 +369,7 @@ def step_big_pair(runner: Runner) -> Result:
     return result("7B/0.5B pair", command, out, "s/step" in "".join(last), last)
 
 
-STEPS = [step_tests, step_demo, step_minillm, step_memory, step_big_pair]
+STEPS = [step_tests, step_demo, step_minillm, step_decode, step_memory, step_big_pair]
 
 
 # -- the report ---------------------------------------------------------------------------------

@@ -119,3 +119,18 @@ def test_prompts_of_many_lengths_prefilled_in_groups_decode_as_transformers_does
     # The logits at every step, not only their argmax, are those of one forward over the whole sequence.
     with torch.no_grad():
         torch.testing.assert_close(out.logits, response_logits(student, out.batch, 13), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_over_a_static_cache_samples_what_eager_decoding_does(models):
+    """sample(compile_steps=True): the decode step compiled (torch.compile; CUDA graphs on a GPU) over
+    transformers' StaticCache gives the tokens and logits of the eager path, teacher mixing included."""
+    student, teacher = models
+    ids, mask = _prompts()
+    kwargs = dict(max_new_tokens=8, eos_id=3, pad_id=0, vocab_size=13, mix_model=teacher, mix_alpha=0.3, sync_ranks=False)
+    eager = sample(student, ids, mask, generator=torch.Generator().manual_seed(4), logits_out=torch.empty(2, 8, 13), **kwargs)
+    compiled = sample(student, ids, mask, generator=torch.Generator().manual_seed(4), logits_out=torch.empty(2, 8, 13),
+                      compile_steps=True, **kwargs)  # fmt: skip
+    assert torch.equal(compiled.batch.response_ids, eager.batch.response_ids)
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-4)
+    assert hasattr(student, "_distill_compiled_forward") and hasattr(teacher, "_distill_compiled_forward")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticCache
 
 from .batch import SequenceBatch
 from .prepacked import prepacked_linears
@@ -98,6 +98,21 @@ def _step(model: torch.nn.Module, ids: Tensor, attention_mask: Tensor, positions
     """The next-token logits (B, V) in the model's own dtype; `cache` grows by the fed tokens."""
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
+
+
+STATIC_CAPACITY_STEP = 256  # compiled decoding rounds its cache's length up to a multiple of this
+
+
+def compiled_forward(model: torch.nn.Module):
+    """`model.forward` compiled for decoding steps of fixed shapes (a static KV cache and a mask of its
+    full length), kept on the model so that every call after the first reuses it. On a GPU it runs as
+    CUDA graphs (mode reduce-overhead): one launch per token instead of one per operation."""
+    compiled = getattr(model, "_distill_compiled_forward", None)
+    if compiled is None:
+        cuda = next(model.parameters()).device.type == "cuda"
+        compiled = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
+        model._distill_compiled_forward = compiled
+    return compiled
 
 
 # What one more prefill forward costs, counted in prompt positions: its fixed cost (about 15 ms on
@@ -230,6 +245,7 @@ def sample(
     sync_ranks: bool = True,
     sync_every: int = 16,
     forced_ids: Tensor | None = None,
+    compile_steps: bool = False,
     check: Callable[[], None] | None = None,
 ) -> Sampled:
     """Sample responses to left-padded prompts (B, Lq); top-k 0 and top-p 1, as in the paper.
@@ -242,11 +258,17 @@ def sample(
     the ranks agree every `sync_every` tokens, so a rank may decode up to `sync_every` − 1 columns of
     padding after its last row ended. `forced_ids` (B, ≥ steps): feed these tokens instead of drawing
     (replays an earlier call's decoding exactly, to get its logits back; `generator` may be None).
+    `compile_steps`: decode with `compiled_forward` over transformers' StaticCache (attention over the
+    whole capacity, prompts prefilled in one forward); not for collective forwards (ZeRO-3 hooks).
     `check` is called before every token; it may raise to abandon the batch (a cancelled job).
     """
     models = [model] if mix_model is None or mix_alpha == 0 else [model, mix_model]
     batch_size, prompt_len, device = *prompt_ids.shape, prompt_ids.device
+    collective = sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    static = compile_steps and not collective
     capacity = prompt_len + max_new_tokens
+    if static:  # a few fixed shapes, whatever the prompts' lengths, so that the compiled step is reused
+        capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
 
     # The attention mask and the token history live in preallocated buffers too (views grow).
     attention_mask = torch.zeros(batch_size, capacity, dtype=prompt_mask.dtype, device=device)
@@ -254,15 +276,17 @@ def sample(
     sequence = torch.full((batch_size, capacity), pad_id, dtype=prompt_ids.dtype, device=device)
     sequence[:, :prompt_len] = prompt_ids
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    caches = [Cache(layers=[_PreallocatedLayer(batch_size, capacity) for _ in range(_decoder_layers(m))]) for m in models]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     tokens = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
     masks = torch.zeros(batch_size, max_new_tokens, dtype=torch.long, device=device)
     # Ranks agree to stop every `sync_every` tokens; alone, the batch stops at its last EOS.
-    collective = sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     check_every = sync_every if collective else 1
+    if static:
+        caches = [StaticCache(config=m.config, max_cache_len=capacity) for m in models]
+    else:
+        caches = [Cache(layers=[_PreallocatedLayer(batch_size, capacity) for _ in range(_decoder_layers(m))]) for m in models]
     steps = 0
-    with prepacked_linears(models, batch_size):
+    with prepacked_linears([] if static else models, batch_size):  # packed weights would be baked into the graph
         for t in range(max_new_tokens):
             if check is not None:
                 check()
@@ -270,7 +294,9 @@ def sample(
             step_logits = []
             for i, m in enumerate(models):
                 if t == 0:
-                    raw = _prefill(m, prompt_ids, prompt_mask, positions, caches[i], grouped=not collective)
+                    raw = _prefill(m, prompt_ids, prompt_mask, positions, caches[i], grouped=not collective and not static)
+                elif static:  # a copy: the next replay of a CUDA graph overwrites its output
+                    raw = _step(compiled_forward(m), step_ids, attention_mask, positions, caches[i]).clone()
                 else:
                     raw = _step(m, step_ids, attention_mask[:, :length], positions, caches[i])
                 step_logits.append(raw[:, :vocab_size])

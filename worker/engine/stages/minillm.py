@@ -141,7 +141,7 @@ class MiniLLMStage:
         return sample(
             model, prompt_ids, prompt_mask, max_new_tokens=ctx.spec.data.max_response_tokens,
             eos_id=ctx.tokenizer.eos_token_id, pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size,
-            temperature=self.cfg.temperature, **kwargs,
+            temperature=self.cfg.temperature, compile_steps=ctx.spec.resources.compile_decoding, **kwargs,
         )  # fmt: skip
 
     @torch.no_grad()
