@@ -124,3 +124,20 @@ def test_sampling_on_the_device_is_seeded(models):
     first = _sample(student, teacher, DEVICE, mix_alpha=0.2)
     again = _sample(student, teacher, DEVICE, mix_alpha=0.2)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_compiled_decoding_matches_eager_decoding_on_the_device(models):
+    """resources.compile_decoding: CUDA graphs on a GPU (torch.compile on a CPU) over a static KV cache
+    give the teacher-mixed tokens and the teacher's logits of eager decoding on the same device."""
+    student, teacher = (m.to(DEVICE) for m in models)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]], device=DEVICE)
+    mask = (torch.arange(5, device=DEVICE) >= torch.tensor([[2], [0]], device=DEVICE)).long()
+
+    def decode(compiled: bool):
+        return sample(student, ids, mask, max_new_tokens=12, eos_id=3, pad_id=0, vocab_size=64, mix_model=teacher,
+                      mix_alpha=0.2, generator=torch.Generator(DEVICE).manual_seed(1), sync_ranks=False,
+                      logits_out=torch.zeros(2, 12, 64, device=DEVICE), compile_steps=compiled)  # fmt: skip
+
+    eager, compiled = decode(False), decode(True)
+    assert torch.equal(compiled.batch.response_ids, eager.batch.response_ids)
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-3)

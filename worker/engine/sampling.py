@@ -50,7 +50,7 @@ class _PreallocatedLayer(DynamicLayer):
 
     Each token writes its column in place and attention reads a view of the filled part. The
     library's DynamicLayer grows by concatenation, which copies the whole cache at every token (at
-    batch 64 on the demo models, a sixth of decoding); its StaticLayer would attend over the whole
+    batch 64 on the demo models, a seventh of decoding); its StaticLayer would attend over the whole
     capacity at every token. The buffers start at zero: prompts prefilled in groups leave their
     left padding unwritten, and masked attention weights (0) times garbage (NaN) would be NaN.
     """
