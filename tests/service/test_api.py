@@ -224,7 +224,7 @@ def test_submit_queues_a_job(client, auth, dataset):
     assert job["progress"] == {"step": 0, "total_steps": spec["training"]["steps"], "eta_seconds": None}
     assert job["started_at"] is None and job["finished_at"] is None and job["error"] is None
     assert job["name"] == "tiny" and job["spec"]["training"]["steps"] == 6
-    assert job["spec"]["resources"] == {"devices": 1, "accelerator": "auto"}  # defaults are stored filled in
+    assert job["spec"]["resources"] == {"devices": 1, "accelerator": "auto", "compile_decoding": False}  # defaults are stored filled in
 
     fetched = client.get(f"{JOBS}/{job['id']}", headers=auth)
     assert fetched.status_code == 200
@@ -369,7 +369,7 @@ def test_idempotency_key_ignores_key_order_and_explicit_defaults(client, auth, d
     spec = tiny_spec(dataset)
     first = submit(client, auth, spec, **{"Idempotency-Key": "key-order"})
     reordered = dict(reversed(list(spec.items())))
-    reordered["resources"] = {"accelerator": "auto", "devices": 1}  # the defaults, spelled out
+    reordered["resources"] = {"accelerator": "auto", "devices": 1, "compile_decoding": False}  # the defaults, spelled out
     second = submit(client, auth, reordered, **{"Idempotency-Key": "key-order"})
     assert second.status_code == 201 and second.json()["id"] == first.json()["id"]
     assert job_count(client, auth) == 1
