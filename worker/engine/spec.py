@@ -268,7 +268,7 @@ class ResourcesSpec(_Section):
     compile_decoding: bool = Field(
         False, description="Decode MiniLLM's rollouts with the per-token step compiled (torch.compile over a static KV "
         "cache; CUDA graphs on a GPU), where no model's forward is collective (ZeRO-3 without a gathered student, a "
-        "sharded teacher). The first phase compiles (a minute or more); on CPUs it is slower (measured: 2.4x per step)."
+        "sharded teacher). The first phase compiles (a minute or more); on CPUs it is slower (docs/performance.md)."
     )
 
 

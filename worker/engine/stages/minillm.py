@@ -126,6 +126,12 @@ class MiniLLMStage:
     def mixing(self) -> bool:
         return self.cfg.teacher_mix_alpha > 0
 
+    @property
+    def collective(self) -> bool:
+        """Whether decoding runs a forward every rank must join (a ZeRO-3 student or a sharded teacher):
+        sampling and its replay must decide alike, or the replay would not give the same bits."""
+        return is_sharded(self.ctx.engine.module) or is_sharded(self.ctx.teacher)
+
     def _chunks(self) -> range:
         """Where each sampling call's rows start among this rank's rollouts."""
         return range(0, self.rollouts_per_rank, self.cfg.rollout_batch_size)
@@ -162,7 +168,7 @@ class MiniLLMStage:
                 prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(ctx.device)
                 out = self._sample(
                     student, prompts.prompt_ids, prompts.prompt_mask, generator=generator, mix_model=ctx.teacher,
-                    mix_alpha=cfg.teacher_mix_alpha, sync_ranks=is_sharded(student) or is_sharded(ctx.teacher),
+                    mix_alpha=cfg.teacher_mix_alpha, sync_ranks=self.collective,
                     logits_out=kept[start : start + len(chunk)] if kept is not None and self.mixing else None,
                 )  # fmt: skip
                 parts.append(out.batch)
@@ -221,7 +227,7 @@ class MiniLLMStage:
             own = int(part.prompt_mask.sum(-1).max())  # the call's own prompt width, before the phase's concat padded it
             self._sample(
                 ctx.teacher, part.prompt_ids[:, -own:], part.prompt_mask[:, -own:], generator=None,
-                sync_ranks=is_sharded(ctx.engine.module) or is_sharded(ctx.teacher),
+                sync_ranks=self.collective,
                 forced_ids=part.response_ids, logits_out=kept[rows],
             )  # fmt: skip
         return kept[:, :width]
