@@ -35,8 +35,10 @@ TINY_CONFIGS = {
 }
 
 
-def _build_once(name: str, build: Callable[[Path], None]) -> Path:
-    """Build `cache/models/NAME` with `build(tmp_dir)` unless it exists; safe across processes."""
+def _build_once(name: str, build: Callable[[Path], None], written: str = "config.json") -> Path:
+    """Build `cache/models/NAME` with `build(tmp_dir)` unless it exists; safe across processes. A
+    build that did not write the file `written` is not kept (on a rank other than 0 of a process
+    group, transformers' save_pretrained silently writes nothing)."""
     root = cache_dir() / "models"
     root.mkdir(parents=True, exist_ok=True)
     target = root / name
@@ -45,6 +47,8 @@ def _build_once(name: str, build: Callable[[Path], None]) -> Path:
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
             try:
                 build(tmp)
+                if not (tmp / written).exists():
+                    raise ModelError(f"building builtin:{name} wrote no {written}; was it built on a rank other than 0?")
                 tmp.rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +67,7 @@ def smollm2_tokenizer_dir() -> Path:
     def build(out: Path) -> None:
         AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF).save_pretrained(out)
 
-    return _build_once("smollm2-tokenizer", build)
+    return _build_once("smollm2-tokenizer", build, written="tokenizer_config.json")
 
 
 def _build_smollm2(out: Path) -> None:

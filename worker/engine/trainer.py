@@ -47,6 +47,16 @@ from .stages.base import Context, TrainingData
 from .teacher_data import teacher_responses, teacher_text
 
 
+
+def resolve_first_on_rank0(ref: str) -> Path:
+    """`resolve_model` on rank 0 while the other ranks wait, then on them (finding it built): a
+    builtin model is built once, by the rank that transformers lets write a model (`save_pretrained`
+    writes nothing on the other ranks of a process group)."""
+    if rank() == 0:
+        resolve_model(ref)
+    barrier()
+    return resolve_model(ref)
+
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN)."""
 
@@ -112,7 +122,7 @@ class Trainer:
         self.emit("log", f"{world_size()} process(es) on {self.device.type}, precision {self.precision}")
 
         self.cancel_check("loading the teacher")()
-        teacher_dir = resolve_model(spec.teacher)
+        teacher_dir = resolve_first_on_rank0(spec.teacher)
         self.cancel_check("building the student")()
         if spec.student.init_from_teacher:
             student_dir = self.output_dir / "initial-student"
@@ -120,7 +130,7 @@ class Trainer:
                 derive_student(teacher_dir, spec.student.init_from_teacher, student_dir)
             barrier()
         else:
-            student_dir = resolve_model(spec.student.model)
+            student_dir = resolve_first_on_rank0(spec.student.model)
         check_compatible(teacher_dir, student_dir)
         self.tokenizer = load_tokenizer(teacher_dir)
         self.vocab_size = len(self.tokenizer)
