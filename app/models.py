@@ -86,6 +86,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # Where the current (or last) attempt runs: {"worker", "kind": "gpu" | "cpu", "devices": [0, 1]}
+    # (ordinals on the worker's host; none for a job spread over a hostfile's machines).
+    placement: Mapped[dict | None] = mapped_column()
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer)
     eta_seconds: Mapped[float | None] = mapped_column(Float)
@@ -157,6 +160,19 @@ class RegisteredWorker(Base):
     queues: Mapped[list] = mapped_column()  # ["gpu-1", "gpu-2"]
     started_at: Mapped[datetime] = mapped_column()
     seen_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class DeviceLease(Base):
+    """A device of a machine held by a job's worker while it runs the job. The primary key makes a
+    device of a host belong to one job at a time, however many workers run on that host; a lease whose
+    worker is gone or whose job has ended is taken back by the next worker that needs it (app/device_leases.py)."""
+
+    __tablename__ = "device_leases"
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    device: Mapped[int] = mapped_column(Integer, primary_key=True)  # the device's ordinal on its host
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    worker: Mapped[str] = mapped_column(String(200))  # host:pid of the worker that holds it
+    acquired_at: Mapped[datetime] = mapped_column()
 
 
 class WebhookDelivery(Base):

@@ -33,6 +33,14 @@ class JobError(BaseModel):
     message: str | None
 
 
+class Placement(BaseModel):
+    worker: str = Field(description="The worker that runs (or last ran) the job: host:pid.")
+    kind: str | None = Field(None, description="gpu or cpu: the kind of the devices it was given.")
+    devices: list[int] | None = Field(
+        None, description="Its devices on the worker's machine (CUDA ordinals on a GPU worker); none for a job whose "
+        "ranks run on the machines of a hostfile.")
+
+
 class JobOut(BaseModel):
     id: str
     name: str
@@ -48,6 +56,7 @@ class JobOut(BaseModel):
     error: JobError | None
     attempts: int
     max_attempts: int
+    placement: Placement | None = Field(None, description="Where the job runs, or last ran; none before it started.")
     queue_position: int | None = Field(
         None, description="While queued: how many queued jobs on the same queue were submitted before this one."
     )
@@ -64,6 +73,7 @@ class JobOut(BaseModel):
             latest_metrics=job.latest_metrics or {}, best_eval=job.best_eval,
             error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
             attempts=job.attempts, max_attempts=job.max_attempts, queue_position=queue_position, waiting_for=waiting_for,
+            placement=Placement(**job.placement) if job.placement else None,
         )  # fmt: skip
 
 

@@ -69,16 +69,18 @@ def make_user(name: str | None = None) -> dict:
 
 
 class Worker:
-    """A real `distill worker` process (Celery, solo pool) that tests can start and SIGKILL."""
+    """A real `distill worker` process that tests can start and SIGKILL."""
 
-    def __init__(self, log: Path, queues: str = "cpu-1,cpu-2", cwd: Path | None = None, environ: dict | None = None, **env: str):
-        """`environ`: the environment to start from (default: this process's); `env`: changes to it."""
+    def __init__(self, log: Path, queues: str | None = None, cwd: Path | None = None, environ: dict | None = None, **env: str):
+        """`queues`: default, those of the worker's devices; `environ`: the environment to start from
+        (default: this process's); `env`: changes to it."""
         self.log, self.queues, self.cwd, self.process = log, queues, cwd, None
         self.environ = {**(os.environ if environ is None else environ), **env}
 
     def start(self) -> "Worker":
         env = {k: v for k, v in self.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", self.queues],
+        queues = [] if self.queues is None else ["--queues", self.queues]
+        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", *queues],
                                         stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=self.cwd)  # fmt: skip
         return self
 

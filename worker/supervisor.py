@@ -1,5 +1,6 @@
-"""Supervise one attempt of a job: claim it, run the engine in a child process, heartbeat, enforce
-cancellation, and make sure the job never stays `running` after its process is gone.
+"""Supervise one attempt of a job: lease its devices, claim it, run the engine in a child process,
+heartbeat, enforce cancellation, and make sure the job never stays `running` after its process is
+gone, nor holds its devices after it ended.
 
 The training process is a child in its own process group, never the Celery process itself: torch,
 CUDA and DeepSpeed state stay out of the worker, a crash or an out-of-memory kill takes only the
@@ -15,14 +16,18 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
-from app import job_status
+from sqlalchemy import select
+
+from app import device_leases, job_status
+from app.device_leases import Inventory, inventory
 from app.worker_registry import worker_name
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
-from app.models import CANCELLED, CANCELLING, FAILED, Job
+from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Job
 from worker.engine.launch import deepspeed_command
 from app.job_paths import hide_server_paths, job_dir
 
@@ -37,12 +42,29 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def child_command(job_id: str, attempt: int, spec: dict, settings: Settings) -> list[str]:
+def child_command(job_id: str, attempt: int, spec: dict, settings: Settings, devices: list[int] | None = None) -> list[str]:
+    """The training process: alone for one device, else under the DeepSpeed launcher, on the leased
+    `devices` of this machine or across the hostfile's machines."""
     entry = ["worker.job_process", job_id, "--attempt", str(attempt)]
-    devices = spec.get("resources", {}).get("devices", 1)
-    if devices == 1:
+    count = spec.get("resources", {}).get("devices", 1)
+    if count == 1:
         return [sys.executable, "-m", *entry]
-    return deepspeed_command(devices, entry, settings.hostfile)
+    return deepspeed_command(count, entry, settings.hostfile, include=devices)
+
+
+def child_environment(devices: list[int] | None, inventory: Inventory) -> dict[str, str]:
+    """The worker's environment with the leased devices made the training process's. One process
+    gets its GPU as CUDA_VISIBLE_DEVICES (a CPU worker's gets none, so an `auto` job it took stays on
+    the CPU); the launcher sets each rank's from `--include`, after checking the ordinals against the
+    host's device count, which its CPU accelerator reads from LOCAL_SIZE."""
+    env = dict(os.environ)
+    if devices is None:
+        return env
+    if len(devices) == 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(devices[0]) if inventory.kind == "gpu" else ""
+    else:
+        env["LOCAL_SIZE"] = str(inventory.count)
+    return env
 
 
 def describe_exit(code: int, log: Path) -> dict:
@@ -58,21 +80,72 @@ def describe_exit(code: int, log: Path) -> dict:
 
 
 def supervise(job_id: str) -> bool:
-    """Run one attempt of `job_id`. False if the job was not ours to run."""
+    """Run one attempt of `job_id` on devices leased for it. False if the job was not ours to run."""
     settings = get_settings()
     Session = session_factory()
+    devices_here, name = inventory(settings), worker_name()
     with Session() as session:
-        attempt = job_status.claim(session, job_id, worker=worker_name())
+        job = session.get(Job, job_id)
+        if job is None or job.status != QUEUED:
+            return False
+        spec = job.spec
+    count = spec.get("resources", {}).get("devices", 1)
+    spread = settings.hostfile is not None and count > 1  # its ranks run on the hostfile's machines
+    if not spread and count > devices_here.count:  # only a worker given --queues of sizes it lacks gets here
+        with Session() as session:
+            attempt = job_status.claim(session, job_id, worker=name)
+            if attempt is not None:
+                message = f"asks for {count} devices; worker {name} has {devices_here.count} ({devices_here.kind})"
+                job_status.finish(session, job_id, attempt, FAILED, {"code": "ResourceError", "message": f"resources.devices: {message}"})
+        return attempt is not None
+    devices = None if spread else _lease(job_id, count, devices_here, settings, Session)
+    if not spread and devices is None:
+        return False
+    try:
+        with Session() as session:
+            placement = {"kind": devices_here.kind, "devices": devices} if devices is not None else {}
+            attempt = job_status.claim(session, job_id, worker=name, placement=placement)
         if attempt is None:
             return False
-        spec = session.get(Job, job_id).spec
+        _run(job_id, attempt, spec, settings, Session, child_command(job_id, attempt, spec, settings, devices),
+             child_environment(devices, devices_here))  # fmt: skip
+        return True
+    finally:
+        if devices is not None:
+            through_outage(lambda: _release(job_id, name, Session), settings.heartbeat_timeout_seconds)
+
+
+LEASE_POLL_SECONDS = 2.0
+
+
+def _lease(job_id: str, count: int, devices_here: Inventory, settings: Settings, Session) -> list[int] | None:
+    """Wait until `count` devices of this machine are free and lease them to the job; None once the
+    job has left the queue meanwhile (cancelled, or taken by another worker)."""
+    liveness = timedelta(seconds=settings.heartbeat_timeout_seconds)
+    while True:
+        try:
+            with Session() as session:
+                devices = device_leases.acquire(session, job_id, count, devices_here, worker_name(), liveness)
+                if devices is not None or session.scalar(select(Job.status).where(Job.id == job_id)) != QUEUED:
+                    return devices
+        except OUTAGE:
+            pass
+        time.sleep(LEASE_POLL_SECONDS)
+
+
+def _release(job_id: str, worker: str, Session) -> None:
+    with Session() as session:
+        device_leases.release(session, job_id, worker)
+
+
+def _run(job_id: str, attempt: int, spec: dict, settings: Settings, Session, command: list[str], env: dict[str, str]) -> None:
+    """Run the attempt's training process to its end and settle the job's status."""
     out = job_dir(settings, job_id)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"attempt-{attempt}.log"
     with log.open("w") as log_file:
         child = subprocess.Popen(
-            child_command(job_id, attempt, spec, settings), stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=die_with_parent,
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         try:
             held = _watch(child, job_id, attempt, settings, Session)
@@ -81,7 +154,7 @@ def supervise(job_id: str) -> bool:
                 _stop(child)
     code = child.wait()
     if not held:
-        return True  # the lease ran out in a database outage: the reaper queues the job again
+        return  # the lease ran out in a database outage: the reaper queues the job again
 
     def settle() -> None:
         with Session() as session:
@@ -92,7 +165,6 @@ def supervise(job_id: str) -> bool:
                 job_status.finish(session, job_id, attempt, FAILED, hide_server_paths(describe_exit(code, log), settings, job_id))
 
     through_outage(settle, settings.heartbeat_timeout_seconds)
-    return True
 
 
 def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> bool:

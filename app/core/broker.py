@@ -11,7 +11,8 @@ Settings fit multi-hour GPU tasks:
   worker; a duplicate that arrives anyway is recognised when it tries to claim the job row;
 - JSON only, results ignored: the database, not the result backend, is the record of a job.
 
-Queues are resource classes (`cpu-1`, `gpu-4`, ...): a worker consumes only the classes it can run.
+Queues are resource classes (`cpu-1`, `gpu-4`, `auto-2`, ...): a worker consumes only the classes it
+can run (`app.device_leases.Inventory.queues`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,15 @@ def broker() -> Celery:
     return configure(Celery("distill", set_as_current=False), get_settings())
 
 
-def queue_for(spec: dict, settings: Settings) -> str:
-    """The resource class of a job: accelerator kind and number of devices."""
+def queue_for(spec: dict, served: set[str]) -> str:
+    """The resource class of a job: accelerator kind and number of devices. An `auto` job goes to a
+    GPU queue that a live worker serves (`served`), and otherwise to `auto-N`, which GPU and CPU
+    workers all consume: it runs wherever it can, on whichever worker is first free."""
     resources = spec.get("resources", {})
-    kind = resources.get("accelerator", "auto")
+    kind, devices = resources.get("accelerator", "auto"), resources.get("devices", 1)
     if kind == "auto":
-        kind = settings.auto_accelerator
-    return f"{kind}-{resources.get('devices', 1)}"
+        kind = "gpu" if f"gpu-{devices}" in served else "auto"
+    return f"{kind}-{devices}"
 
 
 def send_job(job_id: str, queue: str) -> None:

@@ -47,11 +47,14 @@ class Settings(BaseSettings):
         20.0, gt=0, description="How long a cancelled job may take to stop by itself before its processes are killed."
     )
     visibility_timeout_seconds: int = Field(7 * 24 * 3600, description="Redis redelivery timeout; above the longest job.")
-    auto_accelerator: str = Field("cpu", description="Queue kind for jobs with resources.accelerator auto: cpu or gpu.")
     refuse_unserved_queues: bool = Field(
         False, description="Refuse (422) a job whose queue no live worker consumes, instead of queuing it with a warning."
     )
-    worker_cpu_processes: int = Field(2, ge=1, description="Largest resources.devices a CPU worker takes.")
+    worker_cpu_processes: int = Field(2, ge=1, description="Largest resources.devices a CPU worker takes (a worker "
+                                      "without GPUs runs one job at a time: jobs would share the machine's cores).")
+    worker_gpus: int | None = Field(None, ge=0, description="GPUs a worker hands out to jobs, as CUDA ordinals 0..N-1; "
+                                    "it runs jobs side by side on disjoint sets of them. Default: the GPUs nvidia-smi "
+                                    "lists. 0: a CPU worker.")
     hostfile: Path | None = Field(None, description="DeepSpeed hostfile: run multi-process jobs across these machines.")
     secret_key: SigningKeys = Field([], description="Keys that sign download links, as KID:SECRET separated by ',': "
                                     "the first signs, all are accepted; a lone SECRET has key id 'default'. The same on "

@@ -63,13 +63,13 @@ def detail_for(response, loc: list) -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def a_worker_serves_the_test_queues():
-    """The jobs here go to cpu-1 and cpu-2: registered as served, the way a worker's reaper thread
+    """The jobs here go to auto-1 and cpu-2: registered as served (a CPU worker's queues), the way a worker's reaper thread
     does it, so that their events are only the ones each test expects. (Nothing consumes the
     messages: the jobs stay queued. tests/service/test_queues.py is about unserved queues.)"""
     from app.reaper import reap_forever
 
     stop = threading.Event()
-    thread = threading.Thread(target=reap_forever, args=(stop, ["cpu-1", "cpu-2"]), daemon=True)
+    thread = threading.Thread(target=reap_forever, args=(stop, ["cpu-1", "cpu-2", "auto-1", "auto-2"]), daemon=True)
     thread.start()
     yield
     stop.set()
@@ -186,7 +186,7 @@ def test_prometheus_metrics_count_jobs_and_requests(client, auth, dataset):
     for status in ("running", "cancelling", "succeeded", "failed"):
         assert f'distill_jobs{{status="{status}"}}' in text
     assert "# TYPE distill_queue_depth gauge" in text
-    assert re.search(rf'^distill_queue_depth\{{queue="cpu-1"\}} {queued}\.0$', text, re.M), text
+    assert re.search(rf'^distill_queue_depth\{{queue="auto-1"\}} {queued}\.0$', text, re.M), text
     assert "# TYPE distill_http_request_seconds histogram" in text
     assert re.search(r'^distill_http_request_seconds_bucket\{le="\+Inf",method="GET",route="/healthz",status="200"\} [1-9]', text, re.M)
     assert re.search(r'^distill_http_request_seconds_count\{method="POST",route="[^"]*/jobs",status="201"\} [1-9]', text, re.M)
@@ -219,7 +219,7 @@ def test_submit_queues_a_job(client, auth, dataset):
     job = response.json()
     assert job["id"].startswith("job-")
     assert job["status"] == "queued"
-    assert job["queue"] == "cpu-1"
+    assert job["queue"] == "auto-1"  # an auto job, and no GPU worker: for whichever worker is free first
     assert job["attempts"] == 0 and job["max_attempts"] == 3
     assert job["progress"] == {"step": 0, "total_steps": spec["training"]["steps"], "eta_seconds": None}
     assert job["started_at"] is None and job["finished_at"] is None and job["error"] is None
@@ -232,7 +232,7 @@ def test_submit_queues_a_job(client, auth, dataset):
 
     events = events_of(client, auth, job["id"])
     assert [e["type"] for e in events] == ["state"]
-    assert events[0]["data"] == {"state": "queued"} and "cpu-1" in events[0]["message"]
+    assert events[0]["data"] == {"state": "queued"} and "auto-1" in events[0]["message"]
 
 
 def test_total_steps_include_the_recovery_stage(client, auth, dataset):

@@ -131,6 +131,7 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     page.locator(f'#jobs tr[data-id="{job_id}"] a').first.click()
     expect(page.locator("#job-status")).to_have_attribute("data-status", "succeeded", timeout=300_000)
     expect(page.locator("#cancel")).to_be_hidden()
+    expect(page.locator("#placement")).to_have_text(re.compile(r"^\S+:\d+, cpu 0$"))  # the worker, its one CPU slot
     expect(page.locator("#evals tbody tr").first).to_be_visible(timeout=10_000)
     assert page.locator("#evals tbody tr").count() >= 2
     expect(page.locator("#events li").first).to_be_visible()

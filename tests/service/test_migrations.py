@@ -9,7 +9,7 @@ from worker.engine.paths import PROJECT_ROOT
 from helpers import PG, create_database, drop_database
 
 TABLES = {"users", "api_tokens", "datasets", "jobs", "job_events", "metrics", "evals", "checkpoints", "workers",
-          "webhook_deliveries"}
+          "webhook_deliveries", "device_leases"}
 
 
 def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
@@ -23,6 +23,7 @@ def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
         command.upgrade(config, "head")
         assert TABLES <= set(inspect(engine).get_table_names())
         assert "samples" in {c["name"] for c in inspect(engine).get_columns("evals")}  # 0006
+        assert "placement" in {c["name"] for c in inspect(engine).get_columns("jobs")}  # 0008
         command.downgrade(config, "base")
         assert not TABLES & set(inspect(engine).get_table_names())
         command.upgrade(config, "head")  # and back up again

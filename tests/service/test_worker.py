@@ -207,7 +207,7 @@ def test_a_two_device_job_runs_under_the_deepspeed_launcher(client, auth, datase
                      eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
     job_id = submit(client, auth, spec)
     done = wait_status(client, auth, job_id, {"succeeded", "failed"})
-    assert done["status"] == "succeeded" and done["queue"] == "cpu-2", done["error"]
+    assert done["status"] == "succeeded" and done["queue"] == "auto-2", done["error"]
     messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]]
     assert "2 process(es) on cpu, precision fp32" in messages
     assert [c["step"] for c in checkpoints(client, auth, job_id)] == [4]

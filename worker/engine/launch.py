@@ -15,9 +15,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_command(devices: int, module_args: list[str], hostfile: Path | None = None) -> list[str]:
+def deepspeed_command(
+    devices: int, module_args: list[str], hostfile: Path | None = None, include: list[int] | None = None
+) -> list[str]:
     """Run `python -m MODULE ARGS` once per device under the DeepSpeed launcher of this environment:
-    on `devices` local devices, or across the machines of a DeepSpeed hostfile (over ssh)."""
+    on `devices` local devices (the ordinals `include` names, when given: the launcher's own
+    `--include`, which sets each rank's CUDA_VISIBLE_DEVICES), or across the machines of a DeepSpeed
+    hostfile (over ssh)."""
     command = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
-    command += ["--hostfile", str(hostfile)] if hostfile is not None else ["--num_gpus", str(devices)]
+    if hostfile is not None:
+        command += ["--hostfile", str(hostfile)]
+    elif include is not None:
+        command += ["--include", "localhost:" + ",".join(str(device) for device in include)]
+    else:
+        command += ["--num_gpus", str(devices)]
     return [*command, "--module", *module_args]

@@ -101,8 +101,8 @@ def _accept(spec: JobSpec, session: Session, user: User, settings: Settings) -> 
     if problems:
         raise RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
     body = spec.model_dump(mode="json")
-    queue = queue_for(body, settings)
     served = worker_registry.served_queues(session, _liveness(settings))
+    queue = queue_for(body, served)
     if queue not in served and settings.refuse_unserved_queues:
         offered = f"queues served now: {', '.join(sorted(served))}" if served else "no worker is running"
         raise RequestValidationError([{"loc": ("body", "resources"), "type": "value_error",

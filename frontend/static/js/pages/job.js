@@ -6,6 +6,12 @@ import { dump } from "/vendor/js-yaml.mjs";
 import { samplesTable } from "../samples.js";
 import { TERMINAL, badge, bytes, duration, h, num, progressCell, studentLabel, toast, when } from "../util.js";
 
+// Where a job runs: its worker and the devices it leased there (none for ranks spread over a hostfile).
+function placementLabel(p) {
+  if (!p) return "—";
+  return p.devices ? `${p.worker}, ${p.kind} ${p.devices.join(",")}` : `${p.worker} (ranks on the hostfile's machines)`;
+}
+
 export function render(main, { id }) {
   const control = new AbortController();
   let job = null, refreshTimer = null, queuedTimer = null, refreshing = false, again = false;
@@ -95,7 +101,8 @@ export function render(main, { id }) {
       ...item("Best checkpoint Rouge-L", best ? `${num(best.scores.rouge_l, 3)} (step ${best.step}, ${best.set === "test" ? "test" : "selection"} set)` : "—"),
       ...item("Created", when(job.created_at)),
       ...item("Finished", when(job.finished_at)),
-      ...item("Attempts", `${job.attempts} of ${job.max_attempts}`));
+      ...item("Attempts", `${job.attempts} of ${job.max_attempts}`),
+      ...item("Runs on", h("span", { id: "placement" }, placementLabel(job.placement))));
     if (job.error) {
       error.textContent = `${job.error.code}: ${job.error.message}`;
       error.hidden = false;
