@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from worker.engine.batch import collate  # noqa: E402
 from worker.engine.data import read_records, tokenize  # noqa: E402
 from worker.engine.distributed import DTYPES, choose_precision, init_process_group  # noqa: E402
+from worker.engine.host_memory import keep_freed_memory  # noqa: E402
 from worker.engine.models import derive_student, load_model, load_tokenizer, resolve_model  # noqa: E402
 from worker.engine.paths import PROJECT_ROOT  # noqa: E402
 from worker.engine.sampling import sample  # noqa: E402
@@ -51,6 +52,8 @@ def main() -> None:
     spec = load_spec(PROJECT_ROOT / "examples" / "smollm2-minillm.yaml")
     device = init_process_group(spec)
     precision = choose_precision(spec, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the engine's processes do (trainer.setup): freed buffers are reused, not faulted back
     teacher_dir = resolve_model(spec.teacher)
     with tempfile.TemporaryDirectory() as tmp:
         student_dir = derive_student(teacher_dir, spec.student.init_from_teacher, Path(tmp) / "student")
