@@ -82,6 +82,21 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
     return moved
 
 
+def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict) -> bool:
+    """End attempt `attempt`, whose processes stopped without reporting an outcome (one was killed,
+    crashed, or lost a peer), as retryable: the job is queued again while attempts remain (it resumes
+    from its newest checkpoint), else it fails with `error`. True if it was queued again."""
+    job = session.get(Job, job_id)
+    if job.attempts < job.max_attempts and _move_attempt(session, job_id, attempt, (RUNNING,), status=QUEUED, worker=None,
+                                                         published_at=None):  # fmt: skip
+        crud.stage_event(session, job_id, "state", f"queued again: {error['message']} (attempt {attempt} of {job.max_attempts})",
+                         "warning", {"state": QUEUED})  # fmt: skip
+        session.commit()
+        return True
+    finish(session, job_id, attempt, FAILED, error)
+    return False
+
+
 def request_cancel(session: Session, job_id: str) -> str | None:
     """Cancel: a queued job at once, a running one by asking its worker. Returns the new status,
     or None when the job had already ended."""

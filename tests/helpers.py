@@ -103,6 +103,20 @@ def training_process(job_id: str) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
+def rank_processes(job_id: str) -> dict[int, int]:
+    """PIDs of a job's ranks under the DeepSpeed launcher (`python -m worker.job_process --local_rank=N JOB ...`), by local rank."""
+    ranks = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0")]
+        except OSError:  # ended meanwhile
+            continue
+        flags = [a for a in argv if a.startswith("--local_rank=")]
+        if "worker.job_process" in argv and job_id in argv and flags:
+            ranks[int(flags[0].split("=", 1)[1])] = int(proc.name)
+    return ranks
+
+
 def wait_for(predicate, timeout: float = 300, interval: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -28,6 +28,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
 from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Job
+from app.outbox import publish
 from worker.engine.launch import deepspeed_command
 from app.job_paths import hide_server_paths, job_dir
 
@@ -88,7 +89,7 @@ def supervise(job_id: str) -> bool:
         job = session.get(Job, job_id)
         if job is None or job.status != QUEUED:
             return False
-        spec = job.spec
+        spec, queue = job.spec, job.queue
     count = spec.get("resources", {}).get("devices", 1)
     spread = settings.hostfile is not None and count > 1  # its ranks run on the hostfile's machines
     if not spread and count > devices_here.count:  # only a worker given --queues of sizes it lacks gets here
@@ -107,7 +108,7 @@ def supervise(job_id: str) -> bool:
             attempt = job_status.claim(session, job_id, worker=name, placement=placement)
         if attempt is None:
             return False
-        _run(job_id, attempt, spec, settings, Session, child_command(job_id, attempt, spec, settings, devices),
+        _run(job_id, attempt, queue, settings, Session, child_command(job_id, attempt, spec, settings, devices),
              child_environment(devices, devices_here))  # fmt: skip
         return True
     finally:
@@ -138,8 +139,9 @@ def _release(job_id: str, worker: str, Session) -> None:
         device_leases.release(session, job_id, worker)
 
 
-def _run(job_id: str, attempt: int, spec: dict, settings: Settings, Session, command: list[str], env: dict[str, str]) -> None:
-    """Run the attempt's training process to its end and settle the job's status."""
+def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, command: list[str], env: dict[str, str]) -> None:
+    """Run the attempt's training process to its end and settle the job's status (back to `queue`
+    when the processes stopped without an outcome and attempts remain)."""
     out = job_dir(settings, job_id)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"attempt-{attempt}.log"
@@ -156,15 +158,19 @@ def _run(job_id: str, attempt: int, spec: dict, settings: Settings, Session, com
     if not held:
         return  # the lease ran out in a database outage: the reaper queues the job again
 
-    def settle() -> None:
+    def settle() -> bool:
+        """True if the job was queued again."""
         with Session() as session:
             status = job_status.is_active(session, job_id, attempt)
             if status == CANCELLING:  # killed after the grace period, or stopped without saying so
                 job_status.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
-            elif status is not None:  # the child ended without reporting an outcome: it crashed
-                job_status.finish(session, job_id, attempt, FAILED, hide_server_paths(describe_exit(code, log), settings, job_id))
+            elif status is not None:  # it ended without reporting an outcome: killed, crashed, or a rank was lost
+                error = hide_server_paths(describe_exit(code, log), settings, job_id)
+                return job_status.retry_or_fail(session, job_id, attempt, error)
+        return False
 
-    through_outage(settle, settings.heartbeat_timeout_seconds)
+    if through_outage(settle, settings.heartbeat_timeout_seconds):
+        publish(job_id, queue)  # if the broker is down, the reaper sends it later
 
 
 def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> bool:

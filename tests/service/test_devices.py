@@ -16,7 +16,7 @@ from app.core.config import Settings
 from app.core.db import session_factory
 from app.device_leases import Inventory, inventory
 from app.models import DeviceLease
-from helpers import Worker, job, submit, tiny_spec, wait_for, wait_status
+from helpers import Worker, job, rank_processes, submit, tiny_spec, wait_for, wait_status
 from test_queues import cancel, register, served, unregister
 from worker.supervisor import child_command, child_environment
 
@@ -83,16 +83,14 @@ def test_leases_are_disjoint_and_stale_ones_are_taken_back(client, auth, dataset
 
 
 def visible_devices(job_id: str) -> set[str]:
-    """CUDA_VISIBLE_DEVICES of the job's ranks now (`python -m worker.job_process --local_rank=N JOB ...`)."""
+    """CUDA_VISIBLE_DEVICES of the job's ranks now."""
     seen = set()
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid in rank_processes(job_id).values():
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"worker.job_process" in argv and job_id.encode() in argv and any(a.startswith(b"--local_rank") for a in argv):
-                environ = (proc / "environ").read_bytes().split(b"\0")
-                seen |= {e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"CUDA_VISIBLE_DEVICES=")}
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:  # ended meanwhile
             continue
+        seen |= {e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"CUDA_VISIBLE_DEVICES=")}
     return seen
 
 

@@ -18,7 +18,7 @@ from app.core.db import session_factory
 from app.main import app
 from app.models import Checkpoint, Job
 from worker.engine.launch import free_port
-from helpers import Worker, job, make_user, submit, tiny_spec, training_process, wait_for, wait_status
+from helpers import Worker, job, make_user, rank_processes, submit, tiny_spec, training_process, wait_for, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 
@@ -154,14 +154,35 @@ def test_a_job_whose_worker_is_lost_on_its_last_attempt_fails(client, auth, data
     assert done["status"] == "failed" and done["error"]["code"] == "WorkerLost"
 
 
-def test_a_crashed_training_process_fails_the_job_with_the_reason(client, auth, dataset, worker):
+def test_a_crashed_training_process_on_the_last_attempt_fails_the_job_with_the_reason(client, auth, dataset, worker):
     spec = tiny_spec(dataset, training={"steps": 400}, checkpoints={"every_steps": 0}, eval={"every_steps": 0})
     job_id = submit(client, auth, spec)
+    with session_factory()() as session:  # on an earlier attempt it would be queued again (the test below)
+        session.execute(update(Job).where(Job.id == job_id).values(max_attempts=1))
+        session.commit()
     pids = wait_for(lambda: training_process(job_id), what="the training process")
     wait_for(lambda: job(client, auth, job_id)["progress"]["step"] > 0, what="training to start")
     os.kill(pids[0], signal.SIGKILL)  # what the kernel's OOM killer does
     done = wait_status(client, auth, job_id, {"failed", "succeeded"}, timeout=60)
     assert done["error"]["code"] == "ProcessExited" and "SIGKILL" in done["error"]["message"]
+
+
+def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client, auth, dataset, worker):
+    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 40},
+                     checkpoints={"every_steps": 4, "keep": 1}, eval={"every_steps": 0})  # fmt: skip
+    job_id = submit(client, auth, spec)
+    wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
+    ranks = wait_for(lambda: len(r := rank_processes(job_id)) == 2 and r, what="both ranks")
+    os.kill(ranks[1], signal.SIGKILL)  # rank 0, in a collective with it, loses its peer
+
+    done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=600)
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+    messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]]
+    assert any(m.startswith("queued again: the training process exited") for m in messages), messages
+    resumed = [int(m.split()[3].rstrip(",:")) for m in messages if m.startswith("resumed from step")]
+    assert resumed and resumed[0] >= 4
+    series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
+    assert [p["step"] for p in series["loss"]] == list(range(1, 41))  # each step recorded once, across both attempts
 
 
 def test_a_model_that_cannot_load_fails_the_job_with_a_useful_error(client, auth, dataset, worker, tmp_path):

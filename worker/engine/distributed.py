@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,11 @@ import torch.distributed as dist
 from .paths import use_project_extension_dir
 from .launch import free_port
 from .spec import JobSpec
+
+
+# The longest one collective may take (DISTILL_COLLECTIVE_TIMEOUT_SECONDS): above the slowest step,
+# evaluation or checkpoint save that ranks wait on each other through.
+COLLECTIVE_TIMEOUT_SECONDS = 1800
 
 
 class ResourceError(RuntimeError):
@@ -48,11 +54,24 @@ def init_process_group(spec: JobSpec) -> torch.device:
             from deepspeed.accelerator import get_accelerator
 
             deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+        # An explicit limit on any one collective: a rank whose peer died or hangs fails after it
+        # instead of waiting out the backend's default, and its attempt is retried (`lost_peer`).
+        timeout = timedelta(seconds=float(os.environ.get("DISTILL_COLLECTIVE_TIMEOUT_SECONDS") or COLLECTIVE_TIMEOUT_SECONDS))
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", timeout=timeout)
     if gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cpu")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another process of the job died or stopped
+    answering (or timed out): not this process's own failure, and worth another attempt."""
+    if world_size() == 1:
+        return False
+    # NCCL and c10d raise DistError (DistBackendError, DistNetworkError, timeouts); gloo raises plain
+    # RuntimeErrors from its transport ("Connection closed by peer", "Timed out waiting ... for recv").
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo/transport/" in str(err))
 
 
 def rank() -> int:

@@ -31,6 +31,7 @@ from .distributed import (
     init_process_group,
     initialize,
     initialize_teacher,
+    lost_peer,
     rank,
     rank0_says,
     teacher_config,
@@ -401,7 +402,8 @@ def _fmt(scores: dict[str, float]) -> str:
 
 
 def train(spec: JobSpec, output_dir: Path, reporter: Reporter) -> dict[str, dict[str, float]]:
-    """Run a job to the end (or until cancelled: raises `Cancelled`). Failures are reported, then raised."""
+    """Run a job to the end (or until cancelled: raises `Cancelled`). Failures are reported, then
+    raised; a collective broken by another process's death is raised unreported, to be retried."""
     trainer = Trainer(spec, output_dir, reporter)
     try:
         return trainer.run()
@@ -409,6 +411,9 @@ def train(spec: JobSpec, output_dir: Path, reporter: Reporter) -> dict[str, dict
         trainer.emit("state", f"cancelled {stop.what}", state="cancelled", step=stop.step)
         raise
     except Exception as err:
-        trainer.emit("state", f"failed: {type(err).__name__}: {err}", "error", state="failed",
-                     error={"code": type(err).__name__, "message": str(err)})  # fmt: skip
+        if lost_peer(err):  # no outcome reported: the worker retries the attempt (or fails the job on its last)
+            trainer.emit("log", f"another process of this job was lost: {type(err).__name__}: {err}", "warning")
+        else:
+            trainer.emit("state", f"failed: {type(err).__name__}: {err}", "error", state="failed",
+                         error={"code": type(err).__name__, "message": str(err)})  # fmt: skip
         raise
