@@ -126,6 +126,7 @@ def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(cli
     spec = tiny_spec(dataset, training={"steps": 120}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0})
     job_id = submit(client, auth, spec)
     wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
+    lost = job(client, auth, job_id)["placement"]["worker"]
     first.kill()
     # The training process dies with its worker (PDEATHSIG), so it cannot race the next attempt.
     wait_for(lambda: not training_process(job_id), timeout=20, what="the orphaned training process to exit")
@@ -137,7 +138,7 @@ def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(cli
         second.stop()
     assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
     messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]]
-    assert any("queued again" in m for m in messages)
+    assert f"queued again: worker {lost} stopped responding (attempt 1 of 3)" in messages
     assert any(m.startswith("resumed from step") for m in messages)
 
 
@@ -183,6 +184,22 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client,
     assert resumed and resumed[0] >= 4
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
     assert [p["step"] for p in series["loss"]] == list(range(1, 41))  # each step recorded once, across both attempts
+
+
+def test_a_stalled_training_process_is_stopped_and_its_job_retried(client, auth, dataset, tmp_path):
+    w = Worker(tmp_path / "w.log", DISTILL_PROGRESS_TIMEOUT_SECONDS="20").start()
+    try:
+        spec = tiny_spec(dataset, training={"steps": 30}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0})
+        job_id = submit(client, auth, spec)
+        wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
+        os.kill(training_process(job_id)[0], signal.SIGSTOP)  # alive, holding its lease, and silent: a hang
+        done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=300)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+        messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]]
+        assert any(m.startswith("queued again: no step and no event for 20 s") for m in messages), messages
+        assert any(m.startswith("resumed from step") for m in messages)
+    finally:
+        w.stop()
 
 
 def test_a_model_that_cannot_load_fails_the_job_with_a_useful_error(client, auth, dataset, worker, tmp_path):
