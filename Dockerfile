@@ -10,7 +10,8 @@ ENV PYTHONUNBUFFERED=1 \
     DISTILL_DATA_DIR=/data \
     DISTILL_ARTIFACTS_DIR=/artifacts \
     DISTILL_CACHE_DIR=/data/cache \
-    TORCH_EXTENSIONS_DIR=/data/cache/torch_extensions
+    TORCH_EXTENSIONS_DIR=/data/cache/torch_extensions \
+    HF_HOME=/data/cache/huggingface
 COPY pyproject.toml README.md alembic.ini ./
 COPY app app
 COPY worker worker

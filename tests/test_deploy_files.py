@@ -33,6 +33,9 @@ def test_compose_services_restart_report_health_and_keep_state_on_volumes():
         assert "healthcheck" in SERVICES[name], name
     assert any(v.endswith(":/data") for v in SERVICES["api"]["volumes"])  # the signing key and token survive redeploys
     assert any(v.endswith(":/artifacts") for v in SERVICES["api"]["volumes"])
+    # Hub downloads land on the workers' cache volume, not in the container's layer: kept across redeploys.
+    assert any(v.endswith(":/data/cache") for v in SERVICES["worker"]["volumes"])
+    assert re.search(r"^\s+HF_HOME=/data/cache/huggingface\b", (PROJECT_ROOT / "Dockerfile").read_text(), re.M)
     # Jobs with accelerator auto find the GPU workers by themselves (no setting routes them).
     assert not any("AUTO_ACCELERATOR" in key for key in COMPOSE["x-settings"])
 

@@ -25,7 +25,8 @@ from app.core.outage import OUTAGE, through_outage
 from app.core.storage import s3_store
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job, Metric
 from worker.engine.events import Event
-from app.job_paths import hide_server_paths
+from app.job_paths import hide_server_paths, job_dir
+from worker.engine.paths import RESUME_STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,12 @@ class DbReporter:
             self.store.upload(storage_url, f"archives/{archive.name}", archive)
             for f in files:
                 self.store.upload(storage_url, f"checkpoints/{directory.name}/{f['name']}", directory / f["name"])
+            # The state to resume from this step, for an attempt on another machine (worker/job_state.py).
+            resume = directory.parent.parent / "resume" / directory.name
+            if (resume / RESUME_STATE_FILE).exists():
+                self.store.upload_tree(storage_url, f"resume/{directory.name}/", resume, last=RESUME_STATE_FILE)
+                older = [n for n in self.store.names(storage_url, "resume/") if not n.startswith(f"resume/{directory.name}/")]
+                self.store.delete(storage_url, older)
         return dict(path=str(directory), archive_path=str(archive), archive_size=archive.stat().st_size,
                     archive_sha256=sha256_file(archive), files=files, storage_url=storage_url)  # fmt: skip
 
@@ -189,8 +196,10 @@ class DbReporter:
         if event.data.get("best") and not (job.best_eval and job.best_eval["step"] == step and job.best_eval.get("set") == "test"):
             job.best_eval = {"step": step, "set": "selection", "scores": event.data["scores"]}
         # The engine keeps only the newest checkpoints (and the best): forget those it removed.
+        # (Looked for in this attempt's folder: an attempt on another machine brought those it keeps.)
+        kept = job_dir(self.settings, self.job_id) / "checkpoints"
         for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
-            if not Path(old.path).exists():
+            if not (kept / Path(old.path).name).exists():
                 doomed.append((_file_columns(old), None))
                 session.delete(old)
         self._event(session, "checkpoint", event.message, "info", {**event.data, "files": built["files"]})

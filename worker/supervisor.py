@@ -28,7 +28,9 @@ from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
 from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Job
+from app.core.storage import s3_store
 from app.outbox import publish
+from worker.job_state import restore
 from worker.engine.launch import deepspeed_command
 from app.job_paths import hide_server_paths, job_dir
 
@@ -145,6 +147,11 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
     out = job_dir(settings, job_id)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"attempt-{attempt}.log"
+    if (store := s3_store()) is not None:
+        try:
+            restore(store, job_id, out)
+        except Exception:  # boto3 raises many types; without the bucket's copies the job resumes from what is here
+            logger.warning("job %s: could not bring its state from the bucket", job_id, exc_info=True)
     with log.open("w") as log_file:
         child = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,

@@ -1,9 +1,10 @@
 """Optional S3-compatible storage of checkpoints (boto3; credentials from the usual AWS variables).
 
 Checkpoints are always written to local disk first (the engine resumes from there). With
-`DISTILL_S3_BUCKET` set, the worker also copies each checkpoint's files and archive to the bucket,
-and the API answers downloads with a redirect to a presigned URL, so the bytes never pass through
-the API server and S3 serves the Range requests.
+`DISTILL_S3_BUCKET` set, the worker also copies each checkpoint's files and archive, and the state to
+resume from it, to the bucket; the API answers downloads with a redirect to a presigned URL, so the
+bytes never pass through the API server and S3 serves the Range requests; and a job taken up again on
+another machine starts from the bucket's copies (`worker/job_state.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ class S3Store:
 
     def upload(self, url: str, name: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(url, name))
+
+    def upload_tree(self, url: str, name: str, directory: Path, last: str) -> None:
+        """Every file under `directory` to `name` + its relative path; the file named `last` after all
+        the others, so that a copy holding it is complete."""
+        files = sorted(p for p in directory.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.name == last):
+            self.upload(url, name + path.relative_to(directory).as_posix(), path)
+
+    def names(self, url: str, name: str) -> list[str]:
+        """The names under `url` that start with `name`."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(url, name))
+        return [o["Key"].removeprefix(self._key(url, "")) for page in pages for o in page.get("Contents", [])]
+
+    def download(self, url: str, name: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self._key(url, name), str(path))
 
     def delete(self, url: str, names: list[str]) -> None:
         keys = [{"Key": self._key(url, n)} for n in names]

@@ -4,6 +4,8 @@ moto's server stands in for S3 (a real HTTP server speaking the S3 API, in this 
 
 import hashlib
 import os
+import uuid
+from pathlib import Path
 
 import boto3
 import httpx
@@ -70,3 +72,36 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset
     single = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/files/config.json", headers=auth, follow_redirects=False)
     assert single.status_code == 307
     assert httpx.get(single.headers["location"]).json()["num_hidden_layers"] == 2
+
+
+def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client, auth, dataset, s3, tmp_path):
+    """Two workers with artifacts folders of their own, as on two machines: the first is killed after
+    a checkpoint, the second finds nothing of the job on its disk and resumes from the bucket."""
+    bucket, endpoint = s3
+    env = dict(DISTILL_S3_BUCKET="models", DISTILL_S3_ENDPOINT_URL=endpoint)
+    # Beside the service's own artifacts folder: outside the data roots, which the tests' temporary files are in.
+    machines = Path(os.environ["DISTILL_ARTIFACTS_DIR"]).parent / f"machines-{uuid.uuid4().hex[:8]}"
+    first = Worker(tmp_path / "first.log", DISTILL_ARTIFACTS_DIR=str(machines / "first"), **env).start()
+    spec = tiny_spec(dataset, training={"steps": 40}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0})
+    job_id = client.post("/api/v1/jobs", json=spec, headers=auth).json()["id"]
+    prefix = f"distill/jobs/{job_id}/resume/"
+
+    def resume_steps() -> set[str]:
+        keys = [o["Key"] for o in bucket.list_objects_v2(Bucket="models", Prefix=prefix).get("Contents", [])]
+        return {k.split("/")[4] for k in keys if k.endswith("/trainer_state.json")}
+
+    wait_for(resume_steps, what="a resume state in the bucket")
+    first.kill()
+    assert not (machines / "second").exists()
+    second = Worker(tmp_path / "second.log", DISTILL_ARTIFACTS_DIR=str(machines / "second"), **env).start()
+    try:
+        done = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{job_id}", headers=auth).json())["status"]
+                        in ("succeeded", "failed") and j, timeout=400, what="the job to end")  # fmt: skip
+    finally:
+        second.stop()
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+    messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]]
+    resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed from step")]
+    assert resumed and resumed[0] >= 5, messages  # not step 0
+    assert resume_steps() == {"step-000040"}  # the bucket keeps the newest resume state only
+    assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth, follow_redirects=False).status_code == 307

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from .distributed import barrier, rank
+from .paths import RESUME_STATE_FILE
 from .data import held_out_source
 from .references import looks_like_hub_id
 from .spec import JobSpec
-
-STATE_FILE = "trainer_state.json"
 
 
 def step_dir_name(step: int) -> str:
@@ -44,11 +43,11 @@ def saved_steps(output_dir: Path) -> list[int]:
 
 
 def latest_resume_state(output_dir: Path) -> tuple[Path, dict] | None:
-    steps = _steps(output_dir / "resume", STATE_FILE)
+    steps = _steps(output_dir / "resume", RESUME_STATE_FILE)
     if not steps:
         return None
     path = output_dir / "resume" / step_dir_name(steps[-1])
-    return path, json.loads((path / STATE_FILE).read_text())
+    return path, json.loads((path / RESUME_STATE_FILE).read_text())
 
 
 def best_step(output_dir: Path) -> int | None:
@@ -209,7 +208,7 @@ def save_resume_state(engine, out: Path, trainer_state: dict, rank_state: dict) 
     torch.save(rank_state, out / f"rank-{rank()}.pt")
     barrier()
     if rank() == 0:
-        (out / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        (out / RESUME_STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         for old in out.parent.glob("step-*"):
             if old != out:
                 shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
+# Written last into a resume state's folder (OUTPUT/resume/step-N/): a folder without it is incomplete.
+RESUME_STATE_FILE = "trainer_state.json"
+
 
 def cache_dir() -> Path:
     """`DISTILL_CACHE_DIR`, else `.cache/` in the project checkout (never the home directory)."""
