@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app import crud, webhooks
 from app.core.db import db_now
-from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job, JobEvent
+from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job
 
 
 def _move(session: Session, job_id: str, from_: tuple[str, ...], **values) -> bool:
@@ -166,12 +166,6 @@ def published_before(session: Session, grace: timedelta) -> list[tuple[str, str]
         Job.status == QUEUED, Job.published_at < db_now(session) - grace
     ))  # fmt: skip
     return [(job_id, queue) for job_id, queue in rows]
-
-
-def progress(session: Session, job_id: str) -> tuple[int, int]:
-    """What moves while a job's processes work: its step and its newest event."""
-    step = session.scalar(select(Job.step).where(Job.id == job_id))
-    return step or 0, session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job_id)) or 0
 
 
 def is_active(session: Session, job_id: str, attempt: int) -> str | None:

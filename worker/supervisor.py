@@ -157,12 +157,12 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
             command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         try:
-            ended = _watch(child, job_id, attempt, settings, Session)
+            held = _watch(child, job_id, attempt, settings, Session)
         finally:
             if child.poll() is None:  # _watch failed unexpectedly: no training process outlives its supervisor
                 _stop(child)
     code = child.wait()
-    if ended == OUTAGE_STOP:
+    if not held:
         return  # the lease ran out in a database outage: the reaper queues the job again
 
     def settle() -> bool:
@@ -171,11 +171,8 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
             status = job_status.is_active(session, job_id, attempt)
             if status == CANCELLING:  # killed after the grace period, or stopped without saying so
                 job_status.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
-            elif status is not None:  # it ended without reporting an outcome: killed, crashed, a rank lost, or stalled
+            elif status is not None:  # it ended without reporting an outcome: killed, crashed, or a rank was lost
                 error = hide_server_paths(describe_exit(code, log), settings, job_id)
-                if ended == STALLED:
-                    error = {"code": "NoProgress", "message": f"no step and no event for {settings.progress_timeout_seconds:.0f} s: "
-                             f"the worker stopped the training process"}  # fmt: skip
                 return job_status.retry_or_fail(session, job_id, attempt, error)
         return False
 
@@ -183,26 +180,18 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
         publish(job_id, queue)  # if the broker is down, the reaper sends it later
 
 
-# Why `_watch` stopped watching.
-ENDED = "ended"  # the child ended, or was stopped because the job was cancelled or taken over
-OUTAGE_STOP = "outage"  # stopped because the database stayed unreachable until just before the lease ends
-STALLED = "stalled"  # stopped because it made no progress for progress_timeout_seconds
-
-
-def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> str:
-    """Heartbeat while the child runs; stop it if the job is taken over, cancelled and still running
-    after the grace period (the child stops by itself between any two units of work), or silent (no
-    step, no event) for `progress_timeout_seconds`. OUTAGE_STOP when the database stayed unreachable
-    until just before the lease ends (the reaper may then give the job to another attempt, which must
-    not run beside it)."""
+def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> bool:
+    """Heartbeat while the child runs; stop it if the job is taken over, or cancelled and still
+    running after the grace period (the child stops by itself between any two units of work).
+    False if the child was stopped because the database stayed unreachable until just before the
+    lease ends (the reaper may then give the job to another attempt, which must not run beside it)."""
     last_beat, last_answer, cancel_seen = 0.0, time.monotonic(), None
-    last_progress, progressed_at = None, time.monotonic()
     while child.poll() is None:
         time.sleep(0.5)
         now = time.monotonic()
         if cancel_seen is not None and now - cancel_seen > settings.cancel_grace_seconds:
             _stop(child)
-            return ENDED
+            return True
         if now - last_beat < settings.heartbeat_seconds:
             continue
         last_beat = now
@@ -210,27 +199,20 @@ def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Setting
             with Session() as session:
                 owned = job_status.heartbeat(session, job_id, attempt)
                 status = job_status.is_active(session, job_id, attempt)
-                progress = job_status.progress(session, job_id)
         except OUTAGE:
             if now - last_answer > settings.heartbeat_timeout_seconds - 2 * settings.heartbeat_seconds:
                 logger.warning("job %s: the database did not answer for %.0f s; stopping its training process "
                             "before its lease ends", job_id, now - last_answer)  # fmt: skip
                 _stop(child)
-                return OUTAGE_STOP
+                return False
             continue
         last_answer = now
         if not owned:
             _stop(child)  # another attempt has the job now; this one must not write anything more
-            return ENDED
+            return True
         if status == CANCELLING and cancel_seen is None:
             cancel_seen = now
-        if progress != last_progress:
-            last_progress, progressed_at = progress, now
-        elif settings.progress_timeout_seconds is not None and now - progressed_at > settings.progress_timeout_seconds:
-            logger.warning("job %s: no progress for %.0f s; killing its training process", job_id, now - progressed_at)
-            _stop(child, grace=1.0)  # hung: it would not stop by itself, and the heartbeats wait meanwhile
-            return STALLED
-    return ENDED
+    return True
 
 
 def _stop(child: subprocess.Popen, grace: float = 10.0) -> None:

@@ -43,9 +43,6 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Times a job is started before a lost worker marks it failed.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker reports that a job is alive.")
     heartbeat_timeout_seconds: float = Field(120.0, gt=0, description="A running job silent this long is taken up again.")
-    progress_timeout_seconds: float | None = Field(
-        7200.0, gt=0, description="A running job that records no step and no event for this long is stopped and "
-        "retried (a hang outside any collective, which time out by themselves). Empty: never.")
     cancel_grace_seconds: float = Field(
         20.0, gt=0, description="How long a cancelled job may take to stop by itself before its processes are killed."
     )
