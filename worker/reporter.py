@@ -199,7 +199,7 @@ class DbReporter:
         # (Looked for in this attempt's folder: an attempt on another machine brought those it keeps.)
         kept = job_dir(self.settings, self.job_id) / "checkpoints"
         for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)).all():
-            if not (kept / Path(old.path).name).exists():
+            if not Path(old.path).exists() and not (kept / Path(old.path).name).exists():
                 doomed.append((_file_columns(old), None))
                 session.delete(old)
         self._event(session, "checkpoint", event.message, "info", {**event.data, "files": built["files"]})
