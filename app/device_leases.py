@@ -82,7 +82,3 @@ def acquire(session: Session, job_id: str, count: int, inventory: Inventory, wor
 def release(session: Session, job_id: str, worker: str) -> None:
     session.execute(delete(DeviceLease).where(DeviceLease.job_id == job_id, DeviceLease.worker == worker))
     session.commit()
-
-
-def leases(session: Session) -> list[DeviceLease]:
-    return list(session.scalars(select(DeviceLease).order_by(DeviceLease.host, DeviceLease.device)))

@@ -82,15 +82,22 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
     return moved
 
 
+def _queue_again(session: Session, job: Job, attempt: int, why: str, *also) -> bool:
+    """Put the running `job` back in the queue, ending attempt `attempt` (while the conditions `also`
+    hold; not committed); its message is to be sent again. True if it was."""
+    if not _move_attempt(session, job.id, attempt, (RUNNING,), *also, status=QUEUED, worker=None, published_at=None):
+        return False
+    crud.stage_event(session, job.id, "state", f"queued again: {why} (attempt {attempt} of {job.max_attempts})", "warning",
+                     {"state": QUEUED})  # fmt: skip
+    return True
+
+
 def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict) -> bool:
     """End attempt `attempt`, whose processes stopped without reporting an outcome (one was killed,
     crashed, or lost a peer), as retryable: the job is queued again while attempts remain (it resumes
     from its newest checkpoint), else it fails with `error`. True if it was queued again."""
     job = session.get(Job, job_id)
-    if job.attempts < job.max_attempts and _move_attempt(session, job_id, attempt, (RUNNING,), status=QUEUED, worker=None,
-                                                         published_at=None):  # fmt: skip
-        crud.stage_event(session, job_id, "state", f"queued again: {error['message']} (attempt {attempt} of {job.max_attempts})",
-                         "warning", {"state": QUEUED})  # fmt: skip
+    if job.attempts < job.max_attempts and _queue_again(session, job, attempt, error["message"]):
         session.commit()
         return True
     finish(session, job_id, attempt, FAILED, error)
@@ -130,10 +137,8 @@ def reap_stale(session: Session, timeout: timedelta) -> list[str]:
                 crud.stage_event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
                 webhooks.stage_delivery(session, job.id)
         elif job.attempts < job.max_attempts:
-            worker = job.worker  # before the update, which sets it to None on this object too
-            if _move_attempt(*owned, (RUNNING,), silent, status=QUEUED, worker=None, published_at=None):
-                crud.stage_event(session, job.id, "state", f"queued again: worker {worker} stopped responding "
-                                 f"(attempt {job.attempts} of {job.max_attempts})", "warning", {"state": QUEUED})  # fmt: skip
+            # The reason is read before the update, which clears the worker on this object too.
+            if _queue_again(session, job, job.attempts, f"worker {job.worker} stopped responding", silent):
                 requeue.append(job.id)
         else:
             error = {"code": "WorkerLost", "message": f"the worker stopped responding on all {job.max_attempts} attempts"}

@@ -101,7 +101,7 @@ def supervise(job_id: str) -> bool:
                 message = f"asks for {count} devices; worker {name} has {devices_here.count} ({devices_here.kind})"
                 job_status.finish(session, job_id, attempt, FAILED, {"code": "ResourceError", "message": f"resources.devices: {message}"})
         return attempt is not None
-    devices = None if spread else _lease(job_id, count, devices_here, settings, Session)
+    devices = None if spread else _lease(job_id, count, devices_here, name, settings, Session)
     if not spread and devices is None:
         return False
     try:
@@ -121,14 +121,14 @@ def supervise(job_id: str) -> bool:
 LEASE_POLL_SECONDS = 2.0
 
 
-def _lease(job_id: str, count: int, devices_here: Inventory, settings: Settings, Session) -> list[int] | None:
-    """Wait until `count` devices of this machine are free and lease them to the job; None once the
+def _lease(job_id: str, count: int, devices_here: Inventory, worker: str, settings: Settings, Session) -> list[int] | None:
+    """Wait until `count` devices of this machine are free and lease them to the job for `worker`; None once the
     job has left the queue meanwhile (cancelled, or taken by another worker)."""
     liveness = timedelta(seconds=settings.heartbeat_timeout_seconds)
     while True:
         try:
             with Session() as session:
-                devices = device_leases.acquire(session, job_id, count, devices_here, worker_name(), liveness)
+                devices = device_leases.acquire(session, job_id, count, devices_here, worker, liveness)
                 if devices is not None or session.scalar(select(Job.status).where(Job.id == job_id)) != QUEUED:
                     return devices
         except OUTAGE:

@@ -34,8 +34,7 @@ class S3Store:
     def upload_tree(self, url: str, name: str, directory: Path, last: str) -> None:
         """Every file under `directory` to `name` + its relative path; the file named `last` after all
         the others, so that a copy holding it is complete."""
-        files = sorted(p for p in directory.rglob("*") if p.is_file())
-        for path in sorted(files, key=lambda p: p.name == last):
+        for path in sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: (p.name == last, p)):
             self.upload(url, name + path.relative_to(directory).as_posix(), path)
 
     def names(self, url: str, name: str) -> list[str]:
