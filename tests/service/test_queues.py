@@ -197,7 +197,7 @@ def test_the_queue_positions_of_a_listing_take_one_query(client, auth, dataset):
     from sqlalchemy import event
 
     from app import crud
-    from app.core.db import get_engine, session_factory
+    from app.core.db import session_factory
     from app.models import Job
 
     job_ids = [gpu_job(client, auth, dataset, 9) for _ in range(4)]
@@ -208,11 +208,13 @@ def test_the_queue_positions_of_a_listing_take_one_query(client, auth, dataset):
 
     with session_factory()() as session:
         jobs = [session.get(Job, job_id) for job_id in job_ids]
-        event.listen(get_engine(), "before_cursor_execute", record)
+        # This session's connection only: the app's background threads share the engine's pool.
+        connection = session.connection()
+        event.listen(connection, "before_cursor_execute", record)
         try:
             ahead = crud.jobs_ahead(session, jobs)
         finally:
-            event.remove(get_engine(), "before_cursor_execute", record)
+            event.remove(connection, "before_cursor_execute", record)
     assert ahead == {job_id: place for place, job_id in enumerate(job_ids)}
     assert len(statements) == 1, statements
     cancel(client, auth, *job_ids)
