@@ -1,4 +1,4 @@
-"""init_process_group: a single CPU process joins without DeepSpeed's shared-memory op."""
+"""init_process_group: a single CPU process joins without DeepSpeed's shared-memory op; op builds survive a killed builder."""
 
 import os
 import subprocess
@@ -22,3 +22,43 @@ def test_one_cpu_process_compiles_no_shared_memory_op(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "True"
     assert not extensions.exists() or not any(extensions.rglob("*.so"))  # nothing was compiled
+
+
+HOLD_THE_BATON = """
+import sys, time
+import torch.utils.cpp_extension as cpp_extension
+from worker.engine.op_builds import prepare_op_builds
+prepare_op_builds()
+baton = cpp_extension.FileBaton(sys.argv[1])
+assert baton.try_acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+TAKE_THE_BATON = """
+import sys
+import torch.utils.cpp_extension as cpp_extension
+from worker.engine.op_builds import prepare_op_builds
+prepare_op_builds()
+baton = cpp_extension.FileBaton(sys.argv[1])
+print(baton.try_acquire())
+baton.release()
+"""
+
+
+def test_a_process_killed_while_building_an_op_does_not_block_the_next_one(tmp_path):
+    """torch's own baton is a file that a killed builder leaves behind, and every later build of that
+    op then waits forever (what hung the multi-process jobs after a cancelled one)."""
+    lock = str(tmp_path / "lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BATON, lock], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        # While the holder lives, the baton is taken.
+        busy = subprocess.run([sys.executable, "-c", TAKE_THE_BATON, lock], capture_output=True, text=True, timeout=120)
+        assert busy.stdout.strip() == "False", busy.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(lock)  # the killed holder left its file behind, as with torch's baton
+    done = subprocess.run([sys.executable, "-c", TAKE_THE_BATON, lock], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]

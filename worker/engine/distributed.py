@@ -17,7 +17,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from .paths import use_project_extension_dir
+from .op_builds import prepare_op_builds
 from .launch import free_port
 from .spec import JobSpec
 
@@ -39,7 +39,7 @@ def use_gpu(spec: JobSpec) -> bool:
 
 def init_process_group(spec: JobSpec) -> torch.device:
     """Join (or, alone, create) the process group; returns this rank's device."""
-    use_project_extension_dir()
+    prepare_op_builds()
     gpu = use_gpu(spec)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
     if "RANK" not in os.environ:

@@ -17,11 +17,6 @@ def cache_dir() -> Path:
     return path
 
 
-def use_project_extension_dir() -> None:
-    """DeepSpeed JIT-compiles ops into TORCH_EXTENSIONS_DIR (default: under ~); keep them in the cache."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
-
-
 def write_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` whole or not at all: a killed writer leaves no half file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
