@@ -1,4 +1,5 @@
-"""The engine's reporter inside the service: every event goes to the database as it happens.
+"""The engine's reporter inside the service: every event goes to the database as it happens, from a
+writer thread (the training loop does not wait for it).
 
 Writes are fenced by the attempt number, atomically: each event's rows are written in the
 transaction that locked the job's row while this attempt owned it (`job_status.hold`). Once the job
@@ -10,8 +11,10 @@ relative to the job's folder (`job_paths.hide_server_paths`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tarfile
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -49,14 +52,20 @@ def build_archive(directory: Path, archive: Path) -> None:
 
 
 class DbReporter:
+    """Events are written in order by a thread of their own: the training loop never waits on the
+    database, a bucket upload or a checkpoint's archive and hashes (on rank 0, while the other ranks
+    would wait for it in their next collective). Through a database outage the writer retries and the
+    events wait, in memory, in order."""
+
     def __init__(self, job_id: str, attempt: int):
         self.job_id, self.attempt = job_id, attempt
         self.Session = session_factory()
         self.settings = get_settings()
         self.parent = os.getppid()
         self.store = s3_store()
-        self.pending: deque[Event] = deque()  # written in order; more than one only during an outage
-        self.outage = False
+        self.pending: deque[Event] = deque()  # the first is being written; emptied in order
+        self.changed = threading.Condition()
+        threading.Thread(target=self._write_forever, daemon=True, name="event-writer").start()
 
     def should_cancel(self) -> bool:
         if os.getppid() != self.parent:  # orphaned: the supervisor is gone
@@ -68,23 +77,27 @@ class DbReporter:
             return False  # no answer is not a cancellation; the supervisor minds the lease
 
     def emit(self, event: Event) -> None:
-        self.pending.append(event)
-        self.flush()
+        with self.changed:
+            self.pending.append(event)
+            self.changed.notify_all()
 
-    def flush(self, seconds: float = 0.0) -> bool:
-        """Write the waiting events in order, retrying through an outage for up to `seconds`;
-        True when none is left."""
-        while self.pending:
+    def flush(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the events emitted so far to be written; True when none is left."""
+        with self.changed:
+            return self.changed.wait_for(lambda: not self.pending, timeout=seconds)
+
+    def _write_forever(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.pending)
+                event = self.pending[0]
             try:
-                through_outage(lambda: self._write(self.pending[0]), seconds)
-            except OUTAGE:
-                if not self.outage:
-                    log.warning("the database does not answer; %d event(s) wait to be written", len(self.pending))
-                self.outage = True
-                return False
-            self.pending.popleft()
-        self.outage = False
-        return True
+                through_outage(lambda: self._write(event), seconds=math.inf)
+            except Exception:  # not an outage, which is waited out: a bug, or a checkpoint's files removed meanwhile
+                log.exception("job %s: its %s event could not be written", self.job_id, event.type)
+            with self.changed:
+                self.pending.popleft()
+                self.changed.notify_all()
 
     def _write(self, event: Event) -> None:
         # Slow file and bucket work happens outside the transaction that holds the job's row lock:

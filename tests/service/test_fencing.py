@@ -1,10 +1,11 @@
 """Attempt fencing is atomic with the write: a stale attempt (its job taken over while it still ran)
 can neither write nor delete anything of the attempt that took over, even in between the check and
-the write."""
+the write. The reporter writes behind the training loop, which never waits for it."""
 
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import select, update
 
@@ -60,11 +61,13 @@ def test_a_stale_attempt_writes_and_deletes_nothing(client, auth, dataset, tmp_p
     (folder / "config.json").write_text("{}")
     current.emit(Event("checkpoint", "checkpoint step 3", data={"step": 3, "path": str(folder)}))
     current.emit(Event("metrics", data={"step": 3, "values": {"loss": 2.0}}))
+    assert current.flush(seconds=30)
 
     stale = DbReporter(job_id, 1)
     stale.emit(Event("metrics", data={"step": 3, "values": {"loss": 9.0}}))
     stale.emit(Event("checkpoint", "checkpoint step 3", data={"step": 3, "path": str(folder)}))
     stale.emit(Event("state", "failed", "error", {"state": "failed", "error": {"code": "X", "message": "stale"}}))
+    assert stale.flush(seconds=30)
     with session_factory()() as session:
         assert [m.value for m in session.scalars(select(Metric).where(Metric.job_id == job_id))] == [2.0]
         rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
@@ -78,10 +81,12 @@ def test_a_resumed_attempt_replaces_the_points_of_the_steps_it_runs_again(client
     first = DbReporter(job_id, 1)
     for step in (1, 2, 3):
         first.emit(Event("metrics", data={"step": step, "values": {"loss": 10.0 + step}}))
+    assert first.flush(seconds=30)
     take_over(job_id)  # resumes from a checkpoint at step 1: steps 2 and 3 run again
     second = DbReporter(job_id, 2)
     for step in (2, 3):
         second.emit(Event("metrics", data={"step": step, "values": {"loss": 20.0 + step}}))
+    assert second.flush(seconds=30)
     with session_factory()() as session:
         points = session.execute(select(Metric.step, Metric.value).where(Metric.job_id == job_id).order_by(Metric.step)).all()
     assert [tuple(p) for p in points] == [(1, 11.0), (2, 22.0), (3, 23.0)]
@@ -108,3 +113,30 @@ def test_a_heartbeat_that_lands_while_the_reaper_waits_keeps_the_job(client, aut
     with Session() as session:
         job = session.get(Job, job_id)
         assert (job.status, job.attempts) == ("running", 1)
+
+
+def test_the_training_loop_waits_on_neither_the_database_nor_a_checkpoint_s_archive(client, auth, dataset, tmp_path):
+    """Rank 0 emits and goes on training (the other ranks wait for it in their next collective): the
+    events, a checkpoint's archive and hashes among them, are written behind it, in order."""
+    job_id = running_job(client, auth, dataset)
+    reporter = DbReporter(job_id, 1)
+    folder = tmp_path / "checkpoints" / "step-000002"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights" * 1000)
+    blocker = session_factory()()
+    assert job_status.hold(blocker, job_id, 1) == "running"  # the job's row is locked: every write waits
+    try:
+        emitting = threading.Thread(target=lambda: [
+            reporter.emit(Event("checkpoint", "checkpoint step 2", data={"step": 2, "path": str(folder)})),
+            reporter.emit(Event("metrics", data={"step": 2, "values": {"loss": 1.5}}))])  # fmt: skip
+        emitting.start()
+        emitting.join(timeout=10)
+        assert not emitting.is_alive()  # emit returned while nothing could be written
+        assert not reporter.flush(seconds=1)
+    finally:
+        blocker.rollback()
+    assert reporter.flush(seconds=30)
+    with session_factory()() as session:
+        (checkpoint,) = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
+        assert checkpoint.step == 2 and Path(checkpoint.archive_path).exists()
+        assert [m.value for m in session.scalars(select(Metric).where(Metric.job_id == job_id))] == [1.5]
