@@ -439,10 +439,14 @@ def up(
             user = crud.user_named(session, "local")
             token = crud.create_token(session, user) if user else crud.create_user(session, "local")[1]
             write_private(token_file, token)
+    from worker.supervisor import die_with_parent
+
+    # Each dies with this process, even one killed before it could stop them.
     processes = [
         subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port),
-                          "--log-level", "warning"]),  # fmt: skip
-        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                          "--log-level", "warning"], preexec_fn=die_with_parent),  # fmt: skip
+        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=die_with_parent),  # fmt: skip
     ]
 
     def stop(*_):

@@ -70,6 +70,7 @@ def test_vendor_libraries_are_served(server):
     assert httpx.get(server + "/healthz").status_code == 200
 
 
+@pytest.mark.usefixtures("no_leftover_jobs")  # else its worker would first run earlier tests' queued jobs
 def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser_page):
     page, problems = browser_page
     user = make_user()
