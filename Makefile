@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
+	scripts/ensure-node-group-tools.sh
 	$(PY) -m pytest -q
 
 # The fault campaign: its own PostgreSQL and Redis, the API and workers as processes; kills and restarts

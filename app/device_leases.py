@@ -2,7 +2,8 @@
 
 A worker has an inventory of devices of one kind: the GPUs of its machine (those `nvidia-smi` lists,
 or as many as `DISTILL_WORKER_GPUS` declares), or, without GPUs, `worker_cpu_processes` CPU process
-slots. Before it starts a job it leases as many devices as the job's `resources.devices` from that
+slots. A worker of a node group also runs jobs of whole machines of the group (`worker/node_group.py`):
+such a job leases all of this machine's devices. Before it starts a job it leases as many devices as the job's `resources.devices` from that
 inventory, and releases them when the attempt ends, however it ends. Leases are rows keyed by host and
 device: two workers on one machine never hand out the same device, and the database shows who holds
 what. A lease is stale, and taken back by the next worker that needs the device, once its worker no
@@ -25,15 +26,17 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import db_now
 from app.models import TERMINAL, DeviceLease, Job, RegisteredWorker
+from worker.node_group import group_sizes, read_hostfile
 
 
 class Inventory(NamedTuple):
     kind: str  # "gpu" or "cpu": the queues it serves (gpu-N or cpu-N, and auto-N)
-    count: int  # devices 0..count-1
+    count: int  # devices 0..count-1 of this machine
+    group_sizes: tuple[int, ...] = ()  # bigger jobs it runs across the machines of its node group (DISTILL_HOSTFILE)
 
     @property
     def queues(self) -> list[str]:
-        sizes = range(1, self.count + 1)
+        sizes = [*range(1, self.count + 1), *(n for n in self.group_sizes if n > self.count)]
         return [f"{self.kind}-{n}" for n in sizes] + [f"auto-{n}" for n in sizes]
 
 
@@ -48,7 +51,8 @@ def _visible_gpus() -> int:
 
 def inventory(settings: Settings) -> Inventory:
     gpus = settings.worker_gpus if settings.worker_gpus is not None else _visible_gpus()
-    return Inventory("gpu", gpus) if gpus else Inventory("cpu", settings.worker_cpu_processes)
+    group = group_sizes(read_hostfile(settings.hostfile)) if settings.hostfile is not None else ()
+    return Inventory("gpu", gpus, group) if gpus else Inventory("cpu", settings.worker_cpu_processes, group)
 
 
 def host() -> str:

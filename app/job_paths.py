@@ -1,4 +1,4 @@
-"""Where a job's files live on a worker, and how paths appear to its user.
+"""Where a job's files and uploaded datasets live on a machine, and how paths appear to a user.
 
 Events, errors and logs a user reads name files relative to the job's folder (`checkpoints/step-6`),
 never as the server's absolute paths: those would tell every user how the servers are laid out.
@@ -16,6 +16,12 @@ from worker.engine.paths import PROJECT_ROOT, cache_dir
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.resolved_artifacts_dir / "jobs" / job_id
+
+
+def dataset_file(settings: Settings, dataset_id: str) -> Path:
+    """An uploaded dataset on this machine: where the API stores it, or where a worker on another
+    machine copies it from the bucket."""
+    return settings.resolved_artifacts_dir / "datasets" / f"{dataset_id}.jsonl"
 
 
 def hide_server_paths(value, settings: Settings, job_id: str):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app import crud, webhooks
 from app.core.db import db_now
-from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job
+from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job, JobEvent
 
 
 def _move(session: Session, job_id: str, from_: tuple[str, ...], **values) -> bool:
@@ -39,7 +39,7 @@ def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str,
 def claim(session: Session, job_id: str, worker: str, placement: dict | None = None) -> int | None:
     """Take a queued job for this worker; returns the attempt number, or None if someone else has it
     (a redelivered duplicate message, or a job cancelled while queued). `placement`: where it runs
-    ({"kind", "devices"}), kept on the job with the worker's name."""
+    ({"kind", "devices"}, and "hosts" across a node group), kept on the job with the worker's name."""
     now = db_now(session)
     placement = {"worker": worker, **(placement or {})}
     attempt = session.execute(
@@ -51,6 +51,7 @@ def claim(session: Session, job_id: str, worker: str, placement: dict | None = N
     if attempt is not None:
         devices = placement.get("devices")
         where = f"{worker}" + (f", {placement['kind']} {','.join(map(str, devices))}" if devices else "")
+        where += f", across {', '.join(placement['hosts'])}" if placement.get("hosts") else ""
         crud.stage_event(session, job_id, "state", f"running (attempt {attempt}) on {where}",
                          data={"state": RUNNING, "attempt": attempt, "placement": placement})  # fmt: skip
     session.commit()
@@ -171,6 +172,12 @@ def published_before(session: Session, grace: timedelta) -> list[tuple[str, str]
         Job.status == QUEUED, Job.published_at < db_now(session) - grace
     ))  # fmt: skip
     return [(job_id, queue) for job_id, queue in rows]
+
+
+def progress(session: Session, job_id: str) -> tuple[int, int]:
+    """What moves while a job's processes work: its step and its newest event."""
+    step = session.scalar(select(Job.step).where(Job.id == job_id))
+    return step or 0, session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job_id)) or 0
 
 
 def is_active(session: Session, job_id: str, attempt: int) -> str | None:

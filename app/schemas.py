@@ -37,8 +37,9 @@ class Placement(BaseModel):
     worker: str = Field(description="The worker that runs (or last ran) the job: host:pid.")
     kind: str | None = Field(None, description="gpu or cpu: the kind of the devices it was given.")
     devices: list[int] | None = Field(
-        None, description="Its devices on the worker's machine (CUDA ordinals on a GPU worker); none for a job whose "
-        "ranks run on the machines of a hostfile.")
+        None, description="Its devices on the worker's machine (CUDA ordinals on a GPU worker); a job across a node "
+        "group holds all of them.")
+    hosts: list[str] | None = Field(None, description="The node group's machines its ranks run on; none on one machine.")
 
 
 class JobOut(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.path_roots import Roots, confine
 from app.models import Dataset, Job
@@ -18,7 +18,7 @@ from worker.engine.events import Event
 from worker.engine.spec import DATA_FILES, JobSpec
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter
-from app.job_paths import job_dir
+from app.job_paths import dataset_file, job_dir
 from worker.supervisor import die_with_parent
 
 
@@ -27,10 +27,11 @@ class SpecRefused(ValueError):
     dataset that is gone or not its owner's."""
 
 
-def readable_spec(job: Job, session, roots: Roots) -> JobSpec:
+def readable_spec(job: Job, session, settings: Settings) -> JobSpec:
     """The job's spec as the engine reads it: paths checked against the roots on this machine (where
-    the files are read) and resolved, hub ids marked, `dataset:ID` replaced by the upload's file."""
-    spec, problems = confine(JobSpec.model_validate(job.spec), roots, on_disk=True)
+    the files are read) and resolved, hub ids marked, `dataset:ID` replaced by the upload's file (this
+    machine's copy from the bucket, where the API's folder is elsewhere)."""
+    spec, problems = confine(JobSpec.model_validate(job.spec), Roots.of(settings), on_disk=True)
     if problems:
         raise SpecRefused("; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems))
     data = {}
@@ -40,7 +41,8 @@ def readable_spec(job: Job, session, roots: Roots) -> JobSpec:
             dataset = session.get(Dataset, ref.removeprefix("dataset:"))
             if dataset is None or dataset.user_id != job.user_id:
                 raise SpecRefused(f"data.{key}: {ref}: no such uploaded dataset (was it deleted?)")
-            data[key] = dataset.path
+            copy = dataset_file(settings, dataset.id)
+            data[key] = str(copy) if copy.exists() else dataset.path
     return spec.model_copy(update={"data": spec.data.model_copy(update=data)})
 
 
@@ -55,7 +57,7 @@ def main() -> None:
     reporter = DbReporter(args.job_id, args.attempt)
     try:
         with session_factory()() as session:
-            spec = readable_spec(session.get(Job, args.job_id), session, Roots.of(settings))
+            spec = readable_spec(session.get(Job, args.job_id), session, settings)
     except SpecRefused as err:
         reporter.emit(Event("state", f"failed: {err}", "error", {"state": "failed", "error": {"code": "SpecRefused", "message": str(err)}}))
         reporter.flush(seconds=settings.heartbeat_timeout_seconds)

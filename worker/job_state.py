@@ -1,18 +1,24 @@
-"""A job's resume state and kept checkpoints, brought from the bucket to this machine before an attempt.
+"""A job's resume state, kept checkpoints and uploaded datasets, brought from the bucket to this
+machine before an attempt.
 
 With S3 configured the worker copies every checkpoint and the state to resume from it to the bucket
 (`worker/reporter.py`). A job taken up again on another machine (another artifacts folder) finds
 neither on its disk; the supervisor copies them into the job's folder before the training processes
 start, so the engine resumes from the newest step instead of step 0, and the best checkpoint it keeps
-is there for the final evaluation.
+is there for the final evaluation. Likewise the datasets it reads that were uploaded through an API
+on another machine.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from app.core.files import sha256_file
 from app.core.storage import S3Store
+from app.models import Dataset
 from worker.engine.paths import RESUME_STATE_FILE
 
 
@@ -37,3 +43,22 @@ def restore(store: S3Store, job_id: str, out: Path) -> int | None:
     shutil.rmtree(out / "resume" / step, ignore_errors=True)
     partial.rename(out / "resume" / step)
     return int(step.removeprefix("step-"))
+
+
+def bring_datasets(store: S3Store, datasets: list[Dataset], local: dict[str, Path]) -> None:
+    """Copy each of `datasets` that is on neither its recorded path nor `local[id]` (this machine's
+    place for it) from the bucket to `local[id]`, checked against the upload's hash."""
+    for dataset in datasets:
+        target = local[dataset.id]
+        if target.exists() or Path(dataset.path).exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # jobs on this machine may race
+        os.close(fd)
+        try:
+            store.download(store.datasets_url(), target.name, Path(partial))
+            if sha256_file(Path(partial)) != dataset.sha256:
+                raise ValueError(f"dataset:{dataset.id}: the bucket's copy does not match the upload's sha256")
+            os.replace(partial, target)
+        finally:
+            Path(partial).unlink(missing_ok=True)

@@ -27,12 +27,13 @@ from app.worker_registry import worker_name
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
-from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Job
-from app.core.storage import s3_store
+from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Dataset, Job
+from app.core.storage import S3Store, s3_store
 from app.outbox import publish
-from worker.job_state import restore
+from worker.job_state import bring_datasets, restore
 from worker.engine.launch import deepspeed_command
-from app.job_paths import hide_server_paths, job_dir
+from worker.node_group import HostfileError, free_port_on, launcher_options, read_hostfile, write_rank_environment
+from app.job_paths import dataset_file, hide_server_paths, job_dir
 
 PR_SET_PDEATHSIG = 1
 logger = logging.getLogger(__name__)
@@ -45,22 +46,34 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def child_command(job_id: str, attempt: int, spec: dict, settings: Settings, devices: list[int] | None = None) -> list[str]:
+def child_command(
+    job_id: str, attempt: int, spec: dict, settings: Settings, devices: list[int] | None = None, master_port: int | None = None
+) -> list[str]:
     """The training process: alone for one device, else under the DeepSpeed launcher, on the leased
-    `devices` of this machine or across the hostfile's machines."""
+    `devices` of this machine, or across the first machines of the node group (`master_port`: the
+    rendezvous port, free on its first host)."""
     entry = ["worker.job_process", job_id, "--attempt", str(attempt)]
     count = spec.get("resources", {}).get("devices", 1)
     if count == 1:
         return [sys.executable, "-m", *entry]
-    return deepspeed_command(count, entry, settings.hostfile, include=devices)
+    if master_port is not None:
+        hosts = read_hostfile(settings.hostfile)
+        return deepspeed_command(entry, ["--hostfile", str(settings.hostfile), *launcher_options(hosts, count, master_port)])
+    return deepspeed_command(entry, ["--include", "localhost:" + ",".join(map(str, devices))])
 
 
-def child_environment(devices: list[int] | None, inventory: Inventory) -> dict[str, str]:
+def child_environment(devices: list[int] | None, inventory: Inventory, settings: Settings) -> dict[str, str]:
     """The worker's environment with the leased devices made the training process's. One process
     gets its GPU as CUDA_VISIBLE_DEVICES (a CPU worker's gets none, so an `auto` job it took stays on
     the CPU); the launcher sets each rank's from `--include`, after checking the ordinals against the
-    host's device count, which its CPU accelerator reads from LOCAL_SIZE."""
+    host's device count, which its CPU accelerator reads from LOCAL_SIZE.
+
+    A training process stopped or hung inside a transaction would hold its job's row lock, and this
+    supervisor's heartbeats, the reaper and cancels, which need the row, would wait with it: PostgreSQL
+    closes such a session after half the heartbeat timeout (libpq reads PGOPTIONS; SQLite ignores it)."""
     env = dict(os.environ)
+    idle = f"-c idle_in_transaction_session_timeout={int(settings.heartbeat_timeout_seconds * 500)}"
+    env["PGOPTIONS"] = f"{env['PGOPTIONS']} {idle}" if env.get("PGOPTIONS") else idle
     if devices is None:
         return env
     if len(devices) == 1:
@@ -93,7 +106,7 @@ def supervise(job_id: str) -> bool:
             return False
         spec, queue = job.spec, job.queue
     count = spec.get("resources", {}).get("devices", 1)
-    spread = settings.hostfile is not None and count > 1  # its ranks run on the hostfile's machines
+    spread = count > devices_here.count and count in devices_here.group_sizes  # its ranks run on the group's machines
     if not spread and count > devices_here.count:  # only a worker given --queues of sizes it lacks gets here
         with Session() as session:
             attempt = job_status.claim(session, job_id, worker=name)
@@ -101,21 +114,40 @@ def supervise(job_id: str) -> bool:
                 message = f"asks for {count} devices; worker {name} has {devices_here.count} ({devices_here.kind})"
                 job_status.finish(session, job_id, attempt, FAILED, {"code": "ResourceError", "message": f"resources.devices: {message}"})
         return attempt is not None
-    devices = None if spread else _lease(job_id, count, devices_here, name, settings, Session)
-    if not spread and devices is None:
+    # A job across the group takes every device of this machine, its first: nothing else runs beside its ranks.
+    devices = _lease(job_id, devices_here.count if spread else count, devices_here, name, settings, Session)
+    if devices is None:
         return False
     try:
         with Session() as session:
-            placement = {"kind": devices_here.kind, "devices": devices} if devices is not None else {}
+            placement = {"kind": devices_here.kind, "devices": devices}
+            if spread:
+                hosts = read_hostfile(settings.hostfile)
+                placement["hosts"] = [h.name for h in hosts[: count // hosts[0].slots]]
             attempt = job_status.claim(session, job_id, worker=name, placement=placement)
         if attempt is None:
             return False
-        _run(job_id, attempt, queue, settings, Session, child_command(job_id, attempt, spec, settings, devices),
-             child_environment(devices, devices_here))  # fmt: skip
+        env = child_environment(None if spread else devices, devices_here, settings)  # the group's launchers set their own
+        try:
+            port = _prepare_group_launch(settings, job_id, attempt, env) if spread else None
+        except HostfileError as err:  # a machine of the group does not answer: worth another attempt
+            with Session() as session:
+                if job_status.retry_or_fail(session, job_id, attempt, {"code": "NodeGroupError", "message": str(err)}):
+                    publish(job_id, queue)
+            return True
+        _run(job_id, attempt, queue, settings, Session, child_command(job_id, attempt, spec, settings, devices, port), env)
         return True
     finally:
-        if devices is not None:
-            through_outage(lambda: _release(job_id, name, Session), settings.heartbeat_timeout_seconds)
+        through_outage(lambda: _release(job_id, name, Session), settings.heartbeat_timeout_seconds)
+
+
+def _prepare_group_launch(settings: Settings, job_id: str, attempt: int, env: dict[str, str]) -> int:
+    """For a job across the node group: the rendezvous port, free on the group's first host, where
+    rank 0 listens; and the settings every rank (started over ssh) needs, in a file of this attempt."""
+    folder = job_dir(settings, job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    env["DS_ENV_FILE"] = str(write_rank_environment(env, folder / f"attempt-{attempt}.env"))
+    return free_port_on(read_hostfile(settings.hostfile)[0].name)
 
 
 LEASE_POLL_SECONDS = 2.0
@@ -141,6 +173,15 @@ def _release(job_id: str, worker: str, Session) -> None:
         device_leases.release(session, job_id, worker)
 
 
+def _bring_uploads(store: S3Store, job_id: str, settings: Settings, Session) -> None:
+    """The uploaded datasets the job reads, from the bucket where this machine does not have them."""
+    with Session() as session:
+        refs = session.get(Job, job_id).spec.get("data", {}).values()
+        ids = [ref.removeprefix("dataset:") for ref in refs if isinstance(ref, str) and ref.startswith("dataset:")]
+        datasets = session.scalars(select(Dataset).where(Dataset.id.in_(ids))).all()
+    bring_datasets(store, datasets, {d.id: dataset_file(settings, d.id) for d in datasets})
+
+
 def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, command: list[str], env: dict[str, str]) -> None:
     """Run the attempt's training process to its end and settle the job's status (back to `queue`
     when the processes stopped without an outcome and attempts remain)."""
@@ -150,19 +191,20 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
     if (store := s3_store()) is not None:
         try:
             restore(store, job_id, out)
+            _bring_uploads(store, job_id, settings, Session)
         except Exception:  # boto3 raises many types; without the bucket's copies the job resumes from what is here
-            logger.warning("job %s: could not bring its state from the bucket", job_id, exc_info=True)
+            logger.warning("job %s: could not bring its state or datasets from the bucket", job_id, exc_info=True)
     with log.open("w") as log_file:
         child = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         try:
-            held = _watch(child, job_id, attempt, settings, Session)
+            ended = _watch(child, job_id, attempt, settings, Session)
         finally:
             if child.poll() is None:  # _watch failed unexpectedly: no training process outlives its supervisor
                 _stop(child)
     code = child.wait()
-    if not held:
+    if ended == OUTAGE_STOP:
         return  # the lease ran out in a database outage: the reaper queues the job again
 
     def settle() -> bool:
@@ -171,8 +213,11 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
             status = job_status.is_active(session, job_id, attempt)
             if status == CANCELLING:  # killed after the grace period, or stopped without saying so
                 job_status.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
-            elif status is not None:  # it ended without reporting an outcome: killed, crashed, or a rank was lost
+            elif status is not None:  # it ended without reporting an outcome: killed, crashed, a rank lost, or stalled
                 error = hide_server_paths(describe_exit(code, log), settings, job_id)
+                if ended == STALLED:
+                    error = {"code": "NoProgress", "message": f"no step and no event for {settings.progress_timeout_seconds:.0f} s: "
+                             f"the worker stopped the training process"}  # fmt: skip
                 return job_status.retry_or_fail(session, job_id, attempt, error)
         return False
 
@@ -180,18 +225,26 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
         publish(job_id, queue)  # if the broker is down, the reaper sends it later
 
 
-def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> bool:
-    """Heartbeat while the child runs; stop it if the job is taken over, or cancelled and still
-    running after the grace period (the child stops by itself between any two units of work).
-    False if the child was stopped because the database stayed unreachable until just before the
-    lease ends (the reaper may then give the job to another attempt, which must not run beside it)."""
+# Why `_watch` stopped watching.
+ENDED = "ended"  # the child ended, or was stopped because the job was cancelled or taken over
+OUTAGE_STOP = "outage"  # stopped because the database stayed unreachable until just before the lease ends
+STALLED = "stalled"  # stopped because it made no progress for progress_timeout_seconds
+
+
+def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> str:
+    """Heartbeat while the child runs; stop it if the job is taken over, cancelled and still running
+    after the grace period (the child stops by itself between any two units of work), or silent (no
+    step, no event) for `progress_timeout_seconds`. OUTAGE_STOP when the database stayed unreachable
+    until just before the lease ends (the reaper may then give the job to another attempt, which must
+    not run beside it)."""
     last_beat, last_answer, cancel_seen = 0.0, time.monotonic(), None
+    last_progress, progressed_at = None, time.monotonic()
     while child.poll() is None:
         time.sleep(0.5)
         now = time.monotonic()
         if cancel_seen is not None and now - cancel_seen > settings.cancel_grace_seconds:
             _stop(child)
-            return True
+            return ENDED
         if now - last_beat < settings.heartbeat_seconds:
             continue
         last_beat = now
@@ -199,20 +252,27 @@ def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Setting
             with Session() as session:
                 owned = job_status.heartbeat(session, job_id, attempt)
                 status = job_status.is_active(session, job_id, attempt)
+                progress = job_status.progress(session, job_id)
         except OUTAGE:
             if now - last_answer > settings.heartbeat_timeout_seconds - 2 * settings.heartbeat_seconds:
                 logger.warning("job %s: the database did not answer for %.0f s; stopping its training process "
                             "before its lease ends", job_id, now - last_answer)  # fmt: skip
                 _stop(child)
-                return False
+                return OUTAGE_STOP
             continue
         last_answer = now
         if not owned:
             _stop(child)  # another attempt has the job now; this one must not write anything more
-            return True
+            return ENDED
         if status == CANCELLING and cancel_seen is None:
             cancel_seen = now
-    return True
+        if progress != last_progress:
+            last_progress, progressed_at = progress, now
+        elif settings.progress_timeout_seconds is not None and now - progressed_at > settings.progress_timeout_seconds:
+            logger.warning("job %s: no progress for %.0f s; killing its training process", job_id, now - progressed_at)
+            _stop(child, grace=1.0)  # hung: it would not stop by itself, and the heartbeats wait meanwhile
+            return STALLED
+    return ENDED
 
 
 def _stop(child: subprocess.Popen, grace: float = 10.0) -> None:

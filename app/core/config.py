@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Times a job is started before a lost worker marks it failed.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker reports that a job is alive.")
     heartbeat_timeout_seconds: float = Field(120.0, gt=0, description="A running job silent this long is taken up again.")
+    progress_timeout_seconds: float | None = Field(
+        7200.0, gt=0, description="A running job that records no step and no event for this long is stopped and "
+        "retried (a hang outside any collective, which time out by themselves). Empty: never.")
     cancel_grace_seconds: float = Field(
         20.0, gt=0, description="How long a cancelled job may take to stop by itself before its processes are killed."
     )
@@ -55,7 +58,8 @@ class Settings(BaseSettings):
     worker_gpus: int | None = Field(None, ge=0, description="GPUs a worker hands out to jobs, as CUDA ordinals 0..N-1; "
                                     "it runs jobs side by side on disjoint sets of them. Default: the GPUs nvidia-smi "
                                     "lists. 0: a CPU worker.")
-    hostfile: Path | None = Field(None, description="DeepSpeed hostfile: run multi-process jobs across these machines.")
+    hostfile: Path | None = Field(None, description="DeepSpeed hostfile of this worker's node group (HOST slots=G "
+                                  "lines, this machine first): it also runs jobs of 2, 3, ... whole machines across them.")
     secret_key: SigningKeys = Field([], description="Keys that sign download links, as KID:SECRET separated by ',': "
                                     "the first signs, all are accepted; a lone SECRET has key id 'default'. The same on "
                                     "every API replica. Empty: key files in data_dir/keys, managed with `distill keys`.")

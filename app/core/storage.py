@@ -4,7 +4,8 @@ Checkpoints are always written to local disk first (the engine resumes from ther
 `DISTILL_S3_BUCKET` set, the worker also copies each checkpoint's files and archive, and the state to
 resume from it, to the bucket; the API answers downloads with a redirect to a presigned URL, so the
 bytes never pass through the API server and S3 serves the Range requests; and a job taken up again on
-another machine starts from the bucket's copies (`worker/job_state.py`).
+another machine starts from the bucket's copies (`worker/job_state.py`). Uploaded datasets go to the
+bucket too, for workers that do not share the API's artifacts folder.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class S3Store:
 
     def job_url(self, job_id: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}/jobs/{job_id}/"
+
+    def datasets_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}/datasets/"
 
     def _key(self, url: str, name: str) -> str:
         return url.removeprefix(f"s3://{self.bucket}/") + name

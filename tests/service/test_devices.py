@@ -42,10 +42,10 @@ def test_the_launcher_gets_the_leased_devices():
     spec = {"resources": {"devices": 2}}
     cmd = child_command("job-1", 1, spec, Settings(), devices=[2, 3])
     assert cmd[cmd.index("--include") + 1] == "localhost:2,3" and "--num_gpus" not in cmd
-    assert child_environment([2, 3], Inventory("gpu", 4))["LOCAL_SIZE"] == "4"  # the launcher checks ordinals against it
-    one = child_environment([3], Inventory("gpu", 4))
+    assert child_environment([2, 3], Inventory("gpu", 4), Settings())["LOCAL_SIZE"] == "4"  # the launcher checks ordinals against it
+    one = child_environment([3], Inventory("gpu", 4), Settings())
     assert one["CUDA_VISIBLE_DEVICES"] == "3" and child_command("job-1", 1, {}, Settings(), [3])[:3] == [sys.executable, "-m", "worker.job_process"]
-    assert child_environment([0], Inventory("cpu", 2))["CUDA_VISIBLE_DEVICES"] == ""  # a CPU worker's job sees no GPU
+    assert child_environment([0], Inventory("cpu", 2), Settings())["CUDA_VISIBLE_DEVICES"] == ""  # a CPU worker's job sees no GPU
 
 
 def leased(job_id: str) -> list[int]:

@@ -15,7 +15,7 @@ from moto.server import ThreadedMotoServer
 from app.core.config import get_settings
 from app.core.storage import s3_store
 from worker.engine.launch import free_port
-from helpers import Worker, tiny_spec, wait_for
+from helpers import Worker, submit, tiny_spec, wait_for, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -40,6 +40,15 @@ def s3(monkeypatch):
     server.stop()
 
 
+def run_to_end(client, auth, spec: dict, worker: Worker) -> tuple[str, dict]:
+    """Submit `spec`, wait for it to end, stop `worker`: the job's id and its final state."""
+    try:
+        job_id = submit(client, auth, spec)
+        return job_id, wait_status(client, auth, job_id, {"succeeded", "failed"})
+    finally:
+        worker.stop()
+
+
 def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset, s3, tmp_path):
     bucket, endpoint = s3
     os.environ.update(DISTILL_S3_BUCKET="models", DISTILL_S3_ENDPOINT_URL=endpoint)
@@ -47,13 +56,7 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset
         worker = Worker(tmp_path / "worker.log").start()
     finally:
         del os.environ["DISTILL_S3_BUCKET"], os.environ["DISTILL_S3_ENDPOINT_URL"]
-    try:
-        spec = tiny_spec(dataset, checkpoints={"every_steps": 3, "keep": 1}, eval={"every_steps": 0})
-        job_id = client.post("/api/v1/jobs", json=spec, headers=auth).json()["id"]
-        done = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{job_id}", headers=auth).json())["status"]
-                        in ("succeeded", "failed") and j, what="the job to end")  # fmt: skip
-    finally:
-        worker.stop()
+    job_id, done = run_to_end(client, auth, tiny_spec(dataset, checkpoints={"every_steps": 3, "keep": 1}, eval={"every_steps": 0}), worker)
     assert done["status"] == "succeeded", done["error"]
 
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="models")["Contents"]}
@@ -83,7 +86,7 @@ def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client,
     machines = Path(os.environ["DISTILL_ARTIFACTS_DIR"]).parent / f"machines-{uuid.uuid4().hex[:8]}"
     first = Worker(tmp_path / "first.log", DISTILL_ARTIFACTS_DIR=str(machines / "first"), **env).start()
     spec = tiny_spec(dataset, training={"steps": 40}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0})
-    job_id = client.post("/api/v1/jobs", json=spec, headers=auth).json()["id"]
+    job_id = submit(client, auth, spec)
     prefix = f"distill/jobs/{job_id}/resume/"
 
     def resume_steps() -> set[str]:
@@ -95,8 +98,7 @@ def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client,
     assert not (machines / "second").exists()
     second = Worker(tmp_path / "second.log", DISTILL_ARTIFACTS_DIR=str(machines / "second"), **env).start()
     try:
-        done = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{job_id}", headers=auth).json())["status"]
-                        in ("succeeded", "failed") and j, timeout=400, what="the job to end")  # fmt: skip
+        done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=400)
     finally:
         second.stop()
     assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
@@ -105,3 +107,22 @@ def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client,
     assert resumed and resumed[0] >= 5, messages  # not step 0
     assert resume_steps() == {"step-000040"}  # the bucket keeps the newest resume state only
     assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth, follow_redirects=False).status_code == 307
+
+
+def test_an_upload_is_read_by_a_worker_that_does_not_share_the_apis_folder(client, auth, dataset, s3, tmp_path):
+    """The API keeps an upload in its artifacts folder and in the bucket; a worker on another machine
+    (an artifacts folder of its own, the API's file out of its reach) trains on the bucket's copy."""
+    bucket, endpoint = s3
+    body = (dataset / "train.jsonl").read_bytes()
+    uploaded = client.post("/api/v1/datasets", params={"name": "train"}, content=body, headers=auth).json()
+    key = f"distill/datasets/{uploaded['id']}.jsonl"
+    assert bucket.get_object(Bucket="models", Key=key)["Body"].read() == body
+    (Path(os.environ["DISTILL_ARTIFACTS_DIR"]) / "datasets" / f"{uploaded['id']}.jsonl").unlink()  # not on the worker's machine
+
+    elsewhere = Path(os.environ["DISTILL_ARTIFACTS_DIR"]).parent / f"machines-{uuid.uuid4().hex[:8]}"
+    worker = Worker(tmp_path / "worker.log", DISTILL_ARTIFACTS_DIR=str(elsewhere), DISTILL_S3_BUCKET="models",
+                    DISTILL_S3_ENDPOINT_URL=endpoint).start()  # fmt: skip
+    spec = tiny_spec(dataset, data={"train": f"dataset:{uploaded['id']}"}, checkpoints={"every_steps": 0}, eval={"every_steps": 0})
+    _, done = run_to_end(client, auth, spec, worker)
+    assert done["status"] == "succeeded", done["error"]
+    assert (elsewhere / "datasets" / f"{uploaded['id']}.jsonl").read_bytes() == body

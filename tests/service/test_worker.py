@@ -186,6 +186,22 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client,
     assert [p["step"] for p in series["loss"]] == list(range(1, 41))  # each step recorded once, across both attempts
 
 
+def test_a_stalled_training_process_is_stopped_and_its_job_retried(client, auth, dataset, tmp_path):
+    w = Worker(tmp_path / "w.log", DISTILL_PROGRESS_TIMEOUT_SECONDS="20").start()
+    try:
+        spec = tiny_spec(dataset, training={"steps": 30}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0})
+        job_id = submit(client, auth, spec)
+        wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
+        os.kill(training_process(job_id)[0], signal.SIGSTOP)  # alive, holding its lease, and silent: a hang
+        done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=300)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+        messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]]
+        assert any(m.startswith("queued again: no step and no event for 20 s") for m in messages), messages
+        assert any(m.startswith("resumed from step") for m in messages)
+    finally:
+        w.stop()
+
+
 def test_a_model_that_cannot_load_fails_the_job_with_a_useful_error(client, auth, dataset, worker, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()

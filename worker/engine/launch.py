@@ -15,18 +15,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_command(
-    devices: int, module_args: list[str], hostfile: Path | None = None, include: list[int] | None = None
-) -> list[str]:
-    """Run `python -m MODULE ARGS` once per device under the DeepSpeed launcher of this environment:
-    on `devices` local devices (the ordinals `include` names, when given: the launcher's own
-    `--include`, which sets each rank's CUDA_VISIBLE_DEVICES), or across the machines of a DeepSpeed
-    hostfile (over ssh)."""
-    command = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
-    if hostfile is not None:
-        command += ["--hostfile", str(hostfile)]
-    elif include is not None:
-        command += ["--include", "localhost:" + ",".join(str(device) for device in include)]
-    else:
-        command += ["--num_gpus", str(devices)]
-    return [*command, "--module", *module_args]
+def deepspeed_command(module_args: list[str], placement: list[str]) -> list[str]:
+    """Run `python -m MODULE ARGS` under the DeepSpeed launcher of this environment, where the
+    launcher's own `placement` options say: `--num_gpus N` or `--include localhost:a,b` on this
+    machine (the launcher sets each rank's CUDA_VISIBLE_DEVICES), or a hostfile's machines with their
+    rendezvous address and port (over ssh). A local rendezvous gets a free port of this machine."""
+    if "--master_port" not in placement:
+        placement = ["--master_port", str(free_port()), *placement]
+    return [str(Path(sys.executable).with_name("deepspeed")), *placement, "--module", *module_args]

@@ -22,7 +22,7 @@ def reporter_for(output_dir: Path) -> Fanout:
 
 def launch_command(spec: JobSpec, spec_path: Path, output_dir: Path) -> list[str]:
     """The DeepSpeed launcher command that runs this module once per device on this machine."""
-    return deepspeed_command(spec.resources.devices, ["worker.engine.run", str(spec_path), "--output", str(output_dir)])
+    return deepspeed_command(["worker.engine.run", str(spec_path), "--output", str(output_dir)], ["--num_gpus", str(spec.resources.devices)])
 
 
 def run(spec_path: Path, output_dir: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -14,15 +15,18 @@ from app import crud
 from app.api.deps import NO_NUL, CurrentUser, SessionDep, SettingsDep
 from app.api.errors import errors
 from app.api.release import ReleasingRoute
+from app.core.storage import s3_store
+from app.job_paths import dataset_file
 from app.models import Dataset, new_id
 from app.schemas import DatasetOut
 from worker.engine.corpus import is_text_jsonl, read_text_records
 from worker.engine.data import DataError, read_records
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=ReleasingRoute)  # see app/api/release.py
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, responses=errors(401, 413, 422, 429),
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, responses=errors(401, 413, 422, 429, 503),
              openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}})  # fmt: skip
 async def upload(
     request: Request,
@@ -36,9 +40,8 @@ async def upload(
     A job refers to the upload as `dataset:ID` in data.train, data.selection or data.eval; an upload
     of {"text": ...} records is a pretraining corpus, for data.pretrain."""
     dataset_id = new_id("ds")
-    folder = settings.resolved_artifacts_dir / "datasets"
-    folder.mkdir(parents=True, exist_ok=True)
-    path, digest, size = folder / f"{dataset_id}.jsonl", hashlib.sha256(), 0
+    path, digest, size = dataset_file(settings, dataset_id), hashlib.sha256(), 0
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     room = settings.max_dataset_bytes_per_user - crud.dataset_bytes(session, user.id)
     try:
@@ -64,6 +67,14 @@ async def upload(
         partial.unlink(missing_ok=True)
         raise
     partial.rename(path)
+    if (store := s3_store()) is not None:  # for workers on machines without this artifacts folder
+        try:
+            await run_in_threadpool(store.upload, store.datasets_url(), path.name, path)
+        except Exception:  # boto3 raises many types
+            path.unlink()
+            log.warning("could not copy dataset %s to the bucket", dataset_id, exc_info=True)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the upload could not be stored in the bucket; "
+                                "nothing was kept, try again") from None  # fmt: skip
     dataset = crud.add_dataset(session, Dataset(id=dataset_id, user_id=user.id, name=name, path=str(path),
                                                 num_records=len(records), size_bytes=size, sha256=digest.hexdigest()))  # fmt: skip
     return DatasetOut.model_validate(dataset)

@@ -9,7 +9,8 @@ import { TERMINAL, badge, bytes, duration, h, num, progressCell, studentLabel, t
 // Where a job runs: its worker and the devices it leased there (none for ranks spread over a hostfile).
 function placementLabel(p) {
   if (!p) return "—";
-  return p.devices ? `${p.worker}, ${p.kind} ${p.devices.join(",")}` : `${p.worker} (ranks on the hostfile's machines)`;
+  const here = p.devices ? `${p.worker}, ${p.kind} ${p.devices.join(",")}` : p.worker;
+  return p.hosts ? `${here}, across ${p.hosts.join(", ")}` : here;
 }
 
 export function render(main, { id }) {
