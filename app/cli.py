@@ -50,13 +50,13 @@ EXIT_CODES = {
     ExitCode.OK: "done; with --wait or --follow, the job succeeded",
     ExitCode.FAILED: "the job failed, or the command did (a file it could not write, say)",
     ExitCode.USAGE: "bad usage or a bad spec: an option, a spec the server refuses (422), an Idempotency-Key "
-                    "used before with another spec (409), a user name that exists",
+    "used before with another spec (409), a user name that exists",
     ExitCode.CANCELLED: "the job was cancelled",
     ExitCode.NOT_FOUND: "no such job, checkpoint, user, token or key",
     ExitCode.UNAVAILABLE: "the server unreachable or failing (connection refused, timeouts, 5xx) after retrying, "
-                          "a limit reached (429), or a download that arrived broken: try again later",
+    "a limit reached (429), or a download that arrived broken: try again later",
     ExitCode.UNAUTHORIZED: "no token, or one that is wrong, expired or revoked (401, 403)",
-}  # fmt: skip
+}
 # A job's final status as the exit code of a command that waited for it.
 OUTCOMES = {"succeeded": ExitCode.OK, "failed": ExitCode.FAILED, "cancelled": ExitCode.CANCELLED}
 
@@ -97,7 +97,12 @@ def _known(err: Exception) -> tuple[str, ExitCode, dict] | None:
     if isinstance(err, Failure):
         return str(err), err.code, {}
     if isinstance(err, ApiError):
-        by_status = {401: ExitCode.UNAUTHORIZED, 403: ExitCode.UNAUTHORIZED, 404: ExitCode.NOT_FOUND, 429: ExitCode.UNAVAILABLE}
+        by_status = {
+            401: ExitCode.UNAUTHORIZED,
+            403: ExitCode.UNAUTHORIZED,
+            404: ExitCode.NOT_FOUND,
+            429: ExitCode.UNAVAILABLE,
+        }
         code = by_status.get(err.status_code, ExitCode.UNAVAILABLE if err.status_code >= 500 else ExitCode.USAGE)
         return str(err), code, {"status_code": err.status_code, "detail": err.detail}
     if isinstance(err, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
@@ -119,9 +124,14 @@ def _report(as_json: bool, message: str, code: int, details: dict) -> None:
     raise typer.Exit(code)
 
 
-cli = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
-                  help="Distil large language models into small ones (MiniLLM).",
-                  epilog="Exit codes:\n\n" + "\n\n".join(f"{int(c)}  {meaning}" for c, meaning in EXIT_CODES.items()))  # fmt: skip
+cli = typer.Typer(
+    cls=_Commands,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Distil large language models into small ones (MiniLLM).",
+    epilog="Exit codes:\n\n" + "\n\n".join(f"{int(c)}  {meaning}" for c, meaning in EXIT_CODES.items()),
+)
 users = typer.Typer(no_args_is_help=True, help="Manage users, their API tokens and webhooks.")
 cli.add_typer(users, name="users")
 keys = typer.Typer(no_args_is_help=True, help="Manage the keys that sign download links.")
@@ -136,12 +146,23 @@ def _errors_as_json(ctx: typer.Context, value: bool) -> bool:
 
 UrlOption = typer.Option(None, "--url", envvar="DISTILL_URL", help="API address (default: this machine's server).")
 TokenOption = typer.Option(None, "--token", envvar="DISTILL_TOKEN", help="API token (default: the local user's).")
-JsonOption = typer.Option(False, "--json", is_eager=True, callback=_errors_as_json,
-                          help="Print one JSON document on stdout (an error: one on stderr).")  # fmt: skip
+JsonOption = typer.Option(
+    False,
+    "--json",
+    is_eager=True,
+    callback=_errors_as_json,
+    help="Print one JSON document on stdout (an error: one on stderr).",
+)
 ClearWebhookOption = typer.Option(False, "--clear", help="Remove the default webhook URL.")
-NewSecretOption = typer.Option(False, "--new-secret", help="Make a new signing secret; the old one stops signing at once.")
-SetOption = typer.Option([], "--set", metavar="PATH=VALUE",
-                         help="Set a spec field, e.g. --set training.steps=200 (repeatable; VALUE is read as YAML).")  # fmt: skip
+NewSecretOption = typer.Option(
+    False, "--new-secret", help="Make a new signing secret; the old one stops signing at once."
+)
+SetOption = typer.Option(
+    [],
+    "--set",
+    metavar="PATH=VALUE",
+    help="Set a spec field, e.g. --set training.steps=200 (repeatable; VALUE is read as YAML).",
+)
 
 
 def _json(document) -> str:
@@ -180,7 +201,9 @@ def _client(url: str | None, token: str | None) -> Client:
 @cli.command()
 def train(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec, YAML or JSON."),
-    output: Path = typer.Option(..., "--output", "-o", help="Run directory: spec.json, events.jsonl, checkpoints/, resume/."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Run directory: spec.json, events.jsonl, checkpoints/, resume/."
+    ),
     overrides: list[str] = SetOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -199,7 +222,9 @@ def train(
         raise Failure(f"{spec}: {err}", ExitCode.USAGE) from None
     problems = preflight(job)  # the checks the API runs at submit, before anything is loaded
     if problems:
-        raise Failure(f"{spec}: " + "; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems), ExitCode.USAGE)
+        raise Failure(
+            f"{spec}: " + "; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems), ExitCode.USAGE
+        )
     output.mkdir(parents=True, exist_ok=True)
     ran = output / "spec.json"  # what runs, overrides applied, kept with the run
     ran.write_text(json.dumps(data, indent=2))
@@ -220,7 +245,9 @@ def train(
 
 def score_table(scores: dict[str, dict[str, float]]) -> str:
     metrics = sorted({k for s in scores.values() for k in s})
-    rows = [["model", *metrics]] + [[label, *(f"{s[m]:.3f}" if m in s else "-" for m in metrics)] for label, s in scores.items()]
+    rows = [["model", *metrics]] + [
+        [label, *(f"{s[m]:.3f}" if m in s else "-" for m in metrics)] for label, s in scores.items()
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -243,7 +270,9 @@ def _migrate() -> None:
     command.upgrade(Config(str(PROJECT_ROOT / "alembic.ini")), "head")
 
 
-EXPIRES = typer.Option(None, "--expires-days", min=1, help="The token stops working after this many days (default: until revoked).")
+EXPIRES = typer.Option(
+    None, "--expires-days", min=1, help="The token stops working after this many days (default: until revoked)."
+)
 
 
 def _expiry(days: int | None):
@@ -262,8 +291,9 @@ def users_create(name: str, expires_days: int | None = EXPIRES, as_json: bool = 
         try:
             _user, token = crud.create_user(session, name, _expiry(expires_days))
         except crud.NameTaken:
-            raise Failure(f"a user named {name!r} exists; `distill users token {name}` gives them another token",
-                          ExitCode.USAGE) from None  # fmt: skip
+            raise Failure(
+                f"a user named {name!r} exists; `distill users token {name}` gives them another token", ExitCode.USAGE
+            ) from None
     _emit(as_json, {"name": name, "token": token}, token)
 
 
@@ -293,8 +323,14 @@ def users_tokens(name: str, as_json: bool = JsonOption) -> None:
         raise Failure(f"no user {name!r}", ExitCode.NOT_FOUND)
     stamp = lambda d: d.strftime("%Y-%m-%d %H:%M:%S") if d else "-"  # noqa: E731
     rows = [f"{t.id:>6}  {stamp(t.created_at):<20} {stamp(t.expires_at):<20} {stamp(t.revoked_at)}" for t in tokens]
-    _emit(as_json, [{"id": t.id, "created_at": t.created_at, "expires_at": t.expires_at, "revoked_at": t.revoked_at} for t in tokens],
-          "\n".join([f"{'id':>6}  {'created':<20} {'expires':<20} revoked", *rows]))  # fmt: skip
+    _emit(
+        as_json,
+        [
+            {"id": t.id, "created_at": t.created_at, "expires_at": t.expires_at, "revoked_at": t.revoked_at}
+            for t in tokens
+        ],
+        "\n".join([f"{'id':>6}  {'created':<20} {'expires':<20} revoked", *rows]),
+    )
 
 
 @users.command("revoke")
@@ -317,7 +353,9 @@ def _webhook_text(url: str | None, secret: str | None) -> str:
 @users.command("webhook")
 def users_webhook(
     name: str,
-    url: str | None = typer.Argument(None, help="Where the user's jobs report their end (a spec's notify.webhook_url overrides it)."),
+    url: str | None = typer.Argument(
+        None, help="Where the user's jobs report their end (a spec's notify.webhook_url overrides it)."
+    ),
     clear: bool = ClearWebhookOption,
     new_secret: bool = NewSecretOption,
     as_json: bool = JsonOption,
@@ -342,7 +380,11 @@ def users_webhook(
         user = crud.user_named(session, name)
         if user is None:
             raise Failure(f"no user {name!r}", ExitCode.NOT_FOUND)
-        secret = webhooks.set_user_webhook(session, user, url, clear=clear, rotate=new_secret) if (url or clear or new_secret) else None
+        secret = (
+            webhooks.set_user_webhook(session, user, url, clear=clear, rotate=new_secret)
+            if (url or clear or new_secret)
+            else None
+        )
         shown = {"name": name, "webhook_url": user.webhook_url, **({"secret": secret} if secret else {})}
     _emit(as_json, shown, _webhook_text(user.webhook_url, secret))
 
@@ -366,9 +408,14 @@ def keys_list(as_json: bool = JsonOption) -> None:
 
     accepted = signing_keys.all_keys()  # the first signs
     stamp = lambda d: d.strftime("%Y-%m-%d %H:%M:%S") if d else "-"  # noqa: E731
-    rows = [f"{key.kid:<24} {stamp(key.created):<20} {'yes' if n == 0 else ''}".rstrip() for n, key in enumerate(accepted)]
-    _emit(as_json, [{"kid": key.kid, "created": key.created, "signs": n == 0} for n, key in enumerate(accepted)],
-          "\n".join([f"{'id':<24} {'created':<20} signs", *rows]))  # fmt: skip
+    rows = [
+        f"{key.kid:<24} {stamp(key.created):<20} {'yes' if n == 0 else ''}".rstrip() for n, key in enumerate(accepted)
+    ]
+    _emit(
+        as_json,
+        [{"kid": key.kid, "created": key.created, "signs": n == 0} for n, key in enumerate(accepted)],
+        "\n".join([f"{'id':<24} {'created':<20} signs", *rows]),
+    )
 
 
 @keys.command("retire")
@@ -411,18 +458,21 @@ def worker(
     reaper.start()
     try:
         # A thread per job it may run at once: each thread only supervises its job's processes.
-        pool = ["--pool=threads", f"--concurrency={devices.count}"] if devices.kind == "gpu" else ["--pool=solo", "--concurrency=1"]
-        celery.worker_main(["worker", *pool, f"--queues={','.join(chosen)}", "--loglevel=INFO",
-                            "--without-gossip", "--without-mingle"])  # fmt: skip
+        pool = (
+            ["--pool=threads", f"--concurrency={devices.count}"]
+            if devices.kind == "gpu"
+            else ["--pool=solo", "--concurrency=1"]
+        )
+        celery.worker_main(
+            ["worker", *pool, f"--queues={','.join(chosen)}", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+        )
     finally:
         stop.set()
         reaper.join(timeout=10)
 
 
 @cli.command()
-def up(
-    demo: Path = typer.Option(None, help="Also submit this spec, follow it, and print its results."),
-) -> None:
+def up(demo: Path = typer.Option(None, help="Also submit this spec, follow it, and print its results.")) -> None:
     """Run the whole service here: migrate, API, one worker. Ctrl-C stops everything."""
     from app import crud
     from app.core.config import get_settings
@@ -443,10 +493,27 @@ def up(
 
     # Each dies with this process, even one killed before it could stop them.
     processes = [
-        subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port),
-                          "--log-level", "warning"], preexec_fn=die_with_parent),  # fmt: skip
-        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         preexec_fn=die_with_parent),  # fmt: skip
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.port),
+                "--log-level",
+                "warning",
+            ],
+            preexec_fn=die_with_parent,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        ),
     ]
 
     def stop(*_):
@@ -514,7 +581,9 @@ def _upload_local_data(client: Client, spec: dict, base: Path) -> dict:
 def _submit(client: Client, spec_path: Path, overrides: list[str], idempotency_key: str | None) -> JobOut:
     from app.client import load_spec_file
 
-    return client.jobs.create(_upload_local_data(client, load_spec_file(spec_path, overrides), spec_path.parent), idempotency_key)
+    return client.jobs.create(
+        _upload_local_data(client, load_spec_file(spec_path, overrides), spec_path.parent), idempotency_key
+    )
 
 
 def _follow(client: Client, job: JobOut, verbose: bool, out: TextIO) -> JobOut:
@@ -537,12 +606,16 @@ def _follow(client: Client, job: JobOut, verbose: bool, out: TextIO) -> JobOut:
     if bar:
         bar.close()
     job = client.jobs.retrieve(job.id)
-    tests = {e.label: e.scores for e in client.jobs.evals(job.id) if e.label != "selection"}  # teacher, initial, final, best
+    tests = {
+        e.label: e.scores for e in client.jobs.evals(job.id) if e.label != "selection"
+    }  # teacher, initial, final, best
     if tests:
         typer.echo(score_table(tests), file=out)
     best = next((c for c in client.checkpoints.list(job.id) if c.best), None)
     if best:
-        typer.echo(f"best checkpoint: step {best.step}; download with: distill download {job.id} --step best -o DIR", file=out)
+        typer.echo(
+            f"best checkpoint: step {best.step}; download with: distill download {job.id} --step best -o DIR", file=out
+        )
     typer.echo(f"{job.id}: {job.status}" + (f" ({job.error.code}: {job.error.message})" if job.error else ""), file=out)
     return job
 
@@ -553,8 +626,11 @@ def submit(
     overrides: list[str] = SetOption,
     wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; the exit code says how it ended."),
     follow: bool = typer.Option(False, "--follow", help="Like --wait, printing events as they come."),
-    idempotency_key: str = typer.Option(None, help="Retrying with the same key never creates a second job "
-                                                   "(without one, a fresh key covers this command's own retries)."),
+    idempotency_key: str = typer.Option(
+        None,
+        help="Retrying with the same key never creates a second job "
+        "(without one, a fresh key covers this command's own retries).",
+    ),
     as_json: bool = JsonOption,
     url: str = UrlOption,
     token: str = TokenOption,
@@ -688,8 +764,8 @@ def download(
 def checkpoints(job_id: str, as_json: bool = JsonOption, url: str = UrlOption, token: str = TokenOption) -> None:
     """List a job's checkpoints: step, archive size, SHA-256, and which are latest and best."""
     listed = _client(url, token).checkpoints.list(job_id)
-    rows = [f"{c.step:>8}  {c.archive_size:>12}  {c.archive_sha256}  {' '.join(m for m in ('latest', 'best') if getattr(c, m))}"
-            for c in listed]  # fmt: skip
+    marks = [" ".join(m for m in ("latest", "best") if getattr(c, m)) for c in listed]
+    rows = [f"{c.step:>8}  {c.archive_size:>12}  {c.archive_sha256}  {m}" for c, m in zip(listed, marks)]
     _emit(as_json, listed, "\n".join([f"{'step':>8}  {'bytes':>12}  {'sha256':<64}  marks", *rows]).rstrip())
 
 
@@ -710,7 +786,9 @@ def datasets(as_json: bool = JsonOption, url: str = UrlOption, token: str = Toke
 
 @cli.command()
 def webhook(
-    url: str | None = typer.Argument(None, help="Where your jobs report their end (a spec's notify.webhook_url overrides it)."),
+    url: str | None = typer.Argument(
+        None, help="Where your jobs report their end (a spec's notify.webhook_url overrides it)."
+    ),
     clear: bool = ClearWebhookOption,
     new_secret: bool = NewSecretOption,
     as_json: bool = JsonOption,
@@ -721,7 +799,9 @@ def webhook(
     (the first time, or with --new-secret): the receiver checks each message with it."""
     me = _client(url_, token).me
     if url or clear or new_secret:
-        shown = me.set_webhook(None if clear else url or me.webhook().url, new_secret)  # --new-secret alone keeps the URL
+        shown = me.set_webhook(
+            None if clear else url or me.webhook().url, new_secret
+        )  # --new-secret alone keeps the URL
     else:
         shown = me.webhook()
     _emit(as_json, shown, _webhook_text(shown.url, shown.secret))

@@ -29,8 +29,18 @@ import yaml
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from app.core.files import sha256_file
-from app.schemas import (TERMINAL, CheckpointOut, DatasetOut, EvalOut, EvalSamplesOut, EventOut, JobOut, Page, WebhookOut,
-                         error_body)
+from app.schemas import (
+    TERMINAL,
+    CheckpointOut,
+    DatasetOut,
+    EvalOut,
+    EvalSamplesOut,
+    EventOut,
+    JobOut,
+    Page,
+    WebhookOut,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 # What a proxy or load balancer answers while the API restarts or is overloaded: the API did not refuse.
@@ -89,8 +99,15 @@ class Client:
     blip during an hours-long wait does not end it; an error the API itself answers raises ApiError
     at once. `http`: an already configured client (FastAPI's TestClient, say) instead of url and token."""
 
-    def __init__(self, url: str | None = None, token: str | None = None, *, retry_seconds: float = 300,
-                 timeout: float = 60, http: httpx.Client | None = None):  # fmt: skip
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        retry_seconds: float = 300,
+        timeout: float = 60,
+        http: httpx.Client | None = None,
+    ):
         if http is None:
             url, token = url or os.environ.get("DISTILL_URL"), token or os.environ.get("DISTILL_TOKEN")
             if not url:
@@ -115,9 +132,13 @@ class Client:
 
     def retrying(self, repeatable: bool = True) -> Retrying:
         """tenacity's loop for a request: what is repeated, how long to wait, when to stop."""
-        return Retrying(retry=retry_if_exception(lambda err: _transient(err, repeatable)), reraise=True,
-                        wait=wait_exponential_jitter(initial=1, max=30), stop=stop_after_delay(self.retry_seconds),
-                        before_sleep=_say_retry)  # fmt: skip
+        return Retrying(
+            retry=retry_if_exception(lambda err: _transient(err, repeatable)),
+            reraise=True,
+            wait=wait_exponential_jitter(initial=1, max=30),
+            stop=stop_after_delay(self.retry_seconds),
+            before_sleep=_say_retry,
+        )
 
     def _send(self, method: str, url: str, **kwargs) -> httpx.Response:
         response = self.http.request(method, url, **kwargs)
@@ -134,7 +155,9 @@ class Jobs:
         """Submit a job (the API checks it fully first; a bad spec is an ApiError 422). Without an
         `idempotency_key` a fresh one is sent, so that repeating the request never makes a second job."""
         key = idempotency_key or f"client-{uuid.uuid4()}"
-        return JobOut.model_validate(self._client.request("POST", "/jobs", json=spec, headers={"Idempotency-Key": key}).json())
+        return JobOut.model_validate(
+            self._client.request("POST", "/jobs", json=spec, headers={"Idempotency-Key": key}).json()
+        )
 
     def validate(self, spec: dict) -> dict:
         """Every check submit runs, queueing nothing: the spec as a job would store it (defaults filled
@@ -177,7 +200,9 @@ class Jobs:
             # Status before events: a terminal status is committed with its event, so a page read
             # after seeing it holds everything up to the end.
             ended = not follow or self.retrieve(job_id).status in TERMINAL
-            page = Page[EventOut].model_validate(self._client.request("GET", f"/jobs/{job_id}/events", params=params).json())
+            page = Page[EventOut].model_validate(
+                self._client.request("GET", f"/jobs/{job_id}/events", params=params).json()
+            )
             for event in page.data:
                 params["after"] = event.id
                 yield event
@@ -212,9 +237,14 @@ class Datasets:
     def upload(self, path: Path, content: bytes | None = None) -> DatasetOut:
         """Upload a JSONL file (or `content` under its name). Repeated only if it never reached the
         server: a repeat after a lost answer would store the dataset twice."""
-        answer = self._client.request("POST", "/datasets", repeatable=False, params={"name": path.name},
-                                      content=path.read_bytes() if content is None else content,
-                                      headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+        answer = self._client.request(
+            "POST",
+            "/datasets",
+            repeatable=False,
+            params={"name": path.name},
+            content=path.read_bytes() if content is None else content,
+            headers={"Content-Type": "application/x-ndjson"},
+        )
         return DatasetOut.model_validate(answer.json())
 
     def list(self) -> list[DatasetOut]:
@@ -234,7 +264,9 @@ class Me:
         """Set (None: remove) the default webhook URL. The answer holds the signing secret when one
         was made: the first time, or with `new_secret`. Repeated only if it never reached the server:
         an answer lost on the way would take with it a secret that is not shown again."""
-        answer = self._client.request("PUT", "/me/webhook", repeatable=False, json={"url": url, "new_secret": new_secret})
+        answer = self._client.request(
+            "PUT", "/me/webhook", repeatable=False, json={"url": url, "new_secret": new_secret}
+        )
         return WebhookOut.model_validate(answer.json())
 
 
@@ -244,16 +276,25 @@ class Checkpoints:
 
     def list(self, job_id: str) -> list[CheckpointOut]:
         """The job's checkpoints, oldest first, with sizes and SHA-256; `latest` and `best` marked."""
-        return [CheckpointOut.model_validate(c) for c in self._client.request("GET", f"/jobs/{job_id}/checkpoints").json()]
+        return [
+            CheckpointOut.model_validate(c) for c in self._client.request("GET", f"/jobs/{job_id}/checkpoints").json()
+        ]
 
-    def download(self, job_id: str, step: str | int, out: Path,
-                 progress: Callable[[int, int], None] | None = None) -> Path:  # fmt: skip
+    def download(
+        self, job_id: str, step: str | int, out: Path, progress: Callable[[int, int], None] | None = None
+    ) -> Path:
         """Download checkpoint `step` (a number, "latest" or "best") into `out` and unpack it; returns
         the model directory. A broken transfer goes on where it stopped (a Range request, also when
         called again); the archive's SHA-256 and every file's are checked. `progress(done, total)`
         is called with bytes as they arrive."""
-        chosen = next((c for c in self.list(job_id) if str(c.step) == str(step) or (step == "latest" and c.latest)
-                       or (step == "best" and c.best)), None)  # fmt: skip
+        chosen = next(
+            (
+                c
+                for c in self.list(job_id)
+                if str(c.step) == str(step) or (step == "latest" and c.latest) or (step == "best" and c.best)
+            ),
+            None,
+        )
         if chosen is None:
             raise ApiError(404, f"job {job_id} has no checkpoint {step!r}")
         out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +314,9 @@ class Checkpoints:
         partial.unlink()
         return model_dir
 
-    def _fetch(self, method: str, url: str, partial: Path, total: int, progress: Callable[[int, int], None] | None) -> None:
+    def _fetch(
+        self, method: str, url: str, partial: Path, total: int, progress: Callable[[int, int], None] | None
+    ) -> None:
         """The archive's bytes appended to `partial` from where it ends (`method` and `url` first, as
         the retry log names them)."""
         have = partial.stat().st_size if partial.exists() else 0
@@ -306,7 +349,9 @@ def load_spec_file(path: Path, overrides: Iterable[str] = ()) -> dict:
         dotted, equals, text = override.partition("=")
         keys = dotted.strip().split(".")
         if not equals or not all(keys):
-            raise SpecFileError(f"override {override!r}: expected a dotted path, =, and a value, like training.steps=200")
+            raise SpecFileError(
+                f"override {override!r}: expected a dotted path, =, and a value, like training.steps=200"
+            )
         section = data
         for key in keys[:-1]:
             if section.get(key) is None:
@@ -319,4 +364,3 @@ def load_spec_file(path: Path, overrides: Iterable[str] = ()) -> dict:
         except yaml.YAMLError as err:
             raise SpecFileError(f"override {override!r}: the value is not YAML: {' '.join(str(err).split())}") from None
     return data
-

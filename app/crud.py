@@ -51,7 +51,9 @@ def create_token(session: Session, user: User, expires_in: timedelta | None = No
 
 def user_for_token(session: Session, token: str) -> User | None:
     """The user a token signs in, unless it was revoked or has expired (by the database's clock)."""
-    live = and_(ApiToken.revoked_at.is_(None), or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > db_now(session)))
+    live = and_(
+        ApiToken.revoked_at.is_(None), or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > db_now(session))
+    )
     return session.scalar(select(User).join(ApiToken).where(ApiToken.token_hash == hash_token(token), live))
 
 
@@ -62,12 +64,20 @@ def user_named(session: Session, name: str) -> User | None:
 def tokens_of(session: Session, user_name: str) -> list[ApiToken] | None:
     """A user's tokens, oldest first; None if there is no such user."""
     user = user_named(session, user_name)
-    return None if user is None else list(session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)))
+    return (
+        None
+        if user is None
+        else list(session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id)))
+    )
 
 
 def revoke_token(session: Session, token_id: int) -> bool:
     """Revoke a token by its id; False if there is no such live token."""
-    done = session.execute(update(ApiToken).where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None)).values(revoked_at=db_now(session)))
+    done = session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=db_now(session))
+    )
     session.commit()
     return done.rowcount == 1
 
@@ -75,12 +85,16 @@ def revoke_token(session: Session, token_id: int) -> bool:
 # -- job events ---------------------------------------------------------------------------------
 
 
-def stage_event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+def stage_event(
+    session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None
+) -> None:
     """Add an event to the session without committing: it commits with the change it announces."""
     session.add(JobEvent(job_id=job_id, type=type_, level=level, message=message, data=data or {}))
 
 
-def add_event(session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+def add_event(
+    session: Session, job_id: str, type_: str, message: str, level: str = "info", data: dict | None = None
+) -> None:
     stage_event(session, job_id, type_, message, level, data)
     session.commit()
 
@@ -102,8 +116,17 @@ class TooManyJobs(Exception):
     """The user already has as many queued or running jobs as they may."""
 
 
-def create_job(session: Session, user: User, spec: dict, *, queue: str, total_steps: int, max_attempts: int,
-               idempotency_key: str | None, max_active: int) -> tuple[Job, bool]:  # fmt: skip
+def create_job(
+    session: Session,
+    user: User,
+    spec: dict,
+    *,
+    queue: str,
+    total_steps: int,
+    max_attempts: int,
+    idempotency_key: str | None,
+    max_active: int,
+) -> tuple[Job, bool]:
     """A queued job, or the job this idempotency key already created (False: not new). A new job
     past the user's `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
     request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -115,15 +138,31 @@ def create_job(session: Session, user: User, spec: dict, *, queue: str, total_st
             return existing, False
     if active_jobs(session, user.id) >= max_active:
         raise TooManyJobs(max_active)
-    job = Job(user_id=user.id, name=spec["name"], spec=spec, queue=queue, total_steps=total_steps,
-              max_attempts=max_attempts, idempotency_key=idempotency_key, request_hash=request_hash)  # fmt: skip
+    job = Job(
+        user_id=user.id,
+        name=spec["name"],
+        spec=spec,
+        queue=queue,
+        total_steps=total_steps,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
     session.add(job)
     try:
         session.flush()
     except IntegrityError:  # the same key, submitted concurrently: the other request won
         session.rollback()
-        return create_job(session, user, spec, queue=queue, total_steps=total_steps, max_attempts=max_attempts,
-                          idempotency_key=idempotency_key, max_active=max_active)  # fmt: skip
+        return create_job(
+            session,
+            user,
+            spec,
+            queue=queue,
+            total_steps=total_steps,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+            max_active=max_active,
+        )
     stage_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
     session.commit()
     return job, True
@@ -131,10 +170,14 @@ def create_job(session: Session, user: User, spec: dict, *, queue: str, total_st
 
 def active_jobs(session: Session, user_id: int) -> int:
     """How many of a user's jobs are queued, running or cancelling."""
-    return session.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.not_in(TERMINAL)))
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.not_in(TERMINAL))
+    )
 
 
-def list_jobs(session: Session, user_id: int, *, status: str | None, limit: int, after: str | None) -> tuple[list[Job], bool]:
+def list_jobs(
+    session: Session, user_id: int, *, status: str | None, limit: int, after: str | None
+) -> tuple[list[Job], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
     query = select(Job).where(Job.user_id == user_id)
     if status:
@@ -142,8 +185,9 @@ def list_jobs(session: Session, user_id: int, *, status: str | None, limit: int,
     if after:
         anchor = session.get(Job, after)
         if anchor is not None and anchor.user_id == user_id:
-            query = query.where(or_(Job.created_at < anchor.created_at,
-                                    and_(Job.created_at == anchor.created_at, Job.id < anchor.id)))  # fmt: skip
+            query = query.where(
+                or_(Job.created_at < anchor.created_at, and_(Job.created_at == anchor.created_at, Job.id < anchor.id))
+            )
     jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     return list(jobs[:limit]), len(jobs) > limit
 
@@ -155,8 +199,14 @@ def jobs_ahead(session: Session, jobs: Iterable[Job]) -> dict[str, int]:
     if not queued:
         return {}
     ahead = func.row_number().over(partition_by=Job.queue, order_by=(Job.created_at, Job.id)) - 1
-    ranked = select(Job.id, ahead.label("ahead")).where(Job.status == QUEUED, Job.queue.in_({j.queue for j in queued})).subquery()
-    return dict(session.execute(select(ranked.c.id, ranked.c.ahead).where(ranked.c.id.in_([j.id for j in queued]))).all())
+    ranked = (
+        select(Job.id, ahead.label("ahead"))
+        .where(Job.status == QUEUED, Job.queue.in_({j.queue for j in queued}))
+        .subquery()
+    )
+    return dict(
+        session.execute(select(ranked.c.id, ranked.c.ahead).where(ranked.c.id.in_([j.id for j in queued]))).all()
+    )
 
 
 def jobs_by_status(session: Session) -> dict[str, int]:

@@ -2,9 +2,10 @@
 
 A worker has an inventory of devices of one kind: the GPUs of its machine (those `nvidia-smi` lists,
 or as many as `DISTILL_WORKER_GPUS` declares), or, without GPUs, `worker_cpu_processes` CPU process
-slots. A worker of a node group also runs jobs of whole machines of the group (`worker/node_group.py`):
-such a job leases all of this machine's devices. Before it starts a job it leases as many devices as the job's `resources.devices` from that
-inventory, and releases them when the attempt ends, however it ends. Leases are rows keyed by host and
+slots. Before it starts a job it leases as many devices as the job's `resources.devices` from that
+inventory, and releases them when the attempt ends, however it ends. A worker of a node group also
+runs jobs of whole machines of the group (`worker/node_group.py`): such a job leases all of this
+machine's devices. Leases are rows keyed by host and
 device: two workers on one machine never hand out the same device, and the database shows who holds
 what. A lease is stale, and taken back by the next worker that needs the device, once its worker no
 longer counts as alive (a worker killed without releasing) or its job has ended.
@@ -59,14 +60,18 @@ def host() -> str:
     return socket.gethostname()
 
 
-def acquire(session: Session, job_id: str, count: int, inventory: Inventory, worker: str, liveness: timedelta) -> list[int] | None:
+def acquire(
+    session: Session, job_id: str, count: int, inventory: Inventory, worker: str, liveness: timedelta
+) -> list[int] | None:
     """Lease the `count` lowest free devices of this host's inventory to `job_id` for `worker`; None
     (nothing leased) while fewer are free. Stale leases are taken back first."""
     machine, now = host(), db_now(session)
     alive = select(RegisteredWorker.name).where(RegisteredWorker.seen_at >= now - liveness)
     ended = select(Job.id).where(Job.status.in_(TERMINAL))
     session.execute(
-        delete(DeviceLease).where(DeviceLease.host == machine, DeviceLease.worker.not_in(alive) | DeviceLease.job_id.in_(ended))
+        delete(DeviceLease).where(
+            DeviceLease.host == machine, DeviceLease.worker.not_in(alive) | DeviceLease.job_id.in_(ended)
+        )
     )
     held = set(session.scalars(select(DeviceLease.device).where(DeviceLease.host == machine)))
     free = [device for device in range(inventory.count) if device not in held]

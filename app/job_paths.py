@@ -37,7 +37,9 @@ def hide_server_paths(value, settings: Settings, job_id: str):
     # Longest first: the job's folder lies inside the artifacts folder, the venv inside the code's.
     for folder, name in sorted(_named_folders(settings, job_id).items(), key=lambda item: -len(item[0])):
         # Only the folder itself, never a longer name it begins (/srv/proj is not in /srv/project2).
-        value = re.sub(re.escape(folder) + r"(/|(?![\w.-]))", lambda m: name if m.group(1) else name.rstrip("/") or ".", value)
+        value = re.sub(
+            re.escape(folder) + r"(/|(?![\w.-]))", lambda m: name if m.group(1) else name.rstrip("/") or ".", value
+        )
     return value
 
 

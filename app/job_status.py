@@ -45,15 +45,27 @@ def claim(session: Session, job_id: str, worker: str, placement: dict | None = N
     attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == QUEUED)
-        .values(status=RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now, started_at=now, placement=placement)
+        .values(
+            status=RUNNING,
+            attempts=Job.attempts + 1,
+            worker=worker,
+            heartbeat_at=now,
+            started_at=now,
+            placement=placement,
+        )
         .returning(Job.attempts)
     ).scalar()
     if attempt is not None:
         devices = placement.get("devices")
         where = f"{worker}" + (f", {placement['kind']} {','.join(map(str, devices))}" if devices else "")
         where += f", across {', '.join(placement['hosts'])}" if placement.get("hosts") else ""
-        crud.stage_event(session, job_id, "state", f"running (attempt {attempt}) on {where}",
-                         data={"state": RUNNING, "attempt": attempt, "placement": placement})  # fmt: skip
+        crud.stage_event(
+            session,
+            job_id,
+            "state",
+            f"running (attempt {attempt}) on {where}",
+            data={"state": RUNNING, "attempt": attempt, "placement": placement},
+        )
     session.commit()
     return attempt
 
@@ -65,7 +77,9 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
     return alive
 
 
-def finish(session: Session, job_id: str, attempt: int, status: str, error: dict | None = None, message: str | None = None) -> bool:
+def finish(
+    session: Session, job_id: str, attempt: int, status: str, error: dict | None = None, message: str | None = None
+) -> bool:
     """End attempt `attempt` with a terminal status (cancelled only from cancelling); `message` is
     the engine's own account of it (e.g. what a cancel interrupted)."""
     if status not in TERMINAL:
@@ -77,7 +91,14 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
     moved = _move_attempt(session, job_id, attempt, from_, **values)
     if moved:
         message = message or (status if not error else f"{status}: {error.get('code')}: {error.get('message')}")
-        crud.stage_event(session, job_id, "state", message, "error" if status == FAILED else "info", {"state": status, "error": error})
+        crud.stage_event(
+            session,
+            job_id,
+            "state",
+            message,
+            "error" if status == FAILED else "info",
+            {"state": status, "error": error},
+        )
         webhooks.stage_delivery(session, job_id)
     session.commit()
     return moved
@@ -88,8 +109,14 @@ def _queue_again(session: Session, job: Job, attempt: int, why: str, *also) -> b
     hold; not committed); its message is to be sent again. True if it was."""
     if not _move_attempt(session, job.id, attempt, (RUNNING,), *also, status=QUEUED, worker=None, published_at=None):
         return False
-    crud.stage_event(session, job.id, "state", f"queued again: {why} (attempt {attempt} of {job.max_attempts})", "warning",
-                     {"state": QUEUED})  # fmt: skip
+    crud.stage_event(
+        session,
+        job.id,
+        "state",
+        f"queued again: {why} (attempt {attempt} of {job.max_attempts})",
+        "warning",
+        {"state": QUEUED},
+    )
     return True
 
 
@@ -114,7 +141,9 @@ def request_cancel(session: Session, job_id: str) -> str | None:
         session.commit()
         return CANCELLED
     if _move(session, job_id, (RUNNING,), status=CANCELLING):
-        crud.stage_event(session, job_id, "state", "cancelling: the worker stops at the next step", data={"state": CANCELLING})
+        crud.stage_event(
+            session, job_id, "state", "cancelling: the worker stops at the next step", data={"state": CANCELLING}
+        )
         session.commit()
         return CANCELLING
     session.rollback()
@@ -142,10 +171,22 @@ def reap_stale(session: Session, timeout: timedelta) -> list[str]:
             if _queue_again(session, job, job.attempts, f"worker {job.worker} stopped responding", silent):
                 requeue.append(job.id)
         else:
-            error = {"code": "WorkerLost", "message": f"the worker stopped responding on all {job.max_attempts} attempts"}
-            if _move_attempt(*owned, (RUNNING,), silent, status=FAILED, finished_at=now, error_code=error["code"],
-                             error_message=error["message"]):  # fmt: skip
-                crud.stage_event(session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error})
+            error = {
+                "code": "WorkerLost",
+                "message": f"the worker stopped responding on all {job.max_attempts} attempts",
+            }
+            if _move_attempt(
+                *owned,
+                (RUNNING,),
+                silent,
+                status=FAILED,
+                finished_at=now,
+                error_code=error["code"],
+                error_message=error["message"],
+            ):
+                crud.stage_event(
+                    session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error}
+                )
                 webhooks.stage_delivery(session, job.id)
         session.commit()
     return requeue
@@ -153,24 +194,30 @@ def reap_stale(session: Session, timeout: timedelta) -> list[str]:
 
 def mark_published(session: Session, job_id: str) -> None:
     """Record that a queued job's message reached the broker."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED, Job.published_at.is_(None)).values(published_at=db_now(session)))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.published_at.is_(None))
+        .values(published_at=db_now(session))
+    )
     session.commit()
 
 
 def unpublished(session: Session, grace: timedelta) -> list[tuple[str, str]]:
     """(id, queue) of queued jobs whose message was never sent, created more than `grace` ago
     (younger ones are being sent by the request that created them)."""
-    rows = session.execute(select(Job.id, Job.queue).where(
-        Job.status == QUEUED, Job.published_at.is_(None), Job.created_at < db_now(session) - grace
-    ))  # fmt: skip
+    rows = session.execute(
+        select(Job.id, Job.queue).where(
+            Job.status == QUEUED, Job.published_at.is_(None), Job.created_at < db_now(session) - grace
+        )
+    )
     return [(job_id, queue) for job_id, queue in rows]
 
 
 def published_before(session: Session, grace: timedelta) -> list[tuple[str, str]]:
     """(id, queue) of queued jobs whose message was sent more than `grace` ago (and may be lost)."""
-    rows = session.execute(select(Job.id, Job.queue).where(
-        Job.status == QUEUED, Job.published_at < db_now(session) - grace
-    ))  # fmt: skip
+    rows = session.execute(
+        select(Job.id, Job.queue).where(Job.status == QUEUED, Job.published_at < db_now(session) - grace)
+    )
     return [(job_id, queue) for job_id, queue in rows]
 
 

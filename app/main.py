@@ -40,8 +40,13 @@ def operation_id(route: APIRoute) -> str:
     return "_".join([*route.tags[:1], route.name])
 
 
-app = FastAPI(title="distill", version="0.1.0", lifespan=lifespan, generate_unique_id_function=operation_id,
-              description="Knowledge distillation of large language models with MiniLLM, as a service.")  # fmt: skip
+app = FastAPI(
+    title="distill",
+    version="0.1.0",
+    lifespan=lifespan,
+    generate_unique_id_function=operation_id,
+    description="Knowledge distillation of large language models with MiniLLM, as a service.",
+)
 errors.install(app)
 
 
@@ -106,5 +111,3 @@ async def record_latency(request: Request, call_next):
     route = next((template for regex, template in _route_templates() if regex.match(path)), "unmatched")
     REQUEST_SECONDS.labels(request.method, route, response.status_code).observe(time.perf_counter() - started)
     return response
-
-

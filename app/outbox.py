@@ -27,7 +27,9 @@ def publish(job_id: str, queue: str) -> bool:
     try:
         send_job(job_id, queue)
     except Exception:  # kombu and redis raise many types; any of them means "not sent"
-        log.warning("could not send job %s to the broker; the reaper sends it when the broker answers", job_id, exc_info=True)
+        log.warning(
+            "could not send job %s to the broker; the reaper sends it when the broker answers", job_id, exc_info=True
+        )
         return False
     with session_factory()() as session:
         job_status.mark_published(session, job_id)
@@ -57,12 +59,19 @@ def resend_lost() -> list[str]:
         return []
     with broker().connection_for_read() as connection:
         channel = connection.default_channel  # kombu's Redis channel: it knows the keys it stores messages under
-        messages = [m for queue in {q for _, q in waiting} for priority in channel.priority_steps
-                    for m in channel.client.lrange(channel._q_for_pri(queue, priority), 0, -1)]  # fmt: skip
+        messages = [
+            m
+            for queue in {q for _, q in waiting}
+            for priority in channel.priority_steps
+            for m in channel.client.lrange(channel._q_for_pri(queue, priority), 0, -1)
+        ]
         messages += channel.client.hvals(channel.unacked_key)  # delivered to a worker, not yet acknowledged
     held = b"\n".join(m if isinstance(m, bytes) else m.encode() for m in messages)
     lost = [(job_id, queue) for job_id, queue in waiting if job_id.encode() not in held]
     for job_id, _ in lost:
-        log.warning("the broker no longer holds the message of queued job %s (restarted without persistence?); "
-                    "sending it again", job_id)  # fmt: skip
+        log.warning(
+            "the broker no longer holds the message of queued job %s (restarted without persistence?); "
+            "sending it again",
+            job_id,
+        )
     return [job_id for job_id, queue in lost if publish(job_id, queue)]

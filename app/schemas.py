@@ -17,7 +17,14 @@ from worker.engine.spec import WebhookUrl
 if TYPE_CHECKING:
     from .models import Job
 
-QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
+QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "cancelling",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
 
@@ -37,9 +44,13 @@ class Placement(BaseModel):
     worker: str = Field(description="The worker that runs (or last ran) the job: host:pid.")
     kind: str | None = Field(None, description="gpu or cpu: the kind of the devices it was given.")
     devices: list[int] | None = Field(
-        None, description="Its devices on the worker's machine (CUDA ordinals on a GPU worker); a job across a node "
-        "group holds all of them.")
-    hosts: list[str] | None = Field(None, description="The node group's machines its ranks run on; none on one machine.")
+        None,
+        description="Its devices on the worker's machine (CUDA ordinals on a GPU worker); a job across a node "
+        "group holds all of them.",
+    )
+    hosts: list[str] | None = Field(
+        None, description="The node group's machines its ranks run on; none on one machine."
+    )
 
 
 class JobOut(BaseModel):
@@ -62,20 +73,32 @@ class JobOut(BaseModel):
         None, description="While queued: how many queued jobs on the same queue were submitted before this one."
     )
     waiting_for: str | None = Field(
-        None, description="While queued and no live worker consumes the job's queue: what it waits for, and how to start one."
+        None,
+        description="While queued and no live worker consumes the job's queue: what it waits for, and how to start "
+        "one.",
     )
 
     @classmethod
     def of(cls, job: Job, queue_position: int | None = None, waiting_for: str | None = None) -> JobOut:
         return cls(
-            id=job.id, name=job.name, status=job.status, spec=job.spec, queue=job.queue, created_at=job.created_at,
-            started_at=job.started_at, finished_at=job.finished_at,
+            id=job.id,
+            name=job.name,
+            status=job.status,
+            spec=job.spec,
+            queue=job.queue,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
             progress=Progress(step=job.step, total_steps=job.total_steps, eta_seconds=job.eta_seconds),
-            latest_metrics=job.latest_metrics or {}, best_eval=job.best_eval,
+            latest_metrics=job.latest_metrics or {},
+            best_eval=job.best_eval,
             error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
-            attempts=job.attempts, max_attempts=job.max_attempts, queue_position=queue_position, waiting_for=waiting_for,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            queue_position=queue_position,
+            waiting_for=waiting_for,
             placement=Placement(**job.placement) if job.placement else None,
-        )  # fmt: skip
+        )
 
 
 T = TypeVar("T")
@@ -153,7 +176,9 @@ class MetricPoint(BaseModel):
 
 
 class SignedLink(BaseModel):
-    url: str = Field(description="The path with `expires`, `kid` and `signature`: it works without a token until it expires.")
+    url: str = Field(
+        description="The path with `expires`, `kid` and `signature`: it works without a token until it expires."
+    )
     expires: int = Field(description="When the link stops working, in seconds since the Unix epoch.")
 
 
@@ -178,17 +203,30 @@ class Readiness(BaseModel):
 
 
 # The kind of an error that is not about one field, by status: stable words a program may branch on.
-ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-               409: "conflict", 413: "content_too_large", 416: "range_not_satisfiable", 429: "too_many_requests",
-               500: "internal_error"}  # fmt: skip
+ERROR_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "content_too_large",
+    416: "range_not_satisfiable",
+    429: "too_many_requests",
+    500: "internal_error",
+}
 
 
 class ErrorDetail(BaseModel):
-    loc: list[str | int] = Field(description="Where the problem is, e.g. `[\"body\", \"training\", \"steps\"]` or "
-                                             "`[\"query\", \"limit\"]`; empty when it is not about one field.")  # fmt: skip
+    loc: list[str | int] = Field(
+        description='Where the problem is, e.g. `["body", "training", "steps"]` or '
+        '`["query", "limit"]`; empty when it is not about one field.'
+    )
     msg: str
-    type: str = Field(description="Its kind: pydantic's for a field (`missing`, `int_parsing`, `value_error`), else the "
-                                  "status's (`not_found`, `conflict`, `too_many_requests`, ...).")  # fmt: skip
+    type: str = Field(
+        description="Its kind: pydantic's for a field (`missing`, `int_parsing`, `value_error`), else the "
+        "status's (`not_found`, `conflict`, `too_many_requests`, ...)."
+    )
     input: Any = Field(None, description="A field error's: the value refused.")
     ctx: dict | None = Field(None, description="A field error's: the limits it broke.")
 

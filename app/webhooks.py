@@ -84,8 +84,10 @@ def url_problem(url: str, settings: Settings) -> str | None:
     except ValueError:  # a name, not an address
         return None
     if private:
-        return (f"{host} is not a public address; this service sends webhooks only to public addresses "
-                "(DISTILL_WEBHOOK_ALLOW_PRIVATE)")  # fmt: skip
+        return (
+            f"{host} is not a public address; this service sends webhooks only to public addresses "
+            "(DISTILL_WEBHOOK_ALLOW_PRIVATE)"
+        )
     return None
 
 
@@ -99,7 +101,9 @@ async def _resolve(host: str, port: int, settings: Settings) -> str:
     if not settings.webhook_allow_private:
         for address in addresses:
             if not _is_public(address):
-                raise Refused(f"{host} resolves to {address}, not a public address (DISTILL_WEBHOOK_ALLOW_PRIVATE is off)")
+                raise Refused(
+                    f"{host} resolves to {address}, not a public address (DISTILL_WEBHOOK_ALLOW_PRIVATE is off)"
+                )
     return str(addresses[0])
 
 
@@ -110,7 +114,9 @@ def new_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
 
 
-def set_user_webhook(session: Session, user: User, url: str | None, *, clear: bool = False, rotate: bool = False) -> str | None:
+def set_user_webhook(
+    session: Session, user: User, url: str | None, *, clear: bool = False, rotate: bool = False
+) -> str | None:
     """Set (or with `clear`, remove) the user's default webhook URL. A secret is made when the user
     has none yet, or with `rotate`; returns it then (the only time it is shown), else None."""
     if clear:
@@ -131,8 +137,13 @@ def spec_problems(notify_url: str | None, user: User, settings: Settings) -> lis
     loc = ("notify", "webhook_url")
     problems = [(loc, problem)] if (problem := url_problem(notify_url, settings)) else []
     if not user.webhook_secret:
-        problems.append((loc, f"user {user.name!r} has no webhook secret to sign messages with; make one with "
-                              "`distill webhook --new-secret` (PUT /api/v1/me/webhook)"))  # fmt: skip
+        problems.append(
+            (
+                loc,
+                f"user {user.name!r} has no webhook secret to sign messages with; make one with "
+                "`distill webhook --new-secret` (PUT /api/v1/me/webhook)",
+            )
+        )
     return problems
 
 
@@ -150,14 +161,24 @@ def payload(job: Job, delivery_id: str) -> dict:
         "id": delivery_id,
         "type": f"job.{job.status}",
         "job": {
-            "id": job.id, "name": job.name, "status": job.status,
+            "id": job.id,
+            "name": job.name,
+            "status": job.status,
             "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-            "best_eval": job.best_eval, "attempts": job.attempts,
-            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
+            "best_eval": job.best_eval,
+            "attempts": job.attempts,
+            "created_at": _iso(job.created_at),
+            "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
         },
-        "links": {"job": base, "events": f"{base}/events", "evals": f"{base}/evals", "checkpoints": f"{base}/checkpoints",
-                  "best_checkpoint": f"{base}/checkpoints/best/archive"},
-    }  # fmt: skip
+        "links": {
+            "job": base,
+            "events": f"{base}/events",
+            "evals": f"{base}/evals",
+            "checkpoints": f"{base}/checkpoints",
+            "best_checkpoint": f"{base}/checkpoints/best/archive",
+        },
+    }
 
 
 def stage_delivery(session: Session, job_id: str) -> None:
@@ -167,7 +188,9 @@ def stage_delivery(session: Session, job_id: str) -> None:
     url = (job.spec.get("notify") or {}).get("webhook_url") or session.get(User, job.user_id).webhook_url
     if url:
         delivery_id = new_id("whd")
-        session.add(WebhookDelivery(id=delivery_id, job_id=job.id, url=url, payload=payload(job, delivery_id), status=PENDING))
+        session.add(
+            WebhookDelivery(id=delivery_id, job_id=job.id, url=url, payload=payload(job, delivery_id), status=PENDING)
+        )
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -182,7 +205,9 @@ def deliver_due(limit: int = 20, stop: threading.Event | None = None) -> list[st
     Session = session_factory()
     with Session() as session:
         now = db_now(session)
-        due = session.scalars(select(WebhookDelivery.id).where(*_claimable(now)).order_by(WebhookDelivery.created_at).limit(limit)).all()
+        due = session.scalars(
+            select(WebhookDelivery.id).where(*_claimable(now)).order_by(WebhookDelivery.created_at).limit(limit)
+        ).all()
     delivered, deadline = [], time.monotonic() + ROUND_SECONDS
     for delivery_id in due:
         if time.monotonic() > deadline or (stop is not None and stop.is_set()):
@@ -193,9 +218,11 @@ def deliver_due(limit: int = 20, stop: threading.Event | None = None) -> list[st
 
 
 def _claimable(now):
-    return (WebhookDelivery.status == PENDING,
-            or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now),
-            or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now))  # fmt: skip
+    return (
+        WebhookDelivery.status == PENDING,
+        or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now),
+        or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+    )
 
 
 def _deliver(Session, delivery_id: str, settings: Settings) -> bool:
@@ -206,20 +233,28 @@ def _deliver(Session, delivery_id: str, settings: Settings) -> bool:
     with Session() as session:
         now = db_now(session)
         attempt = session.execute(
-            update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, *_claimable(now))
-            .values(claimed_until=now + lease, attempts=WebhookDelivery.attempts + 1).returning(WebhookDelivery.attempts)
-        ).scalar()  # fmt: skip
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id, *_claimable(now))
+            .values(claimed_until=now + lease, attempts=WebhookDelivery.attempts + 1)
+            .returning(WebhookDelivery.attempts)
+        ).scalar()
         session.commit()
         if attempt is None:
             return False  # another reaper has it, or has sent it
         delivery = session.get(WebhookDelivery, delivery_id)
-        secret = session.scalar(select(User.webhook_secret).join(Job, Job.user_id == User.id).where(Job.id == delivery.job_id))
+        secret = session.scalar(
+            select(User.webhook_secret).join(Job, Job.user_id == User.id).where(Job.id == delivery.job_id)
+        )
         url, message = delivery.url, delivery.payload
     try:
         if not secret:
             raise Refused("the user has no webhook secret (`distill webhook --new-secret` makes one)")
-        for retrying in Retrying(stop=stop_after_attempt(TRIES), wait=wait_exponential(multiplier=0.5, max=4),
-                                 retry=retry_if_exception_type(DeliveryError), reraise=True):  # fmt: skip
+        for retrying in Retrying(
+            stop=stop_after_attempt(TRIES),
+            wait=wait_exponential(multiplier=0.5, max=4),
+            retry=retry_if_exception_type(DeliveryError),
+            reraise=True,
+        ):
             with retrying:
                 _send(url, message, secret, settings)
     except Exception as err:  # a failed round, whatever failed: counted, so that the attempts run out
@@ -228,8 +263,11 @@ def _deliver(Session, delivery_id: str, settings: Settings) -> bool:
         _record_failure(Session, delivery_id, attempt, error, final, settings)
         return False
     with Session() as session:  # recorded whoever holds the row now: it was delivered
-        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == PENDING)
-                        .values(status=DELIVERED, delivered_at=db_now(session), claimed_until=None, last_error=None))  # fmt: skip
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == PENDING)
+            .values(status=DELIVERED, delivered_at=db_now(session), claimed_until=None, last_error=None)
+        )
         session.commit()
     return True
 
@@ -240,12 +278,23 @@ def _record_failure(Session, delivery_id: str, attempt: int, error: str, final: 
         now = db_now(session)
         delay = min(settings.webhook_retry_seconds * 2 ** (attempt - 1), MAX_DELAY)
         values = dict(status=FAILED) if final else dict(next_attempt_at=now + timedelta(seconds=delay))
-        session.execute(update(WebhookDelivery).where(
-            WebhookDelivery.id == delivery_id, WebhookDelivery.status == PENDING, WebhookDelivery.attempts == attempt
-        ).values(claimed_until=None, last_error=error[:2000], **values))  # fmt: skip
+        session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == PENDING,
+                WebhookDelivery.attempts == attempt,
+            )
+            .values(claimed_until=None, last_error=error[:2000], **values)
+        )
         session.commit()
-    (log.error if final else log.warning)("webhook %s, round %d: %s%s", delivery_id, attempt, error,
-                                          "; given up" if final else f"; trying again in {delay:.0f} s")  # fmt: skip
+    (log.error if final else log.warning)(
+        "webhook %s, round %d: %s%s",
+        delivery_id,
+        attempt,
+        error,
+        "; given up" if final else f"; trying again in {delay:.0f} s",
+    )
 
 
 def _send(url: str, message: dict, secret: str, settings: Settings) -> None:
@@ -273,13 +322,21 @@ async def _post(url: str, message: dict, secret: str, settings: Settings) -> Non
         address = await _resolve(target.host, target.port or (443 if target.scheme == "https" else 80), settings)
         body = json.dumps(message, separators=(",", ":"), sort_keys=True).encode()
         headers = {
-            "Host": target.netloc.decode("ascii"), "Content-Type": "application/json", "User-Agent": "distill-webhooks/1",
-            "X-Distill-Event": message["type"], "X-Distill-Delivery": message["id"],
+            "Host": target.netloc.decode("ascii"),
+            "Content-Type": "application/json",
+            "User-Agent": "distill-webhooks/1",
+            "X-Distill-Event": message["type"],
+            "X-Distill-Delivery": message["id"],
             SIGNATURE_HEADER: sign(secret, int(time.time()), body),
-        }  # fmt: skip
+        }
         # Connect to the checked address; TLS still checks the certificate against the URL's host name.
-        request = httpx.Request("POST", target.copy_with(host=address), headers=headers, content=body,
-                                extensions={"sni_hostname": target.host} if target.scheme == "https" else {})  # fmt: skip
+        request = httpx.Request(
+            "POST",
+            target.copy_with(host=address),
+            headers=headers,
+            content=body,
+            extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
+        )
         try:
             # trust_env off: no proxy from the environment, which would connect to the name instead.
             async with httpx.AsyncClient(trust_env=False, follow_redirects=False, verify=_tls(settings)) as http:

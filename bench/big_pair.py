@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's engine, not an installed one
 
 import torch  # noqa: E402
+from minillm_step import time_steps  # noqa: E402
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from minillm_step import time_steps  # noqa: E402
 from worker.engine.models import smollm2_tokenizer_dir  # noqa: E402
 from worker.engine.paths import cache_dir  # noqa: E402
 from worker.engine.spec import parse_spec  # noqa: E402
@@ -39,20 +39,48 @@ from worker.engine.spec import parse_spec  # noqa: E402
 QWEN = dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768, hidden_act="silu")
 SHAPES = {
     "full": dict(
-        names=("random-qwen2.5-7b-shaped", "random-qwen2.5-0.5b-shaped"), vocab=152_064, tokens=151_665,
-        teacher=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                     intermediate_size=18944, tie_word_embeddings=False),
-        student=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                     intermediate_size=4864, tie_word_embeddings=True),
+        names=("random-qwen2.5-7b-shaped", "random-qwen2.5-0.5b-shaped"),
+        vocab=152_064,
+        tokens=151_665,
+        teacher=dict(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            tie_word_embeddings=False,
+        ),
+        student=dict(
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            tie_word_embeddings=True,
+        ),
     ),
     "tiny": dict(
-        names=("random-qwen2-tiny-teacher", "random-qwen2-tiny-student"), vocab=49_152, tokens=49_152,
-        teacher=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=128, tie_word_embeddings=False),
-        student=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=64, tie_word_embeddings=True),
+        names=("random-qwen2-tiny-teacher", "random-qwen2-tiny-student"),
+        vocab=49_152,
+        tokens=49_152,
+        teacher=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=False,
+        ),
+        student=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        ),
     ),
-}  # fmt: skip
+}
 
 
 def padded_tokenizer(length: int):
@@ -66,8 +94,14 @@ def padded_tokenizer(length: int):
 def write_model(out: Path, shape: dict, vocab: int, tokenizer, device: torch.device) -> None:
     """A random Qwen2 model of `shape`, saved with `tokenizer`; built on `device` in bf16, so that a
     7B model is never materialised in fp32 (30 GB) nor initialised by the host's cores."""
-    config = Qwen2Config(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **QWEN, **shape)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=vocab,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **QWEN,
+        **shape,
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -102,14 +136,24 @@ def model_dirs(size: str, device: torch.device) -> tuple[Path, Path]:
 def job(teacher: Path, student: Path, rollouts: int, response_tokens: int, steps: int):
     """A MiniLLM job on the pair: each step one phase of `rollouts` rollouts and one update. The
     evaluation sets are one prompt each: the teacher writes their references in set-up."""
-    return parse_spec({
-        "name": "big-pair", "method": "minillm", "teacher": str(teacher), "student": {"model": str(student)},
-        "data": {"train": "builtin:demo", "prompt_format": "alpaca", "max_prompt_tokens": 128,
-                 "max_response_tokens": response_tokens, "max_train_records": 64},
-        "training": {"steps": steps, "batch_size": rollouts, "learning_rate": 5e-6, "warmup_steps": 0},
-        "minillm": {"rollouts_per_phase": rollouts, "rollout_batch_size": rollouts, "ppo_epochs": 1},
-        "eval": {"num_prompts": 1, "selection_num_prompts": 1, "seeds": [10]},
-    })  # fmt: skip
+    return parse_spec(
+        {
+            "name": "big-pair",
+            "method": "minillm",
+            "teacher": str(teacher),
+            "student": {"model": str(student)},
+            "data": {
+                "train": "builtin:demo",
+                "prompt_format": "alpaca",
+                "max_prompt_tokens": 128,
+                "max_response_tokens": response_tokens,
+                "max_train_records": 64,
+            },
+            "training": {"steps": steps, "batch_size": rollouts, "learning_rate": 5e-6, "warmup_steps": 0},
+            "minillm": {"rollouts_per_phase": rollouts, "rollout_batch_size": rollouts, "ppo_epochs": 1},
+            "eval": {"num_prompts": 1, "selection_num_prompts": 1, "seeds": [10]},
+        }
+    )
 
 
 def billions(model: torch.nn.Module) -> float:
@@ -129,14 +173,21 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer, rows = time_steps(job(teacher_dir, student_dir, args.rollouts, args.response_tokens, args.steps + 1), args.steps)
+    trainer, rows = time_steps(
+        job(teacher_dir, student_dir, args.rollouts, args.response_tokens, args.steps + 1), args.steps
+    )
     step = statistics.mean(r["total"] for r in rows)
-    where = (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}"
-             if device.type == "cuda" else "on the CPU (no GPU memory to report)")  # fmt: skip
-    print(f"{'tiny' if args.tiny else '7B'}-shaped teacher ({billions(trainer.teacher):.2f}B parameters) and "
-          f"{'tiny' if args.tiny else '0.5B'}-shaped student ({billions(trainer.engine.module):.2f}B), precision "
-          f"{trainer.precision}: {step:.2f} s/step (mean of {len(rows)} after 1 warm-up; {args.rollouts} rollouts × "
-          f"{statistics.mean(r['response_length'] for r in rows):.0f} tokens), {where}")  # fmt: skip
+    where = (
+        f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}"
+        if device.type == "cuda"
+        else "on the CPU (no GPU memory to report)"
+    )
+    print(
+        f"{'tiny' if args.tiny else '7B'}-shaped teacher ({billions(trainer.teacher):.2f}B parameters) and "
+        f"{'tiny' if args.tiny else '0.5B'}-shaped student ({billions(trainer.engine.module):.2f}B), precision "
+        f"{trainer.precision}: {step:.2f} s/step (mean of {len(rows)} after 1 warm-up; {args.rollouts} rollouts × "
+        f"{statistics.mean(r['response_length'] for r in rows):.0f} tokens), {where}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ the sampler can be compared on the same seed.
 (`resources.compile_decoding`; CUDA graphs on a GPU), after one call per batch size that compiles.
 
 To compare with an older version of the code, run this file from a worktree of that commit:
-`git worktree add ../before COMMIT && cp bench/decode.py ../before/bench/ && cd ../before && ../main/.venv/bin/python bench/decode.py`.
+`git worktree add ../before COMMIT && cp bench/decode.py ../before/bench/`, then
+`cd ../before && ../main/.venv/bin/python bench/decode.py`.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max new tokens per response")
     parser.add_argument("--alpha", type=float, default=0.2, help="teacher-mix α (0: the student decodes alone)")
     parser.add_argument("--seed", type=int, default=10)
-    parser.add_argument("--compile-too", action="store_true",
-                        help="then again with the compiled decode step (resources.compile_decoding; CUDA graphs on a GPU)")
+    parser.add_argument(
+        "--compile-too",
+        action="store_true",
+        help="then again with the compiled decode step (resources.compile_decoding; CUDA graphs on a GPU)",
+    )
     args = parser.parse_args()
 
     spec = load_spec(PROJECT_ROOT / "examples" / "smollm2-minillm.yaml")
@@ -63,33 +67,52 @@ def main() -> None:
     examples, _ = tokenize(read_records("builtin:demo"), tokenizer, "chat", spec.data.max_prompt_tokens, args.tokens)
 
     def decode(batch_size: int, compiled: bool = False) -> tuple[int, float, str]:
-        prompts = collate([(examples[i % len(examples)].prompt_ids, []) for i in range(batch_size)], tokenizer.pad_token_id)
+        prompts = collate(
+            [(examples[i % len(examples)].prompt_ids, []) for i in range(batch_size)], tokenizer.pad_token_id
+        )
         started = time.perf_counter()
-        out = sample(student, prompts.prompt_ids.to(device), prompts.prompt_mask.to(device), max_new_tokens=args.tokens,
-                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                     generator=torch.Generator(device=device).manual_seed(args.seed), mix_model=teacher,
-                     mix_alpha=args.alpha, compile_steps=compiled)  # fmt: skip
+        out = sample(
+            student,
+            prompts.prompt_ids.to(device),
+            prompts.prompt_mask.to(device),
+            max_new_tokens=args.tokens,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            generator=torch.Generator(device=device).manual_seed(args.seed),
+            mix_model=teacher,
+            mix_alpha=args.alpha,
+            compile_steps=compiled,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         batch = out.batch
-        digest = hashlib.sha256(batch.response_ids.masked_fill(batch.response_mask == 0, -1).cpu().numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(
+            batch.response_ids.masked_fill(batch.response_mask == 0, -1).cpu().numpy().tobytes()
+        ).hexdigest()
         return int(batch.response_mask.sum()), seconds, digest[:12]
 
     decode(4)  # warm-up: first calls pay for kernel selection and allocation
-    print(f"decode: {device.type}, precision {precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"alpha {args.alpha}, up to {args.tokens} tokens, seed {args.seed}")  # fmt: skip
+    print(
+        f"decode: {device.type}, precision {precision}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"alpha {args.alpha}, up to {args.tokens} tokens, seed {args.seed}"
+    )
     for batch_size in args.batch_sizes:
         tokens, seconds, digest = decode(batch_size)
-        print(f"batch {batch_size}: {tokens / seconds:.1f} tokens/s ({tokens} tokens in {seconds:.2f} s), tokens {digest}")
+        print(
+            f"batch {batch_size}: {tokens / seconds:.1f} tokens/s ({tokens} tokens in {seconds:.2f} s), tokens {digest}"
+        )
     if args.compile_too:
         for batch_size in args.batch_sizes:
             started = time.perf_counter()
             decode(batch_size, compiled=True)  # compiles this batch's shapes
             warm = time.perf_counter() - started
             tokens, seconds, digest = decode(batch_size, compiled=True)
-            print(f"compiled batch {batch_size}: {tokens / seconds:.1f} tokens/s ({tokens} tokens in {seconds:.2f} s; "
-                  f"first call, compiling, {warm:.0f} s), tokens {digest}")  # fmt: skip
+            print(
+                f"compiled batch {batch_size}: {tokens / seconds:.1f} tokens/s ({tokens} tokens in {seconds:.2f} s; "
+                f"first call, compiling, {warm:.0f} s), tokens {digest}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,12 @@ def timed(fn, repeats: int) -> float:
 def attention() -> None:
     longest, decoded = max(length for _, length in PROMPTS), 50
     columns = longest + decoded
-    query = torch.randn(ROWS, KV_HEADS, GROUP, HEAD_DIM, dtype=torch.bfloat16)  # one token, GQA packed per key/value head
-    keys = torch.randn(ROWS, KV_HEADS, columns + 16, HEAD_DIM, dtype=torch.bfloat16)[:, :, :columns]  # a view, as the cache's
+    query = torch.randn(
+        ROWS, KV_HEADS, GROUP, HEAD_DIM, dtype=torch.bfloat16
+    )  # one token, GQA packed per key/value head
+    keys = torch.randn(ROWS, KV_HEADS, columns + 16, HEAD_DIM, dtype=torch.bfloat16)[
+        :, :, :columns
+    ]  # a view, as the cache's
     values = torch.randn_like(keys)
     mask = torch.zeros(ROWS, 1, 1, columns, dtype=torch.bool)
     groups, row = [], 0
@@ -52,11 +56,15 @@ def attention() -> None:
         return sdpa(query, keys, values, attn_mask=mask)
 
     def grouped():
-        return torch.cat([sdpa(query[a:b], keys[a:b, :, c:], values[a:b, :, c:], attn_mask=mask[a:b, ..., c:]) for a, b, c in groups])
+        return torch.cat(
+            [sdpa(query[a:b], keys[a:b, :, c:], values[a:b, :, c:], attn_mask=mask[a:b, ..., c:]) for a, b, c in groups]
+        )
 
     attended = sum((b - a) * (columns - c) for a, b, c in groups) / (ROWS * columns)
-    print(f"attention, one layer: whole cache {timed(whole, 100):.3f} ms; per group of rows ({attended:.0%} of the "
-          f"columns) {timed(grouped, 100):.3f} ms; largest difference {(whole() - grouped()).abs().max():.4f}")  # fmt: skip
+    print(
+        f"attention, one layer: whole cache {timed(whole, 100):.3f} ms; per group of rows ({attended:.0%} of the "
+        f"columns) {timed(grouped, 100):.3f} ms; largest difference {(whole() - grouped()).abs().max():.4f}"
+    )
 
 
 def projections() -> None:
@@ -64,13 +72,17 @@ def projections() -> None:
     wide = torch.randn(ROWS, MLP, dtype=torch.bfloat16)
 
     def linear(inputs: torch.Tensor, out_features: int) -> float:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(out_features, inputs.shape[1], dtype=torch.bfloat16), ROWS)
+        packed = torch.ops.mkldnn._reorder_linear_weight(
+            torch.randn(out_features, inputs.shape[1], dtype=torch.bfloat16), ROWS
+        )
         return timed(lambda: torch.ops.mkldnn._linear_pointwise(inputs, packed, None, "none", [], ""), 200)
 
     q, kv, qkv = linear(rows, HIDDEN), linear(rows, KV_HEADS * HEAD_DIM), linear(rows, HIDDEN + 2 * KV_HEADS * HEAD_DIM)
     gate, gate_up, down = linear(rows, MLP), linear(rows, 2 * MLP), linear(wide, HIDDEN)
-    print(f"projections, one layer: q {q:.3f} + k, v 2 × {kv:.3f} ms against q/k/v fused {qkv:.3f} ms; "
-          f"gate, up 2 × {gate:.3f} ms against fused {gate_up:.3f} ms; o {q:.3f}, down {down:.3f} ms")  # fmt: skip
+    print(
+        f"projections, one layer: q {q:.3f} + k, v 2 × {kv:.3f} ms against q/k/v fused {qkv:.3f} ms; "
+        f"gate, up 2 × {gate:.3f} ms against fused {gate_up:.3f} ms; o {q:.3f}, down {down:.3f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ from memory_model import GIB, Settings, kept_teacher_logits  # noqa: E402
 
 VOCAB = 151_936
 SHAPES = {  # Qwen2.5-0.5B's layer shape, and a small one for --quick (the vocabulary is the same)
-    "0.5b": dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True),
-    "small": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True),
+    "0.5b": dict(
+        hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True
+    ),
+    "small": dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True
+    ),
 }
 MODES = ("keep", "recompute", "auto")
 
@@ -53,12 +57,14 @@ def one_phase(rollouts: int, mode: str, tokens: int, layers: tuple[int, int], sh
     from worker.engine.stages.base import Context, Schedule, TrainingData
     from worker.engine.stages.minillm import MiniLLMStage
 
-    spec = parse_spec({
-        "student": {"model": "random"},
-        "data": {"max_response_tokens": tokens},
-        "training": {"batch_size": 8, "steps": 1, "warmup_steps": 0},
-        "minillm": {"rollouts_per_phase": rollouts, "ppo_epochs": 1, "teacher_logits": mode},
-    })  # fmt: skip
+    spec = parse_spec(
+        {
+            "student": {"model": "random"},
+            "data": {"max_response_tokens": tokens},
+            "training": {"batch_size": 8, "steps": 1, "warmup_steps": 0},
+            "minillm": {"rollouts_per_phase": rollouts, "ppo_epochs": 1, "teacher_logits": mode},
+        }
+    )
     device = init_process_group(spec)
     precision = choose_precision(spec, device)
     if device.type == "cpu":
@@ -67,7 +73,9 @@ def one_phase(rollouts: int, mode: str, tokens: int, layers: tuple[int, int], sh
 
     def model(n_layers: int) -> torch.nn.Module:
         with torch.device(device):
-            return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, num_hidden_layers=n_layers, **SHAPES[shape])).to(DTYPES[precision])
+            return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, num_hidden_layers=n_layers, **SHAPES[shape])).to(
+                DTYPES[precision]
+            )
 
     teacher = model(layers[0]).eval().requires_grad_(False)
     engine = initialize(model(layers[1]), spec, precision, lambda step: 1e-5)
@@ -75,13 +83,25 @@ def one_phase(rollouts: int, mode: str, tokens: int, layers: tuple[int, int], sh
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=VOCAB)
     ctx = Context(spec, engine, teacher, tokenizer, VOCAB, device)
     generator = torch.Generator().manual_seed(1)
-    prompts = [Example(Record("", "", None), torch.randint(1, VOCAB, (32,), generator=generator).tolist(), []) for _ in range(rollouts)]
+    prompts = [
+        Example(Record("", "", None), torch.randint(1, VOCAB, (32,), generator=generator).tolist(), [])
+        for _ in range(rollouts)
+    ]
     stage = MiniLLMStage("minillm", ctx, METHODS["minillm"], TrainingData(prompts), Schedule(1, 1e-5, 0, "constant"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stage.train_step(0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak": peak, "kept": stage.keep, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "precision": precision}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "peak": peak,
+        "kept": stage.keep,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "precision": precision,
+    }
 
 
 def measure(*setting) -> dict:
@@ -103,22 +123,30 @@ def main() -> None:
         print(json.dumps(one_phase(rollouts, mode, tokens, tuple(layers), shape)))
         return
 
-    sizes, tokens, layers, shape = ((16, 32, 64), 16, (1, 1), "small") if args.quick else ((64, 128, 256), 64, (4, 2), "0.5b")
+    sizes, tokens, layers, shape = (
+        ((16, 32, 64), 16, (1, 1), "small") if args.quick else ((64, 128, 256), 64, (4, 2), "0.5b")
+    )
     peaks = {}
     for mode in MODES:
         for rollouts in sizes:
             got = measure(rollouts, mode, tokens, layers, shape)
             peaks[mode, rollouts] = got["peak"]
-            print(f"teacher_logits={mode} rollouts={rollouts}: peak {got['peak'] / GIB:.2f} GB "
-                  f"({'kept' if got['kept'] else 'recomputed'}; {got['device']}, {got['precision']}, "
-                  f"{tokens} tokens, vocabulary {VOCAB})", flush=True)  # fmt: skip
+            print(
+                f"teacher_logits={mode} rollouts={rollouts}: peak {got['peak'] / GIB:.2f} GB "
+                f"({'kept' if got['kept'] else 'recomputed'}; {got['device']}, {got['precision']}, "
+                f"{tokens} tokens, vocabulary {VOCAB})",
+                flush=True,
+            )
     # The memory model's term that grows with the phase: kept logits, rollouts × tokens × vocabulary × 2 bytes.
     small, large = sizes[0], sizes[-1]
-    predicted = kept_teacher_logits(Settings(gpus=1, rollouts_per_phase=large, response_tokens=tokens), VOCAB) - kept_teacher_logits(
-        Settings(gpus=1, rollouts_per_phase=small, response_tokens=tokens), VOCAB)  # fmt: skip
+    predicted = kept_teacher_logits(
+        Settings(gpus=1, rollouts_per_phase=large, response_tokens=tokens), VOCAB
+    ) - kept_teacher_logits(Settings(gpus=1, rollouts_per_phase=small, response_tokens=tokens), VOCAB)
     grew = {mode: peaks[mode, large] - peaks[mode, small] for mode in MODES}
-    print(f"memory model: keep grows by {predicted / GIB:.2f} GB from {small} to {large} rollouts, measured "
-          f"{grew['keep'] / GIB:.2f} GB; recompute by 0, measured {grew['recompute'] / GIB:.2f} GB")  # fmt: skip
+    print(
+        f"memory model: keep grows by {predicted / GIB:.2f} GB from {small} to {large} rollouts, measured "
+        f"{grew['keep'] / GIB:.2f} GB; recompute by 0, measured {grew['recompute'] / GIB:.2f} GB"
+    )
     print("peak_gb " + " ".join(f"rollouts={n}:{peaks['auto', n] / GIB:.2f}" for n in sizes))
 
 

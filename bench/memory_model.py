@@ -121,27 +121,34 @@ def table(settings: Settings, gpu_sizes: tuple[int, ...] = (24, 80, 141)) -> str
     """Markdown: for each teacher and GPU size, the largest student of its family that fits."""
     lines = [f"| teacher | {' | '.join(f'{g} GB per GPU' for g in gpu_sizes)} |", "|---|" + "---|" * len(gpu_sizes)]
     for teacher in TEACHERS:
-        family = [s for s in STUDENTS if s.name.split("-")[0] == teacher.name.split("-")[0] and s.params < teacher.params]
+        family = [
+            s for s in STUDENTS if s.name.split("-")[0] == teacher.name.split("-")[0] and s.params < teacher.params
+        ]
         cells = []
         for gib in gpu_sizes:
             best = max((s for s in family if fits(teacher, s, settings, gib)), key=lambda s: s.params, default=None)
-            cells.append(f"{best.name} ({sum(per_gpu(teacher, best, settings).values()) / GIB:.0f} GB)" if best else "none")
+            cells.append(
+                f"{best.name} ({sum(per_gpu(teacher, best, settings).values()) / GIB:.0f} GB)" if best else "none"
+            )
         lines.append(f"| {teacher.name} ({teacher.params / 1e9:.1f}B) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 LAYOUTS = {
     "1 GPU: ZeRO-0, the whole teacher on the GPU, 64 rollouts a phase": Settings(
-        gpus=1, zero_stage=0, shard_teacher=False, rollouts_per_phase=64),
+        gpus=1, zero_stage=0, shard_teacher=False, rollouts_per_phase=64
+    ),
     "8 GPUs: ZeRO-3, the teacher sharded (deepspeed.shard_teacher), 256 rollouts a phase": Settings(),
 }
 
 
 def main() -> None:
     s = Settings()
-    print(f"Gradient checkpointing, teacher logits recomputed, rollouts decoded {s.rollout_batch_size} at a time, "
-          f"micro-batch {s.micro_batch}, {s.prompt_tokens} prompt + {s.response_tokens} response tokens, bf16. "
-          "Each cell: the largest student of the teacher's family that fits, with the estimated peak per GPU.")  # fmt: skip
+    print(
+        f"Gradient checkpointing, teacher logits recomputed, rollouts decoded {s.rollout_batch_size} at a time, "
+        f"micro-batch {s.micro_batch}, {s.prompt_tokens} prompt + {s.response_tokens} response tokens, bf16. "
+        "Each cell: the largest student of the teacher's family that fits, with the estimated peak per GPU."
+    )
     for title, settings in LAYOUTS.items():
         print(f"\n{title}:\n")
         print(table(settings))

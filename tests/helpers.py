@@ -25,7 +25,9 @@ def write_dataset(directory: Path, train_records: int = 64, eval_records: int = 
     """
     directory.mkdir(parents=True, exist_ok=True)
     for name, source, count in (("train", "demo_train", train_records), ("eval", "demo_eval", eval_records)):
-        lines = (PROJECT_ROOT / "worker" / "engine" / "builtin_data" / f"{source}.jsonl").read_text().splitlines()[:count]
+        lines = (
+            (PROJECT_ROOT / "worker" / "engine" / "builtin_data" / f"{source}.jsonl").read_text().splitlines()[:count]
+        )
         with (directory / f"{name}.jsonl").open("w") as out:
             for line in lines:
                 record = json.loads(line)
@@ -42,14 +44,20 @@ def tiny_spec(dataset: Path, **overrides) -> dict:
         "method": "minillm",
         "teacher": "builtin:tiny-teacher",
         "student": {"model": "builtin:tiny-student"},
-        "data": {"train": str(dataset / "train.jsonl"), "eval": str(dataset / "eval.jsonl"), "prompt_format": "alpaca",
-                 "max_prompt_tokens": 128, "max_response_tokens": 12, "max_train_records": 48},
+        "data": {
+            "train": str(dataset / "train.jsonl"),
+            "eval": str(dataset / "eval.jsonl"),
+            "prompt_format": "alpaca",
+            "max_prompt_tokens": 128,
+            "max_response_tokens": 12,
+            "max_train_records": 48,
+        },
         "training": {"steps": 6, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0},
         "minillm": {"rollouts_per_phase": 4, "rollout_batch_size": 4, "ppo_epochs": 2},
         "eval": {"every_steps": 3, "num_prompts": 4, "selection_num_prompts": 4, "batch_size": 4},
         "checkpoints": {"every_steps": 3, "keep": 2},
         "deepspeed": {"precision": "fp32"},
-    }  # fmt: skip
+    }
     for key, value in overrides.items():
         spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
     return spec
@@ -71,17 +79,28 @@ def make_user(name: str | None = None) -> dict:
 class Worker:
     """A real `distill worker` process that tests can start and SIGKILL."""
 
-    def __init__(self, log: Path, queues: str | None = None, cwd: Path | None = None, environ: dict | None = None, **env: str):
+    def __init__(
+        self, log: Path, queues: str | None = None, cwd: Path | None = None, environ: dict | None = None, **env: str
+    ):
         """`queues`: default, those of the worker's devices; `environ`: the environment to start from
         (default: this process's); `env`: changes to it."""
         self.log, self.queues, self.cwd, self.process = log, queues, cwd, None
         self.environ = {**(os.environ if environ is None else environ), **env}
 
     def start(self) -> "Worker":
-        env = {k: v for k, v in self.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env = {
+            k: v
+            for k, v in self.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
         queues = [] if self.queues is None else ["--queues", self.queues]
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", *queues],
-                                        stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=self.cwd)  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", *queues],
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.cwd,
+        )
         return self
 
     def kill(self) -> None:
@@ -104,7 +123,8 @@ def training_process(job_id: str) -> list[int]:
 
 
 def rank_processes(job_id: str) -> dict[int, int]:
-    """PIDs of a job's ranks under the DeepSpeed launcher (`python -m worker.job_process --local_rank=N JOB ...`), by local rank."""
+    """PIDs of a job's ranks under the DeepSpeed launcher (`python -m worker.job_process
+    --local_rank=N JOB ...`), by local rank."""
     ranks = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -150,4 +170,6 @@ def job(client, auth, job_id) -> dict:
 
 def wait_status(client, auth, job_id, statuses, timeout=300) -> dict:
     """The job once its status is one of `statuses`."""
-    return wait_for(lambda: (j := job(client, auth, job_id))["status"] in statuses and j, timeout, what=f"{job_id} {statuses}")
+    return wait_for(
+        lambda: (j := job(client, auth, job_id))["status"] in statuses and j, timeout, what=f"{job_id} {statuses}"
+    )

@@ -25,7 +25,9 @@ DEFAULT_INPUTS = ["tests", "examples", "scripts", ".ci", "Makefile"]
 
 
 def _tracked(paths: list[str]) -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "--", *paths], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["git", "ls-files", "--", *paths], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
     return [PROJECT_ROOT / line for line in out.stdout.splitlines()]
 
 
@@ -44,7 +46,14 @@ def test_no_default_input_names_the_folder_beside_the_checkout():
 @pytest.mark.parametrize("example", sorted(p.name for p in (PROJECT_ROOT / "examples").glob("*.yaml")))
 def test_example_specs_name_only_builtins_or_files_in_the_checkout(example):
     spec = load_spec(PROJECT_ROOT / "examples" / example)
-    references = [spec.teacher, spec.student.model, spec.data.train, spec.data.selection, spec.data.eval, spec.data.pretrain]
+    references = [
+        spec.teacher,
+        spec.student.model,
+        spec.data.train,
+        spec.data.selection,
+        spec.data.eval,
+        spec.data.pretrain,
+    ]
     for ref in filter(None, references):
         if ref.startswith("builtin:"):
             continue
@@ -76,8 +85,12 @@ def test_tiny_example_trains_from_outside_the_checkout_reading_nothing_beside_it
     env = {**os.environ, "GUARD_BESIDE": str(BESIDE), "GUARD_ROOT": str(PROJECT_ROOT)}
     result = subprocess.run(
         [sys.executable, "-c", _GUARD, "train", str(spec), "--output", str(tmp_path / "out")],
-        cwd=work, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoints").is_dir()
     assert "read outside the checkout" not in result.stderr

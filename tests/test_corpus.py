@@ -27,9 +27,12 @@ def test_jsonl_records_and_plain_text(tmp_path):
 
 @pytest.mark.parametrize(
     "line,message",
-    [("{oops", r"c\.jsonl:2: not valid JSON"), ('{"instruction": "x"}', r'c\.jsonl:2: a pretraining record is \{"text"'),
-     ('{"text": 5}', r"c\.jsonl:2: a pretraining record")],
-)  # fmt: skip
+    [
+        ("{oops", r"c\.jsonl:2: not valid JSON"),
+        ('{"instruction": "x"}', r'c\.jsonl:2: a pretraining record is \{"text"'),
+        ('{"text": 5}', r"c\.jsonl:2: a pretraining record"),
+    ],
+)
 def test_bad_corpus_lines_are_named(tmp_path, line, message):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=message):

@@ -11,10 +11,10 @@ import pytest
 import torch
 import transformers.modeling_utils
 import yaml
+from helpers import read_events, tiny_spec
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import read_events, tiny_spec
 from worker.engine import checkpoints as ckpt
 from worker.engine import trainer as trainer_module
 from worker.engine.data import read_records
@@ -121,13 +121,21 @@ def test_best_checkpoint_is_chosen_on_the_selection_set_and_scored_on_the_test_s
         return {"rouge_l": 1.0}, {}, []
 
     monkeypatch.setattr(trainer_module, "evaluate", scripted_evaluate)
-    monkeypatch.setattr(trainer_module.Trainer, "teacher_scores", lambda self: ({"rouge_l": 1.0}, {}, []))  # never cached
+    monkeypatch.setattr(
+        trainer_module.Trainer, "teacher_scores", lambda self: ({"rouge_l": 1.0}, {}, [])
+    )  # never cached
     out, scores = run(tmp_path, tiny_spec(dataset, method="sft", checkpoints={"every_steps": 3, "keep": 1}))
     events = read_events(out)
     assert ckpt.best_step(out) == 3 and events[-1]["data"]["best_step"] == 3
     saved = [e["data"] for e in events if e["type"] == "checkpoint"]
-    assert [(c["step"], c["best"], c["scores"]) for c in saved] == [(3, True, {"rouge_l": 9.0}), (6, False, {"rouge_l": 7.0})]
-    assert [(e["data"]["label"], e["data"]["step"]) for e in events if e["type"] == "eval"][-2:] == [("final", 6), ("best", 3)]
+    assert [(c["step"], c["best"], c["scores"]) for c in saved] == [
+        (3, True, {"rouge_l": 9.0}),
+        (6, False, {"rouge_l": 7.0}),
+    ]
+    assert [(e["data"]["label"], e["data"]["step"]) for e in events if e["type"] == "eval"][-2:] == [
+        ("final", 6),
+        ("best", 3),
+    ]
     # The test set scored the best checkpoint's own weights, read back from its directory (kept though keep is 1).
     best = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000003").state_dict()
     assert all(torch.equal(tested[-1][k], best[k]) for k in best)
@@ -139,26 +147,40 @@ def test_best_checkpoint_is_chosen_on_the_selection_set_and_scored_on_the_test_s
 def test_minillm_lm_term_trains_on_data_pretrain(tmp_path, dataset, source):
     if source == "jsonl":
         corpus = tmp_path / "corpus.jsonl"
-        corpus.write_text("".join(json.dumps({"text": f"Note {i}: the kettle is on and the tea will be ready soon."}) + "\n"
-                                  for i in range(12)))  # fmt: skip
+        corpus.write_text(
+            "".join(
+                json.dumps({"text": f"Note {i}: the kettle is on and the tea will be ready soon."}) + "\n"
+                for i in range(12)
+            )
+        )
         source = str(corpus)
-    spec = tiny_spec(dataset, data={"pretrain": source, "teacher_text_documents": 6}, minillm={"lm_chunk_tokens": 16},
-                     training={"steps": 5}, eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        data={"pretrain": source, "teacher_text_documents": 6},
+        minillm={"lm_chunk_tokens": 16},
+        training={"steps": 5},
+        eval={"every_steps": 0},
+        checkpoints={"every_steps": 0},
+    )
     out, _ = run(tmp_path, spec)
     events = read_events(out)
     said = [e["message"] for e in events if e["message"].startswith("minillm: LM term")]
     assert len(said) == 1 and re.fullmatch(
         rf"minillm: LM term: next-token loss on data\.pretrain \({re.escape(source)}: \d+ chunks of 16 tokens\), "
-        r"weight minillm\.lm_coef 1; teacher logits kept for each phase \(\d+\.\d\d GB per process\)", said[0]), said  # fmt: skip
+        r"weight minillm\.lm_coef 1; teacher logits kept for each phase \(\d+\.\d\d GB per process\)",
+        said[0],
+    ), said
     assert events.index(next(e for e in events if e["message"] == said[0])) < events.index(
-        next(e for e in events if e["type"] == "metrics"))  # said at the start
+        next(e for e in events if e["type"] == "metrics")
+    )  # said at the start
     assert all(m["lm_loss"] > 0 for m in metrics_by_step(out).values())
 
 
 def test_minillm_changes_the_student_towards_the_teacher(tmp_path, dataset):
     """A few MiniLLM steps at a high learning rate lower the reverse KL on held-out responses."""
-    spec = tiny_spec(dataset, training={"steps": 8, "learning_rate": 3e-3}, eval={"every_steps": 0},
-                     checkpoints={"every_steps": 0})  # fmt: skip
+    spec = tiny_spec(
+        dataset, training={"steps": 8, "learning_rate": 3e-3}, eval={"every_steps": 0}, checkpoints={"every_steps": 0}
+    )
     _, scores = run(tmp_path, spec)
     assert scores["final"]["reverse_kl"] < scores["initial"]["reverse_kl"]
 
@@ -225,23 +247,40 @@ def test_cancel_stops_at_next_step_and_keeps_checkpoints(tmp_path, dataset):
 
 
 def train_from_the_cli(tmp_path, spec, name, **env):
-    """`distill train` in a fresh process (with resources.devices 2, under the DeepSpeed launcher); its output directory.
-    `env`: variables to set."""
+    """`distill train` in a fresh process (with resources.devices 2, under the DeepSpeed launcher); its
+    output directory. `env`: variables to set."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / name
     # A fresh shell's environment: the in-process runs above set this process's rank variables.
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
-           **env}  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "app.cli", "train", str(path), "-o", str(out)],
-                            capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        },
+        **env,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "train", str(path), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 
 def test_two_processes_under_the_deepspeed_launcher(tmp_path, dataset):
-    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 4},
-                     eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        method="kd",
+        resources={"devices": 2},
+        training={"steps": 4},
+        eval={"every_steps": 0},
+        checkpoints={"every_steps": 0},
+    )
     out = train_from_the_cli(tmp_path, spec, "two")
     events = read_events(out)
     assert any("2 process(es)" in e["message"] for e in events)
@@ -269,18 +308,31 @@ def test_a_teacher_sharded_over_two_processes_trains_as_a_whole_one(tmp_path, da
     phase is sampled from students whose weights differ in the last bits (ZeRO-3 and ZeRO-0 reduce
     gradients in another order), so its rollouts may differ by a token: it is not compared.
     """
-    base = dict(resources={"devices": 2}, training={"steps": 3}, data={"pretrain": "builtin:teacher-text",
-                "teacher_text_documents": 2}, minillm={"lm_chunk_tokens": 16}, eval={"every_steps": 0, "seeds": [10]},
-                checkpoints={"every_steps": 0})  # fmt: skip
+    base = dict(
+        resources={"devices": 2},
+        training={"steps": 3},
+        data={"pretrain": "builtin:teacher-text", "teacher_text_documents": 2},
+        minillm={"lm_chunk_tokens": 16},
+        eval={"every_steps": 0, "seeds": [10]},
+        checkpoints={"every_steps": 0},
+    )
     runs = {}
-    for name, deepspeed in (("zero0", {"zero_stage": 0}), ("whole", {"zero_stage": 3}),
-                            ("sharded", {"zero_stage": 3, "shard_teacher": True})):  # fmt: skip
+    for name, deepspeed in (
+        ("zero0", {"zero_stage": 0}),
+        ("whole", {"zero_stage": 3}),
+        ("sharded", {"zero_stage": 3, "shard_teacher": True}),
+    ):
         cache = tmp_path / f"cache-{name}"  # the models and compiled ops are shared; the teacher's outputs are not
         cache.mkdir()
         (cache_dir() / "models").mkdir(exist_ok=True)
         (cache / "models").symlink_to(cache_dir() / "models")
-        runs[name] = train_from_the_cli(tmp_path, tiny_spec(dataset, **base, deepspeed=deepspeed), name,
-                                        DISTILL_CACHE_DIR=str(cache), TORCH_EXTENSIONS_DIR=str(cache_dir() / "torch_extensions"))  # fmt: skip
+        runs[name] = train_from_the_cli(
+            tmp_path,
+            tiny_spec(dataset, **base, deepspeed=deepspeed),
+            name,
+            DISTILL_CACHE_DIR=str(cache),
+            TORCH_EXTENSIONS_DIR=str(cache_dir() / "torch_extensions"),
+        )
     zero0, whole, sharded = (metrics_by_step(runs[name]) for name in ("zero0", "whole", "sharded"))
     assert sorted(whole) == sorted(sharded) == sorted(zero0) == [1, 2, 3]  # two phases of rollouts
     names = ("loss", "pg_loss", "reverse_kl", "lm_loss", "reward")
@@ -291,8 +343,11 @@ def test_a_teacher_sharded_over_two_processes_trains_as_a_whole_one(tmp_path, da
         for name in names:
             assert sharded[step][name] == pytest.approx(zero0[step][name], rel=1e-5, abs=1e-7), (step, name)
     said = [e["message"] for e in read_events(runs["sharded"]) if e["message"].startswith("teacher sharded")]
-    held = re.fullmatch(r"teacher sharded over 2 processes \(ZeRO-3\): rank 0 holds (\d+) of (\d+) parameters, "
-                        r"rank 1 holds (\d+)", said[0])  # fmt: skip
+    held = re.fullmatch(
+        r"teacher sharded over 2 processes \(ZeRO-3\): rank 0 holds (\d+) of (\d+) parameters, "
+        r"rank 1 holds (\d+)",
+        said[0],
+    )
     first, total, second = map(int, held.groups())
     assert first == pytest.approx(total / 2, rel=0.1) and second == pytest.approx(total / 2, rel=0.1), said
     assert not any(e["message"].startswith("teacher sharded") for e in read_events(runs["whole"]))
@@ -308,8 +363,13 @@ def test_a_teacher_sharded_over_two_processes_trains_as_a_whole_one(tmp_path, da
     ids=["zero1-bf16", "zero2-offload", "zero3-bf16"],
 )
 def test_zero_stages_precisions_and_offload(tmp_path, dataset, deepspeed):
-    spec = tiny_spec(dataset, training={"steps": 4}, deepspeed=deepspeed, eval={"every_steps": 0},
-                     checkpoints={"every_steps": 2, "keep": 1})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        training={"steps": 4},
+        deepspeed=deepspeed,
+        eval={"every_steps": 0},
+        checkpoints={"every_steps": 2, "keep": 1},
+    )
     out, scores = run(tmp_path, spec)
     assert math.isfinite(scores["final"]["reverse_kl"])
     assert json.loads((out / "resume" / "step-000004" / "trainer_state.json").read_text())["step"] == 4

@@ -6,7 +6,12 @@ from worker.engine.evaluation import distinct_n, summarize
 
 
 def test_scores_are_means_over_seeds_with_the_values_of_each_seed():
-    scored = [(10, 20.0, 4, "a b c d e"), (10, 40.0, 6, "f g h i j"), (20, 10.0, 2, "a b c d"), (20, 30.0, 8, "e f g h")]
+    scored = [
+        (10, 20.0, 4, "a b c d e"),
+        (10, 40.0, 6, "f g h i j"),
+        (20, 10.0, 2, "a b c d"),
+        (20, 30.0, 8, "e f g h"),
+    ]
     means, per_seed = summarize(scored)
     assert per_seed[10]["rouge_l"] == 30.0 and per_seed[20]["rouge_l"] == 20.0
     assert per_seed[10]["response_length"] == 5.0 and per_seed[20]["response_length"] == 5.0
@@ -34,6 +39,9 @@ def test_distinct_4_averages_unequal_seeds():
 def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
     """eval.sample_kl scores the model's own samples: zero for the teacher against itself, and for another
     model the per-token reverse KL at exactly the responses it sampled under each seed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from worker.engine.batch import collate, response_logits
     from worker.engine.data import Record, tokenize
     from worker.engine.evaluation import evaluate
@@ -41,8 +49,6 @@ def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
     from worker.engine.models import load_tokenizer, resolve_model
     from worker.engine.sampling import sample
     from worker.engine.spec import parse_spec
-    from transformers import AutoModelForCausalLM
-    import torch
 
     teacher_dir = resolve_model("builtin:tiny-teacher")
     tokenizer = load_tokenizer(teacher_dir)
@@ -50,8 +56,13 @@ def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
     student = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny-student")).eval()
     records = [Record(f"Name a colour, {i}.", "", "Blue.") for i in range(3)]
     examples, _ = tokenize(records, tokenizer, "chat", 64, 6)
-    spec = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6},
-                       "eval": {"sample_kl": True, "batch_size": 2, "no_repeat_ngram_size": 0}})  # fmt: skip
+    spec = parse_spec(
+        {
+            "student": {"model": "x"},
+            "data": {"max_response_tokens": 6},
+            "eval": {"sample_kl": True, "batch_size": 2, "no_repeat_ngram_size": 0},
+        }
+    )
     seeds, vocab = [10, 20], len(tokenizer)
     device = torch.device("cpu")
 
@@ -63,8 +74,17 @@ def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
         generator, tokens, total = torch.Generator().manual_seed(seed * 7919), 0.0, 0.0
         for start in (0, 2):
             batch = collate([(e.prompt_ids, []) for e in examples[start : start + 2]], tokenizer.pad_token_id)
-            out = sample(student, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6, eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id, vocab_size=vocab, generator=generator, no_repeat_ngram_size=0).batch  # fmt: skip
+            out = sample(
+                student,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                max_new_tokens=6,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                vocab_size=vocab,
+                generator=generator,
+                no_repeat_ngram_size=0,
+            ).batch
             with torch.no_grad():
                 kl = reverse_kl(response_logits(student, out, vocab), response_logits(teacher, out, vocab))
             tokens += float(out.response_mask.sum())
@@ -80,30 +100,46 @@ def test_reverse_kl_on_samples_is_the_exact_kl_at_the_tokens_each_seed_drew():
 
 def test_samples_are_the_first_prompts_answered_under_the_first_seed():
     """eval.samples keeps the first N prompts' responses as the first seed drew them (no second generation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from worker.engine.batch import collate
     from worker.engine.data import Record, tokenize
     from worker.engine.evaluation import evaluate
     from worker.engine.models import load_tokenizer, resolve_model
     from worker.engine.sampling import sample
     from worker.engine.spec import parse_spec
-    from transformers import AutoModelForCausalLM
-    import torch
 
     tokenizer = load_tokenizer(resolve_model("builtin:tiny-teacher"))
     student = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny-student")).eval()
     records = [Record(f"Name a colour, {i}.", "Be brief." if i == 1 else "", f"Blue {i}.") for i in range(3)]
     examples, _ = tokenize(records, tokenizer, "alpaca", 64, 6)
-    spec = parse_spec({"student": {"model": "x"}, "data": {"max_response_tokens": 6},
-                       "eval": {"samples": 2, "batch_size": 2, "no_repeat_ngram_size": 0}})  # fmt: skip
+    spec = parse_spec(
+        {
+            "student": {"model": "x"},
+            "data": {"max_response_tokens": 6},
+            "eval": {"samples": 2, "batch_size": 2, "no_repeat_ngram_size": 0},
+        }
+    )
     vocab, device = len(tokenizer), torch.device("cpu")
 
     _, _, samples = evaluate(student, None, examples, tokenizer, spec, vocab, device, [20, 10])
     batch = collate([(e.prompt_ids, []) for e in examples[:2]], tokenizer.pad_token_id)
-    out = sample(student, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6, eos_id=tokenizer.eos_token_id,
-                 pad_id=tokenizer.pad_token_id, vocab_size=vocab, generator=torch.Generator().manual_seed(20 * 7919),
-                 no_repeat_ngram_size=0).batch  # fmt: skip
-    drawn = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
-             for ids, mask in zip(out.response_ids, out.response_mask)]  # fmt: skip
+    out = sample(
+        student,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        max_new_tokens=6,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        vocab_size=vocab,
+        generator=torch.Generator().manual_seed(20 * 7919),
+        no_repeat_ngram_size=0,
+    ).batch
+    drawn = [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+        for ids, mask in zip(out.response_ids, out.response_mask)
+    ]
     assert samples == [
         {"prompt": "Name a colour, 0.", "reference": "Blue 0.", "response": drawn[0]},
         {"prompt": "Name a colour, 1.\n\nBe brief.", "reference": "Blue 1.", "response": drawn[1]},

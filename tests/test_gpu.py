@@ -60,12 +60,24 @@ def _statistics(r: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(logp_old=logp_old, weights=weights, rewards=rewards, advantages=advantages)
 
 
-def _loss_and_gradient(r: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _loss_and_gradient(
+    r: dict[str, torch.Tensor], device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     r = {k: v.to(device) for k, v in r.items()}
     stats = _statistics(r)
     student = r["student"].clone().requires_grad_(True)
-    out = minillm_loss(student, r["teacher"], r["tokens"], r["mask"], stats["logp_old"], stats["weights"],
-                       stats["advantages"], temperature=1.0, clip_range=0.2, single_step=True)  # fmt: skip
+    out = minillm_loss(
+        student,
+        r["teacher"],
+        r["tokens"],
+        r["mask"],
+        stats["logp_old"],
+        stats["weights"],
+        stats["advantages"],
+        temperature=1.0,
+        clip_range=0.2,
+        single_step=True,
+    )
     out.loss.backward()
     values = {**stats, "loss": out.loss, "pg_loss": out.pg_loss, "reverse_kl": out.reverse_kl}
     return {k: v.detach().cpu() for k, v in values.items()}, student.grad.cpu()
@@ -95,8 +107,18 @@ def _sample(student, teacher, device: torch.device, **kwargs):
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
     student, teacher = student.to(device), teacher.to(device)
-    out = sample(student, ids.to(device), mask.to(device), max_new_tokens=12, eos_id=3, pad_id=0, vocab_size=64,
-                 generator=torch.Generator(device).manual_seed(1), mix_model=teacher, **kwargs)  # fmt: skip
+    out = sample(
+        student,
+        ids.to(device),
+        mask.to(device),
+        max_new_tokens=12,
+        eos_id=3,
+        pad_id=0,
+        vocab_size=64,
+        generator=torch.Generator(device).manual_seed(1),
+        mix_model=teacher,
+        **kwargs,
+    )
     return out.batch.response_ids.cpu(), out.batch.response_mask.cpu()
 
 
@@ -134,9 +156,21 @@ def test_compiled_decoding_matches_eager_decoding_on_the_device(models):
     mask = (torch.arange(5, device=DEVICE) >= torch.tensor([[2], [0]], device=DEVICE)).long()
 
     def decode(compiled: bool):
-        return sample(student, ids, mask, max_new_tokens=12, eos_id=3, pad_id=0, vocab_size=64, mix_model=teacher,
-                      mix_alpha=0.2, generator=torch.Generator(DEVICE).manual_seed(1), sync_ranks=False,
-                      logits_out=torch.zeros(2, 12, 64, device=DEVICE), compile_steps=compiled)  # fmt: skip
+        return sample(
+            student,
+            ids,
+            mask,
+            max_new_tokens=12,
+            eos_id=3,
+            pad_id=0,
+            vocab_size=64,
+            mix_model=teacher,
+            mix_alpha=0.2,
+            generator=torch.Generator(DEVICE).manual_seed(1),
+            sync_ranks=False,
+            logits_out=torch.zeros(2, 12, 64, device=DEVICE),
+            compile_steps=compiled,
+        )
 
     eager, compiled = decode(False), decode(True)
     assert torch.equal(compiled.batch.response_ids, eager.batch.response_ids)

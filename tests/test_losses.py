@@ -576,16 +576,29 @@ def _tiny_model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-            pad_token_id=PAD, eos_token_id=EOS_ID, bos_token_id=0,
-        )  # fmt: skip
+            vocab_size=11,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=PAD,
+            eos_token_id=EOS_ID,
+            bos_token_id=0,
+        )
         model = transformers.LlamaForCausalLM(config)
     else:  # absolute learned positions: catches wrong position ids under left padding
         config = transformers.GPT2Config(
-            vocab_size=11, n_embd=16, n_layer=1, n_head=2, n_positions=64,
-            pad_token_id=PAD, eos_token_id=EOS_ID, bos_token_id=0,
-        )  # fmt: skip
+            vocab_size=11,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=PAD,
+            eos_token_id=EOS_ID,
+            bos_token_id=0,
+        )
         model = transformers.GPT2LMHeadModel(config)
     return model.eval()
 
@@ -617,6 +630,8 @@ def test_response_logits_match_unpadded_single_row_forward(kind):
         # token_log_probs on the batch equals the unpadded log-likelihood of each response token,
         # the EOS included.
         lp = token_log_probs(logits[i : i + 1, : len(response)], torch.tensor([response]))
-        torch.testing.assert_close(lp[0], torch.log_softmax(alone, -1)[torch.arange(len(response)), response], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            lp[0], torch.log_softmax(alone, -1)[torch.arange(len(response)), response], atol=1e-5, rtol=1e-5
+        )
     # Cutting to a smaller tokenizer vocabulary just drops the padded embedding rows.
     torch.testing.assert_close(response_logits(model, batch, vocab_size=9), logits[..., :9])

@@ -60,8 +60,15 @@ class Engine:
 
 def tiny(seed: int, layers: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # sharper distributions than the tiny init's near-uniform ones
         model.lm_head.weight.mul_(20)
@@ -69,13 +76,21 @@ def tiny(seed: int, layers: int) -> LlamaForCausalLM:
 
 
 def collected(alpha: float, temperature: float, teacher_logits: str = "keep") -> MiniLLMStage:
-    spec = parse_spec({
-        "student": {"model": "toy"},
-        "data": {"max_response_tokens": 10},
-        "training": {"batch_size": 4, "seed": 3},
-        "minillm": {"rollouts_per_phase": 8, "rollout_batch_size": 4, "ppo_epochs": 1,
-                    "teacher_mix_alpha": alpha, "temperature": temperature, "teacher_logits": teacher_logits},
-    })  # fmt: skip
+    spec = parse_spec(
+        {
+            "student": {"model": "toy"},
+            "data": {"max_response_tokens": 10},
+            "training": {"batch_size": 4, "seed": 3},
+            "minillm": {
+                "rollouts_per_phase": 8,
+                "rollout_batch_size": 4,
+                "ppo_epochs": 1,
+                "teacher_mix_alpha": alpha,
+                "temperature": temperature,
+                "teacher_logits": teacher_logits,
+            },
+        }
+    )
     student, teacher = tiny(1, 1), tiny(2, 2).requires_grad_(False)
     tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     ctx = Context(spec, Engine(student), teacher, tokenizer, V, torch.device("cpu"))
@@ -112,7 +127,12 @@ def test_rollout_statistics_equal_the_plain_full_forward_scoring(alpha, temperat
     rewards = token_rewards(logp(t_logits), logp_old, mask, cfg.reward_clip)
     returns = long_term_returns(rewards, mask, cfg.gamma, cfg.length_normalization)
     advantages = whiten(returns, mask, masked_moments(returns, mask))
-    for name, expected in [("logp_old", logp_old), ("weights", weights), ("rewards", rewards), ("advantages", advantages)]:
+    for name, expected in [
+        ("logp_old", logp_old),
+        ("weights", weights),
+        ("rewards", rewards),
+        ("advantages", advantages),
+    ]:
         torch.testing.assert_close(getattr(ro, name), expected, atol=2e-5, rtol=1e-4, msg=name)
 
 
@@ -136,8 +156,18 @@ def test_update_loss_and_gradients_equal_the_plain_step(alpha, temperature, sing
         return float(loss.detach()), [p.grad.clone() for p in student.parameters()]
 
     def fast(logits):
-        return minillm_loss(logits, ro.teacher_logits[idx], mb.response_ids, mask, ro.logp_old[idx], ro.weights[idx],
-                            ro.advantages[idx], temperature, cfg.clip_range, single_step).loss  # fmt: skip
+        return minillm_loss(
+            logits,
+            ro.teacher_logits[idx],
+            mb.response_ids,
+            mask,
+            ro.logp_old[idx],
+            ro.weights[idx],
+            ro.advantages[idx],
+            temperature,
+            cfg.clip_range,
+            single_step,
+        ).loss
 
     def plain(logits):
         with torch.no_grad():
@@ -187,9 +217,18 @@ def test_a_resume_state_leaves_the_teacher_logits_out_and_they_come_back_bit_for
 
 
 def test_auto_keeps_the_teacher_logits_within_the_budget():
-    spec = parse_spec({"student": {"model": "toy"}, "data": {"max_response_tokens": 256},
-                       "minillm": {"rollouts_per_phase": 64, "teacher_logits_budget_gb": 4}})  # fmt: skip
+    spec = parse_spec(
+        {
+            "student": {"model": "toy"},
+            "data": {"max_response_tokens": 256},
+            "minillm": {"rollouts_per_phase": 64, "teacher_logits_budget_gb": 4},
+        }
+    )
     # 64 rollouts × 256 tokens × 49,152 × 2 bytes = 1.5 GiB fits 4; × 151,936 = 4.6 GiB does not.
     assert keeps_teacher_logits(spec, 49_152, 2) and not keeps_teacher_logits(spec, 151_936, 2)
-    assert keeps_teacher_logits(spec.model_copy(update={"minillm": spec.minillm.model_copy(update={"teacher_logits": "keep"})}), 151_936, 2)
-    assert not keeps_teacher_logits(spec.model_copy(update={"minillm": spec.minillm.model_copy(update={"teacher_logits": "recompute"})}), 49_152, 2)
+    assert keeps_teacher_logits(
+        spec.model_copy(update={"minillm": spec.minillm.model_copy(update={"teacher_logits": "keep"})}), 151_936, 2
+    )
+    assert not keeps_teacher_logits(
+        spec.model_copy(update={"minillm": spec.minillm.model_copy(update={"teacher_logits": "recompute"})}), 49_152, 2
+    )

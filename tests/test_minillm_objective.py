@@ -19,10 +19,10 @@ import torch
 
 from worker.engine.data import Example, Record
 from worker.engine.losses import minillm_loss, token_rewards
+from worker.engine.spec import parse_spec
 from worker.engine.stages import METHODS
 from worker.engine.stages.base import Context, Schedule, TrainingData
 from worker.engine.stages.minillm import MiniLLMStage
-from worker.engine.spec import parse_spec
 
 V = 4  # token 0 is both EOS and padding, as with many real tokenizers
 EOS = PAD = 0
@@ -80,18 +80,27 @@ def first_update(student_table, teacher_table, *, rollouts=64, response_tokens=6
     data = data or {}
     lm = {"pretrain": {"data": {"pretrain": "corpus.jsonl"}}, "gold": {"minillm": {"lm_data": "train_responses"}}}
     extra = next((lm[k] for k in data), {})  # no data.pretrain: the term is off
-    spec = parse_spec({
-        "student": {"model": "toy"},
-        "data": {"max_response_tokens": response_tokens, **extra.get("data", {})},
-        "training": {"batch_size": rollouts, "seed": seed},
-        "minillm": {"rollouts_per_phase": rollouts, "rollout_batch_size": rollouts, "ppo_epochs": 1,
-                    **extra.get("minillm", {}), **minillm},
-    })  # fmt: skip
+    spec = parse_spec(
+        {
+            "student": {"model": "toy"},
+            "data": {"max_response_tokens": response_tokens, **extra.get("data", {})},
+            "training": {"batch_size": rollouts, "seed": seed},
+            "minillm": {
+                "rollouts_per_phase": rollouts,
+                "rollout_batch_size": rollouts,
+                "ppo_epochs": 1,
+                **extra.get("minillm", {}),
+                **minillm,
+            },
+        }
+    )
     student, teacher = BigramLM(student_table), BigramLM(teacher_table).requires_grad_(False)
     tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     ctx = Context(spec, SGDEngine(student, lr), teacher, tokenizer, V, torch.device("cpu"))
     prompts = [Example(Record("", "", None), [1 + i % (V - 1)], []) for i in range(rollouts)]  # one-token prompts
-    stage = MiniLLMStage("minillm", ctx, METHODS["minillm"], TrainingData(prompts, **data), Schedule(1, lr, 0, "constant"))
+    stage = MiniLLMStage(
+        "minillm", ctx, METHODS["minillm"], TrainingData(prompts, **data), Schedule(1, lr, 0, "constant")
+    )
     metrics = stage.train_step(0)
     return stage, metrics, student.table.detach().clone()
 
@@ -116,7 +125,9 @@ class Hand:
         q_y, p_y = self.q[self.context, self.y], self.p[self.context, self.y]  # (B, L)
         self.logp_old = q_y.log()
         self.weights = q_y / (self.alpha * p_y + (1 - self.alpha) * q_y)
-        self.rewards = (p_reward[self.context, self.y].log() - q_y.log()).clamp(-cfg.reward_clip, cfg.reward_clip) * self.mask
+        self.rewards = (p_reward[self.context, self.y].log() - q_y.log()).clamp(
+            -cfg.reward_clip, cfg.reward_clip
+        ) * self.mask
         self.advantages = self._whiten(self._returns(cfg.gamma))
 
     def _returns(self, gamma: float) -> torch.Tensor:
@@ -160,7 +171,9 @@ class Hand:
         free = self.mask & ~self.clip_active(clip_range)
         for b, i in free.nonzero().tolist():
             c, y = self.context[b, i], self.y[b, i]
-            grad[c] -= self.advantages[b, i] * self.weights[b, i] * (torch.nn.functional.one_hot(y, V) - self.q[c]) / t / n
+            grad[c] -= (
+                self.advantages[b, i] * self.weights[b, i] * (torch.nn.functional.one_hot(y, V) - self.q[c]) / t / n
+            )
         if single_step:
             kl = (self.q * (self.q.log() - self.p.log())).sum(-1, keepdim=True)
             per_row = self.q * (self.q.log() - self.p.log() - kl) / t
@@ -206,9 +219,15 @@ def test_minillm_loss_hand_values():
 
     student_logits = torch.tensor([student], requires_grad=True)
     args = (
-        torch.tensor([teacher]), torch.tensor([tokens]), torch.ones(1, 2), torch.tensor([logp_old]),
-        torch.tensor([weights]), torch.tensor([advantages]), temperature, clip_range,
-    )  # fmt: skip
+        torch.tensor([teacher]),
+        torch.tensor([tokens]),
+        torch.ones(1, 2),
+        torch.tensor([logp_old]),
+        torch.tensor([weights]),
+        torch.tensor([advantages]),
+        temperature,
+        clip_range,
+    )
     out = minillm_loss(student_logits, *args, single_step=True)
     assert out.pg_loss.item() == pytest.approx(sum(pg) / 2, rel=1e-5)
     assert out.reverse_kl.item() == pytest.approx(sum(rkl) / 2, rel=1e-5)
@@ -228,7 +247,9 @@ def test_minillm_loss_hand_values():
         q = torch.tensor(lq[t], dtype=torch.float64).exp()
         p = torch.tensor(lp[t], dtype=torch.float64).exp()
         expected[t] += q * (q.log() - p.log() - rkl[t]) / temperature / 2
-    expected[0] -= 1.5 * 1.1 * (torch.nn.functional.one_hot(torch.tensor(1), 3) - torch.tensor(lq[0]).exp()) / temperature / 2
+    expected[0] -= (
+        1.5 * 1.1 * (torch.nn.functional.one_hot(torch.tensor(1), 3) - torch.tensor(lq[0]).exp()) / temperature / 2
+    )
     torch.testing.assert_close(student_logits.grad[0].double(), expected, atol=1e-6, rtol=1e-5)
 
 
@@ -285,9 +306,14 @@ def test_token_rewards_hand_values():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     expected = [[2.0, -50.0, -1.5, 50.0], [-0.25, 50.0, 0.0, 0.0]]
     assert token_rewards(teacher_logp, student_logp, mask, clip=50.0).tolist() == expected
-    assert token_rewards(teacher_logp, student_logp, mask, clip=5.0).tolist() == [[2.0, -5.0, -1.5, 5.0], [-0.25, 5.0, 0.0, 0.0]]
+    assert token_rewards(teacher_logp, student_logp, mask, clip=5.0).tolist() == [
+        [2.0, -5.0, -1.5, 5.0],
+        [-0.25, 5.0, 0.0, 0.0],
+    ]
     # A token the teacher rules out entirely still gets a finite reward.
-    assert token_rewards(torch.tensor([[float("-inf")]]), torch.tensor([[-1.0]]), torch.ones(1, 1), 50.0).item() == -50.0
+    assert (
+        token_rewards(torch.tensor([[float("-inf")]]), torch.tensor([[-1.0]]), torch.ones(1, 1), 50.0).item() == -50.0
+    )
 
 
 def test_rewards_are_clipped_at_the_reference_bound():
@@ -370,15 +396,15 @@ def test_single_step_term_alone_lowers_the_reverse_kl():
 
 
 @pytest.mark.parametrize(
-    "temperature, alpha, single_step, gamma",
-    [(1.0, 0.2, True, 1.0), (0.7, 0.5, True, 0.9), (2.0, 0.2, False, 1.0)],
+    "temperature, alpha, single_step, gamma", [(1.0, 0.2, True, 1.0), (0.7, 0.5, True, 0.9), (2.0, 0.2, False, 1.0)]
 )
 def test_one_update_is_minus_lr_times_the_hand_gradient(temperature, alpha, single_step, gamma):
     """The whole chain: rollouts → rewards → whitened returns → weights → clipped PPO + KL → step."""
     student, teacher = random_tables(seed=7)
     lr = 1.0
-    stage, _, after = first_update(student, teacher, lr=lr, temperature=temperature, teacher_mix_alpha=alpha,
-                                   single_step=single_step, gamma=gamma)  # fmt: skip
+    stage, _, after = first_update(
+        student, teacher, lr=lr, temperature=temperature, teacher_mix_alpha=alpha, single_step=single_step, gamma=gamma
+    )
     hand = Hand(stage, student, teacher)
     expected = student.double() - lr * hand.gradient(stage.cfg.clip_range, single_step)
     assert (after.double() - student.double()).abs().max() > 0.01  # a step that tells terms apart
@@ -404,12 +430,16 @@ def test_the_lm_term_is_next_token_loss_on_the_corpus_in_the_same_update():
     assert stage.lm_pairs == [([1], [2, 3, 3, 1, 2, 0, 2])]
     assert on["lm_loss"] == pytest.approx(_cross_entropy(student, corpus), rel=1e-6)  # plain CE (kd_ratio 0)
     # The LM rows share the forward without changing what the rollouts see.
-    assert on["pg_loss"] == pytest.approx(off["pg_loss"], rel=1e-6) and on["reverse_kl"] == pytest.approx(off["reverse_kl"], rel=1e-6)
+    assert on["pg_loss"] == pytest.approx(off["pg_loss"], rel=1e-6) and on["reverse_kl"] == pytest.approx(
+        off["reverse_kl"], rel=1e-6
+    )
     assert on["loss"] == pytest.approx(on["pg_loss"] + on["reverse_kl"] + on["lm_loss"], rel=1e-6)
     assert off["lm_loss"] == 0 and off_stage.lm_pairs == []
     assert "LM term: next-token loss on data.pretrain (corpus.jsonl: 1 chunks of 512 tokens)" in stage.describe()
-    assert off_stage.describe() == ("minillm: LM term off (no data.pretrain; builtin:teacher-text is one for the paper's "
-                                    "L_PT); teacher logits kept for each phase (0.00 GB per process)")  # 64 × 6 × 4 × 4 bytes
+    assert off_stage.describe() == (
+        "minillm: LM term off (no data.pretrain; builtin:teacher-text is one for the paper's "
+        "L_PT); teacher logits kept for each phase (0.00 GB per process)"
+    )  # 64 × 6 × 4 × 4 bytes
 
 
 def test_the_lm_term_on_training_responses_only_when_named():

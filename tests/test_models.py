@@ -4,7 +4,16 @@ import time
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from worker.engine.models import ModelError, check_compatible, derive_student, layer_indices, resolve_model
 from worker.engine.spec import InitFromTeacher
@@ -33,9 +42,18 @@ def test_derived_student_keeps_each_kept_layers_attention_kind(tmp_path):
     lists one kind per kept layer, each the kind that layer had in the teacher."""
     teacher_dir = resolve_model("builtin:tiny-teacher")
     kinds = ["full_attention", "sliding_attention"] * 3
-    cfg = Qwen2Config(vocab_size=AutoConfig.from_pretrained(teacher_dir).vocab_size, hidden_size=16, intermediate_size=32,
-                      num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
-                      sliding_window=4, max_window_layers=3, layer_types=kinds)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=AutoConfig.from_pretrained(teacher_dir).vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=3,
+        layer_types=kinds,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "qwen")
     out = derive_student(tmp_path / "qwen", InitFromTeacher(num_layers=3, strategy="last"), tmp_path / "s")

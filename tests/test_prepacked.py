@@ -26,11 +26,22 @@ def test_bf16_linears_are_packed_inside_the_block_and_restored_after():
 @pytest.mark.skipif(not _bf16_kernels(), reason="this CPU has no native bf16 kernels; nothing is packed")
 def test_bf16_greedy_decoding_with_packed_weights_equals_transformers_generate():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
     model = LlamaForCausalLM(config).bfloat16().eval()
     ids = torch.randint(3, 97, (4, 7))
     mask = torch.ones_like(ids)
-    out = sample(model, ids, mask, max_new_tokens=8, eos_id=1000, pad_id=0, vocab_size=97,
-                 generator=torch.Generator(), temperature=0.0).batch  # fmt: skip
+    out = sample(
+        model,
+        ids,
+        mask,
+        max_new_tokens=8,
+        eos_id=1000,
+        pad_id=0,
+        vocab_size=97,
+        generator=torch.Generator(),
+        temperature=0.0,
+    ).batch
     reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(out.response_ids, reference[:, 7:])

@@ -1,4 +1,5 @@
-"""init_process_group: a single CPU process joins without DeepSpeed's shared-memory op; op builds survive a killed builder."""
+"""init_process_group: a single CPU process joins without DeepSpeed's shared-memory op; op builds
+survive a killed builder."""
 
 import os
 import subprocess
@@ -16,7 +17,11 @@ print(comm.cdb.shm_comm_op is None)
 def test_one_cpu_process_compiles_no_shared_memory_op(tmp_path):
     extensions = tmp_path / "torch_extensions"
     # A fresh process, not one of this test session's group (whose port may be taken by now).
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,10 +18,16 @@ def event(type_, time, message="", **data):
 
 
 def test_seconds_per_step_counts_from_the_start_of_training_to_the_last_step():
-    events = [event("state", 0.0, state="preparing"), event("log", 30.0, "SeqKD: the teacher samples responses"),
-              event("log", 75.0, "training prompts"), event("state", 80.0, state="running"),
-              event("metrics", 86.0), event("metrics", 90.0), event("metrics", 95.0),
-              event("eval", 120.0, set="selection", scores={"rouge_l": 12.5})]  # fmt: skip
+    events = [
+        event("state", 0.0, state="preparing"),
+        event("log", 30.0, "SeqKD: the teacher samples responses"),
+        event("log", 75.0, "training prompts"),
+        event("state", 80.0, state="running"),
+        event("metrics", 86.0),
+        event("metrics", 90.0),
+        event("metrics", 95.0),
+        event("eval", 120.0, set="selection", scores={"rouge_l": 12.5}),
+    ]
     assert study.seconds_per_step(events) == pytest.approx(5.0)  # (95 - 80) / 3: set-up and evaluation not counted
     assert study.one_off_seconds(events, "SeqKD: the teacher samples") == pytest.approx(45.0)
     assert study.selection_rouge(events) == 12.5
@@ -35,19 +41,37 @@ def test_learning_rates_from_the_command_line():
 
 
 def test_results_hold_each_arms_compute_and_per_seed_values():
-    per_seed = {"10": {"rouge_l": 20.0, "response_length": 40.0, "distinct_4": 90.0},
-                "20": {"rouge_l": 22.0, "response_length": 44.0, "distinct_4": 92.0}}  # fmt: skip
+    per_seed = {
+        "10": {"rouge_l": 20.0, "response_length": 40.0, "distinct_4": 90.0},
+        "20": {"rouge_l": 22.0, "response_length": 44.0, "distinct_4": 92.0},
+    }
     means = {"rouge_l": 21.0, "response_length": 42.0, "distinct_4": 91.0}
     state = {
-        "test": {"teacher": {"means": means, "per_seed": per_seed},
-                 "minillm": {"means": means | {"reverse_kl": 1.5, "forward_kl": 2.0, "reverse_kl_samples": 1.0},
-                             "per_seed": {seed: v | {"reverse_kl_samples": 1.0} for seed, v in per_seed.items()}}},
-        "arms": {"minillm": {"method": "minillm", "learning_rate": 2e-5, "steps": 30, "seconds_per_step": 8.0,
-                             "compute_seconds": 240.0, "model": "/x",
-                             "sweep": {"2e-05": {"selection_rouge_l": 15.0, "model": "/x/2e-05"}}}},
-        "test_prompts": 64, "machine": "cpu", "command": "cmd", "wall_seconds": 10.0,
-        "shared_student": {"steps": 60}, "calibration": {"minillm": {"seconds_per_step": 8.0}},
-    }  # fmt: skip
+        "test": {
+            "teacher": {"means": means, "per_seed": per_seed},
+            "minillm": {
+                "means": means | {"reverse_kl": 1.5, "forward_kl": 2.0, "reverse_kl_samples": 1.0},
+                "per_seed": {seed: v | {"reverse_kl_samples": 1.0} for seed, v in per_seed.items()},
+            },
+        },
+        "arms": {
+            "minillm": {
+                "method": "minillm",
+                "learning_rate": 2e-5,
+                "steps": 30,
+                "seconds_per_step": 8.0,
+                "compute_seconds": 240.0,
+                "model": "/x",
+                "sweep": {"2e-05": {"selection_rouge_l": 15.0, "model": "/x/2e-05"}},
+            }
+        },
+        "test_prompts": 64,
+        "machine": "cpu",
+        "command": "cmd",
+        "wall_seconds": 10.0,
+        "shared_student": {"steps": 60},
+        "calibration": {"minillm": {"seconds_per_step": 8.0}},
+    }
     res = study.results(state, Namespace(budget_seconds=240, seeds=[10, 20]))
     arm = res["arms"]["minillm"]
     assert arm["compute_seconds"] == 240.0 and arm["learning_rate"] == 2e-5 and "model" not in arm
@@ -64,7 +88,12 @@ def test_results_hold_each_arms_compute_and_per_seed_values():
 def test_the_report_replaces_its_tables_and_keeps_the_prose_around_them():
     res = {"test_prompts": 4, "seeds": [10], "machine": "cpu", "command": "cmd", "wall_seconds": 60.0, "arms": {}}
     first = report.replace_block("# Quality\n\nWhy MiniLLM lost.\n", "quality_study.py", study.tables(res))
-    again = report.replace_block(first.replace("Why", "Why, measured,"), "quality_study.py",
-                                 study.tables(res | {"test_prompts": 8}))  # fmt: skip
+    again = report.replace_block(
+        first.replace("Why", "Why, measured,"), "quality_study.py", study.tables(res | {"test_prompts": 8})
+    )
     assert again.startswith("# Quality\n\nWhy, measured, MiniLLM lost.\n")
-    assert again.count("<!-- quality_study.py: begin -->") == 1 and "8 test prompts" in again and "4 test prompts" not in again
+    assert (
+        again.count("<!-- quality_study.py: begin -->") == 1
+        and "8 test prompts" in again
+        and "4 test prompts" not in again
+    )

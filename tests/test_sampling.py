@@ -37,14 +37,23 @@ def test_sampling_is_seeded_and_stops_at_eos(models):
     for row, m in zip(a.response_ids, a.response_mask):
         valid = row[m.bool()]
         if (valid == 3).any():  # the first EOS is the last target; the rest is padding
-            assert valid[-1] == 3 and (valid[:-1] != 3).all() and (row[m.sum():] == 0).all()
+            assert valid[-1] == 3 and (valid[:-1] != 3).all() and (row[m.sum() :] == 0).all()
 
 
 def test_greedy_equals_transformers_generate(models):
     student, _ = models
     ids, mask = _prompts()
-    out = sample(student, ids, mask, max_new_tokens=6, eos_id=99, pad_id=0, vocab_size=13,
-                 generator=torch.Generator(), temperature=0.0).batch  # fmt: skip
+    out = sample(
+        student,
+        ids,
+        mask,
+        max_new_tokens=6,
+        eos_id=99,
+        pad_id=0,
+        vocab_size=13,
+        generator=torch.Generator(),
+        temperature=0.0,
+    ).batch
     reference = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out.response_ids, reference[:, 4:])
 
@@ -52,11 +61,31 @@ def test_greedy_equals_transformers_generate(models):
 def test_teacher_mixing_with_alpha_one_samples_the_teacher(models):
     student, teacher = models
     ids, mask = _prompts()
-    greedy_teacher = sample(teacher, ids, mask, max_new_tokens=5, eos_id=99, pad_id=0, vocab_size=13,
-                            generator=torch.Generator(), temperature=0.0).batch  # fmt: skip
+    greedy_teacher = sample(
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=5,
+        eos_id=99,
+        pad_id=0,
+        vocab_size=13,
+        generator=torch.Generator(),
+        temperature=0.0,
+    ).batch
     # α = 1 with a near-zero temperature turns the mixture into the teacher's argmax.
-    mixed = sample(student, ids, mask, max_new_tokens=5, eos_id=99, pad_id=0, vocab_size=13,
-                   generator=torch.Generator().manual_seed(0), mix_model=teacher, mix_alpha=1.0, temperature=1e-4).batch  # fmt: skip
+    mixed = sample(
+        student,
+        ids,
+        mask,
+        max_new_tokens=5,
+        eos_id=99,
+        pad_id=0,
+        vocab_size=13,
+        generator=torch.Generator().manual_seed(0),
+        mix_model=teacher,
+        mix_alpha=1.0,
+        temperature=1e-4,
+    ).batch
     assert torch.equal(mixed.response_ids, greedy_teacher.response_ids)
 
 
@@ -76,7 +105,9 @@ def test_draw_over_many_blocks_and_a_partial_last_one():
     probs = torch.rand(500, 900, generator=g) ** 8  # mostly tiny weights, a few large ones
     probs[:, 700:] = 0  # whole blocks without weight, and the partial last one
     u = torch.rand(500, 1, generator=g)
-    flat = torch.searchsorted(probs.double().cumsum(-1), u.double() * probs.double().sum(-1, keepdim=True), right=True).squeeze(-1)
+    flat = torch.searchsorted(
+        probs.double().cumsum(-1), u.double() * probs.double().sum(-1, keepdim=True), right=True
+    ).squeeze(-1)
     drawn = draw(probs, u)
     assert (drawn < 700).all() and (probs.gather(1, drawn[:, None]) > 0).all()
     assert (drawn == flat).float().mean() > 0.99  # fp32 block sums against a float64 scan: rare ties differ
@@ -84,11 +115,16 @@ def test_draw_over_many_blocks_and_a_partial_last_one():
 
 def test_a_mixture_row_picks_its_model_and_draws_from_it():
     """(1 − α)·p_0 + α·p_1 over many rows: the frequencies of the mixture, not of either model."""
-    logits = [torch.tensor([[3.0, 0.0, 0.0, -9.0]]).repeat(40_000, 1), torch.tensor([[-9.0, 0.0, 3.0, 0.0]]).repeat(40_000, 1)]
+    logits = [
+        torch.tensor([[3.0, 0.0, 0.0, -9.0]]).repeat(40_000, 1),
+        torch.tensor([[-9.0, 0.0, 3.0, 0.0]]).repeat(40_000, 1),
+    ]
     u = torch.rand(40_000, 1, generator=torch.Generator().manual_seed(2))
     drawn = next_tokens(logits, u, 0.3, 1.0, torch.zeros(40_000, 0, dtype=torch.long), 0)
     expected = 0.7 * torch.softmax(logits[0][0], -1) + 0.3 * torch.softmax(logits[1][0], -1)
-    torch.testing.assert_close(torch.bincount(drawn, minlength=4).double() / 40_000, expected.double(), atol=0.01, rtol=0)
+    torch.testing.assert_close(
+        torch.bincount(drawn, minlength=4).double() / 40_000, expected.double(), atol=0.01, rtol=0
+    )
 
 
 def test_prefill_groups_cover_every_row_once_at_the_least_padded_cost():
@@ -112,8 +148,19 @@ def test_prompts_of_many_lengths_prefilled_in_groups_decode_as_transformers_does
         ids[row, 12 - n :] = torch.arange(1, n + 1) % 12 + 1
         mask[row, 12 - n :] = 1
     assert len(prefill_groups(lengths)) > 1
-    out = sample(student, ids, mask, max_new_tokens=6, eos_id=99, pad_id=0, vocab_size=13, generator=torch.Generator(),
-                 temperature=0.0, sync_ranks=False, logits_out=torch.empty(12, 6, 13))  # fmt: skip
+    out = sample(
+        student,
+        ids,
+        mask,
+        max_new_tokens=6,
+        eos_id=99,
+        pad_id=0,
+        vocab_size=13,
+        generator=torch.Generator(),
+        temperature=0.0,
+        sync_ranks=False,
+        logits_out=torch.empty(12, 6, 13),
+    )
     reference = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out.batch.response_ids, reference[:, 12:])
     # The logits at every step, not only their argmax, are those of one forward over the whole sequence.
@@ -127,10 +174,21 @@ def test_compiled_decoding_over_a_static_cache_samples_what_eager_decoding_does(
     transformers' StaticCache gives the tokens and logits of the eager path, teacher mixing included."""
     student, teacher = models
     ids, mask = _prompts()
-    kwargs = dict(max_new_tokens=8, eos_id=3, pad_id=0, vocab_size=13, mix_model=teacher, mix_alpha=0.3, sync_ranks=False)
-    eager = sample(student, ids, mask, generator=torch.Generator().manual_seed(4), logits_out=torch.empty(2, 8, 13), **kwargs)
-    compiled = sample(student, ids, mask, generator=torch.Generator().manual_seed(4), logits_out=torch.empty(2, 8, 13),
-                      compile_steps=True, **kwargs)  # fmt: skip
+    kwargs = dict(
+        max_new_tokens=8, eos_id=3, pad_id=0, vocab_size=13, mix_model=teacher, mix_alpha=0.3, sync_ranks=False
+    )
+    eager = sample(
+        student, ids, mask, generator=torch.Generator().manual_seed(4), logits_out=torch.empty(2, 8, 13), **kwargs
+    )
+    compiled = sample(
+        student,
+        ids,
+        mask,
+        generator=torch.Generator().manual_seed(4),
+        logits_out=torch.empty(2, 8, 13),
+        compile_steps=True,
+        **kwargs,
+    )
     assert torch.equal(compiled.batch.response_ids, eager.batch.response_ids)
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-4)
     assert hasattr(student, "_distill_compiled_forward") and hasattr(teacher, "_distill_compiled_forward")

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from worker.engine.paths import PROJECT_ROOT
 from worker.engine.preflight import preflight
 from worker.engine.spec import JobSpec, SpecError, load_spec, parse_spec
-from worker.engine.paths import PROJECT_ROOT
 
 STUDENT = {"student": {"model": "builtin:tiny-student"}}
 
@@ -14,7 +14,13 @@ def test_defaults_follow_the_paper():
     m = spec.minillm
     assert (m.teacher_mix_alpha, m.clip_range, m.ppo_epochs, m.rollouts_per_phase) == (0.2, 0.2, 4, 64)
     # L_PT: the paper's plain next-token loss on 512-token chunks of data.pretrain, weight 1; no corpus, no term
-    assert (m.lm_data, m.lm_coef, m.kd_ratio, m.lm_chunk_tokens, spec.data.pretrain) == ("pretrain", 1.0, 0.0, 512, None)
+    assert (m.lm_data, m.lm_coef, m.kd_ratio, m.lm_chunk_tokens, spec.data.pretrain) == (
+        "pretrain",
+        1.0,
+        0.0,
+        512,
+        None,
+    )
     assert m.length_normalization and m.single_step
     assert spec.training.learning_rate == 5e-6 and spec.training.warmup_steps == 100
     assert spec.eval.no_repeat_ngram_size == 6 and spec.method == "minillm"
@@ -36,7 +42,10 @@ def test_a_minillm_spec_that_would_never_resample_is_refused(steps, refused):
     problems = dict(preflight(spec))
     assert (("training", "steps") in problems) == refused
     if refused:
-        assert "never sample new rollouts" in problems[("training", "steps")] and "32 updates" in problems[("training", "steps")]
+        assert (
+            "never sample new rollouts" in problems[("training", "steps")]
+            and "32 updates" in problems[("training", "steps")]
+        )
     kd = parse_spec({**STUDENT, "method": "kd", "training": {"steps": steps}})
     assert ("training", "steps") not in dict(preflight(kd))
 
@@ -63,10 +72,19 @@ def test_every_field_has_help_text():
         ({"student": {}}, "student"),
         ({"student": {"model": "x", "init_from_teacher": {"num_layers": 2}}}, "student"),
         ({**STUDENT, "deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, "offload_optimizer"),
-        ({**STUDENT, "deepspeed": {"zero_stage": 3, "shard_teacher": True}}, "deepspeed.shard_teacher needs resources.devices 2"),
+        (
+            {**STUDENT, "deepspeed": {"zero_stage": 3, "shard_teacher": True}},
+            "deepspeed.shard_teacher needs resources.devices 2",
+        ),
         ({**STUDENT, "eval": {"seeds": [10, 10]}}, "eval.seeds"),
-        ({**STUDENT, "method": "kd", "data": {"pretrain": "builtin:teacher-text"}}, "data.pretrain is used only by method minillm"),
-        ({**STUDENT, "data": {"pretrain": "c.txt"}, "minillm": {"lm_data": "train_responses"}}, "data.pretrain is unused"),
+        (
+            {**STUDENT, "method": "kd", "data": {"pretrain": "builtin:teacher-text"}},
+            "data.pretrain is used only by method minillm",
+        ),
+        (
+            {**STUDENT, "data": {"pretrain": "c.txt"}, "minillm": {"lm_data": "train_responses"}},
+            "data.pretrain is unused",
+        ),
         ({**STUDENT, "data": {"pretrain": "c.txt"}, "minillm": {"lm_coef": 0}}, "data.pretrain is unused"),
         ({**STUDENT, "minillm": {"lm_data": "responses"}}, "minillm.lm_data"),
         ({**STUDENT, "data": {"selecton": "x.jsonl"}}, "data.selecton"),
@@ -79,7 +97,9 @@ def test_bad_specs_name_the_field(data, field):
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_a_teacher_is_sharded_whatever_the_students_zero_stage(zero_stage):
-    spec = parse_spec({**STUDENT, "deepspeed": {"zero_stage": zero_stage, "shard_teacher": True}, "resources": {"devices": 2}})
+    spec = parse_spec(
+        {**STUDENT, "deepspeed": {"zero_stage": zero_stage, "shard_teacher": True}, "resources": {"devices": 2}}
+    )
     assert spec.deepspeed.shard_teacher
 
 
@@ -126,18 +146,32 @@ def test_preflight_checks_every_data_file(key):
 
 
 def test_the_builtin_corpus_passes_preflight():
-    assert not preflight(parse_spec({**STUDENT, "teacher": "builtin:tiny-teacher", "student": {"model": "builtin:tiny-student"},
-                                     "data": {"pretrain": "builtin:teacher-text"}}))  # fmt: skip
+    assert not preflight(
+        parse_spec(
+            {
+                **STUDENT,
+                "teacher": "builtin:tiny-teacher",
+                "student": {"model": "builtin:tiny-student"},
+                "data": {"pretrain": "builtin:teacher-text"},
+            }
+        )
+    )
 
 
-@pytest.mark.parametrize("override, field", [
-    ({"training": {"steps": 2**31}}, "training.steps"),
-    ({"training": {"learning_rate": float("inf")}}, "training.learning_rate"),
-    ({"minillm": {"clip_range": float("nan")}}, "minillm.clip_range"),
-    ({"eval": {"seeds": [1, 2**40]}}, "eval.seeds"),
-    ({"name": "a\x00b"}, "name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"training": {"steps": 2**31}}, "training.steps"),
+        ({"training": {"learning_rate": float("inf")}}, "training.learning_rate"),
+        ({"minillm": {"clip_range": float("nan")}}, "minillm.clip_range"),
+        ({"eval": {"seeds": [1, 2**40]}}, "eval.seeds"),
+        ({"name": "a\x00b"}, "name"),
+    ],
+)
 def test_numbers_that_do_not_fit_and_nul_characters_are_refused_naming_the_field(override, field):
     with pytest.raises(SpecError, match=rf"^{field}: "):
         parse_spec({"student": {"model": "x"}, **override})
-    assert parse_spec({"student": {"model": "x"}, "training": {"steps": 2**31 - 1, "seed": -(2**31)}}).training.steps == 2**31 - 1
+    assert (
+        parse_spec({"student": {"model": "x"}, "training": {"steps": 2**31 - 1, "seed": -(2**31)}}).training.steps
+        == 2**31 - 1
+    )

@@ -17,8 +17,17 @@ def engine():
     spec = parse_spec({"student": {"model": "x"}, "deepspeed": {"zero_stage": 3, "precision": "fp32"}})
     init_process_group(spec)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, eos_token_id=1, pad_token_id=0))  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    )
     return initialize(model, spec, "fp32", lambda step: 1e-3)
 
 
@@ -49,7 +58,10 @@ def test_a_zero3_student_is_gathered_once_per_sampling_call_not_per_token(engine
     once = [gathers_while_decoding(engine, monkeypatch, n, whole=True)[0] for n in (4, 8)]
     assert once == [0, 0]  # gathered whole on entering, for the whole call
     # The same tokens either way; afterwards the hooks gather per module again, and training goes on.
-    whole, plain = gathers_while_decoding(engine, monkeypatch, 8, whole=True), gathers_while_decoding(engine, monkeypatch, 8, whole=False)
+    whole, plain = (
+        gathers_while_decoding(engine, monkeypatch, 8, whole=True),
+        gathers_while_decoding(engine, monkeypatch, 8, whole=False),
+    )
     assert torch.equal(whole[1], plain[1]) and plain[0] == per_token[1]
     loss = engine(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss
     engine.backward(loss)

@@ -13,12 +13,12 @@ import sys
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.path_roots import Roots, confine
+from app.job_paths import dataset_file, job_dir
 from app.models import Dataset, Job
 from worker.engine.events import Event
 from worker.engine.spec import DATA_FILES, JobSpec
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter
-from app.job_paths import dataset_file, job_dir
 from worker.supervisor import die_with_parent
 
 
@@ -59,7 +59,14 @@ def main() -> None:
         with session_factory()() as session:
             spec = readable_spec(session.get(Job, args.job_id), session, settings)
     except SpecRefused as err:
-        reporter.emit(Event("state", f"failed: {err}", "error", {"state": "failed", "error": {"code": "SpecRefused", "message": str(err)}}))
+        reporter.emit(
+            Event(
+                "state",
+                f"failed: {err}",
+                "error",
+                {"state": "failed", "error": {"code": "SpecRefused", "message": str(err)}},
+            )
+        )
         reporter.flush(seconds=settings.heartbeat_timeout_seconds)
         sys.exit(1)
     try:

@@ -24,11 +24,22 @@ from typing import NamedTuple
 # What a training process reads from its environment: where the database, files, cache and bucket
 # are, and how long it may wait on them.
 RANK_SETTINGS = (
-    "DISTILL_DATA_DIR", "DISTILL_DATABASE_URL", "DISTILL_ARTIFACTS_DIR", "DISTILL_CACHE_DIR",
-    "DISTILL_HEARTBEAT_SECONDS", "DISTILL_HEARTBEAT_TIMEOUT_SECONDS", "DISTILL_MODEL_ROOTS", "DISTILL_DATA_ROOTS",
-    "DISTILL_ALLOW_HUB_MODELS", "DISTILL_S3_BUCKET", "DISTILL_S3_ENDPOINT_URL", "DISTILL_S3_PREFIX",
-    "DISTILL_COLLECTIVE_TIMEOUT_SECONDS", "PGOPTIONS", "TORCH_EXTENSIONS_DIR",
-)  # fmt: skip
+    "DISTILL_DATA_DIR",
+    "DISTILL_DATABASE_URL",
+    "DISTILL_ARTIFACTS_DIR",
+    "DISTILL_CACHE_DIR",
+    "DISTILL_HEARTBEAT_SECONDS",
+    "DISTILL_HEARTBEAT_TIMEOUT_SECONDS",
+    "DISTILL_MODEL_ROOTS",
+    "DISTILL_DATA_ROOTS",
+    "DISTILL_ALLOW_HUB_MODELS",
+    "DISTILL_S3_BUCKET",
+    "DISTILL_S3_ENDPOINT_URL",
+    "DISTILL_S3_PREFIX",
+    "DISTILL_COLLECTIVE_TIMEOUT_SECONDS",
+    "PGOPTIONS",
+    "TORCH_EXTENSIONS_DIR",
+)
 RANK_SETTING_PREFIXES = ("AWS_", "HF_")  # the bucket's credentials and region; the model hub's cache and mode
 
 
@@ -68,8 +79,16 @@ def group_sizes(hosts: list[Host]) -> tuple[int, ...]:
 def launcher_options(hosts: list[Host], devices: int, port: int) -> list[str]:
     """The DeepSpeed launcher's options for a job of `devices` ranks over the group's first machines."""
     slots = hosts[0].slots
-    return ["--num_nodes", str(devices // slots), "--num_gpus", str(slots),
-            "--master_addr", hosts[0].name, "--master_port", str(port)]  # fmt: skip
+    return [
+        "--num_nodes",
+        str(devices // slots),
+        "--num_gpus",
+        str(slots),
+        "--master_addr",
+        hosts[0].name,
+        "--master_port",
+        str(port),
+    ]
 
 
 def free_port_on(host: str, timeout: float = 60) -> int:
@@ -86,8 +105,11 @@ def free_port_on(host: str, timeout: float = 60) -> int:
 def write_rank_environment(env: Mapping[str, str], path: Path) -> Path:
     """The settings of `env` that ranks need, as the launcher's KEY=VALUE environment file (only the
     worker's user can read it)."""
-    lines = [f"{k}={v}" for k, v in sorted(env.items())
-             if (k in RANK_SETTINGS or k.startswith(RANK_SETTING_PREFIXES)) and v and "\n" not in v]  # fmt: skip
+    lines = [
+        f"{k}={v}"
+        for k, v in sorted(env.items())
+        if (k in RANK_SETTINGS or k.startswith(RANK_SETTING_PREFIXES)) and v and "\n" not in v
+    ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write("".join(line + "\n" for line in lines))

@@ -26,9 +26,9 @@ from app.core.db import session_factory
 from app.core.files import sha256_file
 from app.core.outage import OUTAGE, through_outage
 from app.core.storage import s3_store
+from app.job_paths import hide_server_paths, job_dir
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job, Metric
 from worker.engine.events import Event
-from app.job_paths import hide_server_paths, job_dir
 from worker.engine.paths import RESUME_STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,14 @@ class DbReporter:
     def _on_state(self, session, event: Event) -> None:
         state = event.data.get("state")
         if state in (SUCCEEDED, CANCELLED, FAILED):
-            job_status.finish(session, self.job_id, self.attempt, state, self._hide(event.data.get("error")), self._hide(event.message))
+            job_status.finish(
+                session,
+                self.job_id,
+                self.attempt,
+                state,
+                self._hide(event.data.get("error")),
+                self._hide(event.message),
+            )
         else:
             self._event(session, "log", event.message, event.level, event.data)
 
@@ -145,14 +152,20 @@ class DbReporter:
         step, values = event.data["step"], event.data["values"]
         # A resumed attempt runs again the steps after its checkpoint: its values replace those the
         # lost attempt wrote, so each metric has one point per step.
-        session.execute(delete(Metric).where(Metric.job_id == self.job_id, Metric.step == step, Metric.name.in_(values)))
+        session.execute(
+            delete(Metric).where(Metric.job_id == self.job_id, Metric.step == step, Metric.name.in_(values))
+        )
         session.add_all(Metric(job_id=self.job_id, step=step, name=k, value=float(v)) for k, v in values.items())
         session.get(Job, self.job_id).latest_metrics = {"step": step, "stage": event.data.get("stage"), **values}
         self._event(session, "metrics", "", "debug", event.data)
 
     def _on_eval(self, session, event: Event) -> None:
         step, label, scores = event.data["step"], event.data["label"], event.data["scores"]
-        session.execute(delete(EvalResult).where(EvalResult.job_id == self.job_id, EvalResult.step == step, EvalResult.label == label))
+        session.execute(
+            delete(EvalResult).where(
+                EvalResult.job_id == self.job_id, EvalResult.step == step, EvalResult.label == label
+            )
+        )
         # Hidden as the eval event's copy is, so that the samples API and the event log show the same text.
         samples = self._hide(event.data["samples"])
         session.add(EvalResult(job_id=self.job_id, step=step, label=label, scores=scores, samples=samples))
@@ -170,7 +183,9 @@ class DbReporter:
         archive = directory.parent.parent / "archives" / f"{directory.name}-attempt-{self.attempt}.tar"
         archive.parent.mkdir(exist_ok=True)
         build_archive(directory, archive)
-        files = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())]
+        files = [
+            {"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())
+        ]
         storage_url = None
         # A stale attempt must not overwrite the current one's objects in the bucket (the checkpoint's
         # keys are per step): upload only while this attempt owns the job.
@@ -183,10 +198,18 @@ class DbReporter:
             resume = directory.parent.parent / "resume" / directory.name
             if (resume / RESUME_STATE_FILE).exists():
                 self.store.upload_tree(storage_url, f"resume/{directory.name}/", resume, last=RESUME_STATE_FILE)
-                older = [n for n in self.store.names(storage_url, "resume/") if not n.startswith(f"resume/{directory.name}/")]
+                older = [
+                    n for n in self.store.names(storage_url, "resume/") if not n.startswith(f"resume/{directory.name}/")
+                ]
                 self.store.delete(storage_url, older)
-        return dict(path=str(directory), archive_path=str(archive), archive_size=archive.stat().st_size,
-                    archive_sha256=sha256_file(archive), files=files, storage_url=storage_url)  # fmt: skip
+        return dict(
+            path=str(directory),
+            archive_path=str(archive),
+            archive_size=archive.stat().st_size,
+            archive_sha256=sha256_file(archive),
+            files=files,
+            storage_url=storage_url,
+        )
 
     def _owns(self) -> bool:
         with self.Session() as session:
@@ -198,7 +221,9 @@ class DbReporter:
             self._event(session, "checkpoint", event.message + " (since replaced by a newer one)", "info", event.data)
             return
         # The same step written again (by an attempt that resumed before it): the new one replaces it.
-        for same in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)).all():
+        for same in session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
+        ).all():
             doomed.append((_file_columns(same), built))
             session.delete(same)
         session.flush()  # the old row of this step is gone before the new one is inserted
@@ -206,7 +231,9 @@ class DbReporter:
         job = session.get(Job, self.job_id)
         # The engine chose this checkpoint as the best so far (by its selection-set scores); once the
         # test set has scored it, those scores stand.
-        if event.data.get("best") and not (job.best_eval and job.best_eval["step"] == step and job.best_eval.get("set") == "test"):
+        if event.data.get("best") and not (
+            job.best_eval and job.best_eval["step"] == step and job.best_eval.get("set") == "test"
+        ):
             job.best_eval = {"step": step, "set": "selection", "scores": event.data["scores"]}
         # The engine keeps only the newest checkpoints (and the best): forget those it removed.
         # (Looked for in this attempt's folder: an attempt on another machine brought those it keeps.)

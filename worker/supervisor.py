@@ -22,18 +22,18 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app import device_leases, job_status
-from app.device_leases import Inventory, inventory
-from app.worker_registry import worker_name
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
-from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Dataset, Job
 from app.core.storage import S3Store, s3_store
-from app.outbox import publish
-from worker.job_state import bring_datasets, restore
-from worker.engine.launch import deepspeed_command
-from worker.node_group import HostfileError, free_port_on, launcher_options, read_hostfile, write_rank_environment
+from app.device_leases import Inventory, inventory
 from app.job_paths import dataset_file, hide_server_paths, job_dir
+from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Dataset, Job
+from app.outbox import publish
+from app.worker_registry import worker_name
+from worker.engine.launch import deepspeed_command
+from worker.job_state import bring_datasets, restore
+from worker.node_group import HostfileError, free_port_on, launcher_options, read_hostfile, write_rank_environment
 
 PR_SET_PDEATHSIG = 1
 logger = logging.getLogger(__name__)
@@ -47,7 +47,12 @@ def die_with_parent() -> None:
 
 
 def child_command(
-    job_id: str, attempt: int, spec: dict, settings: Settings, devices: list[int] | None = None, master_port: int | None = None
+    job_id: str,
+    attempt: int,
+    spec: dict,
+    settings: Settings,
+    devices: list[int] | None = None,
+    master_port: int | None = None,
 ) -> list[str]:
     """The training process: alone for one device, else under the DeepSpeed launcher, on the leased
     `devices` of this machine, or across the first machines of the node group (`master_port`: the
@@ -58,7 +63,9 @@ def child_command(
         return [sys.executable, "-m", *entry]
     if master_port is not None:
         hosts = read_hostfile(settings.hostfile)
-        return deepspeed_command(entry, ["--hostfile", str(settings.hostfile), *launcher_options(hosts, count, master_port)])
+        return deepspeed_command(
+            entry, ["--hostfile", str(settings.hostfile), *launcher_options(hosts, count, master_port)]
+        )
     return deepspeed_command(entry, ["--include", "localhost:" + ",".join(map(str, devices))])
 
 
@@ -112,7 +119,13 @@ def supervise(job_id: str) -> bool:
             attempt = job_status.claim(session, job_id, worker=name)
             if attempt is not None:
                 message = f"asks for {count} devices; worker {name} has {devices_here.count} ({devices_here.kind})"
-                job_status.finish(session, job_id, attempt, FAILED, {"code": "ResourceError", "message": f"resources.devices: {message}"})
+                job_status.finish(
+                    session,
+                    job_id,
+                    attempt,
+                    FAILED,
+                    {"code": "ResourceError", "message": f"resources.devices: {message}"},
+                )
         return attempt is not None
     # A job across the group takes every device of this machine, its first: nothing else runs beside its ranks.
     devices = _lease(job_id, devices_here.count if spread else count, devices_here, name, settings, Session)
@@ -127,7 +140,9 @@ def supervise(job_id: str) -> bool:
             attempt = job_status.claim(session, job_id, worker=name, placement=placement)
         if attempt is None:
             return False
-        env = child_environment(None if spread else devices, devices_here, settings)  # the group's launchers set their own
+        env = child_environment(
+            None if spread else devices, devices_here, settings
+        )  # the group's launchers set their own
         try:
             port = _prepare_group_launch(settings, job_id, attempt, env) if spread else None
         except HostfileError as err:  # a machine of the group does not answer: worth another attempt
@@ -135,7 +150,15 @@ def supervise(job_id: str) -> bool:
                 if job_status.retry_or_fail(session, job_id, attempt, {"code": "NodeGroupError", "message": str(err)}):
                     publish(job_id, queue)
             return True
-        _run(job_id, attempt, queue, settings, Session, child_command(job_id, attempt, spec, settings, devices, port), env)
+        _run(
+            job_id,
+            attempt,
+            queue,
+            settings,
+            Session,
+            child_command(job_id, attempt, spec, settings, devices, port),
+            env,
+        )
         return True
     finally:
         through_outage(lambda: _release(job_id, name, Session), settings.heartbeat_timeout_seconds)
@@ -153,7 +176,9 @@ def _prepare_group_launch(settings: Settings, job_id: str, attempt: int, env: di
 LEASE_POLL_SECONDS = 2.0
 
 
-def _lease(job_id: str, count: int, devices_here: Inventory, worker: str, settings: Settings, Session) -> list[int] | None:
+def _lease(
+    job_id: str, count: int, devices_here: Inventory, worker: str, settings: Settings, Session
+) -> list[int] | None:
     """Wait until `count` devices of this machine are free and lease them to the job for `worker`; None once the
     job has left the queue meanwhile (cancelled, or taken by another worker)."""
     liveness = timedelta(seconds=settings.heartbeat_timeout_seconds)
@@ -182,7 +207,9 @@ def _bring_uploads(store: S3Store, job_id: str, settings: Settings, Session) -> 
     bring_datasets(store, datasets, {d.id: dataset_file(settings, d.id) for d in datasets})
 
 
-def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, command: list[str], env: dict[str, str]) -> None:
+def _run(
+    job_id: str, attempt: int, queue: str, settings: Settings, Session, command: list[str], env: dict[str, str]
+) -> None:
     """Run the attempt's training process to its end and settle the job's status (back to `queue`
     when the processes stopped without an outcome and attempts remain)."""
     out = job_dir(settings, job_id)
@@ -196,8 +223,13 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
             logger.warning("job %s: could not bring its state or datasets from the bucket", job_id, exc_info=True)
     with log.open("w") as log_file:
         child = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent,
-        )  # fmt: skip
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         try:
             ended = _watch(child, job_id, attempt, settings, Session)
         finally:
@@ -212,12 +244,17 @@ def _run(job_id: str, attempt: int, queue: str, settings: Settings, Session, com
         with Session() as session:
             status = job_status.is_active(session, job_id, attempt)
             if status == CANCELLING:  # killed after the grace period, or stopped without saying so
-                job_status.finish(session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process")
+                job_status.finish(
+                    session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process"
+                )
             elif status is not None:  # it ended without reporting an outcome: killed, crashed, a rank lost, or stalled
                 error = hide_server_paths(describe_exit(code, log), settings, job_id)
                 if ended == STALLED:
-                    error = {"code": "NoProgress", "message": f"no step and no event for {settings.progress_timeout_seconds:.0f} s: "
-                             f"the worker stopped the training process"}  # fmt: skip
+                    error = {
+                        "code": "NoProgress",
+                        "message": f"no step and no event for {settings.progress_timeout_seconds:.0f} s: "
+                        f"the worker stopped the training process",
+                    }
                 return job_status.retry_or_fail(session, job_id, attempt, error)
         return False
 
@@ -255,8 +292,12 @@ def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Setting
                 progress = job_status.progress(session, job_id)
         except OUTAGE:
             if now - last_answer > settings.heartbeat_timeout_seconds - 2 * settings.heartbeat_seconds:
-                logger.warning("job %s: the database did not answer for %.0f s; stopping its training process "
-                            "before its lease ends", job_id, now - last_answer)  # fmt: skip
+                logger.warning(
+                    "job %s: the database did not answer for %.0f s; stopping its training process "
+                    "before its lease ends",
+                    job_id,
+                    now - last_answer,
+                )
                 _stop(child)
                 return OUTAGE_STOP
             continue

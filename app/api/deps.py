@@ -25,11 +25,15 @@ NO_NUL = r"^[^\x00]*$"
 JobId = Annotated[str, Path(max_length=64, pattern=NO_NUL)]
 
 
-def current_user(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+def current_user(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> User:
     user = crud.user_for_token(session, credentials.credentials) if credentials else None
     release_connection(session)
     if user is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"}
+        )
     return user
 
 
@@ -67,8 +71,11 @@ async def stream_slot(user: CurrentUser, settings: SettingsDep) -> AsyncIterator
         with streams.stream_slot(user.id, limit):
             yield
     except streams.TooManyStreams:
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"you have {limit} event streams open, the most allowed "
-                            "(max_streams_per_user); close one before opening another") from None  # fmt: skip
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"you have {limit} event streams open, the most allowed "
+            "(max_streams_per_user); close one before opening another",
+        ) from None
 
 
 StreamSlot = Annotated[None, Depends(stream_slot)]

@@ -59,8 +59,11 @@ class FileDownload(FileResponse):
         except MalformedRangeHeader as exc:
             raise HTTPException(400, f"Range header {http_range[:100]!r}: {exc.content}") from None
         except RangeNotSatisfiable as exc:
-            raise HTTPException(416, f"Range header {http_range[:100]!r}: the file has {exc.max_size} bytes",
-                                headers={"Content-Range": f"bytes */{exc.max_size}"}) from None  # fmt: skip
+            raise HTTPException(
+                416,
+                f"Range header {http_range[:100]!r}: the file has {exc.max_size} bytes",
+                headers={"Content-Range": f"bytes */{exc.max_size}"},
+            ) from None
 
 
 def _json_safe(value):

@@ -38,7 +38,10 @@ class ReleasingRoute(APIRoute):
     """An APIRoute whose sync endpoint closes its sessions when it returns (see above)."""
 
     def __init__(self, path: str, endpoint: Callable, **kwargs):
-        if not inspect.iscoroutinefunction(endpoint) and not inspect.isasyncgenfunction(endpoint) \
-                and not inspect.isgeneratorfunction(endpoint):  # fmt: skip
+        if (
+            not inspect.iscoroutinefunction(endpoint)
+            and not inspect.isasyncgenfunction(endpoint)
+            and not inspect.isgeneratorfunction(endpoint)
+        ):
             endpoint = _closing_sessions(endpoint)
         super().__init__(path, endpoint, **kwargs)

@@ -16,7 +16,8 @@ class BodyLimit:
 
     def __init__(self, app: ASGIApp, limit: int, exempt: tuple[tuple[str, str], ...] = ()) -> None:
         self.app, self.limit, self.exempt = app, limit, exempt
-        self.detail = f"the request body is over {limit} bytes, the most a request takes (datasets are uploaded to /api/v1/datasets)"
+        upload = "datasets are uploaded to /api/v1/datasets"
+        self.detail = f"the request body is over {limit} bytes, the most a request takes ({upload})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (scope["method"], scope["path"]) in self.exempt:

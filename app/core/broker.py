@@ -36,7 +36,9 @@ def configure(app: Celery, settings: Settings) -> Celery:
         accept_content=["json"],
         # Redis only: the SQLAlchemy transport hands its options to create_engine.
         broker_transport_options=(
-            {"visibility_timeout": settings.visibility_timeout_seconds} if settings.resolved_broker_url.startswith("redis") else {}
+            {"visibility_timeout": settings.visibility_timeout_seconds}
+            if settings.resolved_broker_url.startswith("redis")
+            else {}
         ),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -25,69 +25,121 @@ KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # also safe as a file name
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="DISTILL_", env_file=".env", env_ignore_empty=True, extra="ignore",
+        env_prefix="DISTILL_",
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
         hide_input_in_errors=True,  # a malformed DISTILL_SECRET_KEY must not be printed in the start-up error
     )
 
     data_dir: Path = Field(Path(".distill"), description="Embedded default home of the database, broker and artifacts.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; e.g. postgresql+psycopg://user@host/db. Default: SQLite in data_dir.")
-    broker_url: str | None = Field(None, description="Celery broker; e.g. redis://host:6379/0. Default: SQLAlchemy transport in data_dir.")
-    artifacts_dir: Path | None = Field(None, description="Where jobs write checkpoints and uploads live. Default: data_dir/artifacts.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; e.g. postgresql+psycopg://user@host/db. Default: SQLite in data_dir."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker; e.g. redis://host:6379/0. Default: SQLAlchemy transport in data_dir."
+    )
+    artifacts_dir: Path | None = Field(
+        None, description="Where jobs write checkpoints and uploads live. Default: data_dir/artifacts."
+    )
     host: str = Field("127.0.0.1", description="Address the API binds to (127.0.0.1: this machine only).")
     port: int = Field(8000, description="Port the API listens on.")
     max_upload_bytes: int = Field(200 * 1024 * 1024, description="Largest dataset upload accepted.")
-    max_active_jobs_per_user: int = Field(20, ge=1, description="Jobs a user may have queued or running at once; more is a 429.")
+    max_active_jobs_per_user: int = Field(
+        20, ge=1, description="Jobs a user may have queued or running at once; more is a 429."
+    )
     max_dataset_bytes_per_user: int = Field(
         10 * 1024**3, ge=0, description="Bytes of uploaded datasets a user may keep; an upload past it is a 429."
     )
     max_attempts: int = Field(3, ge=1, description="Times a job is started before a lost worker marks it failed.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker reports that a job is alive.")
-    heartbeat_timeout_seconds: float = Field(120.0, gt=0, description="A running job silent this long is taken up again.")
+    heartbeat_timeout_seconds: float = Field(
+        120.0, gt=0, description="A running job silent this long is taken up again."
+    )
     progress_timeout_seconds: float | None = Field(
-        7200.0, gt=0, description="A running job that records no step and no event for this long is stopped and "
-        "retried (a hang outside any collective, which time out by themselves). Empty: never.")
+        7200.0,
+        gt=0,
+        description="A running job that records no step and no event for this long is stopped and "
+        "retried (a hang outside any collective, which time out by themselves). Empty: never.",
+    )
     cancel_grace_seconds: float = Field(
         20.0, gt=0, description="How long a cancelled job may take to stop by itself before its processes are killed."
     )
-    visibility_timeout_seconds: int = Field(7 * 24 * 3600, description="Redis redelivery timeout; above the longest job.")
-    refuse_unserved_queues: bool = Field(
-        False, description="Refuse (422) a job whose queue no live worker consumes, instead of queuing it with a warning."
+    visibility_timeout_seconds: int = Field(
+        7 * 24 * 3600, description="Redis redelivery timeout; above the longest job."
     )
-    worker_cpu_processes: int = Field(2, ge=1, description="Largest resources.devices a CPU worker takes (a worker "
-                                      "without GPUs runs one job at a time: jobs would share the machine's cores).")
-    worker_gpus: int | None = Field(None, ge=0, description="GPUs a worker hands out to jobs, as CUDA ordinals 0..N-1; "
-                                    "it runs jobs side by side on disjoint sets of them. Default: the GPUs nvidia-smi "
-                                    "lists. 0: a CPU worker.")
-    hostfile: Path | None = Field(None, description="DeepSpeed hostfile of this worker's node group (HOST slots=G "
-                                  "lines, this machine first): it also runs jobs of 2, 3, ... whole machines across them.")
-    secret_key: SigningKeys = Field([], description="Keys that sign download links, as KID:SECRET separated by ',': "
-                                    "the first signs, all are accepted; a lone SECRET has key id 'default'. The same on "
-                                    "every API replica. Empty: key files in data_dir/keys, managed with `distill keys`.")
-    max_streams_per_user: int = Field(8, ge=1, description="Event streams a user may hold open on one API process; "
-                                      "more is a 429.")
-    model_roots: PathList = Field([], description="Folders of model directories that job specs may name by absolute "
-                                  "path, separated by ':'; symlinks are resolved before the check. Empty: none.")
-    data_roots: PathList = Field([], description="Folders of data files that job specs may name by absolute path, "
-                                 "separated by ':'. Empty: data comes only as builtin:NAME or an upload (dataset:ID).")
+    refuse_unserved_queues: bool = Field(
+        False,
+        description="Refuse (422) a job whose queue no live worker consumes, instead of queuing it with a warning.",
+    )
+    worker_cpu_processes: int = Field(
+        2,
+        ge=1,
+        description="Largest resources.devices a CPU worker takes (a worker "
+        "without GPUs runs one job at a time: jobs would share the machine's cores).",
+    )
+    worker_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs a worker hands out to jobs, as CUDA ordinals 0..N-1; "
+        "it runs jobs side by side on disjoint sets of them. Default: the GPUs nvidia-smi "
+        "lists. 0: a CPU worker.",
+    )
+    hostfile: Path | None = Field(
+        None,
+        description="DeepSpeed hostfile of this worker's node group (HOST slots=G "
+        "lines, this machine first): it also runs jobs of 2, 3, ... whole machines across them.",
+    )
+    secret_key: SigningKeys = Field(
+        [],
+        description="Keys that sign download links, as KID:SECRET separated by ',': "
+        "the first signs, all are accepted; a lone SECRET has key id 'default'. The same on "
+        "every API replica. Empty: key files in data_dir/keys, managed with `distill keys`.",
+    )
+    max_streams_per_user: int = Field(
+        8, ge=1, description="Event streams a user may hold open on one API process; more is a 429."
+    )
+    model_roots: PathList = Field(
+        [],
+        description="Folders of model directories that job specs may name by absolute "
+        "path, separated by ':'; symlinks are resolved before the check. Empty: none.",
+    )
+    data_roots: PathList = Field(
+        [],
+        description="Folders of data files that job specs may name by absolute path, "
+        "separated by ':'. Empty: data comes only as builtin:NAME or an upload (dataset:ID).",
+    )
     allow_hub_models: bool = Field(True, description="Whether specs may name hub ids (org/name) that workers download.")
     api_sees_worker_files: bool = Field(
-        True, description="Whether the API machine has the workers' model and data roots at the same paths (the "
+        True,
+        description="Whether the API machine has the workers' model and data roots at the same paths (the "
         "embedded set-up): then submit checks those files exist; else it checks only where they are, and workers "
-        "check the rest when the job starts.")
-    s3_bucket: str | None = Field(None, description="Keep checkpoints in this S3 bucket too; downloads are redirected there.")
+        "check the rest when the job starts.",
+    )
+    s3_bucket: str | None = Field(
+        None, description="Keep checkpoints in this S3 bucket too; downloads are redirected there."
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2...); default: AWS.")
     s3_prefix: str = Field("distill", description="Key prefix of everything stored in the bucket.")
     webhook_allow_private: bool = Field(
-        False, description="Whether webhooks may go to loopback, private, link-local and other non-public addresses. "
-        "Off: a user of a shared service cannot make it post to hosts inside its network (SSRF).")
+        False,
+        description="Whether webhooks may go to loopback, private, link-local and other non-public addresses. "
+        "Off: a user of a shared service cannot make it post to hosts inside its network (SSRF).",
+    )
     webhook_ca_file: FilePath | None = Field(
-        None, description="PEM file of certificate authorities that webhook receivers' certificates may also be signed by, "
-        "beside the public ones: for receivers inside a network with its own CA.")
+        None,
+        description="PEM file of certificate authorities that webhook receivers' certificates may also be signed by, "
+        "beside the public ones: for receivers inside a network with its own CA.",
+    )
     webhook_timeout_seconds: float = Field(10.0, gt=0, description="How long one webhook request may take.")
     webhook_retry_seconds: float = Field(
-        30.0, gt=0, description="Wait before a webhook's second round of attempts; it doubles each round, up to an hour.")
+        30.0,
+        gt=0,
+        description="Wait before a webhook's second round of attempts; it doubles each round, up to an hour.",
+    )
     webhook_max_attempts: int = Field(
-        12, ge=1, description="Rounds of attempts (each of up to 3 quick tries) before a webhook delivery is given up.")
+        12, ge=1, description="Rounds of attempts (each of up to 3 quick tries) before a webhook delivery is given up."
+    )
 
     @field_validator("model_roots", "data_roots", mode="before")
     @classmethod
@@ -103,11 +155,16 @@ class Settings(BaseSettings):
     def _split_keys(cls, value):
         if isinstance(value, str):
             entries = [entry.strip() for entry in value.split(",") if entry.strip()]
-            value = [tuple(part.strip() for part in entry.split(":", 1)) if ":" in entry else ("default", entry) for entry in entries]
+            value = [
+                tuple(part.strip() for part in entry.split(":", 1)) if ":" in entry else ("default", entry)
+                for entry in entries
+            ]
         kids = [kid for kid, _ in value]
         if not all(KEY_ID.fullmatch(kid) and secret for kid, secret in value) or len(set(kids)) < len(kids):
-            raise ValueError("give KID:SECRET pairs separated by ',', each key id unique and made of 1-64 letters, "
-                             "digits, '-' or '_', each secret non-empty")
+            raise ValueError(
+                "give KID:SECRET pairs separated by ',', each key id unique and made of 1-64 letters, "
+                "digits, '-' or '_', each secret non-empty"
+            )
         return value
 
     @model_validator(mode="after")
@@ -121,8 +178,10 @@ class Settings(BaseSettings):
             real = Path(os.path.realpath(root))
             for folder in own:
                 if folder.is_relative_to(real) or real.is_relative_to(folder):
-                    raise ValueError(f"the path root {root} overlaps the service's own files in {folder}: "
-                                     "users could read each other's uploads and checkpoints through it")
+                    raise ValueError(
+                        f"the path root {root} overlaps the service's own files in {folder}: "
+                        "users could read each other's uploads and checkpoints through it"
+                    )
         return self
 
     @property

@@ -19,6 +19,10 @@ OUTAGE = (OperationalError, InterfaceError)
 def through_outage(fn: Callable[[], T], seconds: float) -> T:
     """`fn()`, called again with exponential backoff (0.5 s to 5 s) while the database is
     unreachable, for up to `seconds`; then the last error is raised."""
-    retrying = Retrying(retry=retry_if_exception_type(OUTAGE), wait=wait_exponential(multiplier=0.5, max=5),
-                        stop=stop_after_delay(seconds), reraise=True)  # fmt: skip
+    retrying = Retrying(
+        retry=retry_if_exception_type(OUTAGE),
+        wait=wait_exponential(multiplier=0.5, max=5),
+        stop=stop_after_delay(seconds),
+        reraise=True,
+    )
     return retrying(fn)

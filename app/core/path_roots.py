@@ -61,17 +61,24 @@ def _model(ref: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | Non
     """(reference for the engine, None) or (None, the problem)."""
     if ref.startswith("builtin:"):
         return ref, None
+    where_models = _where(roots.models, "DISTILL_MODEL_ROOTS")
     if os.path.isabs(ref):
         resolved = _inside(ref, roots.models, on_disk)
         if resolved is None:
-            return None, f"{ref!r} is not a model directory this service may read: {_where(roots.models, 'DISTILL_MODEL_ROOTS')}"
+            return None, f"{ref!r} is not a model directory this service may read: {where_models}"
         return resolved, None
     ref = ref.removeprefix("hub:")  # the explicit form of a hub id
     if looks_like_hub_id(ref):
         if not roots.allow_hub:
-            return None, f"{ref!r}: this service does not download hub models (DISTILL_ALLOW_HUB_MODELS is off); use builtin:NAME or a model directory inside {_where(roots.models, 'DISTILL_MODEL_ROOTS')}"
+            return None, (
+                f"{ref!r}: this service does not download hub models (DISTILL_ALLOW_HUB_MODELS is off); "
+                f"use builtin:NAME or a model directory inside {where_models}"
+            )
         return f"hub:{ref}", None
-    return None, f"{ref!r}: give builtin:NAME, a hub id (org/name) or an absolute path of a model directory; {_where(roots.models, 'DISTILL_MODEL_ROOTS')}"
+    return (
+        None,
+        f"{ref!r}: give builtin:NAME, a hub id (org/name) or an absolute path of a model directory; {where_models}",
+    )
 
 
 def _data(source: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | None]:
@@ -81,7 +88,8 @@ def _data(source: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | N
     if os.path.isabs(source):
         resolved = _inside(source, roots.data, on_disk)
         if resolved is None:
-            return None, f"{source!r} is not a file this service may read: {_where(roots.data, 'DISTILL_DATA_ROOTS')}; or {advice}"
+            where = _where(roots.data, "DISTILL_DATA_ROOTS")
+            return None, f"{source!r} is not a file this service may read: {where}; or {advice}"
         return resolved, None
     return None, f"{source!r}: give builtin:NAME, dataset:ID or an absolute path; {advice}"
 
@@ -103,9 +111,11 @@ def confine(spec: JobSpec, roots: Roots, *, on_disk: bool) -> tuple[JobSpec, lis
     teacher = check(("teacher",), spec.teacher, _model)
     student = check(("student", "model"), spec.student.model, _model)
     data = {key: check(("data", key), getattr(spec.data, key), _data) for key in DATA_FILES}
-    confined = spec.model_copy(update={
-        "teacher": teacher,
-        "student": spec.student.model_copy(update={"model": student}),
-        "data": spec.data.model_copy(update=data),
-    })  # fmt: skip
+    confined = spec.model_copy(
+        update={
+            "teacher": teacher,
+            "student": spec.student.model_copy(update={"model": student}),
+            "data": spec.data.model_copy(update=data),
+        }
+    )
     return confined, problems

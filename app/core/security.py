@@ -29,4 +29,6 @@ def valid_signature(path: str, expires: int, kid: str, signature: str) -> bool:
     """Whether the link is unexpired and signed by key `kid`, which is still accepted."""
     key = accepted_key(kid) if expires >= time.time() else None
     # As bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, not a mismatch).
-    return key is not None and hmac.compare_digest(_signature(key.secret, kid, path, expires).encode(), signature.encode())
+    return key is not None and hmac.compare_digest(
+        _signature(key.secret, kid, path, expires).encode(), signature.encode()
+    )

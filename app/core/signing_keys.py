@@ -29,8 +29,10 @@ class KeysFromSetting(Exception):
     """The keys are DISTILL_SECRET_KEY's, which only its owner can change."""
 
     def __init__(self) -> None:
-        super().__init__("the keys come from DISTILL_SECRET_KEY: put a new KID:SECRET first in it to rotate, "
-                         "remove an entry to retire it, then restart the API")  # fmt: skip
+        super().__init__(
+            "the keys come from DISTILL_SECRET_KEY: put a new KID:SECRET first in it to rotate, "
+            "remove an entry to retire it, then restart the API"
+        )
 
 
 def keys_dir() -> Path:
@@ -39,7 +41,9 @@ def keys_dir() -> Path:
 
 def _read(path: Path) -> SigningKey | None:
     try:
-        return SigningKey(path.stem, path.read_text().strip().encode(), datetime.fromtimestamp(path.stat().st_mtime, UTC))
+        return SigningKey(
+            path.stem, path.read_text().strip().encode(), datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        )
     except FileNotFoundError:  # retired between listing and reading
         return None
 
@@ -51,7 +55,9 @@ def all_keys() -> list[SigningKey]:
         return [SigningKey(kid, secret.encode(), None) for kid, secret in setting]
     folder = keys_dir()
     # Key ids begin with their creation time, so the newest key sorts first.
-    paths = sorted((p for p in folder.glob("*.key") if KEY_ID.fullmatch(p.stem)), reverse=True) if folder.is_dir() else []
+    paths = (
+        sorted((p for p in folder.glob("*.key") if KEY_ID.fullmatch(p.stem)), reverse=True) if folder.is_dir() else []
+    )
     return [key for key in map(_read, paths) if key is not None]
 
 

@@ -58,8 +58,11 @@ class S3Store:
     def download_url(self, url: str, name: str, filename: str, expires: int = 3600) -> str:
         return self.client.generate_presigned_url(
             "get_object",
-            Params={"Bucket": self.bucket, "Key": self._key(url, name),
-                    "ResponseContentDisposition": f'attachment; filename="{filename}"'},  # fmt: skip
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._key(url, name),
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
             ExpiresIn=expires,
         )
 

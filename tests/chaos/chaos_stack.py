@@ -16,14 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
 import httpx
 import psycopg
 import redis
-
 from helpers import Worker, wait_for
 
 PG_BIN = Path(os.environ.get("DISTILL_CHAOS_PG_BIN", "/usr/local/bin"))
@@ -52,19 +50,57 @@ class Postgres:
             shutil.chown(self.sockets, "postgres")
             self.log.touch()
             shutil.chown(self.log, "postgres")
-        subprocess.run(as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
-                                    "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            as_postgres(
+                [
+                    str(PG_BIN / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
 
     def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.sockets} "
-                   "-c max_connections=300 -c fsync=off")  # fmt: skip
-        subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
-                                    "-w", "-t", "60", "start"]), check=True, capture_output=True)  # fmt: skip
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.sockets} "
+            "-c max_connections=300 -c fsync=off"
+        )
+        subprocess.run(
+            as_postgres(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.log),
+                    "-o",
+                    options,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self, mode: str = "fast") -> None:
         """`fast`: what a restart does (every session is disconnected); `immediate` would be a crash."""
-        subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
-                       check=False, capture_output=True)  # fmt: skip
+        subprocess.run(
+            as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
+            check=False,
+            capture_output=True,
+        )
 
     def dsn(self, dbname: str = "distill") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
@@ -88,10 +124,24 @@ class Redis:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--protected-mode", "no"],
-            stdout=self.log.open("a"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self.answers, timeout=20, interval=0.1, what="redis-server to answer")
 
     def answers(self) -> bool:
@@ -139,13 +189,23 @@ class Stack:
 
     def process_env(self) -> dict[str, str]:
         """This process's environment without anything that would point a service process elsewhere."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("DISTILL_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("DISTILL_")
+            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
         return {**env, **self.env}
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "app.cli", *args], env=self.process_env(), cwd=self.root,
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", *args],
+            env=self.process_env(),
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
@@ -161,10 +221,23 @@ class Stack:
         # The same command `distill up` runs for its API; cwd is the campaign's directory so that a
         # developer's .env in the checkout cannot point the service elsewhere.
         self.api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.api_port),
-             "--log-level", "warning"],
-            env=self.process_env(), cwd=self.root, stdout=(self.root / "api.log").open("a"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ],
+            env=self.process_env(),
+            cwd=self.root,
+            stdout=(self.root / "api.log").open("a"),
+            stderr=subprocess.STDOUT,
+        )
 
         def healthy() -> bool:
             try:
@@ -206,8 +279,11 @@ class Stack:
 
     def claims(self, job_ids: list[str]) -> dict[str, int]:
         """How many times each job was claimed by a worker (each claim writes one such event)."""
-        rows = self.sql("SELECT job_id, count(*) FROM job_events WHERE type = 'state' AND message LIKE 'running (attempt %%' "
-                        "AND job_id = ANY(%s) GROUP BY job_id", list(job_ids))  # fmt: skip
+        rows = self.sql(
+            "SELECT job_id, count(*) FROM job_events WHERE type = 'state' AND message LIKE 'running (attempt %%' "
+            "AND job_id = ANY(%s) GROUP BY job_id",
+            list(job_ids),
+        )
         counts = dict(rows)
         return {job_id: counts.get(job_id, 0) for job_id in job_ids}
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from chaos_stack import Stack
 from helpers import write_dataset
 from reliability_report import write_report
@@ -24,7 +23,9 @@ RESULTS: dict[str, dict] = {}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "scenario(name, fault): a fault-campaign scenario, reported in docs/reliability.md")
+    config.addinivalue_line(
+        "markers", "scenario(name, fault): a fault-campaign scenario, reported in docs/reliability.md"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def write_report(results: list[dict], path: Path) -> None:
         "processes, with jobs on the tiny random models; the fault is injected while jobs are queued or running,",
         "and the outcome is read back over HTTP and from the database.",
         "",
-        f"- run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {passed} of {len(results)} scenarios passed",
+        f"- run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {passed} of {len(results)} scenarios passed",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         f"- rerun: `{RERUN}`",
         "",
@@ -50,7 +50,9 @@ def write_report(results: list[dict], path: Path) -> None:
         outcome = r.get("outcome", "not run")
         if r.get("error"):
             outcome += f" ({_cell(r['error'])})"
-        lines.append(f"| {_cell(r['scenario'])} | {_cell(r['fault'])} | {outcome} | {figures} | {r.get('seconds', 0):.0f} |")
+        lines.append(
+            f"| {_cell(r['scenario'])} | {_cell(r['fault'])} | {outcome} | {figures} | {r.get('seconds', 0):.0f} |"
+        )
     lines += [
         "",
         "Figures: *jobs lost* are jobs that never reached a terminal status; *claims* count a worker taking a job",

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from helpers import tiny_spec, training_process, wait_for
 
 pytestmark = pytest.mark.chaos
@@ -69,17 +68,28 @@ def resumed_from(http: httpx.Client, job_id: str) -> int | None:
 # -- 1. a worker SIGKILLed mid-job -----------------------------------------------------------------
 
 
-@pytest.mark.scenario("worker killed", fault="SIGKILL the worker (its training process dies with it) mid-job, start another")
+@pytest.mark.scenario(
+    "worker killed", fault="SIGKILL the worker (its training process dies with it) mid-job, start another"
+)
 def test_a_killed_worker_job_resumes_from_its_checkpoint_elsewhere(stack, dataset, figures):
     total = 40
-    spec = tiny_spec(dataset, name="chaos-kill", training={"steps": total}, checkpoints={"every_steps": 10, "keep": 1},
-                     eval={"every_steps": 0})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        name="chaos-kill",
+        training={"steps": total},
+        checkpoints={"every_steps": 10, "keep": 1},
+        eval={"every_steps": 0},
+    )
     first = stack.worker("kill-1")
     with stack.http() as http:
         job_id = submit(http, spec)
         # Killed past a checkpoint, so that the next attempt re-runs steps this one already logged.
-        wait_for(lambda: (steps := checkpoint_steps(http, job_id)) and job(http, job_id)["progress"]["step"] > steps[-1],
-                 timeout=300, interval=0.2, what="a checkpoint and a step past it")  # fmt: skip
+        wait_for(
+            lambda: (steps := checkpoint_steps(http, job_id)) and job(http, job_id)["progress"]["step"] > steps[-1],
+            timeout=300,
+            interval=0.2,
+            what="a checkpoint and a step past it",
+        )
         killed_at_step = job(http, job_id)["progress"]["step"]
         first.kill()
         killed = time.monotonic()
@@ -91,12 +101,19 @@ def test_a_killed_worker_job_resumes_from_its_checkpoint_elsewhere(stack, datase
         figures["recovered after s"] = time.monotonic() - killed
         resumed = resumed_from(http, job_id)
     audit = stack.metric_audit(job_id, total)
-    figures.update({
-        "jobs lost": 1 - len(ended), "status": ended.get(job_id, {}).get("status", "not ended"),
-        "killed at step": killed_at_step, "resumed from step": resumed,
-        "steps run twice": killed_at_step - (resumed or 0), "claims": stack.claims([job_id])[job_id],
-        "metric points": audit["points"], "duplicate points": audit["duplicate"], "missing points": audit["missing"],
-    })  # fmt: skip
+    figures.update(
+        {
+            "jobs lost": 1 - len(ended),
+            "status": ended.get(job_id, {}).get("status", "not ended"),
+            "killed at step": killed_at_step,
+            "resumed from step": resumed,
+            "steps run twice": killed_at_step - (resumed or 0),
+            "claims": stack.claims([job_id])[job_id],
+            "metric points": audit["points"],
+            "duplicate points": audit["duplicate"],
+            "missing points": audit["missing"],
+        }
+    )
     assert ended and ended[job_id]["status"] == "succeeded", ended
     assert resumed is not None and resumed > 0, "the second attempt did not resume from a checkpoint"
     assert figures["claims"] == 2
@@ -116,15 +133,24 @@ def broker_messages(stack, job_ids: list[str]) -> int:
     return sum(1 for m in raw for job_id in job_ids if job_id.encode() in m)
 
 
-@pytest.mark.scenario("broker restarted",
-                      fault="SIGKILL redis-server (persistence off) and start it again while 1 job runs and 3 wait in its queue")
+@pytest.mark.scenario(
+    "broker restarted",
+    fault="SIGKILL redis-server (persistence off) and start it again while 1 job runs and 3 wait in its queue",
+)
 def test_a_broker_restart_loses_no_job_and_runs_none_twice(stack, dataset, figures):
     stack.worker("redis")
-    running_spec = tiny_spec(dataset, name="chaos-redis-running", training={"steps": 30},
-                             checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0})  # fmt: skip
+    running_spec = tiny_spec(
+        dataset,
+        name="chaos-redis-running",
+        training={"steps": 30},
+        checkpoints={"every_steps": 10, "keep": 1},
+        eval={"every_steps": 0},
+    )
     with stack.http() as http:
         running = submit(http, running_spec)
-        wait_for(lambda: job(http, running)["progress"]["step"] >= 1, timeout=300, interval=0.2, what="training to start")
+        wait_for(
+            lambda: job(http, running)["progress"]["step"] >= 1, timeout=300, interval=0.2, what="training to start"
+        )
         queued = [submit(http, quick_spec(dataset, f"chaos-redis-queued-{i}")) for i in range(3)]
         figures["messages before restart"] = broker_messages(stack, queued)
         stack.redis.kill()
@@ -135,12 +161,17 @@ def test_a_broker_restart_loses_no_job_and_runs_none_twice(stack, dataset, figur
         ended = wait_ended(http, [running, *queued], timeout=400)
         figures["recovered after s"] = time.monotonic() - restarted
     claims = stack.claims([running, *queued])
-    figures.update({
-        "jobs": 1 + len(queued), "jobs lost": 1 + len(queued) - len(ended),
-        "succeeded": sum(j["status"] == "succeeded" for j in ended.values()),
-        "claims per job": sorted(claims.values()),
-    })  # fmt: skip
-    assert figures["messages before restart"] == len(queued) and figures["messages after restart"] == 0  # the fault happened
+    figures.update(
+        {
+            "jobs": 1 + len(queued),
+            "jobs lost": 1 + len(queued) - len(ended),
+            "succeeded": sum(j["status"] == "succeeded" for j in ended.values()),
+            "claims per job": sorted(claims.values()),
+        }
+    )
+    assert (
+        figures["messages before restart"] == len(queued) and figures["messages after restart"] == 0
+    )  # the fault happened
     assert figures["jobs lost"] == 0, stack.statuses([running, *queued])
     assert all(j["status"] == "succeeded" for j in ended.values()), ended
     assert set(claims.values()) == {1}, claims  # each ran exactly once
@@ -148,8 +179,14 @@ def test_a_broker_restart_loses_no_job_and_runs_none_twice(stack, dataset, figur
 
 def quick_spec(dataset, name: str) -> dict:
     """A job that ends in seconds: three steps of word-level KD, one test prompt and seed, one checkpoint."""
-    return tiny_spec(dataset, name=name, method="kd", training={"steps": 3}, checkpoints={"every_steps": 0},
-                     eval={"every_steps": 0, "num_prompts": 1, "selection_num_prompts": 1, "seeds": [10], "selection_seeds": [10]})  # fmt: skip
+    return tiny_spec(
+        dataset,
+        name=name,
+        method="kd",
+        training={"steps": 3},
+        checkpoints={"every_steps": 0},
+        eval={"every_steps": 0, "num_prompts": 1, "selection_num_prompts": 1, "seeds": [10], "selection_seeds": [10]},
+    )
 
 
 # -- 3. PostgreSQL restarted ----------------------------------------------------------------------
@@ -158,8 +195,13 @@ def quick_spec(dataset, name: str) -> dict:
 @pytest.mark.scenario("database restarted", fault="restart PostgreSQL (pg_ctl stop -m fast, 5 s down, start) mid-job")
 def test_a_database_restart_mid_job_loses_no_metric_point(stack, dataset, figures):
     total = 40
-    spec = tiny_spec(dataset, name="chaos-postgres", training={"steps": total}, checkpoints={"every_steps": 20, "keep": 1},
-                     eval={"every_steps": 0})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        name="chaos-postgres",
+        training={"steps": total},
+        checkpoints={"every_steps": 20, "keep": 1},
+        eval={"every_steps": 0},
+    )
     stack.worker("postgres")
     with stack.http() as http:
         job_id = submit(http, spec)
@@ -178,11 +220,16 @@ def test_a_database_restart_mid_job_loses_no_metric_point(stack, dataset, figure
         ended = wait_ended(http, [job_id], timeout=300)
         figures["recovered after s"] = time.monotonic() - back
     audit = stack.metric_audit(job_id, total)
-    figures.update({
-        "jobs lost": 1 - len(ended), "status": ended.get(job_id, {}).get("status", "not ended"),
-        "claims": stack.claims([job_id])[job_id], "metric points": audit["points"],
-        "duplicate points": audit["duplicate"], "missing points": audit["missing"],
-    })  # fmt: skip
+    figures.update(
+        {
+            "jobs lost": 1 - len(ended),
+            "status": ended.get(job_id, {}).get("status", "not ended"),
+            "claims": stack.claims([job_id])[job_id],
+            "metric points": audit["points"],
+            "duplicate points": audit["duplicate"],
+            "missing points": audit["missing"],
+        }
+    )
     assert codes and set(codes) == {503}, codes
     assert ended and ended[job_id]["status"] == "succeeded", ended
     assert figures["claims"] == 1
@@ -192,7 +239,9 @@ def test_a_database_restart_mid_job_loses_no_metric_point(stack, dataset, figure
 # -- 4. the broker down when a job is submitted ---------------------------------------------------
 
 
-@pytest.mark.scenario("broker down at submit", fault="SIGKILL redis-server, submit a job, start redis-server 10 s later")
+@pytest.mark.scenario(
+    "broker down at submit", fault="SIGKILL redis-server, submit a job, start redis-server 10 s later"
+)
 def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(stack, dataset, figures):
     worker = stack.worker("submit")
     wait_for(lambda: "ready." in worker.log.read_text(), timeout=120, what="the worker to connect to the broker")
@@ -200,7 +249,9 @@ def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(stack, da
         stack.redis.kill()
         down = time.monotonic()
         started = time.monotonic()
-        response = http.post("/api/v1/jobs", json=quick_spec(dataset, "chaos-submit"), headers={"Idempotency-Key": "chaos-submit"})
+        response = http.post(
+            "/api/v1/jobs", json=quick_spec(dataset, "chaos-submit"), headers={"Idempotency-Key": "chaos-submit"}
+        )
         figures["submit answered"] = response.status_code
         figures["submit took s"] = time.monotonic() - started
         codes = [readyz(stack)]
@@ -215,10 +266,13 @@ def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(stack, da
         wait_for(lambda: stack.claims([job_id])[job_id] >= 1, timeout=180, what="a worker to take the job")
         figures["taken after broker back s"] = time.monotonic() - back
         ended = wait_ended(http, [job_id], timeout=300)
-    figures.update({
-        "jobs lost": 1 - len(ended), "status": ended.get(job_id, {}).get("status", "not ended"),
-        "claims": stack.claims([job_id])[job_id],
-    })  # fmt: skip
+    figures.update(
+        {
+            "jobs lost": 1 - len(ended),
+            "status": ended.get(job_id, {}).get("status", "not ended"),
+            "claims": stack.claims([job_id])[job_id],
+        }
+    )
     assert set(codes) == {503}, codes
     assert ended and ended[job_id]["status"] == "succeeded", ended
     assert figures["claims"] == 1
@@ -227,8 +281,10 @@ def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(stack, da
 # -- 5. a burst of concurrent submits, half of them retries ---------------------------------------
 
 
-@pytest.mark.scenario("200 concurrent submits",
-                      fault="200 simultaneous POST /jobs, 100 of them retries carrying another request's Idempotency-Key; 3 workers")
+@pytest.mark.scenario(
+    "200 concurrent submits",
+    fault="200 simultaneous POST /jobs, 100 of them retries carrying another request's Idempotency-Key; 3 workers",
+)
 def test_concurrent_submits_and_retries_create_and_run_each_job_once(stack, dataset, figures):
     run_id = uuid.uuid4().hex[:8]
     keys = [f"burst-{run_id}-{i}" for i in range(100)]
@@ -247,7 +303,11 @@ def test_concurrent_submits_and_retries_create_and_run_each_job_once(stack, data
                     response = client.post("/api/v1/jobs", json=spec, headers={"Idempotency-Key": key})
                 except httpx.HTTPError as err:
                     return key, 0, repr(err)  # no answer at all: reported, not retried
-            return key, response.status_code, response.json().get("id") if response.status_code == 201 else response.text
+            return (
+                key,
+                response.status_code,
+                response.json().get("id") if response.status_code == 201 else response.text,
+            )
 
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=len(requests)) as pool:
@@ -261,7 +321,9 @@ def test_concurrent_submits_and_retries_create_and_run_each_job_once(stack, data
             if code == 201:
                 ids.setdefault(key, set()).add(body)
         job_ids = sorted({job_id for found in ids.values() for job_id in found})
-        rows = dict(stack.sql("SELECT idempotency_key, count(*) FROM jobs WHERE idempotency_key = ANY(%s) GROUP BY 1", keys))
+        rows = dict(
+            stack.sql("SELECT idempotency_key, count(*) FROM jobs WHERE idempotency_key = ANY(%s) GROUP BY 1", keys)
+        )
         figures["distinct jobs created"] = sum(rows.values())
         figures["keys answered with 2 ids"] = sum(len(found) > 1 for found in ids.values())
         assert codes == [201], [a for a in answers if a[1] != 201][:3]
@@ -291,12 +353,17 @@ def test_concurrent_submits_and_retries_create_and_run_each_job_once(stack, data
             canceller.join()
         figures["all ended after s"] = time.monotonic() - started
     claims = stack.claims(job_ids)
-    figures.update({
-        "jobs lost": len(job_ids) - len(ended),
-        "ended": sorted({j["status"] for j in ended.values()}),
-        "claims 0 / 1 / more": [sum(c == 0 for c in claims.values()), sum(c == 1 for c in claims.values()),
-                                sum(c > 1 for c in claims.values())],
-    })  # fmt: skip
+    figures.update(
+        {
+            "jobs lost": len(job_ids) - len(ended),
+            "ended": sorted({j["status"] for j in ended.values()}),
+            "claims 0 / 1 / more": [
+                sum(c == 0 for c in claims.values()),
+                sum(c == 1 for c in claims.values()),
+                sum(c > 1 for c in claims.values()),
+            ],
+        }
+    )
     assert figures["jobs lost"] == 0, {k: v for k, v in stack.statuses(job_ids).items() if v not in TERMINAL}
     assert set(claims.values()) == {1}, {k: v for k, v in claims.items() if v != 1}
     # Cancelled once running; one that ended before its cancel arrived succeeded. Neither failed.

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from helpers import PG, Worker, create_database, drop_database, make_user, wait_for
 
 DB_NAME = f"distill_test_{uuid.uuid4().hex[:8]}"

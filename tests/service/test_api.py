@@ -10,9 +10,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
-
 from helpers import make_user, tiny_spec
+from sqlalchemy import func, select, update
 
 JOBS = "/api/v1/jobs"
 DATASETS = "/api/v1/datasets"
@@ -63,8 +62,8 @@ def detail_for(response, loc: list) -> dict:
 
 @pytest.fixture(scope="module", autouse=True)
 def a_worker_serves_the_test_queues():
-    """The jobs here go to auto-1 and cpu-2: registered as served (a CPU worker's queues), the way a worker's reaper thread
-    does it, so that their events are only the ones each test expects. (Nothing consumes the
+    """The jobs here go to auto-1 and cpu-2: registered as served (a CPU worker's queues), the way a
+    worker's reaper thread does it, so that their events are only the ones each test expects. (Nothing consumes the
     messages: the jobs stay queued. tests/service/test_queues.py is about unserved queues.)"""
     from app.reaper import reap_forever
 
@@ -82,7 +81,9 @@ def set_heartbeat_back(job_id: str, seconds: float = 2, **values) -> None:
     from app.models import Job, utcnow
 
     with db() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=seconds), **values))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=seconds), **values)
+        )
         session.commit()
 
 
@@ -128,8 +129,10 @@ def test_every_api_route_is_covered_by_the_auth_table(client):
     paths = client.get("/openapi.json").json()["paths"]
     api_routes = {(m.upper(), p) for p, ops in paths.items() if p.startswith("/api/v1") for m in ops}
     covered = {(m, re.sub(r"job-0+", "{job_id}", p.split("?")[0])) for m, p in PROTECTED}
-    covered = {(m, p.replace("/latest/", "/{step}/").replace("/best/", "/{step}/").replace("config.json", "{name}"))
-               for m, p in covered}  # fmt: skip
+    covered = {
+        (m, p.replace("/latest/", "/{step}/").replace("/best/", "/{step}/").replace("config.json", "{name}"))
+        for m, p in covered
+    }
     assert api_routes == covered
 
 
@@ -188,15 +191,21 @@ def test_prometheus_metrics_count_jobs_and_requests(client, auth, dataset):
     assert "# TYPE distill_queue_depth gauge" in text
     assert re.search(rf'^distill_queue_depth\{{queue="auto-1"\}} {queued}\.0$', text, re.M), text
     assert "# TYPE distill_http_request_seconds histogram" in text
-    assert re.search(r'^distill_http_request_seconds_bucket\{le="\+Inf",method="GET",route="/healthz",status="200"\} [1-9]', text, re.M)
-    assert re.search(r'^distill_http_request_seconds_count\{method="POST",route="[^"]*/jobs",status="201"\} [1-9]', text, re.M)
+    assert re.search(
+        r'^distill_http_request_seconds_bucket\{le="\+Inf",method="GET",route="/healthz",status="200"\} [1-9]',
+        text,
+        re.M,
+    )
+    assert re.search(
+        r'^distill_http_request_seconds_count\{method="POST",route="[^"]*/jobs",status="201"\} [1-9]', text, re.M
+    )
 
 
 def test_latency_route_label_is_the_full_path_template(client, auth):
     client.get(JOBS, headers=auth)
     client.get(f"{JOBS}/job-doesnotexist0000", headers=auth)
     text = client.get("/metrics").text
-    assert 'route="/api/v1/jobs",status="200"' in text, [l for l in text.splitlines() if "_count{" in l]
+    assert 'route="/api/v1/jobs",status="200"' in text, [line for line in text.splitlines() if "_count{" in line]
     assert 'route="/api/v1/jobs/{job_id}",status="404"' in text
 
 
@@ -224,7 +233,11 @@ def test_submit_queues_a_job(client, auth, dataset):
     assert job["progress"] == {"step": 0, "total_steps": spec["training"]["steps"], "eta_seconds": None}
     assert job["started_at"] is None and job["finished_at"] is None and job["error"] is None
     assert job["name"] == "tiny" and job["spec"]["training"]["steps"] == 6
-    assert job["spec"]["resources"] == {"devices": 1, "accelerator": "auto", "compile_decoding": False}  # defaults are stored filled in
+    assert job["spec"]["resources"] == {
+        "devices": 1,
+        "accelerator": "auto",
+        "compile_decoding": False,
+    }  # defaults are stored filled in
 
     fetched = client.get(f"{JOBS}/{job['id']}", headers=auth)
     assert fetched.status_code == 200
@@ -253,26 +266,58 @@ def test_submit_with_a_missing_job_id_is_404(client, auth):
 INVALID = {
     "unknown top-level field": (lambda d: {**tiny_spec(d), "trainig": {"steps": 3}}, ["body", "trainig"], "extra"),
     "wrong nested type": (lambda d: tiny_spec(d, training={"steps": "x"}), ["body", "training", "steps"], "integer"),
-    "missing student": (lambda d: {k: v for k, v in tiny_spec(d).items() if k != "student"}, ["body", "student"], "required"),
-    "teacher directory missing": (lambda d: tiny_spec(d, teacher=str(d / "no-such-teacher")), ["body", "teacher"],
-                                  "no such model directory"),
-    "teacher outside the roots": (lambda d: tiny_spec(d, teacher="/nonexistent/teacher-model"), ["body", "teacher"],
-                                  "not a model directory this service may read"),
-    "unknown builtin model": (lambda d: tiny_spec(d, student={"model": "builtin:nope"}), ["body", "student", "model"],
-                              "unknown builtin model"),
-    "missing train file": (lambda d: tiny_spec(d, data={"train": str(d / "missing.jsonl")}), ["body", "data", "train"],
-                           "no such file"),
-    "missing eval file": (lambda d: tiny_spec(d, data={"eval": str(d / "missing.jsonl")}), ["body", "data", "eval"],
-                          "no such file"),
-    "unknown dataset": (lambda d: tiny_spec(d, data={"train": "dataset:ds-nope"}), ["body", "data", "train"],
-                        "no such uploaded dataset"),
-    "rollouts not divisible": (lambda d: tiny_spec(d, minillm={"rollouts_per_phase": 5}),
-                               ["body", "minillm", "rollouts_per_phase"], "multiple"),
-    "rollouts vs devices": (lambda d: tiny_spec(d, resources={"devices": 3}), ["body", "minillm", "rollouts_per_phase"],
-                            "(6)"),
-    "steps beyond 32 bits": (lambda d: tiny_spec(d, training={"steps": 2**31}), ["body", "training", "steps"], "2147483647"),
+    "missing student": (
+        lambda d: {k: v for k, v in tiny_spec(d).items() if k != "student"},
+        ["body", "student"],
+        "required",
+    ),
+    "teacher directory missing": (
+        lambda d: tiny_spec(d, teacher=str(d / "no-such-teacher")),
+        ["body", "teacher"],
+        "no such model directory",
+    ),
+    "teacher outside the roots": (
+        lambda d: tiny_spec(d, teacher="/nonexistent/teacher-model"),
+        ["body", "teacher"],
+        "not a model directory this service may read",
+    ),
+    "unknown builtin model": (
+        lambda d: tiny_spec(d, student={"model": "builtin:nope"}),
+        ["body", "student", "model"],
+        "unknown builtin model",
+    ),
+    "missing train file": (
+        lambda d: tiny_spec(d, data={"train": str(d / "missing.jsonl")}),
+        ["body", "data", "train"],
+        "no such file",
+    ),
+    "missing eval file": (
+        lambda d: tiny_spec(d, data={"eval": str(d / "missing.jsonl")}),
+        ["body", "data", "eval"],
+        "no such file",
+    ),
+    "unknown dataset": (
+        lambda d: tiny_spec(d, data={"train": "dataset:ds-nope"}),
+        ["body", "data", "train"],
+        "no such uploaded dataset",
+    ),
+    "rollouts not divisible": (
+        lambda d: tiny_spec(d, minillm={"rollouts_per_phase": 5}),
+        ["body", "minillm", "rollouts_per_phase"],
+        "multiple",
+    ),
+    "rollouts vs devices": (
+        lambda d: tiny_spec(d, resources={"devices": 3}),
+        ["body", "minillm", "rollouts_per_phase"],
+        "(6)",
+    ),
+    "steps beyond 32 bits": (
+        lambda d: tiny_spec(d, training={"steps": 2**31}),
+        ["body", "training", "steps"],
+        "2147483647",
+    ),
     "NUL in the name": (lambda d: {**tiny_spec(d), "name": "a\x00b"}, ["body", "name"], "NUL"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(INVALID))
@@ -338,7 +383,9 @@ def test_a_user_past_their_dataset_bytes_gets_a_429_and_nothing_is_stored(client
 
 
 def test_all_preflight_problems_are_reported_together(client, auth, dataset):
-    spec = tiny_spec(dataset, teacher="/nonexistent/teacher", data={"train": "dataset:ds-nope"}, minillm={"rollouts_per_phase": 3})
+    spec = tiny_spec(
+        dataset, teacher="/nonexistent/teacher", data={"train": "dataset:ds-nope"}, minillm={"rollouts_per_phase": 3}
+    )
     response = submit(client, auth, spec)
     assert response.status_code == 422
     assert sorted(map(tuple, locs(response))) == sorted(
@@ -369,7 +416,11 @@ def test_idempotency_key_ignores_key_order_and_explicit_defaults(client, auth, d
     spec = tiny_spec(dataset)
     first = submit(client, auth, spec, **{"Idempotency-Key": "key-order"})
     reordered = dict(reversed(list(spec.items())))
-    reordered["resources"] = {"accelerator": "auto", "devices": 1, "compile_decoding": False}  # the defaults, spelled out
+    reordered["resources"] = {
+        "accelerator": "auto",
+        "devices": 1,
+        "compile_decoding": False,
+    }  # the defaults, spelled out
     second = submit(client, auth, reordered, **{"Idempotency-Key": "key-order"})
     assert second.status_code == 201 and second.json()["id"] == first.json()["id"]
     assert job_count(client, auth) == 1
@@ -409,7 +460,12 @@ def test_idempotency_keys_are_per_user(client, auth, dataset):
     assert mine.json()["id"] != theirs.json()["id"]
     assert job_count(client, auth) == job_count(client, other) == 1
     # and a different body under that key for the other user is their own conflict, not mine
-    assert submit(client, other, tiny_spec(dataset, training={"steps": 7}), **{"Idempotency-Key": "shared-key"}).status_code == 409
+    assert (
+        submit(
+            client, other, tiny_spec(dataset, training={"steps": 7}), **{"Idempotency-Key": "shared-key"}
+        ).status_code
+        == 409
+    )
 
 
 def test_idempotency_key_over_200_characters_is_422(client, auth, dataset):
@@ -489,9 +545,18 @@ def test_other_users_jobs_are_invisible(client, auth, dataset):
 
     job = new_job(client, auth, dataset)
     other = make_user()
-    for method, suffix in [("GET", ""), ("GET", "/events"), ("GET", "/events/stream"), ("GET", "/metrics"),
-                           ("GET", "/evals"), ("GET", "/samples"), ("GET", "/checkpoints"), ("GET", "/checkpoints/latest/archive"),
-                           ("GET", "/checkpoints/best/files/config.json"), ("POST", "/cancel")]:  # fmt: skip
+    for method, suffix in [
+        ("GET", ""),
+        ("GET", "/events"),
+        ("GET", "/events/stream"),
+        ("GET", "/metrics"),
+        ("GET", "/evals"),
+        ("GET", "/samples"),
+        ("GET", "/checkpoints"),
+        ("GET", "/checkpoints/latest/archive"),
+        ("GET", "/checkpoints/best/files/config.json"),
+        ("POST", "/cancel"),
+    ]:
         response = client.request(method, f"{JOBS}/{job['id']}{suffix}", headers=other)
         assert response.status_code == 404, (suffix, response.text)
         assert response.json() == error_body(404, f"no job {job['id']}")  # exactly like a job that does not exist
@@ -716,8 +781,9 @@ def test_reaper_leaves_fresh_and_queued_jobs_alone(client, auth, dataset):
 
 def test_upload_a_dataset_and_use_it(client, auth, dataset):
     body = dataset_lines(dataset, 6)
-    response = client.post(DATASETS, params={"name": "x.jsonl"}, content=body,
-                           headers={**auth, "Content-Type": "application/x-ndjson"})  # fmt: skip
+    response = client.post(
+        DATASETS, params={"name": "x.jsonl"}, content=body, headers={**auth, "Content-Type": "application/x-ndjson"}
+    )
     assert response.status_code == 201, response.text
     uploaded = response.json()
     assert uploaded["id"].startswith("ds-") and uploaded["name"] == "x.jsonl"
@@ -764,8 +830,10 @@ BAD_UPLOADS = {
     "empty": (b"", "no records"),
     "not utf-8": (b'{"instruction": "\xff\xfe"}\n', "utf-8"),
     "corpus line 2 not text": (b'{"text": "a"}\n{"text": 5}\n', ":2:"),
-    "line 2 nested 100,000 deep": (b'{"instruction": "a", "output": "b"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
-                                   ":2: not valid JSON: nested too deeply"),
+    "line 2 nested 100,000 deep": (
+        b'{"instruction": "a", "output": "b"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+        ":2: not valid JSON: nested too deeply",
+    ),
     "line 1 a 5,000-digit integer": (b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n", ":1: not valid JSON"),
     "first line nested deep": (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: not valid JSON: nested too deeply"),
 }
@@ -877,11 +945,15 @@ def test_event_stream_of_an_ended_job(client, auth, dataset):
     assert [e["event"] for e in sent] == ["state", "state"]
     assert [json.loads(e["data"]) for e in sent] == expected
 
-    resumed = client.get(f"{JOBS}/{job['id']}/events/stream", headers={**auth, "Last-Event-ID": str(expected[-1]["id"])})
+    resumed = client.get(
+        f"{JOBS}/{job['id']}/events/stream", headers={**auth, "Last-Event-ID": str(expected[-1]["id"])}
+    )
     assert resumed.status_code == 200
     assert parse_sse(resumed.text) == []
 
-    from_first = client.get(f"{JOBS}/{job['id']}/events/stream", headers={**auth, "Last-Event-ID": str(expected[0]["id"])})
+    from_first = client.get(
+        f"{JOBS}/{job['id']}/events/stream", headers={**auth, "Last-Event-ID": str(expected[0]["id"])}
+    )
     assert [int(e["id"]) for e in parse_sse(from_first.text)] == [expected[1]["id"]]
     by_query = client.get(f"{JOBS}/{job['id']}/events/stream", headers=auth, params={"after": expected[0]["id"]})
     assert [int(e["id"]) for e in parse_sse(by_query.text)] == [expected[1]["id"]]
@@ -924,8 +996,13 @@ def test_a_new_job_has_no_checkpoints_metrics_or_evals(client, auth, dataset):
     assert client.get(f"{base}/metrics", headers=auth).json() == {}
     assert client.get(f"{base}/evals", headers=auth).json() == []
     assert client.get(f"{base}/samples", headers=auth).json() == []
-    for path in ("checkpoints/latest/archive", "checkpoints/best/archive", "checkpoints/3/archive",
-                 "checkpoints/best/files/config.json", "checkpoints/latest/files/config.json"):  # fmt: skip
+    for path in (
+        "checkpoints/latest/archive",
+        "checkpoints/best/archive",
+        "checkpoints/3/archive",
+        "checkpoints/best/files/config.json",
+        "checkpoints/latest/files/config.json",
+    ):
         response = client.get(f"{base}/{path}", headers=auth)
         assert response.status_code == 404, (path, response.text)
         assert "has no checkpoint" in response.json()["message"]
@@ -940,8 +1017,8 @@ def test_a_jobs_log_is_its_owners_per_attempt_with_server_paths_hidden(client, a
     from app import job_status
     from app.api.routes.jobs import LOG_BYTES
     from app.core.config import get_settings
-    from app.models import Job
     from app.job_paths import job_dir
+    from app.models import Job
 
     job = new_job(client, auth, dataset)
     url = f"{JOBS}/{job['id']}/logs"
@@ -973,7 +1050,9 @@ def test_a_jobs_log_is_its_owners_per_attempt_with_server_paths_hidden(client, a
     assert missing.status_code == 404 and "has had 2" in missing.text
     for bad in ({"attempt": 0}, {"tail": 0}, {"attempt": "x"}):
         assert client.get(url, headers=auth, params=bad).status_code == 422, bad
-    other = client.get(url, headers=make_user(), params={"attempt": 1})  # anyone else's job is answered as a missing one
+    other = client.get(
+        url, headers=make_user(), params={"attempt": 1}
+    )  # anyone else's job is answered as a missing one
     assert other.status_code == 404 and "saving" not in other.text
     with db() as session:
         assert job_status.finish(session, job["id"], 2, "succeeded")

@@ -9,9 +9,9 @@ import time
 import uuid
 
 import pytest
-
 from conftest import WORK
 from helpers import Worker, job, submit, tiny_spec, training_process, wait_for
+
 from worker.engine.paths import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
@@ -28,8 +28,12 @@ def cache():
 
 @pytest.fixture
 def worker(tmp_path, cache):
-    w = Worker(tmp_path / "worker.log", DISTILL_CACHE_DIR=str(cache), DISTILL_CANCEL_GRACE_SECONDS=str(GRACE),
-               TORCH_EXTENSIONS_DIR=str(PROJECT_ROOT / ".cache" / "torch_extensions")).start()  # fmt: skip
+    w = Worker(
+        tmp_path / "worker.log",
+        DISTILL_CACHE_DIR=str(cache),
+        DISTILL_CANCEL_GRACE_SECONDS=str(GRACE),
+        TORCH_EXTENSIONS_DIR=str(PROJECT_ROOT / ".cache" / "torch_extensions"),
+    ).start()
     yield w
     w.stop()
 
@@ -45,8 +49,12 @@ def wait_message(client, auth, job_id, start: str, timeout=300) -> None:
 def cancel_and_time(client, auth, job_id) -> float:
     started = time.monotonic()
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
-    done = wait_for(lambda: (j := job(client, auth, job_id))["status"] in ("cancelled", "failed", "succeeded") and j,
-                    timeout=120, interval=0.2, what="the job to end")  # fmt: skip
+    done = wait_for(
+        lambda: (j := job(client, auth, job_id))["status"] in ("cancelled", "failed", "succeeded") and j,
+        timeout=120,
+        interval=0.2,
+        what="the job to end",
+    )
     assert done["status"] == "cancelled", done
     return time.monotonic() - started
 
@@ -64,9 +72,19 @@ def references_spec(dataset) -> dict:
     """SFT on builtin prompts without answers: the teacher writes 160 references of up to 192 tokens
     first (about ten seconds on 2 idle cores: the cancel lands in the middle)."""
     seed = uuid.uuid4().int % 10_000  # the cache key includes it: this run's references are new
-    return tiny_spec(dataset, method="sft", data={"train": "builtin:demo", "eval": None, "prompt_format": "alpaca",
-                                 "max_prompt_tokens": 128, "max_response_tokens": 192, "max_train_records": 160},
-                     training={"seed": seed})  # fmt: skip
+    return tiny_spec(
+        dataset,
+        method="sft",
+        data={
+            "train": "builtin:demo",
+            "eval": None,
+            "prompt_format": "alpaca",
+            "max_prompt_tokens": 128,
+            "max_response_tokens": 192,
+            "max_train_records": 160,
+        },
+        training={"seed": seed},
+    )
 
 
 def test_cancel_while_the_teacher_writes_references(client, auth, dataset, worker, cache):
@@ -82,15 +100,22 @@ def test_cancel_while_the_teacher_writes_references(client, auth, dataset, worke
 
     # The worker takes the next job; it needs the same references, finds none, and writes them whole.
     again = submit(client, auth, {**spec, "name": "again"})
-    done = wait_for(lambda: (j := job(client, auth, again))["status"] in ("succeeded", "failed") and j, timeout=600,
-                    what="the next job")  # fmt: skip
+    done = wait_for(
+        lambda: (j := job(client, auth, again))["status"] in ("succeeded", "failed") and j,
+        timeout=600,
+        what="the next job",
+    )
     assert done["status"] == "succeeded", done["error"]
     assert sorted(len(r) for r in reference_caches(cache).values())[-1] == 160
 
 
 def test_cancel_during_an_evaluation(client, auth, dataset, worker, cache):
-    spec = tiny_spec(dataset, data={"max_response_tokens": 256}, eval={"num_prompts": 16, "batch_size": 2, "every_steps": 0},
-                     training={"seed": uuid.uuid4().int % 10_000})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        data={"max_response_tokens": 256},
+        eval={"num_prompts": 16, "batch_size": 2, "every_steps": 0},
+        training={"seed": uuid.uuid4().int % 10_000},
+    )
     job_id = submit(client, auth, spec)
     wait_message(client, auth, job_id, "evaluating the teacher")  # 16 prompts x 256 tokens: seconds of work
     seconds = cancel_and_time(client, auth, job_id)
@@ -111,5 +136,7 @@ def test_a_training_process_that_does_not_stop_is_killed_after_the_grace_period(
     assert seconds < GRACE + 1 + 10 + 5  # grace, a heartbeat (1 s here), SIGTERM's wait, slack
     wait_gone(job_id)
     nxt = submit(client, auth, tiny_spec(dataset, name="next", eval={"every_steps": 0}, checkpoints={"every_steps": 0}))
-    done = wait_for(lambda: (j := job(client, auth, nxt))["status"] in ("succeeded", "failed") and j, what="the next job")
+    done = wait_for(
+        lambda: (j := job(client, auth, nxt))["status"] in ("succeeded", "failed") and j, what="the next job"
+    )
     assert done["status"] == "succeeded", done["error"]

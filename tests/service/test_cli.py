@@ -6,18 +6,23 @@ import sys
 
 import pytest
 import yaml
+from helpers import tiny_spec, wait_for
 
 from app.cli import EXIT_CODES
 from app.client import Client
 from app.core.config import Settings
-from helpers import tiny_spec, wait_for
 from worker.engine.launch import free_port
 from worker.engine.paths import PROJECT_ROOT
 
 
 def test_users_create_prints_a_token_that_signs_in(client):
-    result = subprocess.run([sys.executable, "-m", "app.cli", "users", "create", "carol"], capture_output=True,
-                            text=True, env=os.environ.copy(), timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "users", "create", "carol"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip().splitlines()[-1]
     assert token.startswith("dst_")
@@ -32,17 +37,19 @@ def test_readme_documents_every_setting():
 
 
 def _distill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
-                          env=os.environ.copy(), timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=os.environ.copy(), timeout=120
+    )
 
 
 def test_tokens_are_listed_revoked_and_expire(client):
     from datetime import timedelta
 
+    from sqlalchemy import select
+
     from app import crud
     from app.core.db import session_factory
     from app.models import User
-    from sqlalchemy import select
 
     first = _distill("users", "create", "dave", "--expires-days", "30").stdout.strip().splitlines()[-1]
     second = _distill("users", "token", "dave").stdout.strip().splitlines()[-1]
@@ -70,8 +77,13 @@ def test_tokens_are_listed_revoked_and_expire(client):
 
 def _api(server: str, auth: dict, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`distill ARGS` against the test server, as a CI step runs it."""
-    return subprocess.run([sys.executable, "-m", "app.cli", *args, "--url", server, "--token", auth["Authorization"][7:]],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args, "--url", server, "--token", auth["Authorization"][7:]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
 
 
 def _error(result: subprocess.CompletedProcess) -> dict:
@@ -99,7 +111,8 @@ def test_users_create_refuses_a_name_that_exists(client):
     assert _distill("users", "create", "erin").returncode == 0
     again = _distill("users", "create", "erin")
     assert again.returncode == 2 and again.stderr.strip() == (
-        "error: a user named 'erin' exists; `distill users token erin` gives them another token")
+        "error: a user named 'erin' exists; `distill users token erin` gives them another token"
+    )
     assert _error(_distill("users", "create", "erin", "--json"))["exit_code"] == 2
     assert _distill("users", "token", "nobody").returncode == 4
     created = json.loads(_distill("users", "token", "erin", "--json").stdout)
@@ -110,7 +123,9 @@ def test_errors_are_one_line_with_an_exit_code_of_their_kind(server, auth, datas
     missing = _api(server, auth, "status", "job-0000000000000000", "--json")
     assert missing.returncode == 4 and _error(missing)["status_code"] == 404
     assert _error(missing)["detail"] == [{"loc": [], "msg": "no job job-0000000000000000", "type": "not_found"}]
-    assert _api(server, auth, "status", "job-0000000000000000").stderr == "error: HTTP 404: no job job-0000000000000000\n"
+    assert (
+        _api(server, auth, "status", "job-0000000000000000").stderr == "error: HTTP 404: no job job-0000000000000000\n"
+    )
     assert _api(server, auth, "download", "job-0000000000000000", "-o", str(tmp_path / "dl")).returncode == 4
 
     wrong_token = _api(server, {"Authorization": "Bearer dst_wrong"}, "jobs", "--json")
@@ -125,7 +140,9 @@ def test_errors_are_one_line_with_an_exit_code_of_their_kind(server, auth, datas
     assert refused.returncode == 2 and ["body", "training", "steps"] in [d["loc"] for d in _error(refused)["detail"]]
     (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
     assert _api(server, auth, "submit", str(tmp_path / "broken.yaml")).returncode == 2
-    assert _error(_api(server, auth, "submit", bad, "--set", "training", "--json"))["error"].startswith("override 'training'")
+    assert _error(_api(server, auth, "submit", bad, "--set", "training", "--json"))["error"].startswith(
+        "override 'training'"
+    )
     usage = _api(server, auth, "submit", str(tmp_path / "absent.yaml"), "--json")  # the command line itself
     assert usage.returncode == 2 and "absent.yaml" in _error(usage)["error"]
     assert _api(server, auth, "jobs", "--json").stdout.strip() == "[]"  # none of that queued anything
@@ -146,8 +163,19 @@ def test_validate_checks_like_submit_and_queues_nothing(server, auth, dataset, t
     assert json.loads(_api(server, auth, "jobs", "--json").stdout) == []
 
     # validate's upload is used again by submit, which also takes the overrides
-    submitted = _api(server, auth, "submit", spec, "--set", "training.steps=12", "--set", "name=from-ci",
-                     "--set", "eval.every_steps=0", "--json")  # fmt: skip
+    submitted = _api(
+        server,
+        auth,
+        "submit",
+        spec,
+        "--set",
+        "training.steps=12",
+        "--set",
+        "name=from-ci",
+        "--set",
+        "eval.every_steps=0",
+        "--json",
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)
     assert (job["name"], job["spec"]["training"]["steps"], job["spec"]["eval"]["every_steps"]) == ("from-ci", 12, 0)
@@ -163,7 +191,19 @@ def test_validate_checks_like_submit_and_queues_nothing(server, auth, dataset, t
 
 def test_submit_wait_exits_3_when_the_job_is_cancelled(server, client, auth, dataset, tmp_path):
     spec = _spec_file(tmp_path / "spec.yaml", tiny_spec(dataset))
-    args = [sys.executable, "-m", "app.cli", "submit", spec, "--wait", "--json", "--url", server, "--token", auth["Authorization"][7:]]
+    args = [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "submit",
+        spec,
+        "--wait",
+        "--json",
+        "--url",
+        server,
+        "--token",
+        auth["Authorization"][7:],
+    ]
     waiting = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         jobs = wait_for(lambda: client.get("/api/v1/jobs", headers=auth).json()["data"], timeout=60, what="the job")
@@ -210,7 +250,9 @@ def test_submit_wait_exits_0_for_a_succeeded_job_and_1_for_a_failed_one(server, 
 
     listed = json.loads(_api(server, auth, "checkpoints", job["id"], "--json").stdout)
     assert [c["step"] for c in listed] == [3, 6] and sum(c["best"] for c in listed) == 1
-    assert {"teacher", "initial", "final", "best"} <= {e["label"] for e in json.loads(_api(server, auth, "evals", job["id"], "--json").stdout)}
+    assert {"teacher", "initial", "final", "best"} <= {
+        e["label"] for e in json.loads(_api(server, auth, "evals", job["id"], "--json").stdout)
+    }
     assert "state" in {e["type"] for e in json.loads(_api(server, auth, "logs", job["id"], "--json").stdout)}
     with Client(server, auth["Authorization"].removeprefix("Bearer ")) as client:  # the same, from Python
         kept = {k.label: k.samples for k in client.jobs.samples(job["id"])}
@@ -231,8 +273,17 @@ def test_submit_wait_exits_0_for_a_succeeded_job_and_1_for_a_failed_one(server, 
 @pytest.mark.slow
 def test_train_takes_overrides_and_prints_json(tmp_path):
     out = tmp_path / "run"
-    result = _distill("train", str(PROJECT_ROOT / "examples" / "tiny.yaml"), "-o", str(out), "--set", "training.steps=3",
-                      "--set", "minillm.ppo_epochs=1", "--json")  # fmt: skip
+    result = _distill(
+        "train",
+        str(PROJECT_ROOT / "examples" / "tiny.yaml"),
+        "-o",
+        str(out),
+        "--set",
+        "training.steps=3",
+        "--set",
+        "minillm.ppo_epochs=1",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["output"] == str(out) and "final" in summary["scores"]

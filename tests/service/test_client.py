@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from helpers import tiny_spec
 
 from app.client import ApiError, Client
-from helpers import tiny_spec
 from worker.engine.launch import free_port
 from worker.engine.paths import PROJECT_ROOT
 
@@ -63,13 +63,22 @@ def token_of(auth: dict) -> str:
 def test_the_client_needs_none_of_the_servers_packages_and_writes_nothing_here(server, auth, dataset, tmp_path):
     here = tmp_path / "ci-step"
     here.mkdir()
-    env = {**os.environ, "DISTILL_URL": server, "DISTILL_TOKEN": token_of(auth), "SPEC": json.dumps(tiny_spec(dataset)),
-           "PYTHONPATH": str(PROJECT_ROOT)}  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", _CLIENT_ALONE], cwd=here, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "DISTILL_URL": server,
+        "DISTILL_TOKEN": token_of(auth),
+        "SPEC": json.dumps(tiny_spec(dataset)),
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _CLIENT_ALONE], cwd=here, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.splitlines()[0])
     assert seen["loaded"] == [] and seen["listed"] == [seen["job"]] and seen["ended"] == "cancelled"
-    assert seen["checked"]["training"]["steps"] == 6 and "resources" in seen["checked"]  # normalised: defaults filled in
+    assert (
+        seen["checked"]["training"]["steps"] == 6 and "resources" in seen["checked"]
+    )  # normalised: defaults filled in
     assert "state" in seen["events"] and seen["checkpoints"] == [] and seen["datasets"] == 0
     assert list(here.iterdir()) == []
 
@@ -112,7 +121,9 @@ class FlakyProxy:
                 if refused:
                     return self.answer(503, b"<html>\n<h1>503</h1> the service is restarting\n</html>", "text/html")
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                upstream = httpx.request(self.command, proxy.upstream + self.path, headers=headers, content=body, timeout=60)
+                upstream = httpx.request(
+                    self.command, proxy.upstream + self.path, headers=headers, content=body, timeout=60
+                )
                 with proxy.lock:
                     lost = proxy.lose > 0
                     proxy.lose -= lost
@@ -166,7 +177,10 @@ def test_requests_are_retried_through_a_server_that_fails_first(server, auth, da
             with pytest.raises(ApiError) as missing:
                 client.jobs.retrieve("job-0000000000000000")
             assert missing.value.status_code == 404 and len(proxy.seen) == 1
-            assert missing.value.message == "no job job-0000000000000000" and missing.value.detail[0]["type"] == "not_found"
+            assert (
+                missing.value.message == "no job job-0000000000000000"
+                and missing.value.detail[0]["type"] == "not_found"
+            )
             client.jobs.cancel(job.id)
     finally:
         proxy.stop()
@@ -196,4 +210,7 @@ def test_the_package_alone_is_the_light_client_and_the_service_is_an_extra():
     assert names == {"httpx", "pydantic", "pydantic-settings", "tenacity", "pyyaml", "typer", "tqdm"}
     server = {pin.split("==")[0].split("[")[0].lower() for pin in project["optional-dependencies"]["server"]}
     assert {"torch", "transformers", "fastapi", "sqlalchemy", "celery"} <= server
-    assert ".[server" in (PROJECT_ROOT / "Makefile").read_text() and ".[server]" in (PROJECT_ROOT / "Dockerfile").read_text()
+    assert (
+        ".[server" in (PROJECT_ROOT / "Makefile").read_text()
+        and ".[server]" in (PROJECT_ROOT / "Dockerfile").read_text()
+    )

@@ -5,7 +5,6 @@ import time
 from contextlib import contextmanager
 
 import psycopg
-
 from conftest import DB_NAME
 from helpers import job, submit, tiny_spec, training_process, wait_for, wait_status
 
@@ -16,8 +15,10 @@ ADMIN = "host=127.0.0.1 user=postgres dbname=postgres"
 def database_down():
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         conn.execute(f'ALTER DATABASE "{DB_NAME}" ALLOW_CONNECTIONS false')
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                     (DB_NAME,))  # fmt: skip
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (DB_NAME,),
+        )
     try:
         yield
     finally:
@@ -25,13 +26,14 @@ def database_down():
             conn.execute(f'ALTER DATABASE "{DB_NAME}" ALLOW_CONNECTIONS true')
 
 
-
 def metric_steps(client, auth, job_id) -> list[int]:
     return [p["step"] for p in client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()["loss"]]
 
 
 def test_a_database_restart_mid_job_loses_no_metric_and_fails_nothing(client, auth, dataset, worker):
-    spec = tiny_spec(dataset, training={"steps": 60}, checkpoints={"every_steps": 20, "keep": 1}, eval={"every_steps": 0})
+    spec = tiny_spec(
+        dataset, training={"steps": 60}, checkpoints={"every_steps": 20, "keep": 1}, eval={"every_steps": 0}
+    )
     job_id = submit(client, auth, spec)
     wait_for(lambda: job(client, auth, job_id)["progress"]["step"] >= 3, what="a few steps")
     with database_down():
@@ -43,7 +45,9 @@ def test_a_database_restart_mid_job_loses_no_metric_and_fails_nothing(client, au
 
 
 def test_a_database_outage_past_the_lease_stops_the_process_and_the_job_resumes(client, auth, dataset, worker):
-    spec = tiny_spec(dataset, training={"steps": 200}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0})
+    spec = tiny_spec(
+        dataset, training={"steps": 200}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0}
+    )
     job_id = submit(client, auth, spec)
     wait_for(lambda: job(client, auth, job_id)["progress"]["step"] >= 12, what="a first checkpoint")
     with database_down():

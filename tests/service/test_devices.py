@@ -8,7 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from helpers import Worker, job, rank_processes, submit, tiny_spec, wait_for, wait_status
 from sqlalchemy import select
+from test_queues import cancel, register, served, unregister
 
 from app import device_leases
 from app.core.broker import queue_for
@@ -16,8 +18,6 @@ from app.core.config import Settings
 from app.core.db import session_factory
 from app.device_leases import Inventory, inventory
 from app.models import DeviceLease
-from helpers import Worker, job, rank_processes, submit, tiny_spec, wait_for, wait_status
-from test_queues import cancel, register, served, unregister
 from worker.supervisor import child_command, child_environment
 
 JOBS = "/api/v1/jobs"
@@ -35,17 +35,32 @@ def test_auto_goes_to_a_served_gpu_queue_else_to_any_worker():
 def test_a_worker_serves_its_devices_sizes_and_auto():
     assert inventory(Settings(worker_gpus=4)) == Inventory("gpu", 4)
     assert Inventory("gpu", 2).queues == ["gpu-1", "gpu-2", "auto-1", "auto-2"]
-    assert inventory(Settings(worker_gpus=0, worker_cpu_processes=3)).queues == ["cpu-1", "cpu-2", "cpu-3", "auto-1", "auto-2", "auto-3"]
+    assert inventory(Settings(worker_gpus=0, worker_cpu_processes=3)).queues == [
+        "cpu-1",
+        "cpu-2",
+        "cpu-3",
+        "auto-1",
+        "auto-2",
+        "auto-3",
+    ]
 
 
 def test_the_launcher_gets_the_leased_devices():
     spec = {"resources": {"devices": 2}}
     cmd = child_command("job-1", 1, spec, Settings(), devices=[2, 3])
     assert cmd[cmd.index("--include") + 1] == "localhost:2,3" and "--num_gpus" not in cmd
-    assert child_environment([2, 3], Inventory("gpu", 4), Settings())["LOCAL_SIZE"] == "4"  # the launcher checks ordinals against it
+    assert (
+        child_environment([2, 3], Inventory("gpu", 4), Settings())["LOCAL_SIZE"] == "4"
+    )  # the launcher checks ordinals against it
     one = child_environment([3], Inventory("gpu", 4), Settings())
-    assert one["CUDA_VISIBLE_DEVICES"] == "3" and child_command("job-1", 1, {}, Settings(), [3])[:3] == [sys.executable, "-m", "worker.job_process"]
-    assert child_environment([0], Inventory("cpu", 2), Settings())["CUDA_VISIBLE_DEVICES"] == ""  # a CPU worker's job sees no GPU
+    assert one["CUDA_VISIBLE_DEVICES"] == "3" and child_command("job-1", 1, {}, Settings(), [3])[:3] == [
+        sys.executable,
+        "-m",
+        "worker.job_process",
+    ]
+    assert (
+        child_environment([0], Inventory("cpu", 2), Settings())["CUDA_VISIBLE_DEVICES"] == ""
+    )  # a CPU worker's job sees no GPU
 
 
 def leased(job_id: str) -> list[int]:
@@ -54,7 +69,10 @@ def leased(job_id: str) -> list[int]:
 
 
 def test_leases_are_disjoint_and_stale_ones_are_taken_back(client, auth, dataset):
-    jobs = [submit(client, auth, tiny_spec(dataset, method="kd", resources={"accelerator": "gpu", "devices": 9})) for _ in range(4)]
+    jobs = [
+        submit(client, auth, tiny_spec(dataset, method="kd", resources={"accelerator": "gpu", "devices": 9}))
+        for _ in range(4)
+    ]
     four = Inventory("gpu", 4)
     register("lease-box:1", ["gpu-2"])
     register("lease-box:2", ["gpu-2"])
@@ -62,8 +80,12 @@ def test_leases_are_disjoint_and_stale_ones_are_taken_back(client, auth, dataset
     try:
         with Session() as session:
             assert device_leases.acquire(session, jobs[0], 2, four, "lease-box:1", LIVENESS) == [0, 1]
-            assert device_leases.acquire(session, jobs[1], 1, four, "lease-box:2", LIVENESS) == [2]  # another worker, same host
-            assert device_leases.acquire(session, jobs[2], 2, four, "lease-box:1", LIVENESS) is None  # only device 3 is free
+            assert device_leases.acquire(session, jobs[1], 1, four, "lease-box:2", LIVENESS) == [
+                2
+            ]  # another worker, same host
+            assert (
+                device_leases.acquire(session, jobs[2], 2, four, "lease-box:1", LIVENESS) is None
+            )  # only device 3 is free
             device_leases.release(session, jobs[0], "lease-box:1")
             assert device_leases.acquire(session, jobs[2], 2, four, "lease-box:1", LIVENESS) == [0, 1]
             # A worker gone without releasing (its registration removed, or too old): its devices are free again.
@@ -72,7 +94,9 @@ def test_leases_are_disjoint_and_stale_ones_are_taken_back(client, auth, dataset
         cancel(client, auth, jobs[2])  # a job that ended: its leases are stale too
         with Session() as session:
             assert device_leases.acquire(session, jobs[1], 2, four, "lease-box:1", LIVENESS) == [0, 1]
-            held = session.execute(select(DeviceLease.job_id, DeviceLease.device).where(DeviceLease.host == device_leases.host()))
+            held = session.execute(
+                select(DeviceLease.job_id, DeviceLease.device).where(DeviceLease.host == device_leases.host())
+            )
             assert set(held) == {(jobs[1], 0), (jobs[1], 1), (jobs[3], 2), (jobs[3], 3)}
     finally:
         with Session() as session:
@@ -101,17 +125,33 @@ def test_a_worker_with_four_gpus_runs_two_two_device_jobs_on_disjoint_devices(cl
     worker = Worker(tmp_path / "worker.log", DISTILL_WORKER_GPUS="4").start()
     try:
         wait_for(lambda: "gpu-2" in served(), timeout=60, what="the worker to register")
-        short = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 4},
-                          eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
-        long = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 400},
-                         eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+        short = tiny_spec(
+            dataset,
+            method="kd",
+            resources={"devices": 2},
+            training={"steps": 4},
+            eval={"every_steps": 0},
+            checkpoints={"every_steps": 0},
+        )
+        long = tiny_spec(
+            dataset,
+            method="kd",
+            resources={"devices": 2},
+            training={"steps": 400},
+            eval={"every_steps": 0},
+            checkpoints={"every_steps": 0},
+        )
         first, second = submit(client, auth, short), submit(client, auth, long)
         # `auto` jobs, and a live worker declares GPUs: they go to its queue.
         assert job(client, auth, first)["queue"] == job(client, auth, second)["queue"] == "gpu-2"
 
         # Both run at once, each rank seeing only its job's devices, as the launcher's --include gave them.
-        sets = wait_for(lambda: (a := visible_devices(first)) and (b := visible_devices(second)) and (a, b),
-                        timeout=240, interval=0.2, what="both jobs' ranks")  # fmt: skip
+        sets = wait_for(
+            lambda: (a := visible_devices(first)) and (b := visible_devices(second)) and (a, b),
+            timeout=240,
+            interval=0.2,
+            what="both jobs' ranks",
+        )
         assert len(sets[0]) == len(sets[1]) == 1, sets  # every rank of a job sees the same devices
         devices = [set(map(int, s.pop().split(","))) for s in sets]
         assert devices[0] | devices[1] == {0, 1, 2, 3} and not devices[0] & devices[1]

@@ -7,12 +7,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from helpers import submit, tiny_spec
 from sqlalchemy import select, update
 
 from app import job_status
 from app.core.db import session_factory
 from app.models import Checkpoint, Job, Metric
-from helpers import submit, tiny_spec
 from worker.engine.events import Event
 from worker.reporter import DbReporter
 
@@ -73,7 +73,9 @@ def test_a_stale_attempt_writes_and_deletes_nothing(client, auth, dataset, tmp_p
         rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
         assert [(c.step, c.archive_path.endswith("step-000003-attempt-2.tar")) for c in rows] == [(3, True)]
         assert session.get(Job, job_id).status == "running"
-    assert [p.name for p in (tmp_path / "archives").iterdir()] == ["step-000003-attempt-2.tar"]  # none of the stale one's
+    assert [p.name for p in (tmp_path / "archives").iterdir()] == [
+        "step-000003-attempt-2.tar"
+    ]  # none of the stale one's
 
 
 def test_a_resumed_attempt_replaces_the_points_of_the_steps_it_runs_again(client, auth, dataset):
@@ -88,7 +90,9 @@ def test_a_resumed_attempt_replaces_the_points_of_the_steps_it_runs_again(client
         second.emit(Event("metrics", data={"step": step, "values": {"loss": 20.0 + step}}))
     assert second.flush(seconds=30)
     with session_factory()() as session:
-        points = session.execute(select(Metric.step, Metric.value).where(Metric.job_id == job_id).order_by(Metric.step)).all()
+        points = session.execute(
+            select(Metric.step, Metric.value).where(Metric.job_id == job_id).order_by(Metric.step)
+        ).all()
     assert [tuple(p) for p in points] == [(1, 11.0), (2, 22.0), (3, 23.0)]
 
 
@@ -126,9 +130,12 @@ def test_the_training_loop_waits_on_neither_the_database_nor_a_checkpoint_s_arch
     blocker = session_factory()()
     assert job_status.hold(blocker, job_id, 1) == "running"  # the job's row is locked: every write waits
     try:
-        emitting = threading.Thread(target=lambda: [
-            reporter.emit(Event("checkpoint", "checkpoint step 2", data={"step": 2, "path": str(folder)})),
-            reporter.emit(Event("metrics", data={"step": 2, "values": {"loss": 1.5}}))])  # fmt: skip
+        emitting = threading.Thread(
+            target=lambda: [
+                reporter.emit(Event("checkpoint", "checkpoint step 2", data={"step": 2, "path": str(folder)})),
+                reporter.emit(Event("metrics", data={"step": 2, "values": {"loss": 1.5}})),
+            ]
+        )
         emitting.start()
         emitting.join(timeout=10)
         assert not emitting.is_alive()  # emit returned while nothing could be written

@@ -4,7 +4,6 @@ a real worker: sign in with the `#token=` link, submit a job from the page, foll
 its detail page, download a checkpoint, see a field error for a bad spec, and compare two jobs; and the
 README's two screenshots, of real SmolLM2 jobs."""
 
-import json
 import os
 import re
 import shutil
@@ -12,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import make_user, tiny_spec, wait_for
+
 from worker.engine.data import read_records
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
@@ -32,8 +31,17 @@ def shot(page, name: str, *, docs: bool = False, clip: dict | None = None) -> No
     page.screenshot(path=str(SHOTS / name), full_page=True, clip=clip)
     if docs and UPDATE_DOCS:
         shutil.copyfile(SHOTS / name, ROOT / "docs" / name)
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [
     pytest.mark.slow,
@@ -92,15 +100,24 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     expect(error).to_be_visible()
     expect(error).to_contain_text("greater than or equal to 1")
     expect(steps).to_have_attribute("aria-invalid", "true")
-    expect(page.locator("#form-errors")).to_have_text(re.compile(r"^The API refused this spec \(2 problems\)[^\n]*field\.$"))
+    expect(page.locator("#form-errors")).to_have_text(
+        re.compile(r"^The API refused this spec \(2 problems\)[^\n]*field\.$")
+    )
     shot(page, "new-job.png")
 
     # The tiny job, through the form's fields; its training set is uploaded from the page.
     spec = tiny_spec(dataset, name="tiny-ui")
-    for path, value in [("name", spec["name"]), ("teacher", spec["teacher"]), ("student.model", spec["student"]["model"]),
-                        ("data.eval", spec["data"]["eval"])] + [
-                       (f"{section}.{key}", value) for section in ("data", "training", "minillm", "eval", "checkpoints")
-                       for key, value in spec[section].items() if section != "data" or key not in ("train", "eval", "prompt_format")]:  # fmt: skip
+    for path, value in [
+        ("name", spec["name"]),
+        ("teacher", spec["teacher"]),
+        ("student.model", spec["student"]["model"]),
+        ("data.eval", spec["data"]["eval"]),
+    ] + [
+        (f"{section}.{key}", value)
+        for section in ("data", "training", "minillm", "eval", "checkpoints")
+        for key, value in spec[section].items()
+        if section != "data" or key not in ("train", "eval", "prompt_format")
+    ]:
         page.locator("#f-" + path.replace(".", "-")).fill(str(value))
     page.locator("#f-data-prompt_format").select_option(spec["data"]["prompt_format"])
     page.locator("#f-deepspeed-precision").select_option(spec["deepspeed"]["precision"])
@@ -144,7 +161,9 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     assert canvas_drawn(page, "#chart-eval canvas")
     # Sample generations: the test set's first 3 prompts, answered by the teacher, the initial and the final student.
     first_prompt = read_records(spec["data"]["eval"])[0].message
-    expect(page.locator("#samples-test thead th")).to_contain_text(["Prompt", "Reference", "Teacher", "Initial student", "Final"])
+    expect(page.locator("#samples-test thead th")).to_contain_text(
+        ["Prompt", "Reference", "Teacher", "Initial student", "Final"]
+    )
     expect(page.locator("#samples-test tbody tr")).to_have_count(3)
     expect(page.locator("#samples-test tbody tr").first.locator("td").first).to_have_text(first_prompt)
     expect(page.locator("#samples-selection tbody tr")).to_have_count(3)
@@ -157,8 +176,14 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     assert Path(download.value.path()).stat().st_size > 0
 
     # Compare the two jobs once the second has ended.
-    wait_for(lambda: httpx.get(f"{server}/api/v1/jobs/{second_id}", headers=user).json()["status"] in ("succeeded", "failed"),
-             timeout=300, interval=1, what="the second job to end")  # fmt: skip
+    wait_for(
+        lambda: (
+            httpx.get(f"{server}/api/v1/jobs/{second_id}", headers=user).json()["status"] in ("succeeded", "failed")
+        ),
+        timeout=300,
+        interval=1,
+        what="the second job to end",
+    )
     page.goto(f"{server}/#/jobs")
     page.get_by_role("checkbox", name="Compare tiny-ui").check()
     page.get_by_role("checkbox", name="Compare tiny-kd").check()
@@ -198,8 +223,11 @@ def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, bro
     page, problems = browser_page
     user = make_user()
     expect = playwright_sync.expect
-    response = httpx.post(f"{server}/api/v1/jobs", headers=user,
-                          json=tiny_spec(dataset, name="tiny-gpu", method="kd", resources={"accelerator": "gpu", "devices": 9}))  # fmt: skip
+    response = httpx.post(
+        f"{server}/api/v1/jobs",
+        headers=user,
+        json=tiny_spec(dataset, name="tiny-gpu", method="kd", resources={"accelerator": "gpu", "devices": 9}),
+    )
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
 
@@ -207,7 +235,9 @@ def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, bro
     page.goto(f"{server}/#/jobs/{job_id}")
     expect(page.locator("#job-status")).to_have_attribute("data-status", "queued")
     expect(page.locator("#queue-position")).to_have_text("gpu-9: 0 jobs ahead")
-    expect(page.locator("#waiting-for")).to_have_text("no worker serves queue gpu-9; start one with `distill worker --queues gpu-9`")
+    expect(page.locator("#waiting-for")).to_have_text(
+        "no worker serves queue gpu-9; start one with `distill worker --queues gpu-9`"
+    )
     shot(page, "job-waiting.png")
 
     with session_factory()() as session:
@@ -231,8 +261,11 @@ def test_stages_smoothing_spec_log_and_clone_on_a_jobs_page(server, worker, data
     page, problems = browser_page
     user = make_user()
     expect = playwright_sync.expect
-    response = httpx.post(f"{server}/api/v1/jobs", headers=user,
-                          json=tiny_spec(dataset, name="tiny-stages", recovery={"method": "sft", "steps": 2}))  # fmt: skip
+    response = httpx.post(
+        f"{server}/api/v1/jobs",
+        headers=user,
+        json=tiny_spec(dataset, name="tiny-stages", recovery={"method": "sft", "steps": 2}),
+    )
     assert response.status_code == 201, response.text
     job = response.json()
     page.goto(f"{server}/#token={token_of(user)}")
@@ -290,8 +323,12 @@ def test_stages_smoothing_spec_log_and_clone_on_a_jobs_page(server, worker, data
     copy = httpx.get(f"{server}/api/v1/jobs/{copy_id}", headers=user).json()
     assert copy_id != job["id"] and copy["spec"] == {**job["spec"], "name": "tiny-stages-copy"}
     httpx.post(f"{server}/api/v1/jobs/{copy_id}/cancel", headers=user)
-    wait_for(lambda: httpx.get(f"{server}/api/v1/jobs/{copy_id}", headers=user).json()["status"] == "cancelled",
-             timeout=120, interval=1, what="the copy to be cancelled")  # fmt: skip
+    wait_for(
+        lambda: httpx.get(f"{server}/api/v1/jobs/{copy_id}", headers=user).json()["status"] == "cancelled",
+        timeout=120,
+        interval=1,
+        what="the copy to be cancelled",
+    )
     assert problems == []
 
 
@@ -303,8 +340,10 @@ def test_compare_lists_the_settings_that_differ(server, dataset, browser_page):
     page, problems = browser_page
     user = make_user()
     expect = playwright_sync.expect
-    specs = [tiny_spec(dataset, name="lr-high"),
-             tiny_spec(dataset, name="lr-low", method="kd", training={"learning_rate": 1e-4}, checkpoints={"keep": 3})]  # fmt: skip
+    specs = [
+        tiny_spec(dataset, name="lr-high"),
+        tiny_spec(dataset, name="lr-low", method="kd", training={"learning_rate": 1e-4}, checkpoints={"keep": 3}),
+    ]
     ids = []
     for spec in specs:
         response = httpx.post(f"{server}/api/v1/jobs", headers=user, json=spec)
@@ -317,10 +356,14 @@ def test_compare_lists_the_settings_that_differ(server, dataset, browser_page):
     expect(rows.locator("visible=true")).to_have_count(4)
     shown = [rows.nth(i).get_attribute("data-path") for i in range(rows.count()) if rows.nth(i).is_visible()]
     assert shown == ["name", "method", "training.learning_rate", "checkpoints.keep"]  # in the spec's order
-    expect(rows.filter(has=page.locator("th", has_text=re.compile(r"^training\.learning_rate$"))).locator("td")).to_have_text(["0.001", "0.0001"])
+    expect(
+        rows.filter(has=page.locator("th", has_text=re.compile(r"^training\.learning_rate$"))).locator("td")
+    ).to_have_text(["0.001", "0.0001"])
     page.get_by_label(re.compile(r"Show the \d+ settings that are the same")).check()
     expect(rows.locator("visible=true")).to_have_count(rows.count())
-    expect(rows.filter(has=page.locator("th", has_text=re.compile(r"^training\.steps$"))).locator("td")).to_have_text(["6", "6"])
+    expect(rows.filter(has=page.locator("th", has_text=re.compile(r"^training\.steps$"))).locator("td")).to_have_text(
+        ["6", "6"]
+    )
     shot(page, "compare-settings.png")
     for job_id in ids:
         assert httpx.post(f"{server}/api/v1/jobs/{job_id}/cancel", headers=user).status_code == 200
@@ -334,16 +377,26 @@ SMOLLM2_MINILLM = {
     "method": "minillm",
     "teacher": "builtin:smollm2-135m-instruct",
     "student": {"init_from_teacher": {"num_layers": 10, "strategy": "even"}},
-    "data": {"train": "builtin:demo", "prompt_format": "chat", "max_prompt_tokens": 192, "max_response_tokens": 48,
-             "max_train_records": 32},
+    "data": {
+        "train": "builtin:demo",
+        "prompt_format": "chat",
+        "max_prompt_tokens": 192,
+        "max_response_tokens": 48,
+        "max_train_records": 32,
+    },
     "recovery": {"method": "kd", "steps": 16, "learning_rate": 5e-4, "lr_schedule": "cosine"},
     "training": {"steps": 8, "batch_size": 4, "learning_rate": 2e-5, "warmup_steps": 0},
     "minillm": {"rollouts_per_phase": 8, "rollout_batch_size": 8, "ppo_epochs": 2},
     "eval": {"every_steps": 8, "num_prompts": 4, "seeds": [10], "selection_num_prompts": 4, "batch_size": 4},
     "checkpoints": {"every_steps": 8, "keep": 2},
-}  # fmt: skip
-SMOLLM2_KD = {**SMOLLM2_MINILLM, "name": "smollm2-kd", "method": "kd", "recovery": None,
-              "training": {"steps": 24, "batch_size": 4, "learning_rate": 5e-4, "lr_schedule": "cosine", "warmup_steps": 0}}  # fmt: skip
+}
+SMOLLM2_KD = {
+    **SMOLLM2_MINILLM,
+    "name": "smollm2-kd",
+    "method": "kd",
+    "recovery": None,
+    "training": {"steps": 24, "batch_size": 4, "learning_rate": 5e-4, "lr_schedule": "cosine", "warmup_steps": 0},
+}
 
 
 @pytest.mark.smollm2
@@ -381,7 +434,9 @@ def test_readme_screenshots_of_real_smollm2_jobs(server, worker, browser_page):
         scores[label] = float(row.first.locator("td").nth(rouge).text_content())
     assert scores["teacher"] > 5 and scores["best"] > scores["initial"], scores  # the short job did learn something
     # Sample generations with real text: the teacher's answers are sentences.
-    expect(page.locator("#samples-test thead th")).to_contain_text(["Prompt", "Reference", "Teacher", "Initial student"])
+    expect(page.locator("#samples-test thead th")).to_contain_text(
+        ["Prompt", "Reference", "Teacher", "Initial student"]
+    )
     expect(page.locator("#samples-test thead")).to_contain_text("Final")
     rows = page.locator("#samples-test tbody tr")
     expect(rows).to_have_count(3)
@@ -394,12 +449,18 @@ def test_readme_screenshots_of_real_smollm2_jobs(server, worker, browser_page):
     # The meaningful part: status, summary, curves, evaluations and the test set's sample generations (not the
     # selection set's, the checkpoints and the event log).
     box = page.locator("#samples-test").bounding_box()
-    shot(page, "job-detail.png", docs=True, clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 16})
+    shot(
+        page, "job-detail.png", docs=True, clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 16}
+    )
 
     # The two jobs compared, once the KD job has ended.
     ended = ("succeeded", "failed", "cancelled")
-    wait_for(lambda: httpx.get(f"{server}/api/v1/jobs/{ids[1]}", headers=user).json()["status"] in ended,
-             timeout=600, interval=1, what="the KD job to end")  # fmt: skip
+    wait_for(
+        lambda: httpx.get(f"{server}/api/v1/jobs/{ids[1]}", headers=user).json()["status"] in ended,
+        timeout=600,
+        interval=1,
+        what="the KD job to end",
+    )
     assert httpx.get(f"{server}/api/v1/jobs/{ids[1]}", headers=user).json()["status"] == "succeeded"
     page.goto(f"{server}/#/compare?ids={','.join(ids)}")
     expect(page.get_by_role("heading", name="Compare jobs")).to_be_visible()
@@ -431,9 +492,10 @@ def chart_series(page, selector: str) -> list[dict]:
 def column_drawn(page, selector: str, step: float) -> bool:
     """Most of the chart area's height is drawn at `step` on the x axis: a vertical line there."""
     return page.evaluate(
-        """([sel, step]) => { const c = document.querySelector(sel), chart = window.Chart.getChart(c), a = chart.chartArea;
-             const r = chart.currentDevicePixelRatio, x = Math.round(chart.scales.x.getPixelForValue(step) * r);
-             const d = c.getContext('2d').getImageData(x - 1, Math.round(a.top * r), 3, Math.round((a.bottom - a.top) * r)).data;
+        """([sel, step]) => { const c = document.querySelector(sel), chart = window.Chart.getChart(c);
+             const a = chart.chartArea, r = chart.currentDevicePixelRatio;
+             const x = Math.round(chart.scales.x.getPixelForValue(step) * r), h = Math.round((a.bottom - a.top) * r);
+             const d = c.getContext('2d').getImageData(x - 1, Math.round(a.top * r), 3, h).data;
              let rows = 0; for (let i = 0; i < d.length; i += 12) if (d[i + 3] || d[i + 7] || d[i + 11]) rows++;
              return rows > 0.4 * d.length / 12; }""",
         [selector, step],

@@ -17,6 +17,7 @@ import os
 
 import pytest
 import schemathesis
+from helpers import make_user, submit, tiny_spec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
@@ -31,7 +32,6 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.main import app
-from helpers import make_user, submit, tiny_spec
 
 # The app's own description, as /openapi.json serves it; loading it over HTTP at import time would
 # start the app's lifespan (its reaper thread) before this session's database exists.
@@ -39,13 +39,22 @@ schema = schemathesis.openapi.from_dict(app.openapi())
 schema.app = app
 # Unknown query parameters are ignored, as HTTP APIs do, so they are not generated as violations;
 # the token is the test's own (a real one, or none), so schemathesis does not generate one.
-schema.config.generation.update(modes=["positive", "negative"], allow_extra_parameters=False, with_security_parameters=False)
+schema.config.generation.update(
+    modes=["positive", "negative"], allow_extra_parameters=False, with_security_parameters=False
+)
 
 # Every route declares the errors it answers (app/api/errors.py), so an undeclared status code is a
 # failure. positive_data_acceptance is not checked: a spec that is valid by the schema still names
 # models and data that do not exist (a 422 from preflight).
-CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance,
-          response_headers_conformance, negative_data_rejection, ignored_auth]  # fmt: skip
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    response_schema_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+    ignored_auth,
+]
 
 
 @schemathesis.serializer("application/x-ndjson")
@@ -56,8 +65,14 @@ def _ndjson(_ctx, value) -> bytes:
 
 # 25 examples per operation and token keep the run near a minute on 2 cores; DISTILL_FUZZ_EXAMPLES
 # raises it for a deeper search by hand.
-FUZZ = settings(max_examples=int(os.environ.get("DISTILL_FUZZ_EXAMPLES", "25")), derandomize=True, database=None,
-                deadline=None, print_blob=True, suppress_health_check=list(HealthCheck))  # fmt: skip
+FUZZ = settings(
+    max_examples=int(os.environ.get("DISTILL_FUZZ_EXAMPLES", "25")),
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +99,18 @@ def _checkpoint(job_id: str, root) -> None:
     archive.write_bytes(b"tar")
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     with session_factory()() as session:
-        session.add(Checkpoint(job_id=job_id, step=3, path=str(directory), archive_path=str(archive),
-                               archive_size=3, archive_sha256=digest(archive), scores=None,
-                               files=[{"name": "config.json", "size": 2, "sha256": digest(directory / "config.json")}]))  # fmt: skip
+        session.add(
+            Checkpoint(
+                job_id=job_id,
+                step=3,
+                path=str(directory),
+                archive_path=str(archive),
+                archive_size=3,
+                archive_sha256=digest(archive),
+                scores=None,
+                files=[{"name": "config.json", "size": 2, "sha256": digest(directory / "config.json")}],
+            )
+        )
         session.commit()
 
 

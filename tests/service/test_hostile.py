@@ -21,10 +21,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from helpers import make_user
 from sqlalchemy import func, select
 
 from app.schemas import ErrorOut
-from helpers import make_user
 
 JOBS = "/api/v1/jobs"
 DATASETS = "/api/v1/datasets"
@@ -32,8 +32,14 @@ DATASETS = "/api/v1/datasets"
 
 def spec(**overrides) -> dict:
     """A spec the API accepts (test_the_base_spec_is_accepted); each case breaks one thing in it."""
-    base = {"name": "hostile", "method": "sft", "teacher": "builtin:tiny-teacher", "student": {"model": "builtin:tiny-student"},
-            "data": {"train": "builtin:demo"}, "training": {"steps": 4, "batch_size": 2}}  # fmt: skip
+    base = {
+        "name": "hostile",
+        "method": "sft",
+        "teacher": "builtin:tiny-teacher",
+        "student": {"model": "builtin:tiny-student"},
+        "data": {"train": "builtin:demo"},
+        "training": {"steps": 4, "batch_size": 2},
+    }
     for key, value in overrides.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return base
@@ -67,167 +73,543 @@ def deep(levels: int) -> bytes:
 JSON = {"Content-Type": "application/json"}
 GOOD_LINE = b'{"instruction": "a", "output": "b"}\n'
 SECRET = "their-secret"  # in the other user's job name, checkpoint files and dataset: never in an answer to us
-OWN_ROUTES = ["", "/events", "/events/stream", "/metrics", "/evals", "/checkpoints", "/checkpoints/latest/archive",
-              "/checkpoints/3/files/config.json"]  # fmt: skip
+OWN_ROUTES = [
+    "",
+    "/events",
+    "/events/stream",
+    "/metrics",
+    "/evals",
+    "/checkpoints",
+    "/checkpoints/latest/archive",
+    "/checkpoints/3/files/config.json",
+]
 LINK_ROUTES = ["/checkpoints/latest/archive/link", "/checkpoints/3/files/config.json/link", "/cancel"]
 
 CASES = [
     # -- job specs: numbers, text and shapes the columns, the C code and the schema refuse
-    Hostile("steps past 32 bits", "POST", JOBS, 422, ("body", "training", "steps"), "2147483647",
-            json=spec(training={"steps": 2**31})),
-    Hostile("seed below 32 bits", "POST", JOBS, 422, ("body", "training", "seed"), "-2147483648",
-            json=spec(training={"seed": -(2**31) - 1})),
-    Hostile("eval seed past 32 bits", "POST", JOBS, 422, ("body", "eval", "seeds"), "2147483647",
-            json=spec(eval={"seeds": [1, 2**40]})),
-    Hostile("learning_rate 1e999", "POST", JOBS, 422, ("body", "training", "learning_rate"), "finite",
-            content=raw_spec(training={"learning_rate": "@@"}).replace(b'"@@"', b"1e999"), headers=JSON),
-    Hostile("learning_rate NaN", "POST", JOBS, 422, ("body", "training", "learning_rate"), "finite",
-            content=raw_spec(training={"learning_rate": "@@"}).replace(b'"@@"', b"NaN"), headers=JSON),
-    Hostile("weight_decay -Infinity", "POST", JOBS, 422, ("body", "training", "weight_decay"), "finite",
-            content=raw_spec(training={"weight_decay": "@@"}).replace(b'"@@"', b"-Infinity"), headers=JSON),
+    Hostile(
+        "steps past 32 bits",
+        "POST",
+        JOBS,
+        422,
+        ("body", "training", "steps"),
+        "2147483647",
+        json=spec(training={"steps": 2**31}),
+    ),
+    Hostile(
+        "seed below 32 bits",
+        "POST",
+        JOBS,
+        422,
+        ("body", "training", "seed"),
+        "-2147483648",
+        json=spec(training={"seed": -(2**31) - 1}),
+    ),
+    Hostile(
+        "eval seed past 32 bits",
+        "POST",
+        JOBS,
+        422,
+        ("body", "eval", "seeds"),
+        "2147483647",
+        json=spec(eval={"seeds": [1, 2**40]}),
+    ),
+    Hostile(
+        "learning_rate 1e999",
+        "POST",
+        JOBS,
+        422,
+        ("body", "training", "learning_rate"),
+        "finite",
+        content=raw_spec(training={"learning_rate": "@@"}).replace(b'"@@"', b"1e999"),
+        headers=JSON,
+    ),
+    Hostile(
+        "learning_rate NaN",
+        "POST",
+        JOBS,
+        422,
+        ("body", "training", "learning_rate"),
+        "finite",
+        content=raw_spec(training={"learning_rate": "@@"}).replace(b'"@@"', b"NaN"),
+        headers=JSON,
+    ),
+    Hostile(
+        "weight_decay -Infinity",
+        "POST",
+        JOBS,
+        422,
+        ("body", "training", "weight_decay"),
+        "finite",
+        content=raw_spec(training={"weight_decay": "@@"}).replace(b'"@@"', b"-Infinity"),
+        headers=JSON,
+    ),
     Hostile("NUL in the name", "POST", JOBS, 422, ("body", "name"), "NUL", json=spec(name="a\x00b")),
     Hostile("NUL in the teacher", "POST", JOBS, 422, ("body", "teacher"), "NUL", json=spec(teacher="builtin:\x00")),
-    Hostile("NUL in data.train", "POST", JOBS, 422, ("body", "data", "train"), "NUL", json=spec(data={"train": "a\x00b"})),
-    Hostile("teacher path with a 300-byte name", "POST", JOBS, 422, ("body", "teacher"), "longer than a path",
-            json=spec(teacher="/" + "a" * 300)),
-    Hostile("student path with a 256-byte name", "POST", JOBS, 422, ("body", "student", "model"), "longer than a path",
-            json=spec(student={"model": "models/" + "é" * 128})),
-    Hostile("data.train path of 5,000 bytes", "POST", JOBS, 422, ("body", "data", "train"), "longer than a path",
-            json=spec(data={"train": "/a" * 2500})),
-    Hostile("data.eval path with a 300-byte name", "POST", JOBS, 422, ("body", "data", "eval"), "longer than a path",
-            json=spec(data={"eval": "x" * 300})),
-    Hostile("101 eval seeds", "POST", JOBS, 422, ("body", "eval", "seeds"), "at most 100",
-            json=spec(eval={"seeds": list(range(101))})),
-    Hostile("a spec of 5 MB", "POST", JOBS, 413, words="over 1048576 bytes",
-            json=spec(name="x" * 5_000_000)),
-    Hostile("a spec of 7 MB of seeds", "POST", JOBS, 413, words="over 1048576 bytes",
-            json=spec(eval={"seeds": list(range(1_000_000))})),
-    Hostile("unknown top-level field", "POST", JOBS, 422, ("body", "trainig"), "extra",
-            json={**spec(), "trainig": {"steps": 3}}),
-    Hostile("unknown nested field", "POST", JOBS, 422, ("body", "training", "lr"), "extra",
-            json=spec(training={"lr": 0.1})),
+    Hostile(
+        "NUL in data.train", "POST", JOBS, 422, ("body", "data", "train"), "NUL", json=spec(data={"train": "a\x00b"})
+    ),
+    Hostile(
+        "teacher path with a 300-byte name",
+        "POST",
+        JOBS,
+        422,
+        ("body", "teacher"),
+        "longer than a path",
+        json=spec(teacher="/" + "a" * 300),
+    ),
+    Hostile(
+        "student path with a 256-byte name",
+        "POST",
+        JOBS,
+        422,
+        ("body", "student", "model"),
+        "longer than a path",
+        json=spec(student={"model": "models/" + "é" * 128}),
+    ),
+    Hostile(
+        "data.train path of 5,000 bytes",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "train"),
+        "longer than a path",
+        json=spec(data={"train": "/a" * 2500}),
+    ),
+    Hostile(
+        "data.eval path with a 300-byte name",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "eval"),
+        "longer than a path",
+        json=spec(data={"eval": "x" * 300}),
+    ),
+    Hostile(
+        "101 eval seeds",
+        "POST",
+        JOBS,
+        422,
+        ("body", "eval", "seeds"),
+        "at most 100",
+        json=spec(eval={"seeds": list(range(101))}),
+    ),
+    Hostile("a spec of 5 MB", "POST", JOBS, 413, words="over 1048576 bytes", json=spec(name="x" * 5_000_000)),
+    Hostile(
+        "a spec of 7 MB of seeds",
+        "POST",
+        JOBS,
+        413,
+        words="over 1048576 bytes",
+        json=spec(eval={"seeds": list(range(1_000_000))}),
+    ),
+    Hostile(
+        "unknown top-level field",
+        "POST",
+        JOBS,
+        422,
+        ("body", "trainig"),
+        "extra",
+        json={**spec(), "trainig": {"steps": 3}},
+    ),
+    Hostile(
+        "unknown nested field", "POST", JOBS, 422, ("body", "training", "lr"), "extra", json=spec(training={"lr": 0.1})
+    ),
     Hostile("invalid method", "POST", JOBS, 422, ("body", "method"), "'minillm'", json=spec(method="minilm")),
-    Hostile("invalid zero_stage", "POST", JOBS, 422, ("body", "deepspeed", "zero_stage"), "3",
-            json=spec(deepspeed={"zero_stage": 4})),
-    Hostile("invalid precision", "POST", JOBS, 422, ("body", "deepspeed", "precision"), "'bf16'",
-            json=spec(deepspeed={"precision": "fp8"})),
-    Hostile("invalid accelerator", "POST", JOBS, 422, ("body", "resources", "accelerator"), "'gpu'",
-            json=spec(resources={"accelerator": "tpu"})),
-    Hostile("steps as text", "POST", JOBS, 422, ("body", "training", "steps"), "integer",
-            json=spec(training={"steps": "many"})),
-    Hostile("another user's dataset", "POST", JOBS, 422, ("body", "data", "train"),
-            "dataset:<their_dataset>: no such uploaded dataset", json=spec(data={"train": "dataset:<their_dataset>"})),
-    Hostile("a dataset that does not exist", "POST", JOBS, 422, ("body", "data", "train"),
-            "dataset:ds-0000000000000000: no such uploaded dataset", json=spec(data={"train": "dataset:ds-0000000000000000"})),
+    Hostile(
+        "invalid zero_stage",
+        "POST",
+        JOBS,
+        422,
+        ("body", "deepspeed", "zero_stage"),
+        "3",
+        json=spec(deepspeed={"zero_stage": 4}),
+    ),
+    Hostile(
+        "invalid precision",
+        "POST",
+        JOBS,
+        422,
+        ("body", "deepspeed", "precision"),
+        "'bf16'",
+        json=spec(deepspeed={"precision": "fp8"}),
+    ),
+    Hostile(
+        "invalid accelerator",
+        "POST",
+        JOBS,
+        422,
+        ("body", "resources", "accelerator"),
+        "'gpu'",
+        json=spec(resources={"accelerator": "tpu"}),
+    ),
+    Hostile(
+        "steps as text",
+        "POST",
+        JOBS,
+        422,
+        ("body", "training", "steps"),
+        "integer",
+        json=spec(training={"steps": "many"}),
+    ),
+    Hostile(
+        "another user's dataset",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "train"),
+        "dataset:<their_dataset>: no such uploaded dataset",
+        json=spec(data={"train": "dataset:<their_dataset>"}),
+    ),
+    Hostile(
+        "a dataset that does not exist",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "train"),
+        "dataset:ds-0000000000000000: no such uploaded dataset",
+        json=spec(data={"train": "dataset:ds-0000000000000000"}),
+    ),
     Hostile("a JSON array for a spec", "POST", JOBS, 422, ("body",), "dictionary", json=[spec()]),
-    Hostile("a body that is not JSON", "POST", JOBS, 422, ("body", 1), "JSON decode error",
-            content=b"{", headers=JSON),
-    Hostile("Idempotency-Key over 200 characters", "POST", JOBS, 422, ("header", "idempotency-key"), "200",
-            json=spec(), headers={"Idempotency-Key": "k" * 201}),
+    Hostile("a body that is not JSON", "POST", JOBS, 422, ("body", 1), "JSON decode error", content=b"{", headers=JSON),
+    Hostile(
+        "Idempotency-Key over 200 characters",
+        "POST",
+        JOBS,
+        422,
+        ("header", "idempotency-key"),
+        "200",
+        json=spec(),
+        headers={"Idempotency-Key": "k" * 201},
+    ),
     # -- dataset uploads: refused lines are named by number, and no file (.partial or whole) stays
-    Hostile("a line nested 100,000 deep", "POST", f"{DATASETS}?name=deep.jsonl", 422, ("body",),
-            "deep.jsonl:2: not valid JSON: nested too deeply", content=GOOD_LINE + deep(100_000) + b"\n"),
-    Hostile("a 5,000-digit integer", "POST", f"{DATASETS}?name=digits.jsonl", 422, ("body",),
-            "digits.jsonl:1: not valid JSON", content=b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n"),
-    Hostile("an upload above DISTILL_MAX_UPLOAD_BYTES", "POST", f"{DATASETS}?name=big.jsonl", 413,
-            words="limited to 100 bytes", content=GOOD_LINE * 10, settings={"max_upload_bytes": 100}),
-    Hostile("NUL in a dataset name", "POST", f"{DATASETS}?name=a%00b.jsonl", 422, ("query", "name"), "pattern",
-            content=GOOD_LINE),
-    Hostile("an empty dataset name", "POST", f"{DATASETS}?name=", 422, ("query", "name"), "at least 1",
-            content=GOOD_LINE),
-    Hostile("a dataset name of 201 characters", "POST", f"{DATASETS}?name={'n' * 201}", 422, ("query", "name"),
-            "at most 200", content=GOOD_LINE),
+    Hostile(
+        "a line nested 100,000 deep",
+        "POST",
+        f"{DATASETS}?name=deep.jsonl",
+        422,
+        ("body",),
+        "deep.jsonl:2: not valid JSON: nested too deeply",
+        content=GOOD_LINE + deep(100_000) + b"\n",
+    ),
+    Hostile(
+        "a 5,000-digit integer",
+        "POST",
+        f"{DATASETS}?name=digits.jsonl",
+        422,
+        ("body",),
+        "digits.jsonl:1: not valid JSON",
+        content=b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n",
+    ),
+    Hostile(
+        "an upload above DISTILL_MAX_UPLOAD_BYTES",
+        "POST",
+        f"{DATASETS}?name=big.jsonl",
+        413,
+        words="limited to 100 bytes",
+        content=GOOD_LINE * 10,
+        settings={"max_upload_bytes": 100},
+    ),
+    Hostile(
+        "NUL in a dataset name",
+        "POST",
+        f"{DATASETS}?name=a%00b.jsonl",
+        422,
+        ("query", "name"),
+        "pattern",
+        content=GOOD_LINE,
+    ),
+    Hostile(
+        "an empty dataset name", "POST", f"{DATASETS}?name=", 422, ("query", "name"), "at least 1", content=GOOD_LINE
+    ),
+    Hostile(
+        "a dataset name of 201 characters",
+        "POST",
+        f"{DATASETS}?name={'n' * 201}",
+        422,
+        ("query", "name"),
+        "at most 200",
+        content=GOOD_LINE,
+    ),
     # -- listing and event cursors
     Hostile("NUL in the jobs cursor", "GET", f"{JOBS}?after=job-%00", 422, ("query", "after"), "pattern"),
     Hostile("an unknown status filter", "GET", f"{JOBS}?status=paused", 422, ("query", "status"), "'queued'"),
     Hostile("a jobs limit of 10**30", "GET", f"{JOBS}?limit={10**30}", 422, ("query", "limit"), "100"),
-    Hostile("events after 2**63", "GET", f"{JOBS}/<mine>/events?after={2**63}", 422, ("query", "after"),
-            str(2**63 - 1)),
+    Hostile(
+        "events after 2**63", "GET", f"{JOBS}/<mine>/events?after={2**63}", 422, ("query", "after"), str(2**63 - 1)
+    ),
     Hostile("events after -1", "GET", f"{JOBS}/<mine>/events?after=-1", 422, ("query", "after"), "0"),
     Hostile("events limit 0", "GET", f"{JOBS}/<mine>/events?limit=0", 422, ("query", "limit"), "1"),
-    Hostile("event stream after 2**63", "GET", f"{JOBS}/<mine>/events/stream?after={2**63}", 422, ("query", "after"),
-            str(2**63 - 1)),
-    Hostile("event stream Last-Event-ID 2**63", "GET", f"{JOBS}/<mine>/events/stream", 422,
-            ("header", "last-event-id"), str(2**63 - 1), headers={"Last-Event-ID": str(2**63)}),
+    Hostile(
+        "event stream after 2**63",
+        "GET",
+        f"{JOBS}/<mine>/events/stream?after={2**63}",
+        422,
+        ("query", "after"),
+        str(2**63 - 1),
+    ),
+    Hostile(
+        "event stream Last-Event-ID 2**63",
+        "GET",
+        f"{JOBS}/<mine>/events/stream",
+        422,
+        ("header", "last-event-id"),
+        str(2**63 - 1),
+        headers={"Last-Event-ID": str(2**63)},
+    ),
     # -- job ids
     Hostile("NUL in a job id", "GET", f"{JOBS}/job-%00", 422, ("path", "job_id"), "pattern"),
     Hostile("NUL in a job id to cancel", "POST", f"{JOBS}/job-%00/cancel", 422, ("path", "job_id"), "pattern"),
     Hostile("a job id of 10,000 characters", "GET", f"{JOBS}/{'j' * 10_000}", 422, ("path", "job_id"), "64"),
-    Hostile("NUL in a job id of a download", "GET", f"{JOBS}/job-%00/checkpoints/latest/archive", 422,
-            ("path", "job_id"), "pattern"),
+    Hostile(
+        "NUL in a job id of a download",
+        "GET",
+        f"{JOBS}/job-%00/checkpoints/latest/archive",
+        422,
+        ("path", "job_id"),
+        "pattern",
+    ),
     # -- another user's job: exactly like one that does not exist, whatever is asked of it
-    *[Hostile(f"another user's job: GET {route or '/'}", "GET", f"{JOBS}/<theirs>{route}", 404, words="no job <theirs>")
-      for route in OWN_ROUTES],
-    *[Hostile(f"another user's job: POST {route}", "POST", f"{JOBS}/<theirs>{route}", 404, words="no job <theirs>")
-      for route in LINK_ROUTES],
+    *[
+        Hostile(
+            f"another user's job: GET {route or '/'}", "GET", f"{JOBS}/<theirs>{route}", 404, words="no job <theirs>"
+        )
+        for route in OWN_ROUTES
+    ],
+    *[
+        Hostile(f"another user's job: POST {route}", "POST", f"{JOBS}/<theirs>{route}", 404, words="no job <theirs>")
+        for route in LINK_ROUTES
+    ],
     # -- checkpoint steps and file names
-    Hostile("step ² (a digit to str.isdigit)", "GET", f"{JOBS}/<mine>/checkpoints/²/archive", 404,
-            words="no checkpoint '²'"),
-    Hostile("step ² in a link", "POST", f"{JOBS}/<mine>/checkpoints/²/files/config.json/link", 404,
-            words="no checkpoint '²'"),
+    Hostile(
+        "step ² (a digit to str.isdigit)", "GET", f"{JOBS}/<mine>/checkpoints/²/archive", 404, words="no checkpoint '²'"
+    ),
+    Hostile(
+        "step ² in a link",
+        "POST",
+        f"{JOBS}/<mine>/checkpoints/²/files/config.json/link",
+        404,
+        words="no checkpoint '²'",
+    ),
     Hostile("step of 30 digits", "GET", f"{JOBS}/<mine>/checkpoints/{'9' * 30}/archive", 404, words="no checkpoint"),
     Hostile("step -3", "GET", f"{JOBS}/<mine>/checkpoints/-3/archive", 404, words="no checkpoint '-3'"),
-    Hostile("a file the checkpoint does not list", "GET", f"{JOBS}/<mine>/checkpoints/3/files/secret.key", 404,
-            words="no file 'secret.key'"),
-    Hostile("NUL in a file name", "GET", f"{JOBS}/<mine>/checkpoints/3/files/config.json%00", 404,
-            words="no file 'config.json\\x00'"),
+    Hostile(
+        "a file the checkpoint does not list",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/3/files/secret.key",
+        404,
+        words="no file 'secret.key'",
+    ),
+    Hostile(
+        "NUL in a file name",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/3/files/config.json%00",
+        404,
+        words="no file 'config.json\\x00'",
+    ),
     # -- Range headers on downloads
-    Hostile("a Range in lines, not bytes", "GET", f"{JOBS}/<mine>/checkpoints/latest/archive", 400, words="Range header",
-            headers={"Range": "lines=0-9"}),
-    Hostile("a Range without a unit", "GET", f"{JOBS}/<mine>/checkpoints/3/files/config.json", 400,
-            words="Range header", headers={"Range": "0-9"}),
-    Hostile("a Range past the file's end", "GET", f"{JOBS}/<mine>/checkpoints/3/files/config.json", 416,
-            words="the file has", headers={"Range": f"bytes={2**40}-"}),
+    Hostile(
+        "a Range in lines, not bytes",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/latest/archive",
+        400,
+        words="Range header",
+        headers={"Range": "lines=0-9"},
+    ),
+    Hostile(
+        "a Range without a unit",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/3/files/config.json",
+        400,
+        words="Range header",
+        headers={"Range": "0-9"},
+    ),
+    Hostile(
+        "a Range past the file's end",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/3/files/config.json",
+        416,
+        words="the file has",
+        headers={"Range": f"bytes={2**40}-"},
+    ),
     # -- signed links: bound to their path and time, and only to their own signature
     Hostile("a non-ASCII signature", "GET", "<archive_link>é", 403, words="invalid or has expired", token=False),
-    Hostile("a signature of another path", "GET", "<archive_link_on_file>", 403, words="invalid or has expired",
-            token=False),
-    Hostile("latest's link used for best", "GET", "<archive_link_on_best>", 403, words="invalid or has expired",
-            token=False),
-    Hostile("a link moved to another user's job", "GET", "<archive_link_on_theirs>", 403,
-            words="invalid or has expired", token=False),
+    Hostile(
+        "a signature of another path", "GET", "<archive_link_on_file>", 403, words="invalid or has expired", token=False
+    ),
+    Hostile(
+        "latest's link used for best", "GET", "<archive_link_on_best>", 403, words="invalid or has expired", token=False
+    ),
+    Hostile(
+        "a link moved to another user's job",
+        "GET",
+        "<archive_link_on_theirs>",
+        403,
+        words="invalid or has expired",
+        token=False,
+    ),
     Hostile("an expired link", "GET", "<expired_link>", 403, words="invalid or has expired", token=False),
-    Hostile("a signature without expires", "GET", f"{JOBS}/<mine>/checkpoints/latest/archive?signature=00&kid=k", 403,
-            words="invalid or has expired", token=False),
-    Hostile("expires 2**70", "GET", f"{JOBS}/<mine>/checkpoints/latest/archive?expires={2**70}&kid=k&signature=00", 403,
-            words="invalid or has expired", token=False),
-    Hostile("expires 1e999", "GET", f"{JOBS}/<mine>/checkpoints/latest/archive?expires=1e999&kid=k&signature=00", 422,
-            ("query", "expires"), "integer", token=False),
+    Hostile(
+        "a signature without expires",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/latest/archive?signature=00&kid=k",
+        403,
+        words="invalid or has expired",
+        token=False,
+    ),
+    Hostile(
+        "expires 2**70",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/latest/archive?expires={2**70}&kid=k&signature=00",
+        403,
+        words="invalid or has expired",
+        token=False,
+    ),
+    Hostile(
+        "expires 1e999",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/latest/archive?expires=1e999&kid=k&signature=00",
+        422,
+        ("query", "expires"),
+        "integer",
+        token=False,
+    ),
     # -- tokens
     Hostile("no token", "GET", JOBS, 401, words="bearer token", token=False),
-    Hostile("an unknown token", "GET", JOBS, 401, words="bearer token", token=False,
-            headers={"Authorization": "Bearer dst_not-a-real-token"}),
-    Hostile("a Basic credential", "GET", JOBS, 401, words="bearer token", token=False,
-            headers={"Authorization": "Basic dXNlcjpwYXNz"}),
-    Hostile("an expired token", "GET", JOBS, 401, words="bearer token", token=False,
-            headers={"Authorization": "Bearer <expired_token>"}),
-    Hostile("a revoked token", "GET", JOBS, 401, words="bearer token", token=False,
-            headers={"Authorization": "Bearer <revoked_token>"}),
-    Hostile("a token of Latin-1 bytes", "GET", JOBS, 401, words="bearer token", token=False,
-            headers={"Authorization": b"Bearer \xe9\xff"}),
+    Hostile(
+        "an unknown token",
+        "GET",
+        JOBS,
+        401,
+        words="bearer token",
+        token=False,
+        headers={"Authorization": "Bearer dst_not-a-real-token"},
+    ),
+    Hostile(
+        "a Basic credential",
+        "GET",
+        JOBS,
+        401,
+        words="bearer token",
+        token=False,
+        headers={"Authorization": "Basic dXNlcjpwYXNz"},
+    ),
+    Hostile(
+        "an expired token",
+        "GET",
+        JOBS,
+        401,
+        words="bearer token",
+        token=False,
+        headers={"Authorization": "Bearer <expired_token>"},
+    ),
+    Hostile(
+        "a revoked token",
+        "GET",
+        JOBS,
+        401,
+        words="bearer token",
+        token=False,
+        headers={"Authorization": "Bearer <revoked_token>"},
+    ),
+    Hostile(
+        "a token of Latin-1 bytes",
+        "GET",
+        JOBS,
+        401,
+        words="bearer token",
+        token=False,
+        headers={"Authorization": b"Bearer \xe9\xff"},
+    ),
     Hostile("no token for a spec", "POST", JOBS, 401, words="bearer token", token=False, json=spec()),
     # -- a user's own webhook
-    Hostile("a javascript: webhook", "PUT", "/api/v1/me/webhook", 422, ("body", "url"), "http",
-            json={"url": "javascript:alert(1)"}),
-    Hostile("a webhook of 5,000 characters", "PUT", "/api/v1/me/webhook", 422, ("body", "url"), "2000",
-            json={"url": "https://example.com/" + "a" * 5000}),
-    Hostile("a webhook on the metadata service", "PUT", "/api/v1/me/webhook", 422, ("body", "url"), "not a public address",
-            json={"url": "http://169.254.169.254/latest/meta-data"}, settings={"webhook_allow_private": False}),
-    Hostile("new_secret as words", "PUT", "/api/v1/me/webhook", 422, ("body", "new_secret"), "boolean",
-            json={"url": None, "new_secret": "yes please"}),
-    Hostile("no token for a webhook", "PUT", "/api/v1/me/webhook", 401, words="bearer token", token=False,
-            json={"url": None}),
+    Hostile(
+        "a javascript: webhook",
+        "PUT",
+        "/api/v1/me/webhook",
+        422,
+        ("body", "url"),
+        "http",
+        json={"url": "javascript:alert(1)"},
+    ),
+    Hostile(
+        "a webhook of 5,000 characters",
+        "PUT",
+        "/api/v1/me/webhook",
+        422,
+        ("body", "url"),
+        "2000",
+        json={"url": "https://example.com/" + "a" * 5000},
+    ),
+    Hostile(
+        "a webhook on the metadata service",
+        "PUT",
+        "/api/v1/me/webhook",
+        422,
+        ("body", "url"),
+        "not a public address",
+        json={"url": "http://169.254.169.254/latest/meta-data"},
+        settings={"webhook_allow_private": False},
+    ),
+    Hostile(
+        "new_secret as words",
+        "PUT",
+        "/api/v1/me/webhook",
+        422,
+        ("body", "new_secret"),
+        "boolean",
+        json={"url": None, "new_secret": "yes please"},
+    ),
+    Hostile(
+        "no token for a webhook",
+        "PUT",
+        "/api/v1/me/webhook",
+        401,
+        words="bearer token",
+        token=False,
+        json={"url": None},
+    ),
     # -- server paths outside the operator's roots (tests/service/test_path_roots.py has the rest)
-    Hostile("data.train is the server's /etc/passwd", "POST", JOBS, 422, ("body", "data", "train"), "may read",
-            json=spec(data={"train": "/etc/passwd"})),
-    Hostile("data.eval climbs out with ..", "POST", JOBS, 422, ("body", "data", "eval"), "absolute path",
-            json=spec(data={"eval": "../../../etc/passwd"})),
-    Hostile("data.selection in a home folder", "POST", JOBS, 422, ("body", "data", "selection"), "absolute path",
-            json=spec(data={"selection": "~/.ssh/id_rsa"})),
-    Hostile("teacher is a server folder", "POST", JOBS, 422, ("body", "teacher"), "may read", json=spec(teacher="/etc")),
-    Hostile("student.model climbs out of a root", "POST", JOBS, 422, ("body", "student", "model"), "may read",
-            json=spec(student={"model": "/tmp/pytest-of-root/../../etc"})),
-]  # fmt: skip
+    Hostile(
+        "data.train is the server's /etc/passwd",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "train"),
+        "may read",
+        json=spec(data={"train": "/etc/passwd"}),
+    ),
+    Hostile(
+        "data.eval climbs out with ..",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "eval"),
+        "absolute path",
+        json=spec(data={"eval": "../../../etc/passwd"}),
+    ),
+    Hostile(
+        "data.selection in a home folder",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "selection"),
+        "absolute path",
+        json=spec(data={"selection": "~/.ssh/id_rsa"}),
+    ),
+    Hostile(
+        "teacher is a server folder", "POST", JOBS, 422, ("body", "teacher"), "may read", json=spec(teacher="/etc")
+    ),
+    Hostile(
+        "student.model climbs out of a root",
+        "POST",
+        JOBS,
+        422,
+        ("body", "student", "model"),
+        "may read",
+        json=spec(student={"model": "/tmp/pytest-of-root/../../etc"}),
+    ),
+]
 
 
 # -- the world the cases run in -----------------------------------------------------------------
@@ -245,10 +627,24 @@ def _checkpoint(job_id: str, root, secret: bool) -> None:
     archive.write_bytes(f"{SECRET if secret else 'me'} archive".encode())
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     with session_factory()() as session:
-        session.add(Checkpoint(job_id=job_id, step=3, path=str(directory), archive_path=str(archive), scores=None,
-                               archive_size=archive.stat().st_size, archive_sha256=digest(archive),
-                               files=[{"name": "config.json", "size": (directory / "config.json").stat().st_size,
-                                       "sha256": digest(directory / "config.json")}]))  # fmt: skip
+        session.add(
+            Checkpoint(
+                job_id=job_id,
+                step=3,
+                path=str(directory),
+                archive_path=str(archive),
+                scores=None,
+                archive_size=archive.stat().st_size,
+                archive_sha256=digest(archive),
+                files=[
+                    {
+                        "name": "config.json",
+                        "size": (directory / "config.json").stat().st_size,
+                        "sha256": digest(directory / "config.json"),
+                    }
+                ],
+            )
+        )
         session.commit()
 
 
@@ -284,7 +680,10 @@ def world(client, tmp_path_factory) -> dict:
     assert client.get(link).status_code == 200  # the link works as given; the cases break it one way each
     path, query = link.split("?")
     return {
-        "auth": auth, "other": other, **jobs, "their_dataset": their_dataset.json()["id"],
+        "auth": auth,
+        "other": other,
+        **jobs,
+        "their_dataset": their_dataset.json()["id"],
         "archive_link": link,
         "archive_link_on_file": f"{path.replace('/archive', '/files/config.json')}?{query}",
         "archive_link_on_best": link.replace("/latest/", "/best/"),
@@ -292,7 +691,7 @@ def world(client, tmp_path_factory) -> dict:
         "expired_link": signed_url(path, seconds=-60)[0],
         "expired_token": _token(expires_in=timedelta(seconds=-1)),
         "revoked_token": _token(revoke=True),
-    }  # fmt: skip
+    }
 
 
 def fill(value, world: dict):
@@ -358,8 +757,9 @@ def test_hostile_request_is_refused_naming_the_field(client, world, case: Hostil
     with session_factory()() as session:
         before = stored(session)
 
-    response = client.request(case.method, fill(case.url, world), headers=headers, json=fill(case.json, world),
-                              content=case.content)  # fmt: skip
+    response = client.request(
+        case.method, fill(case.url, world), headers=headers, json=fill(case.json, world), content=case.content
+    )
 
     assert response.status_code == case.status, response.text[:2000]
     error = ErrorOut.model_validate(response.json())

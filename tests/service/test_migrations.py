@@ -2,14 +2,24 @@ import uuid
 
 from alembic import command
 from alembic.config import Config
+from helpers import PG, create_database, drop_database
 from sqlalchemy import create_engine, inspect
 
 from worker.engine.paths import PROJECT_ROOT
 
-from helpers import PG, create_database, drop_database
-
-TABLES = {"users", "api_tokens", "datasets", "jobs", "job_events", "metrics", "evals", "checkpoints", "workers",
-          "webhook_deliveries", "device_leases"}
+TABLES = {
+    "users",
+    "api_tokens",
+    "datasets",
+    "jobs",
+    "job_events",
+    "metrics",
+    "evals",
+    "checkpoints",
+    "workers",
+    "webhook_deliveries",
+    "device_leases",
+}
 
 
 def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():

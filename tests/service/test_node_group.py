@@ -11,13 +11,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import Worker, job, submit, tiny_spec, wait_for, wait_status
+
 from worker.engine.launch import free_port
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
-pytestmark = pytest.mark.skipif(not (shutil.which("pdsh") and Path("/usr/sbin/sshd").exists()),
-                                reason="needs pdsh and an ssh server: scripts/ensure-node-group-tools.sh")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("pdsh") and Path("/usr/sbin/sshd").exists()),
+    reason="needs pdsh and an ssh server: scripts/ensure-node-group-tools.sh",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +45,16 @@ def node_group(tmp_path_factory):
     (d / "bin" / "ssh").chmod(0o755)
     (d / "hostfile").write_text("".join(f"{h} slots=1\n" for h in HOSTS))
     Path("/run/sshd").mkdir(exist_ok=True)  # the server's privilege-separation folder
-    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=(d / "sshd.log").open("w"))
+    sshd = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=(d / "sshd.log").open("w")
+    )
+
+    def reachable() -> bool:
+        return all(
+            subprocess.run([str(d / "bin" / "ssh"), "-o", "BatchMode=yes", h, "true"]).returncode == 0 for h in HOSTS
+        )
+
     try:
-        reachable = lambda: all(subprocess.run([str(d / "bin" / "ssh"), "-o", "BatchMode=yes", h, "true"]).returncode == 0
-                                for h in HOSTS)  # fmt: skip  # noqa: E731
         wait_for(reachable, timeout=30, what="the ssh server on both hosts")
         yield d
     finally:
@@ -58,11 +66,22 @@ def node_group(tmp_path_factory):
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("no_leftover_jobs")  # else this worker would first take earlier tests' queued jobs
 def test_a_two_node_job_trains_to_succeeded_with_one_rank_on_each_host(client, auth, dataset, node_group, tmp_path):
-    worker = Worker(tmp_path / "worker.log", DISTILL_HOSTFILE=str(node_group / "hostfile"), DISTILL_WORKER_CPU_PROCESSES="1",
-                    DISTILL_SECRET_KEY="k1:not-for-ranks", PATH=f"{node_group / 'bin'}:{os.environ['PATH']}").start()  # fmt: skip
+    worker = Worker(
+        tmp_path / "worker.log",
+        DISTILL_HOSTFILE=str(node_group / "hostfile"),
+        DISTILL_WORKER_CPU_PROCESSES="1",
+        DISTILL_SECRET_KEY="k1:not-for-ranks",
+        PATH=f"{node_group / 'bin'}:{os.environ['PATH']}",
+    ).start()
     try:
-        spec = tiny_spec(dataset, method="kd", resources={"accelerator": "cpu", "devices": 2}, training={"steps": 4},
-                         eval={"every_steps": 0}, checkpoints={"every_steps": 2, "keep": 1})  # fmt: skip
+        spec = tiny_spec(
+            dataset,
+            method="kd",
+            resources={"accelerator": "cpu", "devices": 2},
+            training={"steps": 4},
+            eval={"every_steps": 0},
+            checkpoints={"every_steps": 2, "keep": 1},
+        )
         job_id = submit(client, auth, spec)
         assert job(client, auth, job_id)["queue"] == "cpu-2"  # 2 machines of 1 slot: a size only the group runs
         done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=420)

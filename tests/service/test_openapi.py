@@ -38,7 +38,9 @@ OPERATION_IDS = {
 
 
 def operations(document: dict) -> dict[str, dict]:
-    return {f"{method.upper()} {path}": op for path, methods in document["paths"].items() for method, op in methods.items()}
+    return {
+        f"{method.upper()} {path}": op for path, methods in document["paths"].items() for method, op in methods.items()
+    }
 
 
 def test_the_description_is_valid_openapi_3_1(client):
@@ -67,8 +69,11 @@ def test_every_route_has_a_typed_answer_and_declares_its_errors(client):
 
 def test_errors_outside_the_routes_share_the_shape(client):
     """Errors no route raises: an unknown path, a wrong method, a body over the cap (answered before the app)."""
-    for response, status in [(client.get("/api/v1/nothing-here"), 404), (client.delete("/healthz"), 405),
-                             (client.post("/api/v1/jobs", content=b"x" * (2 << 20)), 413)]:  # fmt: skip
+    for response, status in [
+        (client.get("/api/v1/nothing-here"), 404),
+        (client.delete("/healthz"), 405),
+        (client.post("/api/v1/jobs", content=b"x" * (2 << 20)), 413),
+    ]:
         assert response.status_code == status
         error = ErrorOut.model_validate(response.json())
         assert error.detail[0].loc == [] and error.detail[0].msg == error.message
@@ -78,7 +83,9 @@ def test_a_422_names_each_field_in_its_message(client, auth):
     response = client.get("/api/v1/jobs", params={"limit": 0, "status": "paused"}, headers=auth)
     assert response.status_code == 422
     error = ErrorOut.model_validate(response.json())
-    assert [(e.loc, e.type) for e in error.detail] == [(["query", "status"], "literal_error"),
-                                                       (["query", "limit"], "greater_than_equal")]
+    assert [(e.loc, e.type) for e in error.detail] == [
+        (["query", "status"], "literal_error"),
+        (["query", "limit"], "greater_than_equal"),
+    ]
     assert error.message.startswith("status: Input should be")
     assert error.message.endswith("; limit: Input should be greater than or equal to 1")

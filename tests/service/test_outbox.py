@@ -9,10 +9,9 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import redis
-from sqlalchemy import update
-
 from conftest import REDIS_DB
 from helpers import tiny_spec
+from sqlalchemy import update
 
 JOBS = "/api/v1/jobs"
 

@@ -6,14 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import make_user, submit, tiny_spec, wait_status
 from pydantic import ValidationError
 
 from app.core.config import Settings, get_settings
 from app.core.path_roots import Roots, confine
-from helpers import make_user, submit, tiny_spec, wait_status
+from app.job_paths import hide_server_paths
 from worker.engine.references import ModelError, classify
 from worker.engine.spec import JobSpec
-from app.job_paths import hide_server_paths
 
 JOBS = "/api/v1/jobs"
 
@@ -33,13 +33,19 @@ def outside(tmp_path_factory) -> Path:
     return folder
 
 
-def test_a_path_outside_the_roots_is_refused_with_the_same_words_whether_or_not_it_exists(client, auth, dataset, outside):
+def test_a_path_outside_the_roots_is_refused_with_the_same_words_whether_or_not_it_exists(
+    client, auth, dataset, outside
+):
     exists, missing = str(outside / "secret.jsonl"), str(outside / "no-such.jsonl")
-    said = [refusal(client, auth, tiny_spec(dataset, data={"train": path}), ("data", "train")) for path in (exists, missing)]
+    said = [
+        refusal(client, auth, tiny_spec(dataset, data={"train": path}), ("data", "train")) for path in (exists, missing)
+    ]
     assert said[0].replace(exists, "PATH") == said[1].replace(missing, "PATH")
     assert "DISTILL_DATA_ROOTS" in said[0] and "dataset:ID" in said[0]
     for path in ("/etc/passwd", "/etc/no-such-file"):  # the server's own files, the same
-        assert refusal(client, auth, tiny_spec(dataset, data={"train": path}), ("data", "train")).replace(path, "PATH") == said[0].replace(exists, "PATH")
+        assert refusal(client, auth, tiny_spec(dataset, data={"train": path}), ("data", "train")).replace(
+            path, "PATH"
+        ) == said[0].replace(exists, "PATH")
 
 
 def test_escapes_through_dotdot_symlinks_and_relative_paths_are_refused(client, auth, dataset, outside):
@@ -52,7 +58,9 @@ def test_escapes_through_dotdot_symlinks_and_relative_paths_are_refused(client, 
     assert "may read" in refusal(client, auth, tiny_spec(dataset, teacher=str(outside)), ("teacher",))
     # A relative model path is only ever a hub id, never a folder on the server (here: the artifacts')
     relative = os.path.relpath(os.environ["DISTILL_ARTIFACTS_DIR"])
-    assert "absolute path" in refusal(client, auth, tiny_spec(dataset, student={"model": relative}), ("student", "model"))
+    assert "absolute path" in refusal(
+        client, auth, tiny_spec(dataset, student={"model": relative}), ("student", "model")
+    )
 
 
 def test_another_users_upload_cannot_be_read_by_its_server_path(client, auth, dataset):
@@ -62,7 +70,9 @@ def test_another_users_upload_cannot_be_read_by_its_server_path(client, auth, da
     path = Path(os.environ["DISTILL_ARTIFACTS_DIR"]) / "datasets" / f"{uploaded['id']}.jsonl"
     assert path.is_file()  # the file is there, and still:
     assert "may read" in refusal(client, auth, tiny_spec(dataset, data={"train": str(path)}), ("data", "train"))
-    assert "no such uploaded dataset" in refusal(client, auth, tiny_spec(dataset, data={"train": f"dataset:{uploaded['id']}"}), ("data", "train"))
+    assert "no such uploaded dataset" in refusal(
+        client, auth, tiny_spec(dataset, data={"train": f"dataset:{uploaded['id']}"}), ("data", "train")
+    )
 
 
 def test_hub_models_only_where_the_operator_allows_them(client, auth, dataset, monkeypatch):
@@ -76,8 +86,13 @@ def test_the_engine_gets_resolved_paths_and_marked_hub_ids(tmp_path):
     real.write_text("{}\n")
     (tmp_path / "data" / "alias.jsonl").symlink_to(real)
     roots = Roots(models=(tmp_path / "models",), data=(tmp_path / "data",), allow_hub=True)
-    spec = JobSpec.model_validate({"teacher": "org/model", "student": {"model": "builtin:tiny-student"},
-                                   "data": {"train": str(tmp_path / "data" / "alias.jsonl"), "eval": "dataset:ds-1"}})  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "teacher": "org/model",
+            "student": {"model": "builtin:tiny-student"},
+            "data": {"train": str(tmp_path / "data" / "alias.jsonl"), "eval": "dataset:ds-1"},
+        }
+    )
     confined, problems = confine(spec, roots, on_disk=True)
     assert problems == []
     assert (confined.teacher, confined.student.model) == ("hub:org/model", "builtin:tiny-student")
@@ -85,7 +100,9 @@ def test_the_engine_gets_resolved_paths_and_marked_hub_ids(tmp_path):
     explicit, problems = confine(spec.model_copy(update={"teacher": "hub:org/model"}), roots, on_disk=True)
     assert (explicit.teacher, problems) == ("hub:org/model", [])  # the explicit form is kept, not doubled
     # Without the disk (an API that does not share the roots) only the lexical form is checked.
-    lexical, problems = confine(spec.model_copy(update={"data": spec.data.model_copy(update={"train": "/elsewhere/x"})}), roots, on_disk=False)
+    lexical, problems = confine(
+        spec.model_copy(update={"data": spec.data.model_copy(update={"train": "/elsewhere/x"})}), roots, on_disk=False
+    )
     assert [loc for loc, _ in problems] == [("data", "train")]
 
 
@@ -111,11 +128,15 @@ def test_roots_that_overlap_the_services_own_files_are_refused(tmp_path):
 def test_server_paths_are_shown_relative_to_the_job():
     settings = get_settings()
     job = settings.resolved_artifacts_dir / "jobs" / "job-1"
-    text = (f"checkpoint step 3: {job}/checkpoints/step-000003; another job: {settings.resolved_artifacts_dir}/jobs/job-2; "
-            f"the job itself: {job}; a longer name: {settings.resolved_artifacts_dir}-old/x")
+    text = (
+        f"checkpoint step 3: {job}/checkpoints/step-000003; another job: {settings.resolved_artifacts_dir}/jobs/job-2; "
+        f"the job itself: {job}; a longer name: {settings.resolved_artifacts_dir}-old/x"
+    )
     assert hide_server_paths({"m": [text]}, settings, "job-1") == {
-        "m": ["checkpoint step 3: checkpoints/step-000003; another job: <artifacts>/jobs/job-2; "
-              f"the job itself: .; a longer name: {settings.resolved_artifacts_dir}-old/x"]
+        "m": [
+            "checkpoint step 3: checkpoints/step-000003; another job: <artifacts>/jobs/job-2; "
+            f"the job itself: .; a longer name: {settings.resolved_artifacts_dir}-old/x"
+        ]
     }
 
 

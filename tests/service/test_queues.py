@@ -6,9 +6,8 @@ queued until each test cancels them."""
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
-
 from helpers import Worker, job, make_user, submit, tiny_spec, wait_for
+from sqlalchemy import update
 
 JOBS = "/api/v1/jobs"
 
@@ -49,8 +48,11 @@ def age(name: str, seconds: float) -> None:
     from app.models import RegisteredWorker
 
     with session_factory()() as session:
-        session.execute(update(RegisteredWorker).where(RegisteredWorker.name == name)
-                        .values(seen_at=db_now(session) - timedelta(seconds=seconds)))  # fmt: skip
+        session.execute(
+            update(RegisteredWorker)
+            .where(RegisteredWorker.name == name)
+            .values(seen_at=db_now(session) - timedelta(seconds=seconds))
+        )
         session.commit()
 
 
@@ -64,7 +66,9 @@ def test_a_job_on_an_unserved_queue_says_what_it_waits_for_until_a_worker_serves
     queued = job(client, auth, job_id)
     assert queued["status"] == "queued" and queued["queue"] == "gpu-8" and queued["queue_position"] == 0
     assert queued["waiting_for"] == "no worker serves queue gpu-8; start one with `distill worker --queues gpu-8`"
-    warnings = [e for e in client.get(f"{JOBS}/{job_id}/events", headers=auth).json()["data"] if e["level"] == "warning"]
+    warnings = [
+        e for e in client.get(f"{JOBS}/{job_id}/events", headers=auth).json()["data"] if e["level"] == "warning"
+    ]
     assert [e["message"] for e in warnings] == [queued["waiting_for"]]
 
     register("gpu-box:1", ["gpu-4"])  # a live worker, but for another queue
@@ -101,7 +105,11 @@ def test_queue_position_counts_the_queued_jobs_submitted_earlier_on_the_same_que
     second = gpu_job(client, other, dataset, 7)
     third = gpu_job(client, auth, dataset, 7)
     elsewhere = gpu_job(client, auth, dataset, 6)
-    assert [job(client, a, j)["queue_position"] for a, j in ((auth, first), (other, second), (auth, third))] == [0, 1, 2]
+    assert [job(client, a, j)["queue_position"] for a, j in ((auth, first), (other, second), (auth, third))] == [
+        0,
+        1,
+        2,
+    ]
     assert job(client, auth, elsewhere)["queue_position"] == 0
     listed = {j["id"]: j["queue_position"] for j in client.get(JOBS, headers=auth).json()["data"]}
     assert listed[first] == 0 and listed[third] == 2
@@ -133,7 +141,9 @@ def refusing(client):
 def test_a_server_may_refuse_jobs_for_unserved_queues(client, auth, dataset, refusing):
     register("gpu-box:5", ["gpu-2"])
     before = len(client.get(JOBS, headers=auth, params={"limit": 100}).json()["data"])
-    response = client.post(JOBS, headers=auth, json=tiny_spec(dataset, method="kd", resources={"accelerator": "gpu", "devices": 5}))
+    response = client.post(
+        JOBS, headers=auth, json=tiny_spec(dataset, method="kd", resources={"accelerator": "gpu", "devices": 5})
+    )
     assert response.status_code == 422, response.text
     [error] = response.json()["detail"]
     assert error["loc"] == ["body", "resources"]
@@ -173,8 +183,13 @@ def test_the_command_line_shows_a_queued_jobs_place_and_what_it_waits_for(server
 
     def distill(*args: str) -> subprocess.CompletedProcess:
         token = auth["Authorization"].removeprefix("Bearer ")
-        return subprocess.run([sys.executable, "-m", "app.cli", *args, "--url", server, "--token", token],
-                              capture_output=True, text=True, env=os.environ.copy(), timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", *args, "--url", server, "--token", token],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+            timeout=120,
+        )
 
     ahead = gpu_job(client, auth, dataset, 4)
     spec = tmp_path / "gpu.json"

@@ -10,12 +10,12 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from helpers import Worker, submit, tiny_spec, wait_for, wait_status
 from moto.server import ThreadedMotoServer
 
 from app.core.config import get_settings
 from app.core.storage import s3_store
 from worker.engine.launch import free_port
-from helpers import Worker, submit, tiny_spec, wait_for, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -56,12 +56,17 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset
         worker = Worker(tmp_path / "worker.log").start()
     finally:
         del os.environ["DISTILL_S3_BUCKET"], os.environ["DISTILL_S3_ENDPOINT_URL"]
-    job_id, done = run_to_end(client, auth, tiny_spec(dataset, checkpoints={"every_steps": 3, "keep": 1}, eval={"every_steps": 0}), worker)
+    job_id, done = run_to_end(
+        client, auth, tiny_spec(dataset, checkpoints={"every_steps": 3, "keep": 1}, eval={"every_steps": 0}), worker
+    )
     assert done["status"] == "succeeded", done["error"]
 
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="models")["Contents"]}
     prefix = f"distill/jobs/{job_id}/"
-    assert f"{prefix}archives/step-000006-attempt-1.tar" in keys and f"{prefix}checkpoints/step-000006/model.safetensors" in keys
+    assert (
+        f"{prefix}archives/step-000006-attempt-1.tar" in keys
+        and f"{prefix}checkpoints/step-000006/model.safetensors" in keys
+    )
     assert not any("step-000003" in k for k in keys)  # pruned with the local copy
 
     listing = client.get(f"/api/v1/jobs/{job_id}/checkpoints", headers=auth).json()
@@ -70,9 +75,15 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset
     first = httpx.get(response.headers["location"], headers={"Range": "bytes=0-99"})
     assert first.status_code == 206 and len(first.content) == 100
     whole = httpx.get(response.headers["location"])
-    assert hashlib.sha256(whole.content).hexdigest() == listing[-1]["archive_sha256"] == response.headers["x-checksum-sha256"]
+    assert (
+        hashlib.sha256(whole.content).hexdigest()
+        == listing[-1]["archive_sha256"]
+        == response.headers["x-checksum-sha256"]
+    )
 
-    single = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/files/config.json", headers=auth, follow_redirects=False)
+    single = client.get(
+        f"/api/v1/jobs/{job_id}/checkpoints/latest/files/config.json", headers=auth, follow_redirects=False
+    )
     assert single.status_code == 307
     assert httpx.get(single.headers["location"]).json()["num_hidden_layers"] == 2
 
@@ -85,7 +96,9 @@ def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client,
     # Beside the service's own artifacts folder: outside the data roots, which the tests' temporary files are in.
     machines = Path(os.environ["DISTILL_ARTIFACTS_DIR"]).parent / f"machines-{uuid.uuid4().hex[:8]}"
     first = Worker(tmp_path / "first.log", DISTILL_ARTIFACTS_DIR=str(machines / "first"), **env).start()
-    spec = tiny_spec(dataset, training={"steps": 40}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0})
+    spec = tiny_spec(
+        dataset, training={"steps": 40}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0}
+    )
     job_id = submit(client, auth, spec)
     prefix = f"distill/jobs/{job_id}/resume/"
 
@@ -102,11 +115,18 @@ def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client,
     finally:
         second.stop()
     assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
-    messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]]
+    messages = [
+        e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]
+    ]
     resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed from step")]
     assert resumed and resumed[0] >= 5, messages  # not step 0
     assert resume_steps() == {"step-000040"}  # the bucket keeps the newest resume state only
-    assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth, follow_redirects=False).status_code == 307
+    assert (
+        client.get(
+            f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth, follow_redirects=False
+        ).status_code
+        == 307
+    )
 
 
 def test_an_upload_is_read_by_a_worker_that_does_not_share_the_apis_folder(client, auth, dataset, s3, tmp_path):
@@ -117,12 +137,20 @@ def test_an_upload_is_read_by_a_worker_that_does_not_share_the_apis_folder(clien
     uploaded = client.post("/api/v1/datasets", params={"name": "train"}, content=body, headers=auth).json()
     key = f"distill/datasets/{uploaded['id']}.jsonl"
     assert bucket.get_object(Bucket="models", Key=key)["Body"].read() == body
-    (Path(os.environ["DISTILL_ARTIFACTS_DIR"]) / "datasets" / f"{uploaded['id']}.jsonl").unlink()  # not on the worker's machine
+    (
+        Path(os.environ["DISTILL_ARTIFACTS_DIR"]) / "datasets" / f"{uploaded['id']}.jsonl"
+    ).unlink()  # not on the worker's machine
 
     elsewhere = Path(os.environ["DISTILL_ARTIFACTS_DIR"]).parent / f"machines-{uuid.uuid4().hex[:8]}"
-    worker = Worker(tmp_path / "worker.log", DISTILL_ARTIFACTS_DIR=str(elsewhere), DISTILL_S3_BUCKET="models",
-                    DISTILL_S3_ENDPOINT_URL=endpoint).start()  # fmt: skip
-    spec = tiny_spec(dataset, data={"train": f"dataset:{uploaded['id']}"}, checkpoints={"every_steps": 0}, eval={"every_steps": 0})
+    worker = Worker(
+        tmp_path / "worker.log",
+        DISTILL_ARTIFACTS_DIR=str(elsewhere),
+        DISTILL_S3_BUCKET="models",
+        DISTILL_S3_ENDPOINT_URL=endpoint,
+    ).start()
+    spec = tiny_spec(
+        dataset, data={"train": f"dataset:{uploaded['id']}"}, checkpoints={"every_steps": 0}, eval={"every_steps": 0}
+    )
     _, done = run_to_end(client, auth, spec, worker)
     assert done["status"] == "succeeded", done["error"]
     assert (elsewhere / "datasets" / f"{uploaded['id']}.jsonl").read_bytes() == body

@@ -18,8 +18,9 @@ JOBS = "/api/v1/jobs"
 
 
 def distill(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
 
 
 def kid_of(url: str) -> str:
@@ -45,12 +46,28 @@ def archive(tmp_path_factory):
     (folder / "model.tar").write_bytes(content)
     with session_factory()() as session:
         user, token = crud.create_user(session, f"signer-{os.getpid()}")
-        job, _ = crud.create_job(session, user, {"name": "signed"}, queue="cpu-1", total_steps=1, max_attempts=1,
-                                 idempotency_key=None, max_active=100)  # fmt: skip
+        job, _ = crud.create_job(
+            session,
+            user,
+            {"name": "signed"},
+            queue="cpu-1",
+            total_steps=1,
+            max_attempts=1,
+            idempotency_key=None,
+            max_active=100,
+        )
         job_status.request_cancel(session, job.id)  # ended: never sent to a worker
-        session.add(Checkpoint(job_id=job.id, step=1, path=str(folder), archive_path=str(folder / "model.tar"),
-                               archive_size=len(content), archive_sha256=hashlib.sha256(content).hexdigest(),
-                               files=[]))  # fmt: skip
+        session.add(
+            Checkpoint(
+                job_id=job.id,
+                step=1,
+                path=str(folder),
+                archive_path=str(folder / "model.tar"),
+                archive_size=len(content),
+                archive_sha256=hashlib.sha256(content).hexdigest(),
+                files=[],
+            )
+        )
         session.commit()
         return f"{JOBS}/{job.id}/checkpoints/1/archive", {"Authorization": f"Bearer {token}"}, content
 

@@ -10,8 +10,8 @@ from contextlib import ExitStack
 
 import httpx
 import pytest
-
 from helpers import wait_for
+
 from worker.engine.launch import free_port
 
 LIMIT = 2
@@ -21,9 +21,12 @@ LIMIT = 2
 def server(tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("uvicorn") / "server.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-                               env={**os.environ, "DISTILL_MAX_STREAMS_PER_USER": str(LIMIT)}, stdout=log,
-                               stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "DISTILL_MAX_STREAMS_PER_USER": str(LIMIT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -47,8 +50,16 @@ def user_with_job(ended: bool = False) -> tuple[dict, str]:
 
     with session_factory()() as session:
         user, token = crud.create_user(session, f"streamer-{time.monotonic_ns()}")
-        job, _ = crud.create_job(session, user, {"name": "streamed"}, queue="cpu-1", total_steps=1, max_attempts=1,
-                                 idempotency_key=None, max_active=100)  # fmt: skip
+        job, _ = crud.create_job(
+            session,
+            user,
+            {"name": "streamed"},
+            queue="cpu-1",
+            total_steps=1,
+            max_attempts=1,
+            idempotency_key=None,
+            max_active=100,
+        )
         if ended:
             job_status.request_cancel(session, job.id)
         return {"Authorization": f"Bearer {token}"}, job.id
@@ -84,7 +95,10 @@ def test_streams_past_the_cap_are_refused_until_one_closes(server, queued_jobs):
 
         refused = http.get(f"/api/v1/jobs/{alices_job}/events/stream", headers=alice)
         assert refused.status_code == 429
-        assert f"{LIMIT} event streams" in refused.json()["message"] and "max_streams_per_user" in refused.json()["message"]
+        assert (
+            f"{LIMIT} event streams" in refused.json()["message"]
+            and "max_streams_per_user" in refused.json()["message"]
+        )
         assert open_stream(everything, http, bob, bobs_job).status_code == 200  # another user's cap is their own
 
         first.close()  # the client goes away mid-stream: its slot comes free

@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
+from helpers import submit, tiny_spec
 from sqlalchemy import text, update
 
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.device_leases import Inventory, inventory
 from app.models import Job
-from helpers import submit, tiny_spec
 from worker.node_group import HostfileError, read_hostfile, write_rank_environment
 from worker.supervisor import child_command, child_environment, describe_exit
 
@@ -38,29 +37,52 @@ def test_a_job_across_the_node_group_names_its_machines_size_and_rendezvous(tmp_
     # The first machine's worker runs jobs of its own GPUs, and of 2 or 3 whole machines.
     assert inventory(settings).queues == [f"{kind}-{n}" for kind in ("gpu", "auto") for n in [*range(1, 9), 16, 24]]
     cmd = child_command("job-1", 1, {"resources": {"devices": 16}}, settings, devices=list(range(8)), master_port=29123)
-    option = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+
+    def option(name: str) -> str:
+        return cmd[cmd.index(name) + 1]
+
     assert option("--hostfile") == str(hosts) and option("--num_nodes") == "2" and option("--num_gpus") == "8"
     assert option("--master_addr") == "gpu-a" and option("--master_port") == "29123" and "--include" not in cmd
 
 
 def test_a_hostfile_that_cannot_describe_a_group_is_refused_naming_the_line(tmp_path):
     hosts = tmp_path / "hosts"
-    for text, words in [("gpu-a slots=8\ngpu-b slots=4\n", "same slots"), ("gpu-a slots=8\ngpu-b\n", "line 2"),
-                        ("# nobody\n", "no hosts")]:  # fmt: skip
-        hosts.write_text(text)
+    for content, words in [
+        ("gpu-a slots=8\ngpu-b slots=4\n", "same slots"),
+        ("gpu-a slots=8\ngpu-b\n", "line 2"),
+        ("# nobody\n", "no hosts"),
+    ]:
+        hosts.write_text(content)
         with pytest.raises(HostfileError, match=words):
             read_hostfile(hosts)
 
 
 def test_ranks_across_machines_get_the_settings_they_need_and_no_others(tmp_path):
-    env = {"DISTILL_DATABASE_URL": "postgresql+psycopg://distill:pw@db/distill", "DISTILL_ARTIFACTS_DIR": "/srv/artifacts",
-           "DISTILL_MODEL_ROOTS": "/srv/models:/mnt/m", "AWS_SECRET_ACCESS_KEY": "s3-secret", "HF_HOME": "/data/cache/hf",
-           "PGOPTIONS": "-c idle_in_transaction_session_timeout=60000", "DISTILL_SECRET_KEY": "k1:signing-secret",
-           "DISTILL_BROKER_URL": "redis://:pw@redis/0", "DISTILL_WEBHOOK_CA_FILE": "/etc/ca.pem", "HOME": "/root"}  # fmt: skip
+    env = {
+        "DISTILL_DATABASE_URL": "postgresql+psycopg://distill:pw@db/distill",
+        "DISTILL_ARTIFACTS_DIR": "/srv/artifacts",
+        "DISTILL_MODEL_ROOTS": "/srv/models:/mnt/m",
+        "AWS_SECRET_ACCESS_KEY": "s3-secret",
+        "HF_HOME": "/data/cache/hf",
+        "PGOPTIONS": "-c idle_in_transaction_session_timeout=60000",
+        "DISTILL_SECRET_KEY": "k1:signing-secret",
+        "DISTILL_BROKER_URL": "redis://:pw@redis/0",
+        "DISTILL_WEBHOOK_CA_FILE": "/etc/ca.pem",
+        "HOME": "/root",
+    }
     path = write_rank_environment(env, tmp_path / "attempt-1.env")
     written = dict(line.split("=", 1) for line in path.read_text().splitlines())
-    assert written == {k: env[k] for k in ("DISTILL_DATABASE_URL", "DISTILL_ARTIFACTS_DIR", "DISTILL_MODEL_ROOTS",
-                                           "AWS_SECRET_ACCESS_KEY", "HF_HOME", "PGOPTIONS")}  # fmt: skip
+    assert written == {
+        k: env[k]
+        for k in (
+            "DISTILL_DATABASE_URL",
+            "DISTILL_ARTIFACTS_DIR",
+            "DISTILL_MODEL_ROOTS",
+            "AWS_SECRET_ACCESS_KEY",
+            "HF_HOME",
+            "PGOPTIONS",
+        )
+    }
     assert path.stat().st_mode & 0o777 == 0o600
 
 
@@ -69,7 +91,10 @@ def test_exit_descriptions(tmp_path):
     log.write_text("loading\nRuntimeError: boom\n")
     killed = describe_exit(-signal.SIGKILL, log)
     assert killed["code"] == "ProcessExited" and "SIGKILL" in killed["message"] and "out-of-memory" in killed["message"]
-    assert "exited with code 3" in describe_exit(3, log)["message"] and "RuntimeError: boom" in describe_exit(3, log)["message"]
+    assert (
+        "exited with code 3" in describe_exit(3, log)["message"]
+        and "RuntimeError: boom" in describe_exit(3, log)["message"]
+    )
 
 
 def test_the_api_and_celery_processes_never_import_torch():
@@ -87,7 +112,8 @@ import app.cli, worker.tasks, app.reaper
 from worker.engine.data import read_records
 from worker.engine.preflight import preflight
 from worker.engine.spec import parse_spec
-assert preflight(parse_spec({"teacher": "builtin:smollm2-135m-instruct", "student": {"model": "builtin:tiny-student"}})) == []
+demo = {"teacher": "builtin:smollm2-135m-instruct", "student": {"model": "builtin:tiny-student"}}
+assert preflight(parse_spec(demo)) == []
 assert preflight(parse_spec({"student": {"model": "/no/such/dir"}}))
 assert read_records("builtin:demo")
 sys.exit(2 if "torch" in sys.modules or "transformers" in sys.modules else 0)

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anyio
 import pytest
 import trustme
+from helpers import make_user, submit, tiny_spec, wait_for, wait_status
 from huggingface_hub import ModelCard
 from sqlalchemy import select, update
 
@@ -25,7 +26,6 @@ from app.models import Job, User, WebhookDelivery
 from worker.engine.checkpoints import METRIC_NAMES
 from worker.engine.launch import free_port
 from worker.engine.paths import PROJECT_ROOT
-from helpers import make_user, submit, tiny_spec, wait_for, wait_status
 
 pytestmark = pytest.mark.usefixtures("no_leftover_jobs")
 
@@ -42,7 +42,9 @@ def readme_verify():
 class Receiver:
     """An HTTP server in a thread that records every request; the first `fail_first` answer 500."""
 
-    def __init__(self, port: int | None = None, fail_first: int = 0, delay: float = 0.0, tls: ssl.SSLContext | None = None):
+    def __init__(
+        self, port: int | None = None, fail_first: int = 0, delay: float = 0.0, tls: ssl.SSLContext | None = None
+    ):
         """`tls`: serve https with this server context (its certificate), on `https_url(host)`."""
         self.port, self.fail_first, self.delay, self.tls = port or free_port(), fail_first, delay, tls
         self.requests: list[dict] = []  # {path, headers, body, status}
@@ -68,7 +70,9 @@ class Receiver:
                 time.sleep(receiver.delay)
                 with receiver.lock:
                     status = 500 if len(receiver.requests) < receiver.fail_first else 200
-                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body, "status": status})
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
+                    )
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -109,7 +113,9 @@ def end_job(client, auth, dataset, status: str = "succeeded", **spec) -> str:
     job_id = submit(client, auth, tiny_spec(dataset, **spec))
     with session_factory()() as session:
         attempt = job_status.claim(session, job_id, "test-worker")
-        assert job_status.finish(session, job_id, attempt, status, {"code": "Boom", "message": "it broke"} if status == "failed" else None)
+        assert job_status.finish(
+            session, job_id, attempt, status, {"code": "Boom", "message": "it broke"} if status == "failed" else None
+        )
     return job_id
 
 
@@ -136,7 +142,10 @@ def one_message(receiver: Receiver, job_id: str, secret: str, settle: bool = Tru
     assert not verify(secret + "x", request["headers"]["X-Distill-Signature"], request["body"])
     assert not verify(secret, request["headers"]["X-Distill-Signature"], request["body"] + b" ")
     message = json.loads(request["body"])
-    assert request["headers"]["X-Distill-Delivery"] == message["id"] and request["headers"]["X-Distill-Event"] == message["type"]
+    assert (
+        request["headers"]["X-Distill-Delivery"] == message["id"]
+        and request["headers"]["X-Distill-Event"] == message["type"]
+    )
     found = delivery(job_id)
     assert found.status == "delivered" and found.id == message["id"] and found.delivered_at
     return message
@@ -149,13 +158,23 @@ def test_jobs_run_by_a_worker_send_one_signed_message_each_and_their_cards_hold_
     name = f"cli-{os.urandom(3).hex()}"
     auth = make_user(name)
     # The operator sets the user's webhook with the command line, which shows the secret this once.
-    set_hook = subprocess.run([sys.executable, "-m", "app.cli", "users", "webhook", name, receiver.url, "--json"],
-                              capture_output=True, text=True, env=os.environ.copy(), timeout=120)  # fmt: skip
+    set_hook = subprocess.run(
+        [sys.executable, "-m", "app.cli", "users", "webhook", name, receiver.url, "--json"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert set_hook.returncode == 0, set_hook.stderr
     shown = json.loads(set_hook.stdout)
     assert shown["webhook_url"] == receiver.url and shown["secret"].startswith("whsec_")
-    again = subprocess.run([sys.executable, "-m", "app.cli", "users", "webhook", name, "--json"],
-                           capture_output=True, text=True, env=os.environ.copy(), timeout=120)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "app.cli", "users", "webhook", name, "--json"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert json.loads(again.stdout) == {"name": name, "webhook_url": receiver.url}  # never shown again
 
     ok = submit(client, auth, tiny_spec(dataset))
@@ -167,7 +186,11 @@ def test_jobs_run_by_a_worker_send_one_signed_message_each_and_their_cards_hold_
     done = wait_status(client, auth, ok, {"succeeded", "failed"})
     assert done["status"] == "succeeded", done["error"]
     message = one_message(receiver, ok, shown["secret"])
-    assert message["type"] == "job.succeeded" and message["job"]["status"] == "succeeded" and message["job"]["error"] is None
+    assert (
+        message["type"] == "job.succeeded"
+        and message["job"]["status"] == "succeeded"
+        and message["job"]["error"] is None
+    )
     assert message["job"]["name"] == "tiny" and message["job"]["best_eval"] == done["best_eval"]
     assert message["job"]["finished_at"] and message["job"]["started_at"] and message["job"]["created_at"]
     assert message["links"]["job"] == f"/api/v1/jobs/{ok}"
@@ -182,7 +205,8 @@ def test_jobs_run_by_a_worker_send_one_signed_message_each_and_their_cards_hold_
     for split, label in (("test", "final"), ("selection", "selection")):  # the last selection eval is at the final step
         scores = [e for e in evals if e["label"] == label][-1]["scores"]
         assert {r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_split == split} == {
-            METRIC_NAMES.get(key, (key,))[0]: value for key, value in scores.items()}  # fmt: skip
+            METRIC_NAMES.get(key, (key,))[0]: value for key, value in scores.items()
+        }
     assert "/tmp/" not in readme.text and os.environ["DISTILL_ARTIFACTS_DIR"] not in readme.text
     assert "AutoModelForCausalLM.from_pretrained" in readme.text
 
@@ -221,7 +245,9 @@ def test_a_receiver_that_fails_twice_still_gets_exactly_one_message(client, data
         message = one_message(receiver, job_id, secret)
         assert message["job"]["error"] == {"code": "Boom", "message": "it broke"}
         assert [r["status"] for r in receiver.requests] == [500, 500, 200]
-        assert len({r["headers"]["X-Distill-Delivery"] for r in receiver.requests}) == 1  # the same delivery, tried again
+        assert (
+            len({r["headers"]["X-Distill-Delivery"] for r in receiver.requests}) == 1
+        )  # the same delivery, tried again
     finally:
         receiver.stop()
 
@@ -270,8 +296,13 @@ def test_reapers_sending_at_once_deliver_each_message_once(client, dataset):
 
 def test_webhooks_go_only_to_public_addresses_unless_the_operator_allows_others(client, dataset, monkeypatch, receiver):
     strict = get_settings().model_copy(update={"webhook_allow_private": False})
-    for url in ("http://127.0.0.1:8000/x", "http://localhost/x", "https://10.1.2.3/x", "http://[::ffff:192.168.0.1]/x",
-                "http://169.254.169.254/latest/meta-data"):  # fmt: skip
+    for url in (
+        "http://127.0.0.1:8000/x",
+        "http://localhost/x",
+        "https://10.1.2.3/x",
+        "http://[::ffff:192.168.0.1]/x",
+        "http://169.254.169.254/latest/meta-data",
+    ):
         assert "not a public address" in webhooks.url_problem(url, strict), url
     assert webhooks.url_problem("https://hooks.example.com/x", strict) is None  # names are checked when sent
     with pytest.raises(webhooks.Refused):
@@ -287,12 +318,16 @@ def test_webhooks_go_only_to_public_addresses_unless_the_operator_allows_others(
 
 def test_a_spec_webhook_needs_a_secret_to_sign_with(client, dataset):
     auth = make_user()
-    response = client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": "https://example.com/h"}),
-                           headers=auth)  # fmt: skip
+    response = client.post(
+        "/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": "https://example.com/h"}), headers=auth
+    )
     assert response.status_code == 422
     assert [(d["loc"], "no webhook secret" in d["msg"]) for d in response.json()["detail"]] == [
-        (["body", "notify", "webhook_url"], True)]  # fmt: skip
-    bad = client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": "ftp://example.com/h"}), headers=auth)
+        (["body", "notify", "webhook_url"], True)
+    ]
+    bad = client.post(
+        "/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": "ftp://example.com/h"}), headers=auth
+    )
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-2:] == ["notify", "webhook_url"]
 
 
@@ -300,7 +335,9 @@ def test_users_set_their_own_webhook_and_its_secret_through_the_api(client, data
     auth, other = make_user(), make_user()
     hook = "/api/v1/me/webhook"
     assert client.get(hook, headers=auth).json() == {"url": None, "has_secret": False, "secret": None}
-    refused = client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": receiver.url}), headers=auth)
+    refused = client.post(
+        "/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": receiver.url}), headers=auth
+    )
     assert "`distill webhook --new-secret`" in refused.json()["detail"][0]["msg"]
 
     bad = client.put(hook, json={"url": "ftp://example.com/h"}, headers=auth)
@@ -309,11 +346,19 @@ def test_users_set_their_own_webhook_and_its_secret_through_the_api(client, data
 
     made = client.put(hook, json={"url": receiver.url}, headers=auth).json()
     assert made["url"] == receiver.url and made["has_secret"] and made["secret"].startswith("whsec_")
-    assert client.get(hook, headers=auth).json() == {"url": receiver.url, "has_secret": True, "secret": None}  # never shown again
+    assert client.get(hook, headers=auth).json() == {
+        "url": receiver.url,
+        "has_secret": True,
+        "secret": None,
+    }  # never shown again
     assert client.put(hook, json={"url": receiver.url}, headers=auth).json()["secret"] is None  # kept, not made again
     assert client.get(hook, headers=other).json()["url"] is None  # each user's own
-    assert client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": receiver.url}),
-                       headers=auth).status_code == 200  # fmt: skip
+    assert (
+        client.post(
+            "/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": receiver.url}), headers=auth
+        ).status_code
+        == 200
+    )
 
     first = end_job(client, auth, dataset)
     one_message(receiver, first, made["secret"])
@@ -348,8 +393,13 @@ def test_the_command_line_sets_the_users_own_webhook(server, client, receiver):
     token = auth["Authorization"].removeprefix("Bearer ")
 
     def distill(*args: str) -> dict:
-        done = subprocess.run([sys.executable, "-m", "app.cli", "webhook", *args, "--json", "--url", server, "--token", token],
-                              capture_output=True, text=True, env=os.environ.copy(), timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", "webhook", *args, "--json", "--url", server, "--token", token],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
@@ -404,7 +454,9 @@ def test_a_receiver_that_answers_too_slowly_is_a_failed_try_bounded_in_time():
         quick = get_settings().model_copy(update={"webhook_timeout_seconds": 0.5})
         started = time.monotonic()
         with pytest.raises(webhooks.DeliveryError, match="no answer within 0.5 s"):
-            webhooks._send(slow.url, {"id": "whd-test", "type": "job.succeeded", "job": {"id": "job-none"}}, "whsec_x", quick)
+            webhooks._send(
+                slow.url, {"id": "whd-test", "type": "job.succeeded", "job": {"id": "job-none"}}, "whsec_x", quick
+            )
         assert time.monotonic() - started < 2
     finally:
         slow.stop()

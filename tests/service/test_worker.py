@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import Worker, job, make_user, rank_processes, submit, tiny_spec, training_process, wait_for, wait_status
 from sqlalchemy import select, update
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,10 +19,8 @@ from app.core.db import session_factory
 from app.main import app
 from app.models import Checkpoint, Job
 from worker.engine.launch import free_port
-from helpers import Worker, job, make_user, rank_processes, submit, tiny_spec, training_process, wait_for, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
-
 
 
 def checkpoints(client, auth, job_id) -> list:
@@ -38,7 +37,10 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     events = client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
     assert {"state", "metrics", "eval", "checkpoint", "log"} <= {e["type"] for e in events}
     # Paths are the job's own, never the server's: its artifacts folder appears nowhere.
-    assert [e["data"]["path"] for e in events if e["type"] == "checkpoint"] == ["checkpoints/step-000003", "checkpoints/step-000006"]
+    assert [e["data"]["path"] for e in events if e["type"] == "checkpoint"] == [
+        "checkpoints/step-000003",
+        "checkpoints/step-000006",
+    ]
     assert os.environ["DISTILL_ARTIFACTS_DIR"] not in str(events)
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
     assert [p["step"] for p in series["loss"]] == [1, 2, 3, 4, 5, 6] and "reverse_kl" in series
@@ -55,8 +57,11 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     listing = checkpoints(client, auth, job_id)
     assert [c["step"] for c in listing] == [3, 6] and listing[-1]["latest"] and sum(c["best"] for c in listing) == 1
     # `best` is the checkpoint the engine chose, as its checkpoint events said; the job shows its test-set scores
-    chosen = [e["data"]["step"] for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]
-              if e["type"] == "checkpoint" and e["data"]["best"]]  # fmt: skip
+    chosen = [
+        e["data"]["step"]
+        for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]
+        if e["type"] == "checkpoint" and e["data"]["best"]
+    ]
     assert next(c["step"] for c in listing if c["best"]) == done["best_eval"]["step"] == chosen[-1]
     assert done["best_eval"]["set"] == "test"
     assert {"config.json", "model.safetensors", "README.md"} <= {f["name"] for f in listing[-1]["files"]}
@@ -91,7 +96,9 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
 
     expired, _ = signed_url(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", seconds=-1)
     assert client.get(expired).status_code == 403
-    file_link = client.post(f"/api/v1/jobs/{job_id}/checkpoints/best/files/config.json/link", headers=auth).json()["url"]
+    file_link = client.post(f"/api/v1/jobs/{job_id}/checkpoints/best/files/config.json/link", headers=auth).json()[
+        "url"
+    ]
     assert client.get(file_link).json()["num_hidden_layers"] == 2
     other = make_user()
     assert client.post(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive/link", headers=other).status_code == 404
@@ -100,7 +107,9 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/²/archive", headers=auth).status_code == 404
     assert client.get(link.replace("signature=", "signature=é")).status_code == 403
     with session_factory()() as session:
-        latest = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()[-1]
+        latest = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()[
+            -1
+        ]
         Path(latest.archive_path).unlink()
         (Path(latest.path) / "config.json").unlink()
     gone = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth)
@@ -109,7 +118,9 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
 
 
 def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dataset, worker):
-    spec = tiny_spec(dataset, training={"steps": 400}, checkpoints={"every_steps": 5, "keep": 2}, eval={"every_steps": 0})
+    spec = tiny_spec(
+        dataset, training={"steps": 400}, checkpoints={"every_steps": 5, "keep": 2}, eval={"every_steps": 0}
+    )
     job_id = submit(client, auth, spec)
     wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
     response = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
@@ -123,7 +134,9 @@ def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dataset, w
 
 def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(client, auth, dataset, tmp_path):
     first = Worker(tmp_path / "first.log").start()
-    spec = tiny_spec(dataset, training={"steps": 120}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0})
+    spec = tiny_spec(
+        dataset, training={"steps": 120}, checkpoints={"every_steps": 10, "keep": 1}, eval={"every_steps": 0}
+    )
     job_id = submit(client, auth, spec)
     wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
     lost = job(client, auth, job_id)["placement"]["worker"]
@@ -137,7 +150,9 @@ def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(cli
     finally:
         second.stop()
     assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
-    messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]]
+    messages = [
+        e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events?limit=1000", headers=auth).json()["data"]
+    ]
     assert f"queued again: worker {lost} stopped responding (attempt 1 of 3)" in messages
     assert any(m.startswith("resumed from step") for m in messages)
 
@@ -169,8 +184,14 @@ def test_a_crashed_training_process_on_the_last_attempt_fails_the_job_with_the_r
 
 
 def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client, auth, dataset, worker):
-    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 40},
-                     checkpoints={"every_steps": 4, "keep": 1}, eval={"every_steps": 0})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        method="kd",
+        resources={"devices": 2},
+        training={"steps": 40},
+        checkpoints={"every_steps": 4, "keep": 1},
+        eval={"every_steps": 0},
+    )
     job_id = submit(client, auth, spec)
     wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
     ranks = wait_for(lambda: len(r := rank_processes(job_id)) == 2 and r, what="both ranks")
@@ -178,7 +199,10 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client,
 
     done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=600)
     assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
-    messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]]
+    messages = [
+        e["message"]
+        for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
+    ]
     assert any(m.startswith("queued again: the training process exited") for m in messages), messages
     resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed from step")]
     assert resumed and resumed[0] >= 4
@@ -189,13 +213,18 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client,
 def test_a_stalled_training_process_is_stopped_and_its_job_retried(client, auth, dataset, tmp_path):
     w = Worker(tmp_path / "w.log", DISTILL_PROGRESS_TIMEOUT_SECONDS="20").start()
     try:
-        spec = tiny_spec(dataset, training={"steps": 30}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0})
+        spec = tiny_spec(
+            dataset, training={"steps": 30}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0}
+        )
         job_id = submit(client, auth, spec)
         wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
         os.kill(training_process(job_id)[0], signal.SIGSTOP)  # alive, holding its lease, and silent: a hang
         done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=300)
         assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
-        messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]]
+        messages = [
+            e["message"]
+            for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
+        ]
         assert any(m.startswith("queued again: no step and no event for 20 s") for m in messages), messages
         assert any(m.startswith("resumed from step") for m in messages)
     finally:
@@ -214,11 +243,16 @@ def test_a_model_that_cannot_load_fails_the_job_with_a_useful_error(client, auth
 
 def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, dataset):
     """`distill up` with no database or broker configured, driven by `distill submit --wait`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("DISTILL_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DISTILL_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     port = free_port()
     env.update(DISTILL_DATA_DIR=str(tmp_path / "home"), DISTILL_PORT=str(port))
-    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         line = up.stdout.readline()
         assert "distill is up" in line, line
@@ -226,8 +260,13 @@ def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, 
         import yaml
 
         spec.write_text(yaml.safe_dump(tiny_spec(dataset)))
-        result = subprocess.run([sys.executable, "-m", "app.cli", "submit", str(spec), "--wait"], env=env,
-                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", "submit", str(spec), "--wait"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         assert "succeeded" in result.stdout and (tmp_path / "home" / "distill.db").exists()
         assert (tmp_path / "home" / "broker.db").exists()
@@ -241,8 +280,14 @@ def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, 
 
 
 def test_a_two_device_job_runs_under_the_deepspeed_launcher(client, auth, dataset, worker):
-    spec = tiny_spec(dataset, method="kd", resources={"devices": 2}, training={"steps": 4},
-                     eval={"every_steps": 0}, checkpoints={"every_steps": 0})  # fmt: skip
+    spec = tiny_spec(
+        dataset,
+        method="kd",
+        resources={"devices": 2},
+        training={"steps": 4},
+        eval={"every_steps": 0},
+        checkpoints={"every_steps": 0},
+    )
     job_id = submit(client, auth, spec)
     done = wait_status(client, auth, job_id, {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["queue"] == "auto-2", done["error"]

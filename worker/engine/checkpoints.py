@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .data import held_out_source
 from .distributed import barrier, rank
 from .paths import RESUME_STATE_FILE
-from .data import held_out_source
 from .references import looks_like_hub_id
 from .spec import JobSpec
 
@@ -62,15 +62,21 @@ PAPERS = {
     "kd": ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "1503.02531"),
     "seqkd": ("Sequence-Level Knowledge Distillation (Kim and Rush, 2016)", "1606.07947"),
 }
-METHODS = {"minillm": "MiniLLM (reverse KL, policy gradient on the student's own samples)",
-           "kd": "word-level knowledge distillation (forward KL on the gold responses)",
-           "seqkd": "sequence-level knowledge distillation (fine-tuning on the teacher's samples)",
-           "sft": "supervised fine-tuning on the gold responses"}  # fmt: skip
+METHODS = {
+    "minillm": "MiniLLM (reverse KL, policy gradient on the student's own samples)",
+    "kd": "word-level knowledge distillation (forward KL on the gold responses)",
+    "seqkd": "sequence-level knowledge distillation (fine-tuning on the teacher's samples)",
+    "sft": "supervised fine-tuning on the gold responses",
+}
 # Builtin models that are published models under another name: the card links the original.
 BUILTIN_ORIGINS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-METRIC_NAMES = {"rouge_l": ("rougeL", "Rouge-L F1 x100"), "reverse_kl": ("reverse_kl", "Reverse KL to the teacher"),
-                "forward_kl": ("forward_kl", "Forward KL to the teacher"), "distinct_4": ("distinct_4", "Distinct-4"),
-                "response_length": ("response_length", "Mean response length (tokens)")}  # fmt: skip
+METRIC_NAMES = {
+    "rouge_l": ("rougeL", "Rouge-L F1 x100"),
+    "reverse_kl": ("reverse_kl", "Reverse KL to the teacher"),
+    "forward_kl": ("forward_kl", "Forward KL to the teacher"),
+    "distinct_4": ("distinct_4", "Distinct-4"),
+    "response_length": ("response_length", "Mean response length (tokens)"),
+}
 
 
 def _public_data(ref: str | None) -> str | None:
@@ -96,7 +102,10 @@ def _hub_model(ref: str) -> str | None:
 
 
 def model_card(
-    spec: JobSpec, step: int, scores: dict[str, dict[str, float]], selection: dict[str, float] | None,
+    spec: JobSpec,
+    step: int,
+    scores: dict[str, dict[str, float]],
+    selection: dict[str, float] | None,
     best: tuple[float, int] | None,
 ) -> str:
     """README.md for the Hugging Face directory: what this model is and how it scored, with the hub's
@@ -112,7 +121,11 @@ def model_card(
 
     init = spec.student.init_from_teacher
     origin = spec.student.model or spec.teacher  # the weights the student started from
-    student = _public_model(spec.student.model) if spec.student.model else f"{init.num_layers} layers of the teacher ({init.strategy})"
+    student = (
+        _public_model(spec.student.model)
+        if spec.student.model
+        else f"{init.num_layers} layers of the teacher ({init.strategy})"
+    )
     stages = (f"{spec.recovery.method} for {spec.recovery.steps} steps, then " if spec.recovery else "") + (
         f"{spec.method} for {spec.training.steps} steps"
     )
@@ -129,15 +142,27 @@ def model_card(
     for split, source in (("test", test_set), ("selection", selection_set)):
         for metric, value in (own[split] or {}).items():
             kind, name = METRIC_NAMES.get(metric, (metric, metric))
-            results.append(EvalResult(task_type="text-generation", dataset_type=source, dataset_name=f"{split} set: {source}",
-                                      dataset_split=split, metric_type=kind, metric_name=name, metric_value=float(value)))  # fmt: skip
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=source,
+                    dataset_name=f"{split} set: {source}",
+                    dataset_split=split,
+                    metric_type=kind,
+                    metric_name=name,
+                    metric_value=float(value),
+                )
+            )
     paper = PAPERS.get(spec.method)
     data = ModelCardData(
-        model_name=f"{spec.name} (step {step})", base_model=_hub_model(origin), datasets=datasets or None,
-        library_name="transformers", pipeline_tag="text-generation",
+        model_name=f"{spec.name} (step {step})",
+        base_model=_hub_model(origin),
+        datasets=datasets or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
         tags=["distillation", spec.method, "distill"] + ([f"arxiv:{paper[1]}"] if paper else []),
         eval_results=results or None,
-    )  # fmt: skip
+    )
     lines = [
         f"# {spec.name} (step {step})",
         "",
@@ -168,13 +193,26 @@ def model_card(
             "|---|" + "---|" * len(metrics),
         ]
         for label, values in scores.items():
-            lines.append(f"| {label} | " + " | ".join(f"{values[m]:.3f}" if m in values else "" for m in metrics) + " |")
+            lines.append(
+                f"| {label} | " + " | ".join(f"{values[m]:.3f}" if m in values else "" for m in metrics) + " |"
+            )
         lines.append("")
     if selection:
-        lines += [f"Selection set `{selection_set}`: Rouge-L {selection['rouge_l']:.3f} at this step"
-                  + (f"; the best so far is step {best[1]} ({best[0]:.3f})." if best else "."), ""]  # fmt: skip
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]  # fmt: skip
+        lines += [
+            f"Selection set `{selection_set}`: Rouge-L {selection['rouge_l']:.3f} at this step"
+            + (f"; the best so far is step {best[1]} ({best[0]:.3f})." if best else "."),
+            "",
+        ]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "```",
+        "",
+    ]
     # ModelCard checks the metadata as it parses it: a card the hub would refuse fails here, not at a push.
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines)))
 

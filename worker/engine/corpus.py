@@ -15,9 +15,7 @@ tokens (reference: 512), and the remainder shorter than a chunk is dropped.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .data import DataError, json_lines, parse_json_line

@@ -7,12 +7,10 @@ gold text, e.g. the builtin demo set, whose references the teacher writes on fir
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .spec import DataSpec
@@ -30,7 +28,9 @@ BUILTIN_SETS = {
 DEMO_HELD_OUT = {"selection": "builtin:demo-selection", "eval": "builtin:demo-eval"}
 
 # The MiniLLM paper's prompt template (LMOps tools/process_data_dolly.py), trailing newline included.
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 ALPACA_PREAMBLE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
@@ -79,7 +79,9 @@ def held_out_source(train: str, given: str | None, role: str) -> str | None:
     return given or (DEMO_HELD_OUT[role] if train == "builtin:demo" else None)
 
 
-def split_held_out(data: DataSpec, records: list[Record], counts: dict[str, int]) -> tuple[list[Record], dict[str, list[Record]]]:
+def split_held_out(
+    data: DataSpec, records: list[Record], counts: dict[str, int]
+) -> tuple[list[Record], dict[str, list[Record]]]:
     """(training records, {"eval": test records, "selection": selection records}).
 
     Each held-out set is read from its source (`held_out_source`), or else taken from the tail of
@@ -94,8 +96,10 @@ def split_held_out(data: DataSpec, records: list[Record], counts: dict[str, int]
             continue
         count = counts[role]
         if len(records) <= count:
-            raise DataError(f"data.train has {len(records)} records: too few to hold out {count} for data.{role} "
-                            f"and train on the rest; give data.{role} or more records")  # fmt: skip
+            raise DataError(
+                f"data.train has {len(records)} records: too few to hold out {count} for data.{role} "
+                f"and train on the rest; give data.{role} or more records"
+            )
         records, held_out[role] = records[:-count], records[-count:]
     return records, held_out
 
@@ -160,7 +164,9 @@ def format_prompt(record: Record, prompt_format: str, tokenizer: PreTrainedToken
         return f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{record.instruction}\n\n### Response:\n"
     if not tokenizer.chat_template:
         raise DataError("data.prompt_format: `chat` needs a tokenizer with a chat template; use `alpaca`")
-    return tokenizer.apply_chat_template([{"role": "user", "content": record.message}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": record.message}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def tokenize(

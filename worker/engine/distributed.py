@@ -17,10 +17,9 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from .op_builds import prepare_op_builds
 from .launch import free_port
+from .op_builds import prepare_op_builds
 from .spec import JobSpec
-
 
 # The longest one collective may take (DISTILL_COLLECTIVE_TIMEOUT_SECONDS): above the slowest step,
 # evaluation or checkpoint save that ranks wait on each other through.
@@ -56,7 +55,9 @@ def init_process_group(spec: JobSpec) -> torch.device:
             deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
         # An explicit limit on any one collective: a rank whose peer died or hangs fails after it
         # instead of waiting out the backend's default, and its attempt is retried (`lost_peer`).
-        timeout = timedelta(seconds=float(os.environ.get("DISTILL_COLLECTIVE_TIMEOUT_SECONDS") or COLLECTIVE_TIMEOUT_SECONDS))
+        timeout = timedelta(
+            seconds=float(os.environ.get("DISTILL_COLLECTIVE_TIMEOUT_SECONDS") or COLLECTIVE_TIMEOUT_SECONDS)
+        )
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", timeout=timeout)
     if gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -120,7 +121,9 @@ def choose_precision(spec: JobSpec, device: torch.device) -> str:
     """`auto` picks bf16 where the hardware computes it natively (an all-bf16 step here is ~2x fp32)."""
     wanted = spec.deepspeed.precision
     if wanted == "fp16" and device.type != "cuda":
-        raise ResourceError("deepspeed.precision: fp16 needs a GPU (DeepSpeed does not support it on CPU); use bf16 or fp32")
+        raise ResourceError(
+            "deepspeed.precision: fp16 needs a GPU (DeepSpeed does not support it on CPU); use bf16 or fp32"
+        )
     if wanted != "auto":
         return wanted
     has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
@@ -149,8 +152,14 @@ def engine_config(spec: JobSpec, precision: str) -> dict:
         # torch's one-kernel AdamW, on the CPU as on CUDA (a third of the for-each version's time here).
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": 1.0, "betas": list(t.adam_betas), "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True,
-                       "fused": True},
+            "params": {
+                "lr": 1.0,
+                "betas": list(t.adam_betas),
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                "torch_adam": True,
+                "fused": True,
+            },
         },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

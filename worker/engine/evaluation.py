@@ -51,7 +51,9 @@ def summarize(scored: list[tuple[int, float, int, str]]) -> tuple[dict[str, floa
             "response_length": sum(s[2] for s in mine) / len(mine),
             "distinct_4": distinct_n([s[3] for s in mine]),
         }
-    means = {k: sum(v[k] for v in per_seed.values()) / len(per_seed) for k in ("rouge_l", "response_length", "distinct_4")}
+    means = {
+        k: sum(v[k] for v in per_seed.values()) / len(per_seed) for k in ("rouge_l", "response_length", "distinct_4")
+    }
     return means, per_seed
 
 
@@ -94,11 +96,17 @@ def evaluate(
             chunk = mine[start : start + cfg.batch_size]
             batch = collate([(e.prompt_ids, []) for e in chunk], tokenizer.pad_token_id).to(device)
             out = sample(
-                model, batch.prompt_ids, batch.prompt_mask,
-                max_new_tokens=spec.data.max_response_tokens, eos_id=tokenizer.eos_token_id,
-                pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, generator=generator,
-                no_repeat_ngram_size=cfg.no_repeat_ngram_size, check=check,
-            ).batch  # fmt: skip
+                model,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                max_new_tokens=spec.data.max_response_tokens,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                vocab_size=vocab_size,
+                generator=generator,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                check=check,
+            ).batch
             if teacher is not None and cfg.sample_kl:
                 # Exact over the vocabulary at each sampled position, as MiniLLM's single-step term.
                 kl = reverse_kl(response_logits(model, out, vocab_size), response_logits(teacher, out, vocab_size))
@@ -111,7 +119,12 @@ def evaluate(
                 scored.append((seed, score, int(mask.sum()), text))
                 index = rank() + (start + offset) * world_size()  # this rank holds examples[rank::world_size]
                 if seed == seeds[0] and index < cfg.samples:
-                    samples.append((index, {"prompt": example.record.message, "reference": example.record.response, "response": text}))
+                    samples.append(
+                        (
+                            index,
+                            {"prompt": example.record.message, "reference": example.record.response, "response": text},
+                        )
+                    )
     scores, per_seed = summarize(_gather(scored))
     samples = [sample for _, sample in sorted(_gather(samples), key=lambda s: s[0])]
     for seed, sums in sample_kl.items():  # the same seeds, in the same order, on every rank
@@ -129,7 +142,9 @@ def evaluate(
             s_logits = response_logits(model, batch, vocab_size)
             t_logits = response_logits(teacher, batch, vocab_size)
             m = batch.response_mask.double()
-            sums += torch.stack([m.sum(), (reverse_kl(s_logits, t_logits) * m).sum(), (forward_kl(s_logits, t_logits) * m).sum()]).cpu()
+            sums += torch.stack(
+                [m.sum(), (reverse_kl(s_logits, t_logits) * m).sum(), (forward_kl(s_logits, t_logits) * m).sum()]
+            ).cpu()
         sums = all_reduce_sum(sums)
         scores["reverse_kl"] = float(sums[1] / sums[0])
         scores["forward_kl"] = float(sums[2] / sums[0])

@@ -24,6 +24,7 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(option, value) == 1 for option, value in (
-        (M_MMAP_THRESHOLD, 256 * 2**20), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 256 * 2**20),
-    ))  # fmt: skip
+    return all(
+        mallopt(option, value) == 1
+        for option, value in ((M_MMAP_THRESHOLD, 256 * 2**20), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 256 * 2**20))
+    )

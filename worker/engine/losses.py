@@ -124,7 +124,9 @@ def _log_softmaxes(student: Tensor, teacher: Tensor, temperature: float) -> tupl
     return torch.log_softmax(scaled(student, temperature), -1), torch.log_softmax(scaled(teacher, temperature), -1)
 
 
-def vocab_terms(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def vocab_terms(
+    student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """(log q(tokens), KL(q‖p), KL(p‖q)) per position at `temperature`: (B, L, V) x2, (B, L) -> (B, L) x3, fp32.
 
     Equal to `token_log_probs(scaled(s, T), tokens)`, `reverse_kl(s / T, t / T)` and

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from .paths import cache_dir, write_atomically
 from .references import ModelError, classify
@@ -48,7 +55,9 @@ def _build_once(name: str, build: Callable[[Path], None], written: str = "config
             try:
                 build(tmp)
                 if not (tmp / written).exists():
-                    raise ModelError(f"building builtin:{name} wrote no {written}; was it built on a rank other than 0?")
+                    raise ModelError(
+                        f"building builtin:{name} wrote no {written}; was it built on a rank other than 0?"
+                    )
                 tmp.rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -156,9 +165,9 @@ def load_model(
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         # While an HfDeepSpeedConfig of stage 3 is alive, from_pretrained builds models under zero.Init.
-        # transformers holds it by a weak reference only: `hf_config` keeps it alive through this load,
+        # transformers holds it by a weak reference only: `_hf_config` keeps it alive through this load,
         # and the reference is cleared after it, so that other loads (a checkpoint to evaluate) stay whole.
-        hf_config = HfDeepSpeedConfig(zero3)
+        _hf_config = HfDeepSpeedConfig(zero3)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         finally:

@@ -17,7 +17,9 @@ from .spec import DATA_FILES, JobSpec
 
 
 def preflight(
-    spec: JobSpec, dataset_exists: Callable[[str], bool] = lambda _id: False, check_files: bool = True,
+    spec: JobSpec,
+    dataset_exists: Callable[[str], bool] = lambda _id: False,
+    check_files: bool = True,
     skip: Collection[tuple] = (),
 ) -> list[tuple[tuple, str]]:
     """The spec's problems by field. Without `check_files`, model directories, data files and hub
@@ -55,11 +57,20 @@ def minillm_problems(spec: JobSpec) -> list[tuple[tuple, str]]:
         return []
     minibatch = spec.resources.devices * spec.training.batch_size * spec.training.gradient_accumulation
     if spec.minillm.rollouts_per_phase % minibatch:
-        return [(("minillm", "rollouts_per_phase"),
-                 f"must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation ({minibatch})")]  # fmt: skip
+        return [
+            (
+                ("minillm", "rollouts_per_phase"),
+                "must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation "
+                f"({minibatch})",
+            )
+        ]
     if spec.training.steps <= spec.updates_per_phase:
-        return [(("training", "steps"),
-                 f"MiniLLM would never sample new rollouts: each phase of minillm.rollouts_per_phase rollouts gives "
-                 f"{spec.updates_per_phase} updates (rollouts ÷ minibatch × minillm.ppo_epochs); make training.steps "
-                 f"several times that, or lower minillm.rollouts_per_phase or minillm.ppo_epochs")]  # fmt: skip
+        return [
+            (
+                ("training", "steps"),
+                f"MiniLLM would never sample new rollouts: each phase of minillm.rollouts_per_phase rollouts gives "
+                f"{spec.updates_per_phase} updates (rollouts ÷ minibatch × minillm.ppo_epochs); make training.steps "
+                f"several times that, or lower minillm.rollouts_per_phase or minillm.ppo_epochs",
+            )
+        ]
     return []

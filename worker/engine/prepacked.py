@@ -29,7 +29,12 @@ def _eligible(module: torch.nn.Module) -> bool:
         return False
     weight = module.weight
     # ZeRO-3 keeps an empty placeholder (with a ds_id) outside the forward that gathers the weight.
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.numel() > 0 and not hasattr(weight, "ds_id")
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.numel() > 0
+        and not hasattr(weight, "ds_id")
+    )
 
 
 @contextmanager
@@ -43,7 +48,9 @@ def prepacked_linears(models: list[torch.nn.Module], rows: int) -> Iterator[None
     for layer in layers:
         packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
         bias = None if layer.bias is None else layer.bias.detach()
-        layer.forward = lambda x, packed=packed, bias=bias: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        layer.forward = lambda x, packed=packed, bias=bias: torch.ops.mkldnn._linear_pointwise(
+            x, packed, bias, "none", [], ""
+        )
     try:
         yield
     finally:

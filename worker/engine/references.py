@@ -41,7 +41,9 @@ def classify(ref: str) -> tuple[str, str | Path]:
     if ref.startswith("builtin:"):
         name = ref.removeprefix("builtin:")
         if name not in BUILTINS:
-            raise ModelError(f"unknown builtin model {ref!r}; builtins are: {', '.join('builtin:' + b for b in BUILTINS)}")
+            raise ModelError(
+                f"unknown builtin model {ref!r}; builtins are: {', '.join('builtin:' + b for b in BUILTINS)}"
+            )
         return "builtin", name
     if ref.startswith("hub:"):
         return _hub(ref.removeprefix("hub:"))

@@ -9,8 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .launch import deepspeed_command
 from .events import Fanout, JsonlReporter, ProgressBarReporter
+from .launch import deepspeed_command
 from .spec import JobSpec, load_spec
 from .trainer import train
 
@@ -22,7 +22,9 @@ def reporter_for(output_dir: Path) -> Fanout:
 
 def launch_command(spec: JobSpec, spec_path: Path, output_dir: Path) -> list[str]:
     """The DeepSpeed launcher command that runs this module once per device on this machine."""
-    return deepspeed_command(["worker.engine.run", str(spec_path), "--output", str(output_dir)], ["--num_gpus", str(spec.resources.devices)])
+    return deepspeed_command(
+        ["worker.engine.run", str(spec_path), "--output", str(output_dir)], ["--num_gpus", str(spec.resources.devices)]
+    )
 
 
 def run(spec_path: Path, output_dir: Path) -> dict:
@@ -35,7 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", type=Path)
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the DeepSpeed launcher (LOCAL_RANK is used)")
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help="set by the DeepSpeed launcher (LOCAL_RANK is used)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank or 0))
     run(args.spec, args.output)

@@ -13,7 +13,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
 from transformers.cache_utils import Cache, DynamicLayer, StaticCache
 
 from .batch import SequenceBatch
@@ -33,7 +32,9 @@ def ban_repeated_ngrams(sequence: Tensor, logits: Tensor, n: int) -> Tensor:
     windows = sequence.unfold(1, n - 1, 1)[:, : length - n + 1]  # (n−1)-grams that have a successor
     seen = (windows == suffix.unsqueeze(1)).all(-1)
     followers = sequence[:, n - 1 :]
-    banned = torch.where(seen, torch.tensor(float("-inf"), device=logits.device), torch.tensor(0.0, device=logits.device))
+    banned = torch.where(
+        seen, torch.tensor(float("-inf"), device=logits.device), torch.tensor(0.0, device=logits.device)
+    )
     return logits.scatter_add(1, followers, banned.to(logits.dtype))
 
 
@@ -96,7 +97,14 @@ def _decoder_layers(model: torch.nn.Module) -> int:
 
 def _step(model: torch.nn.Module, ids: Tensor, attention_mask: Tensor, positions: Tensor, cache: Cache) -> Tensor:
     """The next-token logits (B, V) in the model's own dtype; `cache` grows by the fed tokens."""
-    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1]
 
 
@@ -136,7 +144,9 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
     return groups[::-1]
 
 
-def _prefill(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, positions: Tensor, cache: Cache, grouped: bool) -> Tensor:
+def _prefill(
+    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, positions: Tensor, cache: Cache, grouped: bool
+) -> Tensor:
     """The logits after each prompt (B, V), with `cache` holding the prompts' keys and values.
 
     `grouped`: rows run in groups of similar prompt length (`prefill_groups`), each cut to its own
@@ -284,8 +294,11 @@ def sample(
     if static:
         caches = [StaticCache(config=m.config, max_cache_len=capacity) for m in models]
     else:
-        caches = [Cache(layers=[_PreallocatedLayer(batch_size, capacity) for _ in range(_decoder_layers(m))]) for m in models]
+        caches = [
+            Cache(layers=[_PreallocatedLayer(batch_size, capacity) for _ in range(_decoder_layers(m))]) for m in models
+        ]
     steps = 0
+    step_ids = None  # the token each step after the prefill feeds: the one the step before sampled
     with prepacked_linears([] if static else models, batch_size):  # packed weights would be baked into the graph
         for t in range(max_new_tokens):
             if check is not None:
@@ -294,7 +307,9 @@ def sample(
             step_logits = []
             for i, m in enumerate(models):
                 if t == 0:
-                    raw = _prefill(m, prompt_ids, prompt_mask, positions, caches[i], grouped=not collective and not static)
+                    raw = _prefill(
+                        m, prompt_ids, prompt_mask, positions, caches[i], grouped=not collective and not static
+                    )
                 elif static:  # a copy: the next replay of a CUDA graph overwrites its output
                     raw = _step(compiled_forward(m), step_ids, attention_mask, positions, caches[i]).clone()
                 else:
@@ -306,7 +321,9 @@ def sample(
                 next_ids = forced_ids[:, t]
             else:
                 u = torch.rand(batch_size, 1, generator=generator, device=device)
-                next_ids = next_tokens(step_logits, u, mix_alpha, temperature, sequence[:, :length], no_repeat_ngram_size)
+                next_ids = next_tokens(
+                    step_logits, u, mix_alpha, temperature, sequence[:, :length], no_repeat_ngram_size
+                )
             next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
             tokens[:, t], masks[:, t] = next_ids, (~finished).long()
             finished = finished | (next_ids == eos_id)

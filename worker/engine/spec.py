@@ -64,7 +64,8 @@ class InitFromTeacher(_Section):
 
 class StudentSpec(_Section):
     model: Reference | None = Field(
-        None, description="Local Hugging Face directory, hub id, or builtin:NAME. Leave empty to derive from the teacher."
+        None,
+        description="Local Hugging Face directory, hub id, or builtin:NAME. Leave empty to derive from the teacher.",
     )
     init_from_teacher: InitFromTeacher | None = Field(
         None, description="Build the student from a subset of the teacher's layers (embeddings and head are copied)."
@@ -85,9 +86,10 @@ class DataSpec(_Section):
     )
     selection: Reference | None = Field(
         None,
-        description="Selection set: scored every eval.every_steps steps to choose the best checkpoint (highest Rouge-L); "
-        "kept apart from the test set. Same forms as `train`. Empty: builtin:demo-selection for builtin:demo, else "
-        "eval.selection_num_prompts training records are held out (those just before the test hold-out).",
+        description="Selection set: scored every eval.every_steps steps to choose the best checkpoint (highest "
+        "Rouge-L); kept apart from the test set. Same forms as `train`. Empty: builtin:demo-selection for "
+        "builtin:demo, else eval.selection_num_prompts training records are held out (those just before the test "
+        "hold-out).",
     )
     eval: Reference | None = Field(
         None,
@@ -97,19 +99,26 @@ class DataSpec(_Section):
     )
     pretrain: Reference | None = Field(
         None,
-        description='Pretraining corpus of MiniLLM\'s LM term (the paper\'s L_PT): a JSONL file of {"text": ...} records, '
-        "a plain text file (one document), dataset:ID, or builtin:teacher-text (free text the teacher samples once "
-        "from a few generic openings; cached). Empty: the LM term is off (see minillm.lm_data).",
+        description="Pretraining corpus of MiniLLM's LM term (the paper's L_PT): a JSONL file of {\"text\": ...} "
+        "records, a plain text file (one document), dataset:ID, or builtin:teacher-text (free text the teacher "
+        "samples once from a few generic openings; cached). Empty: the LM term is off (see minillm.lm_data).",
     )
     teacher_text_documents: int = Field(
-        256, ge=1, description="How many documents the teacher writes for builtin:teacher-text, each up to "
-        "minillm.lm_chunk_tokens tokens (sampled once, then cached)."
+        256,
+        ge=1,
+        description="How many documents the teacher writes for builtin:teacher-text, each up to "
+        "minillm.lm_chunk_tokens tokens (sampled once, then cached).",
     )
     prompt_format: Literal["chat", "alpaca"] = Field(
-        "chat", description="`chat`: the teacher tokenizer's chat template; `alpaca`: the template of the MiniLLM paper."
+        "chat",
+        description="`chat`: the teacher tokenizer's chat template; `alpaca`: the template of the MiniLLM paper.",
     )
-    max_prompt_tokens: int = Field(256, ge=8, description="Records whose prompt is longer are skipped (as the paper does).")
-    max_response_tokens: int = Field(256, ge=1, description="Responses are cut to this many tokens; also the sampling length.")
+    max_prompt_tokens: int = Field(
+        256, ge=8, description="Records whose prompt is longer are skipped (as the paper does)."
+    )
+    max_response_tokens: int = Field(
+        256, ge=1, description="Responses are cut to this many tokens; also the sampling length."
+    )
     max_train_records: int | None = Field(None, ge=1, description="Use only the first N training records.")
 
 
@@ -117,7 +126,9 @@ class TrainingSpec(_Section):
     steps: int = Field(1000, ge=1, description="Optimizer steps of the main method (after any recovery stage).")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate of the main method (paper: 5e-6 for MiniLLM).")
+    learning_rate: float = Field(
+        5e-6, gt=0, description="Peak learning rate of the main method (paper: 5e-6 for MiniLLM)."
+    )
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="Shape after warmup (paper, MiniLLM: constant)."
     )
@@ -127,8 +138,9 @@ class TrainingSpec(_Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     seed: int = Field(10, description="Seed of every random choice: data order, sampling, initialisation.")
     gradient_checkpointing: bool = Field(
-        False, description="Keep only each decoder layer's inputs from the student's forward and recompute the rest in "
-        "the backward: activation memory for about a third more compute per step, in every method's updates."
+        False,
+        description="Keep only each decoder layer's inputs from the student's forward and recompute the rest in "
+        "the backward: activation memory for about a third more compute per step, in every method's updates.",
     )
 
 
@@ -150,27 +162,38 @@ class MiniLLMSpec(_Section):
     # phase. 64 rollouts at batch 8 on one process gives 32, so a default job resamples ~30 times.
     rollouts_per_phase: int = Field(64, ge=1, description="Rollouts sampled per phase, over all processes.")
     rollout_batch_size: int = Field(
-        64, ge=1, description="Prompts decoded together, at most: a process decodes its rollouts in batches of this size "
-        "(one batch at the defaults). Larger batches decode faster and hold larger KV caches (the reference: 16)."
+        64,
+        ge=1,
+        description="Prompts decoded together, at most: a process decodes its rollouts in batches of this size "
+        "(one batch at the defaults). Larger batches decode faster and hold larger KV caches (the reference: 16).",
     )
     teacher_logits: Literal["auto", "keep", "recompute"] = Field(
-        "auto", description="The single-step term needs the teacher's whole distribution at every rollout token. keep: "
+        "auto",
+        description="The single-step term needs the teacher's whole distribution at every rollout token. keep: "
         "kept for the phase from sampling (fastest; rollouts × response tokens × vocabulary × 2 bytes per process); "
         "recompute: the teacher runs again on each update's micro-batch (memory independent of the phase's size); "
-        "auto: keep while that fits minillm.teacher_logits_budget_gb."
+        "auto: keep while that fits minillm.teacher_logits_budget_gb.",
     )
     teacher_logits_budget_gb: float = Field(
-        4.0, gt=0, description="The most memory (GB per process, on its device) that teacher_logits auto lets the phase's "
-        "teacher logits take before it recomputes them instead."
+        4.0,
+        gt=0,
+        description="The most memory (GB per process, on its device) that teacher_logits auto lets the phase's "
+        "teacher logits take before it recomputes them instead.",
     )
     length_normalization: bool = Field(True, description="Divide the long-term return by the number of future tokens.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of future rewards (paper: 1; reference code: 0.95).")
     reward_clip: float = Field(
-        50.0, gt=0, description="Clip each token's reward log p_teacher − log q_student to ±this "
-        "(reference code: ±100 on rewards it scales ×2, the same bound)."
+        50.0,
+        gt=0,
+        description="Clip each token's reward log p_teacher − log q_student to ±this "
+        "(reference code: ±100 on rewards it scales ×2, the same bound).",
     )
-    whiten_advantages: bool = Field(True, description="Normalise advantages to zero mean, unit variance (valid tokens only).")
-    single_step: bool = Field(True, description="Add the exact per-token reverse KL over the vocabulary (single-step term).")
+    whiten_advantages: bool = Field(
+        True, description="Normalise advantages to zero mean, unit variance (valid tokens only)."
+    )
+    single_step: bool = Field(
+        True, description="Add the exact per-token reverse KL over the vocabulary (single-step term)."
+    )
     # The LM term as the paper has it: L_PT = −E_{d∼D_PT} log q_θ(d), a plain next-token loss on
     # chunks of pretraining text, added with weight lm_coef (reference: 1, 512-token chunks). The
     # reference code's L_PT mixes 0.5·cross-entropy + 0.5·word-level forward KL to the teacher
@@ -186,8 +209,11 @@ class MiniLLMSpec(_Section):
     )
     lm_coef: float = Field(1.0, ge=0, description="Weight of the LM term (reference: 1); 0 turns it off.")
     kd_ratio: float = Field(
-        0.0, ge=0, le=1, description="Share of word-level forward KL to the teacher in the LM term, the rest being "
-        "next-token cross-entropy: 0 is the paper's L_PT, 0.5 the reference code's."
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of word-level forward KL to the teacher in the LM term, the rest being "
+        "next-token cross-entropy: 0 is the paper's L_PT, 0.5 the reference code's.",
     )
     lm_chunk_tokens: int = Field(
         512, ge=2, description="Tokens per chunk of data.pretrain (reference: 512, of which 511 are predicted)."
@@ -207,31 +233,42 @@ class EvalSpec(_Section):
     # The paper's protocol: sampled responses scored on a held-out test set, averaged over 5 seeds;
     # the checkpoint reported is the one with the best Rouge-L on a separate selection (validation) set.
     every_steps: int = Field(
-        100, ge=0, description="Score the selection set every N steps, and at the end, to choose the best checkpoint "
-        "(0: only at the end)."
+        100,
+        ge=0,
+        description="Score the selection set every N steps, and at the end, to choose the best checkpoint "
+        "(0: only at the end).",
     )
     num_prompts: int = Field(64, ge=1, description="Test-set prompts (paper: the 500 of DollyEval).")
     seeds: list[int] = Field(
-        [10, 20, 30, 40, 50], min_length=1, max_length=MAX_SEEDS,
+        [10, 20, 30, 40, 50],
+        min_length=1,
+        max_length=MAX_SEEDS,
         description="Sampling seeds on the test set; each score is the mean over seeds (paper: 10, 20, 30, 40, 50). "
         "One seed costs a fifth.",
-    )  # fmt: skip
+    )
     selection_num_prompts: int = Field(32, ge=1, description="Selection-set prompts scored at each evaluation.")
     selection_seeds: list[int] = Field(
-        [10], min_length=1, max_length=MAX_SEEDS, description="Sampling seeds on the selection set (the reference code samples its validation set once)."
+        [10],
+        min_length=1,
+        max_length=MAX_SEEDS,
+        description="Sampling seeds on the selection set (the reference code samples its validation set once).",
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation call.")
     no_repeat_ngram_size: int = Field(6, ge=0, description="Paper's eval protocol: no repeated 6-grams.")
     sample_kl: bool = Field(
-        False, description="Also score reverse_kl_samples: the per-token reverse KL to the teacher on the model's own "
+        False,
+        description="Also score reverse_kl_samples: the per-token reverse KL to the teacher on the model's own "
         "sampled responses, per seed (what MiniLLM minimises; the default KLs are on the gold responses). Costs one "
-        "student and one teacher forward per sampled batch."
+        "student and one teacher forward per sampled batch.",
     )
     samples: int = Field(
-        3, ge=0, le=16, description="Sample generations kept with each evaluation: the first N prompts of the set, with "
+        3,
+        ge=0,
+        le=16,
+        description="Sample generations kept with each evaluation: the first N prompts of the set, with "
         "their reference and the response sampled under the first seed (the same prompts for every model and step; "
-        "0: none)."
-    )  # fmt: skip
+        "0: none).",
+    )
 
     @field_validator("seeds", "selection_seeds")
     @classmethod
@@ -243,8 +280,10 @@ class EvalSpec(_Section):
 
 class CheckpointSpec(_Section):
     every_steps: int = Field(
-        100, ge=0, description="Save every N steps (0: only the final model). A checkpoint can be chosen as best only "
-        "if the selection set is scored at its step (eval.every_steps)."
+        100,
+        ge=0,
+        description="Save every N steps (0: only the final model). A checkpoint can be chosen as best only "
+        "if the selection set is scored at its step (eval.every_steps).",
     )
     keep: int = Field(2, ge=1, description="How many recent checkpoints to keep (the best is also kept).")
 
@@ -256,9 +295,10 @@ class DeepSpeedSpec(_Section):
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer state on the CPU (ZeRO 1-3).")
     shard_teacher: bool = Field(
-        False, description="Split the frozen teacher's weights over the job's processes (ZeRO-3 inference), for a "
+        False,
+        description="Split the frozen teacher's weights over the job's processes (ZeRO-3 inference), for a "
         "teacher bigger than one device: each holds 1/resources.devices of them and gathers each layer's weights as "
-        "it runs it. Needs resources.devices 2 or more; the student's zero_stage is independent."
+        "it runs it. Needs resources.devices 2 or more; the student's zero_stage is independent.",
     )
 
 
@@ -266,9 +306,10 @@ class ResourcesSpec(_Section):
     devices: int = Field(1, ge=1, description="Data-parallel processes: one per GPU, or CPU processes without GPUs.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: GPUs when present, else CPU.")
     compile_decoding: bool = Field(
-        False, description="Decode MiniLLM's rollouts with the per-token step compiled (torch.compile over a static KV "
+        False,
+        description="Decode MiniLLM's rollouts with the per-token step compiled (torch.compile over a static KV "
         "cache; CUDA graphs on a GPU), where no model's forward is collective (ZeRO-3 without a gathered student, a "
-        "sharded teacher). The first phase compiles (a minute or more); on CPUs it is slower (docs/performance.md)."
+        "sharded teacher). The first phase compiles (a minute or more); on CPUs it is slower (docs/performance.md).",
     )
 
 
@@ -292,8 +333,9 @@ WebhookUrl = Annotated[Annotated[str, Field(max_length=2000)] | None, AfterValid
 
 class NotifySpec(_Section):
     webhook_url: WebhookUrl = Field(
-        None, description="POST a signed JSON message here when the job ends (succeeded, failed or "
-        "cancelled). Empty: the user's default webhook, if they have one (`distill webhook`)."
+        None,
+        description="POST a signed JSON message here when the job ends (succeeded, failed or "
+        "cancelled). Empty: the user's default webhook, if they have one (`distill webhook`).",
     )
 
 
@@ -302,12 +344,20 @@ class JobSpec(_Section):
     method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
     teacher: Reference = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
     student: StudentSpec = Field(..., description="The model that is trained.")
-    data: DataSpec = Field(DataSpec(), description="Training, selection and test data, the pretraining corpus, prompt format, lengths.")
-    training: TrainingSpec = Field(TrainingSpec(), description="Steps, batch, optimizer and schedule of the main method.")
+    data: DataSpec = Field(
+        DataSpec(), description="Training, selection and test data, the pretraining corpus, prompt format, lengths."
+    )
+    training: TrainingSpec = Field(
+        TrainingSpec(), description="Steps, batch, optimizer and schedule of the main method."
+    )
     recovery: RecoverySpec | None = Field(None, description="Optional SFT/KD stage before the main method.")
-    minillm: MiniLLMSpec = Field(MiniLLMSpec(), description="MiniLLM parameters, its LM term included (used when method is minillm).")
+    minillm: MiniLLMSpec = Field(
+        MiniLLMSpec(), description="MiniLLM parameters, its LM term included (used when method is minillm)."
+    )
     kd: KDSpec = Field(KDSpec(), description="Word-level KD parameters (method kd, and a kd recovery stage).")
-    eval: EvalSpec = Field(EvalSpec(), description="When and how to evaluate: the selection and test sets' sizes and seeds.")
+    eval: EvalSpec = Field(
+        EvalSpec(), description="When and how to evaluate: the selection and test sets' sizes and seeds."
+    )
     checkpoints: CheckpointSpec = Field(CheckpointSpec(), description="When to save and how many to keep.")
     deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="ZeRO stage, precision, offload.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="How many devices, and which kind.")
@@ -318,7 +368,9 @@ class JobSpec(_Section):
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
         if self.deepspeed.shard_teacher and self.resources.devices == 1:
-            raise ValueError("deepspeed.shard_teacher needs resources.devices 2 or more: one process holds the whole teacher")
+            raise ValueError(
+                "deepspeed.shard_teacher needs resources.devices 2 or more: one process holds the whole teacher"
+            )
         if self.data.pretrain:  # never silently unused
             if self.method != "minillm":
                 raise ValueError("data.pretrain is used only by method minillm (its LM term)")

@@ -25,7 +25,24 @@ from .paths import cache_dir, write_atomically
 from .sampling import sample
 
 # Neutral starts for free text: common first words of English sentences, no instruction or topic.
-OPENINGS = ("The", "In", "A", "It", "When", "There", "This", "One", "Many", "If", "After", "Most", "Some", "For", "Every", "On")
+OPENINGS = (
+    "The",
+    "In",
+    "A",
+    "It",
+    "When",
+    "There",
+    "This",
+    "One",
+    "Many",
+    "If",
+    "After",
+    "Most",
+    "Some",
+    "For",
+    "Every",
+    "On",
+)
 
 
 def _generate(
@@ -61,11 +78,19 @@ def _generate(
         for start in range(0, len(prompts), batch_size):
             batch = collate([(p, []) for p in prompts[start : start + batch_size]], tokenizer.pad_token_id).to(device)
             out = sample(
-                teacher, batch.prompt_ids, batch.prompt_mask, max_new_tokens=max_new_tokens,
-                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, vocab_size=vocab_size,
-                generator=generator, temperature=0.0 if greedy else 1.0,
-                no_repeat_ngram_size=6 if greedy else 0, sync_ranks=sharded, check=check,
-            ).batch  # fmt: skip
+                teacher,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                max_new_tokens=max_new_tokens,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                vocab_size=vocab_size,
+                generator=generator,
+                temperature=0.0 if greedy else 1.0,
+                no_repeat_ngram_size=6 if greedy else 0,
+                sync_ranks=sharded,
+                check=check,
+            ).batch
             responses += [ids[m.bool()].tolist() for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
         return responses
 
@@ -101,11 +126,21 @@ def teacher_responses(
     answer, which is what a reference should be; SeqKD samples, as the paper does.
     """
     responses = _generate(
-        teacher, teacher_key, [e.prompt_ids for e in examples], tokenizer, max_new_tokens=max_new_tokens,
-        vocab_size=vocab_size, device=device, greedy=greedy, seed=seed, check=check,
-    )  # fmt: skip
+        teacher,
+        teacher_key,
+        [e.prompt_ids for e in examples],
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        vocab_size=vocab_size,
+        device=device,
+        greedy=greedy,
+        seed=seed,
+        check=check,
+    )
     return [
-        replace(e, record=replace(e.record, response=tokenizer.decode(r, skip_special_tokens=True).strip()), response_ids=r)
+        replace(
+            e, record=replace(e.record, response=tokenizer.decode(r, skip_special_tokens=True).strip()), response_ids=r
+        )
         for e, r in zip(examples, responses)
     ]
 
@@ -130,7 +165,15 @@ def teacher_text(
     """
     prompts = [tokenizer.encode(OPENINGS[i % len(OPENINGS)]) for i in range(documents)]
     continuations = _generate(
-        teacher, teacher_key, prompts, tokenizer, max_new_tokens=max_new_tokens, vocab_size=vocab_size, device=device,
-        greedy=False, seed=seed, check=check,
-    )  # fmt: skip
+        teacher,
+        teacher_key,
+        prompts,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        vocab_size=vocab_size,
+        device=device,
+        greedy=False,
+        seed=seed,
+        check=check,
+    )
     return [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompts, continuations)]

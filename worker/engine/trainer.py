@@ -40,13 +40,20 @@ from .distributed import (
 from .evaluation import evaluate
 from .events import Event, Reporter
 from .host_memory import keep_freed_memory
-from .models import check_compatible, content_hash, derive_student, hidden_size, load_model, load_tokenizer, resolve_model
+from .models import (
+    check_compatible,
+    content_hash,
+    derive_student,
+    hidden_size,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
 from .stages.base import Context, TrainingData
 from .teacher_data import teacher_responses, teacher_text
-
 
 
 def resolve_first_on_rank0(ref: str) -> Path:
@@ -57,6 +64,7 @@ def resolve_first_on_rank0(ref: str) -> Path:
         resolve_model(ref)
     barrier()
     return resolve_model(ref)
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN)."""
@@ -155,7 +163,9 @@ class Trainer:
         self.schedules = [schedule for _, _, schedule in self.plan]
         self.engine = initialize(student, spec, self.precision, self.lr_at)
         self.ctx = Context(spec, self.engine, self.teacher, self.tokenizer, self.vocab_size, self.device)
-        self.stages = [method.stage(name, self.ctx, method, self.data, schedule) for name, method, schedule in self.plan]
+        self.stages = [
+            method.stage(name, self.ctx, method, self.data, schedule) for name, method, schedule in self.plan
+        ]
         for stage in self.stages:
             self.emit("log", stage.describe())
 
@@ -173,8 +183,11 @@ class Trainer:
         held[rank()] = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in teacher.parameters())
         held = all_reduce_sum(held).tolist()
         total = sum(p.ds_numel for p in teacher.parameters())
-        self.emit("log", f"teacher sharded over {world_size()} processes (ZeRO-3): rank 0 holds {held[0]} of {total} "
-                         "parameters" + "".join(f", rank {r} holds {n}" for r, n in enumerate(held) if r))  # fmt: skip
+        self.emit(
+            "log",
+            f"teacher sharded over {world_size()} processes (ZeRO-3): rank 0 holds {held[0]} of {total} "
+            "parameters" + "".join(f", rank {r} holds {n}" for r, n in enumerate(held) if r),
+        )
         return teacher.eval()
 
     def load_data(self) -> None:
@@ -183,9 +196,15 @@ class Trainer:
         records, held_out = split_held_out(d, read_records(d.train)[: d.max_train_records], counts)
 
         def prepare(recs, role: str) -> list[Example]:
-            examples, skipped = tokenize(recs, self.tokenizer, d.prompt_format, d.max_prompt_tokens, d.max_response_tokens)
+            examples, skipped = tokenize(
+                recs, self.tokenizer, d.prompt_format, d.max_prompt_tokens, d.max_response_tokens
+            )
             if skipped:
-                self.emit("log", f"{role}: skipped {skipped} records whose prompt exceeds {d.max_prompt_tokens} tokens", "warning")
+                self.emit(
+                    "log",
+                    f"{role}: skipped {skipped} records whose prompt exceeds {d.max_prompt_tokens} tokens",
+                    "warning",
+                )
             if not examples:
                 raise ValueError(f"data.{role}: no usable records (all prompts exceed data.max_prompt_tokens)")
             return examples
@@ -193,7 +212,9 @@ class Trainer:
         def with_references(examples: list[Example]) -> list[Example]:
             if all(e.record.response is not None for e in examples):
                 return examples
-            self.emit("log", f"teacher writes reference responses for {len(examples)} prompts (cached after the first time)")
+            self.emit(
+                "log", f"teacher writes reference responses for {len(examples)} prompts (cached after the first time)"
+            )
             return self.teacher_writes(examples, greedy=True, doing="the teacher wrote reference responses")
 
         def evaluation_set(role: str) -> list[Example]:
@@ -206,37 +227,60 @@ class Trainer:
         self.data = TrainingData(prompts=train, gold=with_references(train) if "gold" in wanted else None)
         if "teacher-samples" in wanted:
             self.emit("log", f"SeqKD: the teacher samples responses for {len(train)} training prompts (cached)")
-            self.data.teacher_samples = self.teacher_writes(train, greedy=False, doing="the teacher sampled SeqKD responses")
+            self.data.teacher_samples = self.teacher_writes(
+                train, greedy=False, doing="the teacher sampled SeqKD responses"
+            )
         if "pretrain" in wanted:
             self.data.pretrain = self.pretrain_chunks()
-        self.emit("log", f"{len(train)} training prompts; selection set {len(self.selection_examples)} prompts "
-                         f"× seeds {spec.eval.selection_seeds} (chooses the best checkpoint); test set "
-                         f"{len(self.test_examples)} prompts × seeds {spec.eval.seeds} (reports it)")  # fmt: skip
+        self.emit(
+            "log",
+            f"{len(train)} training prompts; selection set {len(self.selection_examples)} prompts "
+            f"× seeds {spec.eval.selection_seeds} (chooses the best checkpoint); test set "
+            f"{len(self.test_examples)} prompts × seeds {spec.eval.seeds} (reports it)",
+        )
 
     def pretrain_chunks(self) -> list[list[int]]:
         d, size = self.spec.data, self.spec.minillm.lm_chunk_tokens
         if d.pretrain == TEACHER_TEXT:
-            self.emit("log", f"the teacher writes {d.teacher_text_documents} documents of free text for the LM term "
-                             "(cached after the first time)")  # fmt: skip
+            self.emit(
+                "log",
+                f"the teacher writes {d.teacher_text_documents} documents of free text for the LM term "
+                "(cached after the first time)",
+            )
             texts = teacher_text(
-                self.teacher, self.teacher_key, self.tokenizer, documents=d.teacher_text_documents, max_new_tokens=size,
-                vocab_size=self.vocab_size, device=self.device, seed=self.spec.training.seed,
+                self.teacher,
+                self.teacher_key,
+                self.tokenizer,
+                documents=d.teacher_text_documents,
+                max_new_tokens=size,
+                vocab_size=self.vocab_size,
+                device=self.device,
+                seed=self.spec.training.seed,
                 check=self.cancel_check("the teacher wrote free text"),
-            )  # fmt: skip
+            )
         else:
             texts = read_texts(d.pretrain)
         chunks = chunk(texts, self.tokenizer, size)
         if not chunks:
-            raise ValueError(f"data.pretrain: its {len(texts)} document(s) make fewer tokens than one chunk of "
-                             f"minillm.lm_chunk_tokens ({size})")  # fmt: skip
+            raise ValueError(
+                f"data.pretrain: its {len(texts)} document(s) make fewer tokens than one chunk of "
+                f"minillm.lm_chunk_tokens ({size})"
+            )
         return chunks
 
     def teacher_writes(self, examples: list[Example], greedy: bool, doing: str) -> list[Example]:
         return teacher_responses(
-            self.teacher, self.teacher_key, examples, self.tokenizer, max_new_tokens=self.spec.data.max_response_tokens,
-            vocab_size=self.vocab_size, device=self.device, greedy=greedy, seed=self.spec.training.seed,
+            self.teacher,
+            self.teacher_key,
+            examples,
+            self.tokenizer,
+            max_new_tokens=self.spec.data.max_response_tokens,
+            vocab_size=self.vocab_size,
+            device=self.device,
+            greedy=greedy,
+            seed=self.spec.training.seed,
             check=self.cancel_check(doing),
-        )  # fmt: skip
+        )
 
     def locate(self, step: int) -> tuple[int, int]:
         """(stage index, step within that stage) of 0-based global step `step`."""
@@ -265,29 +309,64 @@ class Trainer:
         """Score the student on the selection set; a checkpoint saved at this step may become the best."""
         started = time.perf_counter()
         self.emit("log", f"evaluating the selection set at step {step}")
-        scores, per_seed, samples = evaluate(self.engine.module, self.teacher, self.selection_examples, self.tokenizer, self.spec,
-                                    self.vocab_size, self.device, self.spec.eval.selection_seeds,
-                                    check=self.cancel_check(f"evaluating the selection set at step {step}"))  # fmt: skip
+        scores, per_seed, samples = evaluate(
+            self.engine.module,
+            self.teacher,
+            self.selection_examples,
+            self.tokenizer,
+            self.spec,
+            self.vocab_size,
+            self.device,
+            self.spec.eval.selection_seeds,
+            check=self.cancel_check(f"evaluating the selection set at step {step}"),
+        )
         self.selection[step] = scores
         best = step > 0 and self.saves_at(step) and (self.best is None or scores["rouge_l"] > self.best[0])
         if best:
             self.best = (scores["rouge_l"], step)
-        self.emit("eval", f"selection set at step {step}: " + _fmt(scores) + f" [{time.perf_counter() - started:.0f}s]"
-                  + (" (best so far)" if best else ""), step=step, label="selection", set="selection", scores=scores,
-                  per_seed=per_seed, samples=samples, best=best)  # fmt: skip
+        self.emit(
+            "eval",
+            f"selection set at step {step}: "
+            + _fmt(scores)
+            + f" [{time.perf_counter() - started:.0f}s]"
+            + (" (best so far)" if best else ""),
+            step=step,
+            label="selection",
+            set="selection",
+            scores=scores,
+            per_seed=per_seed,
+            samples=samples,
+            best=best,
+        )
 
     def evaluate_test(self, label: str, step: int, model: torch.nn.Module) -> None:
         started = time.perf_counter()
         self.emit("log", f"evaluating {label} on the test set")
-        scores, per_seed, samples = evaluate(model, self.teacher, self.test_examples, self.tokenizer, self.spec,
-                                             self.vocab_size, self.device, self.spec.eval.seeds,
-                                             check=self.cancel_check(f"evaluating {label}"))  # fmt: skip
+        scores, per_seed, samples = evaluate(
+            model,
+            self.teacher,
+            self.test_examples,
+            self.tokenizer,
+            self.spec,
+            self.vocab_size,
+            self.device,
+            self.spec.eval.seeds,
+            check=self.cancel_check(f"evaluating {label}"),
+        )
         self.record_test(label, step, scores, per_seed, samples, f" [{time.perf_counter() - started:.0f}s]")
 
     def record_test(self, label: str, step: int, scores: dict, per_seed: dict, samples: list, note: str = "") -> None:
         self.scores[label], self.per_seed[label], self.samples[label] = scores, per_seed, samples
-        self.emit("eval", f"test set, {label} (step {step}): " + _fmt(scores) + note, step=step, label=label, set="test",
-                  scores=scores, per_seed=per_seed, samples=samples)  # fmt: skip
+        self.emit(
+            "eval",
+            f"test set, {label} (step {step}): " + _fmt(scores) + note,
+            step=step,
+            label=label,
+            set="test",
+            scores=scores,
+            per_seed=per_seed,
+            samples=samples,
+        )
 
     def teacher_scores(self) -> tuple[dict[str, float], dict, list]:
         """The teacher on the test set, computed once per (teacher, test set, protocol) and cached, with its sample
@@ -295,17 +374,36 @@ class Trainer:
         e = self.spec.eval
         # The references are in the key as they shape Rouge-L and the samples; eval.samples, as the cache holds that
         # many samples. Both also keep the files written before samples were kept (scores only) from being read.
-        key = json.dumps([self.teacher_key, [x.prompt_ids for x in self.test_examples],
-                          [x.response_ids for x in self.test_examples], e.seeds, e.batch_size, e.no_repeat_ngram_size,
-                          self.spec.data.max_response_tokens, self.precision, world_size(), e.samples])  # fmt: skip
+        key = json.dumps(
+            [
+                self.teacher_key,
+                [x.prompt_ids for x in self.test_examples],
+                [x.response_ids for x in self.test_examples],
+                e.seeds,
+                e.batch_size,
+                e.no_repeat_ngram_size,
+                self.spec.data.max_response_tokens,
+                self.precision,
+                world_size(),
+                e.samples,
+            ]
+        )
         path = cache_dir() / "teacher_evals" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         if rank0_says(path.exists()):  # alike on every rank: evaluating is collective
             cached = json.loads(path.read_text())
             return cached["scores"], cached["per_seed"], cached["samples"]
         self.emit("log", "evaluating the teacher on the test set (cached after the first time)")
-        scores, per_seed, samples = evaluate(self.teacher, None, self.test_examples, self.tokenizer, self.spec,
-                                             self.vocab_size, self.device, e.seeds,
-                                             check=self.cancel_check("evaluating the teacher"))  # fmt: skip
+        scores, per_seed, samples = evaluate(
+            self.teacher,
+            None,
+            self.test_examples,
+            self.tokenizer,
+            self.spec,
+            self.vocab_size,
+            self.device,
+            e.seeds,
+            check=self.cancel_check("evaluating the teacher"),
+        )
         if rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, json.dumps({"scores": scores, "per_seed": per_seed, "samples": samples}))
@@ -315,7 +413,9 @@ class Trainer:
         """The best checkpoint on the test set: the final model's scores when it is the final model."""
         best = self.best[1]
         if best == step:
-            self.record_test("best", best, self.scores["final"], self.per_seed["final"], self.samples["final"], " (the final model)")
+            self.record_test(
+                "best", best, self.scores["final"], self.per_seed["final"], self.samples["final"], " (the final model)"
+            )
             return
         path = self.output_dir / "checkpoints" / ckpt.step_dir_name(best)
         model = load_model(path, DTYPES[self.precision], self.device)
@@ -326,14 +426,25 @@ class Trainer:
         out = self.output_dir / "checkpoints" / ckpt.step_dir_name(step)
         card = ckpt.model_card(spec, step, self.scores, self.selection.get(step), self.best)
         ckpt.export_model(self.engine, self.tokenizer, out, card, spec.deepspeed.zero_stage)
-        state = {"step": step, "fingerprint": spec.fingerprint(), "scores": self.scores,
-                 "selection": sorted(self.selection.items()), "best": self.best}  # fmt: skip
+        state = {
+            "step": step,
+            "fingerprint": spec.fingerprint(),
+            "scores": self.scores,
+            "selection": sorted(self.selection.items()),
+            "best": self.best,
+        }
         rank_state = {"stages": [s.state_dict() for s in self.stages]}
         ckpt.save_resume_state(self.engine, self.output_dir / "resume" / ckpt.step_dir_name(step), state, rank_state)
         ckpt.prune_checkpoints(self.output_dir, spec.checkpoints.keep, {self.best[1]} if self.best else set())
         best = self.best is not None and self.best[1] == step
-        self.emit("checkpoint", f"checkpoint step {step}: {out}" + (" (best so far)" if best else ""), step=step,
-                  path=str(out), scores=self.selection.get(step), best=best)  # fmt: skip
+        self.emit(
+            "checkpoint",
+            f"checkpoint step {step}: {out}" + (" (best so far)" if best else ""),
+            step=step,
+            path=str(out),
+            scores=self.selection.get(step),
+            best=best,
+        )
 
     def resume(self) -> int:
         found = ckpt.latest_resume_state(self.output_dir)
@@ -376,7 +487,9 @@ class Trainer:
             metrics = stage.train_step(local)
             metrics["lr"] = lr
             if not math.isfinite(metrics["loss"]):
-                raise TrainingError(f"loss became {metrics['loss']} at step {step} ({stage.name}); try a lower learning rate")
+                raise TrainingError(
+                    f"loss became {metrics['loss']} at step {step} ({stage.name}); try a lower learning rate"
+                )
             # The ETA from the stage's average wall time per step so far, evaluations and checkpoints
             # included: one step's time swings (MiniLLM samples its rollouts every few steps) and
             # leaves out the rest, while the stages of a job differ too much in speed to average together.
@@ -414,6 +527,11 @@ def train(spec: JobSpec, output_dir: Path, reporter: Reporter) -> dict[str, dict
         if lost_peer(err):  # no outcome reported: the worker retries the attempt (or fails the job on its last)
             trainer.emit("log", f"another process of this job was lost: {type(err).__name__}: {err}", "warning")
         else:
-            trainer.emit("state", f"failed: {type(err).__name__}: {err}", "error", state="failed",
-                         error={"code": type(err).__name__, "message": str(err)})  # fmt: skip
+            trainer.emit(
+                "state",
+                f"failed: {type(err).__name__}: {err}",
+                "error",
+                state="failed",
+                error={"code": type(err).__name__, "message": str(err)},
+            )
         raise

@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=ReleasingRoute)  # see app/api/release.py
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, responses=errors(401, 413, 422, 429, 503),
-             openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}})  # fmt: skip
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    responses=errors(401, 413, 422, 429, 503),
+    openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}},
+)
 async def upload(
     request: Request,
     session: SessionDep,
@@ -49,12 +54,15 @@ async def upload(
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > settings.max_upload_bytes:
-                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                                        f"datasets are limited to {settings.max_upload_bytes} bytes")  # fmt: skip
+                    raise HTTPException(
+                        status.HTTP_413_CONTENT_TOO_LARGE, f"datasets are limited to {settings.max_upload_bytes} bytes"
+                    )
                 if size > room:
-                    raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
-                                        f"your datasets may take {settings.max_dataset_bytes_per_user} bytes in all "
-                                        f"and {max(room, 0)} are left")  # fmt: skip
+                    raise HTTPException(
+                        status.HTTP_429_TOO_MANY_REQUESTS,
+                        f"your datasets may take {settings.max_dataset_bytes_per_user} bytes in all "
+                        f"and {max(room, 0)} are left",
+                    )
                 digest.update(chunk)
                 out.write(chunk)
         # Parsing a large file takes seconds: in a worker thread, so other requests are served meanwhile.
@@ -73,10 +81,22 @@ async def upload(
         except Exception:  # boto3 raises many types
             path.unlink()
             log.warning("could not copy dataset %s to the bucket", dataset_id, exc_info=True)
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the upload could not be stored in the bucket; "
-                                "nothing was kept, try again") from None  # fmt: skip
-    dataset = crud.add_dataset(session, Dataset(id=dataset_id, user_id=user.id, name=name, path=str(path),
-                                                num_records=len(records), size_bytes=size, sha256=digest.hexdigest()))  # fmt: skip
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "the upload could not be stored in the bucket; nothing was kept, try again",
+            ) from None
+    dataset = crud.add_dataset(
+        session,
+        Dataset(
+            id=dataset_id,
+            user_id=user.id,
+            name=name,
+            path=str(path),
+            num_records=len(records),
+            size_bytes=size,
+            sha256=digest.hexdigest(),
+        ),
+    )
     return DatasetOut.model_validate(dataset)
 
 

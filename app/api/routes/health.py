@@ -10,16 +10,17 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import text
 
 from app import crud
+from app.core.broker import broker
 from app.core.db import session_factory
 from app.models import STATUSES
 from app.schemas import Health, Readiness
-from app.core.broker import broker
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
 registry = CollectorRegistry()
-REQUEST_SECONDS = Histogram("distill_http_request_seconds", "API request latency", ["method", "route", "status"],
-                            registry=registry)  # fmt: skip
+REQUEST_SECONDS = Histogram(
+    "distill_http_request_seconds", "API request latency", ["method", "route", "status"], registry=registry
+)
 
 
 class JobCollector:
@@ -46,7 +47,9 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", responses={503: {"model": Readiness, "description": "The database or the broker does not answer."}})
+@router.get(
+    "/readyz", responses={503: {"model": Readiness, "description": "The database or the broker does not answer."}}
+)
 def readyz(response: Response) -> Readiness:
     """Ready when the database and the broker answer. The answer says which one is down, not why:
     anyone may ask, and a driver's error names hosts, users and databases. The log has the error."""

@@ -24,12 +24,12 @@ from app.core.db import session_factory
 from app.core.path_roots import Roots, confine
 from app.core.security import signed_url
 from app.core.storage import s3_store
-from app.outbox import publish
+from app.job_paths import hide_server_paths, job_dir
 from app.models import QUEUED, STATUSES, TERMINAL, Checkpoint, Dataset, Job, JobEvent, User
+from app.outbox import publish
 from app.schemas import CheckpointOut, EvalOut, EvalSamplesOut, EventOut, JobOut, MetricPoint, Page, SignedLink
 from worker.engine.preflight import preflight
 from worker.engine.spec import JobSpec
-from app.job_paths import hide_server_paths, job_dir
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=ReleasingRoute)  # see app/api/release.py
 MAX_ID = 2**63 - 1  # ids are 64-bit columns; a larger bound overflows the driver (a 500 on SQLite)
@@ -37,14 +37,21 @@ MAX_ID = 2**63 - 1  # ids are 64-bit columns; a larger bound overflows the drive
 ON_A_JOB = (401, 404, 422)
 # A download's body, described for generated clients (which save it as bytes).
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-DOWNLOAD = {206: {"description": "The byte range the request's Range asked for."},
-            307: {"description": "With S3 storage: a redirect to a presigned URL that serves the same bytes."},
-            **errors(400, 401, 403, 404, 416, 422)}  # fmt: skip
+DOWNLOAD = {
+    206: {"description": "The byte range the request's Range asked for."},
+    307: {"description": "With S3 storage: a redirect to a presigned URL that serves the same bytes."},
+    **errors(400, 401, 403, 404, 416, 422),
+}
 
 
 # 400: a body that cannot be read at all (not UTF-8), which FastAPI refuses before it parses the spec.
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, name="create",
-             responses=errors(400, 401, 409, 413, 422, 429))
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
+    name="create",
+    responses=errors(400, 401, 409, 413, 422, 429),
+)
 def submit(
     spec: JobSpec,
     session: SessionDep,
@@ -56,15 +63,26 @@ def submit(
     repeating the same request returns the same job; the same key with another body is a 409."""
     body, queue, served = _accept(spec, session, user, settings)
     try:
-        job, created = crud.create_job(session, user, body, queue=queue, total_steps=spec.total_steps,
-                                       max_attempts=settings.max_attempts, idempotency_key=idempotency_key,
-                                       max_active=settings.max_active_jobs_per_user)  # fmt: skip
+        job, created = crud.create_job(
+            session,
+            user,
+            body,
+            queue=queue,
+            total_steps=spec.total_steps,
+            max_attempts=settings.max_attempts,
+            idempotency_key=idempotency_key,
+            max_active=settings.max_active_jobs_per_user,
+        )
     except crud.IdempotencyConflict:
-        raise HTTPException(status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different job spec") from None
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different job spec"
+        ) from None
     except crud.TooManyJobs:
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
-                            f"you have {settings.max_active_jobs_per_user} jobs queued or running, the most allowed; "
-                            "wait for one to end or cancel one") from None  # fmt: skip
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"you have {settings.max_active_jobs_per_user} jobs queued or running, the most allowed; "
+            "wait for one to end or cancel one",
+        ) from None
     if created and queue not in served:  # accepted all the same: a worker for it may start later
         crud.add_event(session, job.id, "log", _unserved(queue), "warning", {"queue": queue})
     if job.status == QUEUED and job.published_at is None:  # new, or a retry of a job whose message never went out
@@ -73,8 +91,13 @@ def submit(
         # while waiting for a second, and 200 concurrent submits exhaust the pool (tests/chaos).
         session.commit()
         if not publish(job.id, job.queue):
-            crud.add_event(session, job.id, "log", "the broker did not answer; the job is stored and is sent to a "
-                                                   "worker as soon as the broker is back", "warning")  # fmt: skip
+            crud.add_event(
+                session,
+                job.id,
+                "log",
+                "the broker did not answer; the job is stored and is sent to a worker as soon as the broker is back",
+                "warning",
+            )
         session.refresh(job)
     return _out(session, settings, [job])[0]
 
@@ -99,14 +122,23 @@ def _accept(spec: JobSpec, session: Session, user: User, settings: Settings) -> 
     problems += preflight(confined, dataset_exists, settings.api_sees_worker_files, skip={loc for loc, _ in problems})
     problems += webhooks.spec_problems(spec.notify.webhook_url, user, settings)
     if problems:
-        raise RequestValidationError([{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
+        raise RequestValidationError(
+            [{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
+        )
     body = spec.model_dump(mode="json")
     served = worker_registry.served_queues(session, _liveness(settings))
     queue = queue_for(body, served)
     if queue not in served and settings.refuse_unserved_queues:
         offered = f"queues served now: {', '.join(sorted(served))}" if served else "no worker is running"
-        raise RequestValidationError([{"loc": ("body", "resources"), "type": "value_error",
-                                       "msg": f"{_unserved(queue)}; this server refuses such jobs ({offered})"}])  # fmt: skip
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "resources"),
+                    "type": "value_error",
+                    "msg": f"{_unserved(queue)}; this server refuses such jobs ({offered})",
+                }
+            ]
+        )
     return body, queue, served
 
 
@@ -117,7 +149,9 @@ def list_jobs(
     settings: SettingsDep,
     status_: Annotated[Literal[STATUSES] | None, Query(alias="status")] = None,  # type: ignore[valid-type]
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64, pattern=NO_NUL, description="id of the last job of the previous page")] = None,
+    after: Annotated[
+        str | None, Query(max_length=64, pattern=NO_NUL, description="id of the last job of the previous page")
+    ] = None,
 ) -> Page[JobOut]:
     jobs, has_more = crud.list_jobs(session, user.id, status=status_, limit=limit, after=after)
     return Page(data=_out(session, settings, jobs), has_more=has_more)
@@ -152,9 +186,14 @@ def _out(session: Session, settings: Settings, jobs: list[Job]) -> list[JobOut]:
     for when no live worker consumes that queue."""
     ahead = crud.jobs_ahead(session, jobs)
     served = worker_registry.served_queues(session, _liveness(settings)) if ahead else set()
-    return [JobOut.of(job, queue_position=ahead.get(job.id),
-                      waiting_for=_unserved(job.queue) if job.id in ahead and job.queue not in served else None)
-            for job in jobs]  # fmt: skip
+    return [
+        JobOut.of(
+            job,
+            queue_position=ahead.get(job.id),
+            waiting_for=_unserved(job.queue) if job.id in ahead and job.queue not in served else None,
+        )
+        for job in jobs
+    ]
 
 
 # -- events -------------------------------------------------------------------------------------
@@ -195,7 +234,9 @@ async def stream_events(
         rows, ended = await asyncio.to_thread(read, cursor)  # blocking database I/O off the event loop
         for row in rows:
             cursor = row.id
-            yield ServerSentEvent(data=EventOut.model_validate(row).model_dump(mode="json"), event=row.type, id=str(row.id))
+            yield ServerSentEvent(
+                data=EventOut.model_validate(row).model_dump(mode="json"), event=row.type, id=str(row.id)
+            )
         if not rows and ended:
             return
         if not rows:
@@ -207,12 +248,17 @@ async def stream_events(
 LOG_BYTES = 4 * 1024 * 1024  # the most of a log one answer holds: its end, where a failure shows
 
 
-@router.get("/{job_id}/logs", response_class=PlainTextResponse,
-            responses={200: {"content": {"text/plain": {}}}, **errors(*ON_A_JOB)})  # fmt: skip
+@router.get(
+    "/{job_id}/logs",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}}, **errors(*ON_A_JOB)},
+)
 def logs(
     job: OwnedJob,
     settings: SettingsDep,
-    attempt: Annotated[int | None, Query(ge=1, le=MAX_ID, description="which attempt's log; default: the latest")] = None,
+    attempt: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="which attempt's log; default: the latest")
+    ] = None,
     tail: Annotated[int | None, Query(ge=1, le=MAX_ID, description="only the last N lines")] = None,
 ) -> PlainTextResponse:
     """What the training process of an attempt printed (its stdout and stderr), with the server's
@@ -223,8 +269,11 @@ def logs(
     attempt = attempt or job.attempts
     path = job_dir(settings, job.id) / f"attempt-{attempt}.log"
     if attempt > job.attempts or not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no log of attempt {attempt} "
-                            f"(it has had {job.attempts}; a log lives on the machine that ran the attempt)")  # fmt: skip
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"job {job.id} has no log of attempt {attempt} "
+            f"(it has had {job.attempts}; a log lives on the machine that ran the attempt)",
+        )
     with path.open("rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - LOG_BYTES))
@@ -235,7 +284,9 @@ def logs(
     if tail is not None and tail < len(lines):
         lines = lines[-tail:]
     elif size > len(data):
-        lines.insert(0, f"[the first {size - len(data)} bytes of this log are left out: an answer holds its last {LOG_BYTES}]\n")
+        lines.insert(
+            0, f"[the first {size - len(data)} bytes of this log are left out: an answer holds its last {LOG_BYTES}]\n"
+        )
     return PlainTextResponse(hide_server_paths("".join(lines), settings, job.id))
 
 
@@ -273,8 +324,16 @@ def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
     rows = crud.checkpoints_of(session, job.id)
     best = _best(job, rows)
     return [
-        CheckpointOut(step=c.step, created_at=c.created_at, archive_size=c.archive_size, archive_sha256=c.archive_sha256,
-                      files=c.files, scores=c.scores, latest=c is rows[-1], best=c is best)  # fmt: skip
+        CheckpointOut(
+            step=c.step,
+            created_at=c.created_at,
+            archive_size=c.archive_size,
+            archive_sha256=c.archive_sha256,
+            files=c.files,
+            scores=c.scores,
+            latest=c is rows[-1],
+            best=c is best,
+        )
         for c in rows
     ]
 
@@ -289,8 +348,11 @@ def _checkpoint(session, job: Job, step: str) -> Checkpoint:
     return found
 
 
-@router.get("/{job_id}/checkpoints/{step}/archive", response_class=FileDownload,
-            responses={200: {"content": {"application/x-tar": BINARY}}, **DOWNLOAD})  # fmt: skip
+@router.get(
+    "/{job_id}/checkpoints/{step}/archive",
+    response_class=FileDownload,
+    responses={200: {"content": {"application/x-tar": BINARY}}, **DOWNLOAD},
+)
 def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
     """The checkpoint's Hugging Face directory as an uncompressed tar. Content-Length, ETag and Range
     requests let an interrupted download resume; X-Checksum-SHA256 is the whole archive's digest.
@@ -300,13 +362,22 @@ def archive(job: DownloadableJob, step: str, session: SessionDep) -> Response:
     store = s3_store()
     if c.storage_url and store is not None:
         url = store.download_url(c.storage_url, f"archives/{Path(c.archive_path).name}", filename)
-        return RedirectResponse(url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": c.archive_sha256})
-    return FileDownload(_on_disk(c.archive_path, c), media_type="application/x-tar", filename=filename,
-                        headers={"X-Checksum-SHA256": c.archive_sha256})  # fmt: skip
+        return RedirectResponse(
+            url, status.HTTP_307_TEMPORARY_REDIRECT, headers={"X-Checksum-SHA256": c.archive_sha256}
+        )
+    return FileDownload(
+        _on_disk(c.archive_path, c),
+        media_type="application/x-tar",
+        filename=filename,
+        headers={"X-Checksum-SHA256": c.archive_sha256},
+    )
 
 
-@router.get("/{job_id}/checkpoints/{step}/files/{name}", response_class=FileDownload,
-            responses={200: {"content": {"application/octet-stream": BINARY}}, **DOWNLOAD})  # fmt: skip
+@router.get(
+    "/{job_id}/checkpoints/{step}/files/{name}",
+    response_class=FileDownload,
+    responses={200: {"content": {"application/octet-stream": BINARY}}, **DOWNLOAD},
+)
 def checkpoint_file(job: DownloadableJob, step: str, name: str, session: SessionDep) -> Response:
     c = _checkpoint(session, job, step)
     entry = next((f for f in c.files if f["name"] == name), None)
@@ -322,7 +393,9 @@ def checkpoint_file(job: DownloadableJob, step: str, name: str, session: Session
 def _on_disk(path: str | Path, c: Checkpoint) -> Path:
     """`path` if the file is still there; a 404 if it was removed behind the checkpoint's row."""
     if not Path(path).is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the files of checkpoint step {c.step} are no longer in storage")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"the files of checkpoint step {c.step} are no longer in storage"
+        )
     return Path(path)
 
 

@@ -27,6 +27,8 @@ def set_webhook(change: WebhookIn, user: CurrentUser, session: SessionDep, setti
     """Set (or, with `url: null`, remove) the default webhook URL. A signing secret is made the first
     time, or with `new_secret` (the old one stops signing at once), and answered only then."""
     if change.url is not None and (problem := webhooks.url_problem(change.url, settings)):
-        raise RequestValidationError([{"loc": ("body", "url"), "msg": problem, "type": "value_error", "input": change.url}])
+        raise RequestValidationError(
+            [{"loc": ("body", "url"), "msg": problem, "type": "value_error", "input": change.url}]
+        )
     secret = webhooks.set_user_webhook(session, user, change.url, clear=change.url is None, rotate=change.new_secret)
     return WebhookOut(url=user.webhook_url, has_secret=bool(user.webhook_secret), secret=secret)

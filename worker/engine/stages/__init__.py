@@ -22,7 +22,11 @@ METHODS: dict[str, Method] = {
 
 def plan(spec: JobSpec) -> list[tuple[str, Method, Schedule]]:
     """(stage name, method, schedule) of each stage the job runs, in order."""
-    stages = [(f"recovery-{spec.recovery.method}", METHODS[spec.recovery.method], Schedule.of(spec.recovery))] if spec.recovery else []
+    stages = (
+        [(f"recovery-{spec.recovery.method}", METHODS[spec.recovery.method], Schedule.of(spec.recovery))]
+        if spec.recovery
+        else []
+    )
     return stages + [(spec.method, METHODS[spec.method], Schedule.of(spec.training))]
 
 

@@ -27,7 +27,11 @@ class FinetuneStage:
 
     def describe(self) -> str:
         """What this stage trains, for the job's log."""
-        loss = "cross-entropy" if self.kd_ratio == 0 else f"{1 - self.kd_ratio:g}·cross-entropy + {self.kd_ratio:g}·forward KL to the teacher"
+        loss = (
+            "cross-entropy"
+            if self.kd_ratio == 0
+            else f"{1 - self.kd_ratio:g}·cross-entropy + {self.kd_ratio:g}·forward KL to the teacher"
+        )
         return f"{self.name}: {loss} on {self.responses} responses, {self.schedule.steps} steps"
 
     def train_step(self, step: int) -> dict[str, float]:

@@ -111,9 +111,17 @@ class MiniLLMStage:
         else:
             logits = f"teacher logits recomputed for each update (keeping them would take {size:.2f} GB per process)"
         if self.lm is None:
-            why = "minillm.lm_coef is 0" if cfg.lm_coef == 0 else "no data.pretrain; builtin:teacher-text is one for the paper's L_PT"
+            why = (
+                "minillm.lm_coef is 0"
+                if cfg.lm_coef == 0
+                else "no data.pretrain; builtin:teacher-text is one for the paper's L_PT"
+            )
             return f"{self.name}: LM term off ({why}); {logits}"
-        loss = "next-token loss" if cfg.kd_ratio == 0 else f"{1 - cfg.kd_ratio:g}·next-token loss + {cfg.kd_ratio:g}·forward KL to the teacher"
+        loss = (
+            "next-token loss"
+            if cfg.kd_ratio == 0
+            else f"{1 - cfg.kd_ratio:g}·next-token loss + {cfg.kd_ratio:g}·forward KL to the teacher"
+        )
         if self.lm == "pretrain":
             text = f"data.pretrain ({spec.data.pretrain}: {len(self.lm_pairs)} chunks of {cfg.lm_chunk_tokens} tokens)"
         else:
@@ -145,10 +153,17 @@ class MiniLLMStage:
     def _sample(self, model, prompt_ids, prompt_mask, **kwargs):
         ctx = self.ctx
         return sample(
-            model, prompt_ids, prompt_mask, max_new_tokens=ctx.spec.data.max_response_tokens,
-            eos_id=ctx.tokenizer.eos_token_id, pad_id=ctx.tokenizer.pad_token_id, vocab_size=ctx.vocab_size,
-            temperature=self.cfg.temperature, compile_steps=ctx.spec.resources.compile_decoding, **kwargs,
-        )  # fmt: skip
+            model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=ctx.spec.data.max_response_tokens,
+            eos_id=ctx.tokenizer.eos_token_id,
+            pad_id=ctx.tokenizer.pad_token_id,
+            vocab_size=ctx.vocab_size,
+            temperature=self.cfg.temperature,
+            compile_steps=ctx.spec.resources.compile_decoding,
+            **kwargs,
+        )
 
     @torch.no_grad()
     def collect(self, phase: int, clock: Stopwatch) -> None:
@@ -165,12 +180,19 @@ class MiniLLMStage:
         with clock("sample"), whole_for_decoding(ctx.engine) as student:
             for start in self._chunks():
                 chunk = indices[start : start + cfg.rollout_batch_size]
-                prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(ctx.device)
+                prompts = collate([(self.prompts[i].prompt_ids, []) for i in chunk], ctx.tokenizer.pad_token_id).to(
+                    ctx.device
+                )
                 out = self._sample(
-                    student, prompts.prompt_ids, prompts.prompt_mask, generator=generator, mix_model=ctx.teacher,
-                    mix_alpha=cfg.teacher_mix_alpha, sync_ranks=self.collective,
+                    student,
+                    prompts.prompt_ids,
+                    prompts.prompt_mask,
+                    generator=generator,
+                    mix_model=ctx.teacher,
+                    mix_alpha=cfg.teacher_mix_alpha,
+                    sync_ranks=self.collective,
                     logits_out=kept[start : start + len(chunk)] if kept is not None and self.mixing else None,
-                )  # fmt: skip
+                )
                 parts.append(out.batch)
         batch = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
         width = batch.response_ids.shape[1]
@@ -194,7 +216,11 @@ class MiniLLMStage:
             logp_teacher.append(token_log_probs(t_logits, mb.response_ids))
             # The importance weight compares with the teacher at the sampling temperature; the reward
             # is the teacher's own log-probability, at temperature 1 (as the reference).
-            logp_teacher_t.append(logp_teacher[-1] if cfg.temperature == 1 else token_log_probs(scaled(t_logits, cfg.temperature), mb.response_ids))
+            logp_teacher_t.append(
+                logp_teacher[-1]
+                if cfg.temperature == 1
+                else token_log_probs(scaled(t_logits, cfg.temperature), mb.response_ids)
+            )
         mask = batch.response_mask.float()
         logp_old = torch.cat(logp_old) * mask
         logp_teacher = torch.cat(logp_teacher)
@@ -203,9 +229,13 @@ class MiniLLMStage:
         returns = long_term_returns(rewards, mask, cfg.gamma, cfg.length_normalization)
         # Whitened once per phase over every rank's rollouts (the reference whitens per micro-batch):
         # a larger sample gives steadier statistics, and it is the same for every PPO epoch.
-        advantages = whiten(returns, mask, all_reduce_sum(masked_moments(returns, mask))) if cfg.whiten_advantages else returns
+        advantages = (
+            whiten(returns, mask, all_reduce_sum(masked_moments(returns, mask))) if cfg.whiten_advantages else returns
+        )
         self.phase = phase
-        self.rollouts = Rollouts(batch, logp_old, weights, advantages.detach(), rewards, None if kept is None else kept[:, :width])
+        self.rollouts = Rollouts(
+            batch, logp_old, weights, advantages.detach(), rewards, None if kept is None else kept[:, :width]
+        )
 
     @torch.no_grad()
     def teacher_logits_again(self) -> torch.Tensor:
@@ -224,12 +254,18 @@ class MiniLLMStage:
         for start in self._chunks():
             rows = slice(start, start + self.cfg.rollout_batch_size)
             part = batch.select(rows)
-            own = int(part.prompt_mask.sum(-1).max())  # the call's own prompt width, before the phase's concat padded it
+            own = int(
+                part.prompt_mask.sum(-1).max()
+            )  # the call's own prompt width, before the phase's concat padded it
             self._sample(
-                ctx.teacher, part.prompt_ids[:, -own:], part.prompt_mask[:, -own:], generator=None,
+                ctx.teacher,
+                part.prompt_ids[:, -own:],
+                part.prompt_mask[:, -own:],
+                generator=None,
                 sync_ranks=self.collective,
-                forced_ids=part.response_ids, logits_out=kept[rows],
-            )  # fmt: skip
+                forced_ids=part.response_ids,
+                logits_out=kept[rows],
+            )
         return kept[:, :width]
 
     # -- updates --------------------------------------------------------------------------------
@@ -247,7 +283,8 @@ class MiniLLMStage:
             with clock("teacher_forward"):
                 ro.teacher_logits = self.teacher_logits_again()
         order = torch.randperm(
-            self.rollouts_per_rank, generator=torch.Generator().manual_seed((spec.training.seed * 7 + phase) * 101 + epoch)
+            self.rollouts_per_rank,
+            generator=torch.Generator().manual_seed((spec.training.seed * 7 + phase) * 101 + epoch),
         )
         eval_with_checkpointing(engine.module)  # dropout off during RL, as in the reference (PPOModel sets eval())
         sums: dict[str, float] = {}
@@ -258,7 +295,9 @@ class MiniLLMStage:
             mask = mb.response_mask
             parts = [mb]
             if self.lm:
-                lm = ctx.batch(self.lm_pairs, ctx.micro_batch_indices(len(self.lm_pairs), spec.training.seed + 2, step * ga + k))
+                lm = ctx.batch(
+                    self.lm_pairs, ctx.micro_batch_indices(len(self.lm_pairs), spec.training.seed + 2, step * ga + k)
+                )
                 parts.append(lm)
             # PPO and LM batches share one forward, as in the reference: one pass over the weights.
             joint = SequenceBatch.concat(parts, ctx.tokenizer.pad_token_id)
@@ -275,10 +314,17 @@ class MiniLLMStage:
                 logits = response_logits(engine, joint, ctx.vocab_size)
                 lr_ = mb.response_ids.shape[1]
                 objective = minillm_loss(
-                    logits[:b, :lr_], teacher, mb.response_ids, mask,
-                    ro.logp_old[idx], ro.weights[idx], ro.advantages[idx],
-                    cfg.temperature, cfg.clip_range, cfg.single_step,
-                )  # fmt: skip
+                    logits[:b, :lr_],
+                    teacher,
+                    mb.response_ids,
+                    mask,
+                    ro.logp_old[idx],
+                    ro.weights[idx],
+                    ro.advantages[idx],
+                    cfg.temperature,
+                    cfg.clip_range,
+                    cfg.single_step,
+                )
                 loss = objective.loss
                 lm_loss = torch.zeros(())
                 if self.lm:
@@ -292,9 +338,12 @@ class MiniLLMStage:
                 engine.step()
             tokens += int(mask.sum())
             for name, value in (
-                ("loss", loss), ("pg_loss", objective.pg_loss), ("reverse_kl", objective.reverse_kl),
-                ("lm_loss", lm_loss), ("clip_fraction", objective.clip_fraction),
-            ):  # fmt: skip
+                ("loss", loss),
+                ("pg_loss", objective.pg_loss),
+                ("reverse_kl", objective.reverse_kl),
+                ("lm_loss", lm_loss),
+                ("clip_fraction", objective.clip_fraction),
+            ):
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / ga
         valid = ro.batch.response_mask.float()
         return {
