@@ -24,10 +24,12 @@ test: install lint
 	scripts/ensure-node-group-tools.sh
 	$(PY) -m pytest -q
 
-# The code's one format and its lint rules (pyproject.toml [tool.ruff]): `ruff format .` fixes the first.
+# The code's one format, its lint rules and the direction of its imports (pyproject.toml [tool.ruff],
+# [tool.importlinter]); `.venv/bin/ruff format .` fixes the first.
 lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The fault campaign: its own PostgreSQL and Redis, the API and workers as processes; kills and restarts
 # them while jobs run, checks nothing was lost or run twice, and writes docs/reliability.md (minutes).

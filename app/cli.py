@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, TextIO
 import typer
 from typer.core import TyperGroup
 
+from worker.engine.status import JobStatus
+
 if TYPE_CHECKING:
     from app.client import Client
     from app.schemas import JobOut
@@ -58,7 +60,11 @@ EXIT_CODES = {
     ExitCode.UNAUTHORIZED: "no token, or one that is wrong, expired or revoked (401, 403)",
 }
 # A job's final status as the exit code of a command that waited for it.
-OUTCOMES = {"succeeded": ExitCode.OK, "failed": ExitCode.FAILED, "cancelled": ExitCode.CANCELLED}
+OUTCOMES = {
+    JobStatus.SUCCEEDED: ExitCode.OK,
+    JobStatus.FAILED: ExitCode.FAILED,
+    JobStatus.CANCELLED: ExitCode.CANCELLED,
+}
 
 
 class Failure(Exception):
@@ -693,7 +699,7 @@ def status(job_id: str, as_json: bool = JsonOption, url: str = UrlOption, token:
 def _say_where_queued(job: JobOut) -> None:
     """A queued job's place in its queue, and what it waits for if no worker serves that queue; on
     stderr, so that stdout stays the job id or JSON that scripts read."""
-    if job.status != "queued":
+    if job.status != JobStatus.QUEUED:
         return
     typer.echo(f"queued on {job.queue}: {job.queue_position} job(s) ahead", err=True)
     if job.waiting_for:

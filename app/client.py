@@ -1,12 +1,12 @@
 """The Python client of the API, for CI scripts (and the `distill` command line):
 
     from pathlib import Path
-    from app.client import Client, load_spec_file
+    from app.client import Client, JobStatus, load_spec_file
 
     with Client("https://distill.example.com", token) as client:   # default: DISTILL_URL, DISTILL_TOKEN
         job = client.jobs.create(load_spec_file(Path("ci/distill.yaml"), ["training.steps=200"]))
         job = client.jobs.wait(job.id)                             # a JobOut; job.status, job.best_eval
-        if job.status == "succeeded":
+        if job.status == JobStatus.SUCCEEDED:
             client.checkpoints.download(job.id, "best", Path("models"))
 
 Answers are the API's own response models (app/schemas.py). It needs httpx, pydantic, tenacity and
@@ -37,6 +37,7 @@ from app.schemas import (
     EvalSamplesOut,
     EventOut,
     JobOut,
+    JobStatus,
     Page,
     WebhookOut,
     error_body,
@@ -164,7 +165,7 @@ class Jobs:
         in), or the ApiError 422 submit would raise."""
         return self._client.request("POST", "/jobs/validate", json=spec).json()
 
-    def list(self, status: str | None = None, page_size: int = 100) -> Iterator[JobOut]:
+    def list(self, status: JobStatus | None = None, page_size: int = 100) -> Iterator[JobOut]:
         """Every job (with `status`, those in it), newest first; pages are fetched as the iteration reaches them."""
         params: dict = {"limit": page_size, **({"status": status} if status else {})}
         while True:

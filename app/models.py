@@ -10,7 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # A job's statuses live with what the API shows (app/schemas.py imports no SQLAlchemy, for the client);
 # imported here too, where the code that reads and writes the tables has always found them.
-from .schemas import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL  # noqa: F401
+from .schemas import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobStatus  # noqa: F401
 
 # BIGINT keys on PostgreSQL; SQLite only auto-increments a column declared INTEGER.
 BigId = BigInteger().with_variant(Integer, "sqlite")

@@ -13,20 +13,12 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.engine.spec import WebhookUrl
+from worker.engine.status import TERMINAL, JobStatus  # noqa: F401 (TERMINAL: for app.models)
 
 if TYPE_CHECKING:
     from .models import Job
 
-QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued",
-    "running",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
+QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = JobStatus
 
 
 class Progress(BaseModel):
@@ -56,7 +48,7 @@ class Placement(BaseModel):
 class JobOut(BaseModel):
     id: str
     name: str
-    status: str
+    status: JobStatus
     spec: dict
     queue: str
     created_at: datetime

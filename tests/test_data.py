@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from worker.engine.data import DataError, Record, format_prompt, read_records, sample_order, split_held_out, tokenize
+from worker.engine.data import DataError, Record, format_prompt, read_records, split_held_out, tokenize
 from worker.engine.models import load_tokenizer, smollm2_tokenizer_dir
 from worker.engine.spec import DataSpec
+from worker.engine.stages.base import sample_order
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from app.job_paths import dataset_file, job_dir
 from app.models import Dataset, Job
 from worker.engine.events import Event
 from worker.engine.spec import DATA_FILES, JobSpec
+from worker.engine.status import JobStatus
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter
 from worker.supervisor import die_with_parent
@@ -64,7 +65,7 @@ def main() -> None:
                 "state",
                 f"failed: {err}",
                 "error",
-                {"state": "failed", "error": {"code": "SpecRefused", "message": str(err)}},
+                {"state": JobStatus.FAILED, "error": {"code": "SpecRefused", "message": str(err)}},
             )
         )
         reporter.flush(seconds=settings.heartbeat_timeout_seconds)

@@ -14,6 +14,7 @@ import pytest
 from helpers import make_user, tiny_spec, wait_for
 
 from worker.engine.data import read_records
+from worker.engine.status import JobStatus
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -89,6 +90,8 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
     assert "token" not in page.url
     expect(page.locator("#jobs")).to_contain_text("No jobs yet")
+    # The status filter offers the statuses the API's schema defines (JobStatus), in its order.
+    expect(page.locator("#status-filter option")).to_have_text(["All", *(s.value for s in JobStatus)])
 
     # A bad spec from the form: the API's 422 shows beside the field it names.
     page.get_by_role("link", name="New job").first.click()

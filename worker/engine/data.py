@@ -188,20 +188,3 @@ def tokenize(
             response_ids = tokenizer.encode(record.response, add_special_tokens=False) + [tokenizer.eos_token_id]
         examples.append(Example(record, prompt_ids, response_ids[:max_response]))
     return examples, skipped
-
-
-def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Positions start .. start+count of an endless stream of shuffled passes over n items.
-
-    Pass e is a permutation seeded by (seed, e), so any position can be recomputed from its index
-    alone: a resumed job continues exactly where it stopped without saving a data iterator.
-    """
-    import torch  # here, not at the top: the API imports this module for records and never loads torch
-
-    order, cache = [], {}
-    for position in range(start, start + count):
-        epoch = position // n
-        if epoch not in cache:
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        order.append(cache[epoch][position % n])
-    return order

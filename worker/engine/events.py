@@ -15,6 +15,8 @@ from typing import Literal, Protocol
 
 from tqdm import tqdm
 
+from .status import TERMINAL
+
 EventType = Literal["state", "progress", "metrics", "eval", "checkpoint", "log"]
 
 
@@ -71,7 +73,7 @@ class ProgressBarReporter:
             self.bar.set_postfix({k: f"{values[k]:.3g}" for k in self.SHOWN if k in values}, refresh=True)
         elif event.type in ("eval", "checkpoint", "log", "state") and event.message:
             tqdm.write(event.message)
-        if event.type == "state" and event.data.get("state") in ("succeeded", "failed", "cancelled") and self.bar:
+        if event.type == "state" and event.data.get("state") in TERMINAL and self.bar:
             self.bar.close()
 
     def should_cancel(self) -> bool:

@@ -53,6 +53,7 @@ from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
 from .stages.base import Context, TrainingData
+from .status import JobStatus
 from .teacher_data import teacher_responses, teacher_text
 
 
@@ -474,7 +475,7 @@ class Trainer:
             self.evaluate_test("initial", 0, self.engine.module)
             if spec.eval.every_steps:
                 self.evaluate_selection(0)
-        self.emit("state", f"training from step {start} of {total}", state="running")
+        self.emit("state", f"training from step {start} of {total}", state=JobStatus.RUNNING)
         self.emit("progress", step=start, total_steps=total)
         step, pace = start, None  # pace: (stage index, when its first step in this attempt began, steps before it)
         for step in range(start + 1, total + 1):
@@ -506,7 +507,13 @@ class Trainer:
                 self.save(step)
             if not last and self.cancel_requested():
                 raise Cancelled(f"at step {step}", step)
-        self.emit("state", "succeeded", state="succeeded", step=step, best_step=self.best[1] if self.best else None)
+        self.emit(
+            "state",
+            JobStatus.SUCCEEDED,
+            state=JobStatus.SUCCEEDED,
+            step=step,
+            best_step=self.best[1] if self.best else None,
+        )
         return self.scores
 
 
@@ -521,7 +528,7 @@ def train(spec: JobSpec, output_dir: Path, reporter: Reporter) -> dict[str, dict
     try:
         return trainer.run()
     except Cancelled as stop:
-        trainer.emit("state", f"cancelled {stop.what}", state="cancelled", step=stop.step)
+        trainer.emit("state", f"cancelled {stop.what}", state=JobStatus.CANCELLED, step=stop.step)
         raise
     except Exception as err:
         if lost_peer(err):  # no outcome reported: the worker retries the attempt (or fails the job on its last)
@@ -531,7 +538,7 @@ def train(spec: JobSpec, output_dir: Path, reporter: Reporter) -> dict[str, dict
                 "state",
                 f"failed: {type(err).__name__}: {err}",
                 "error",
-                state="failed",
+                state=JobStatus.FAILED,
                 error={"code": type(err).__name__, "message": str(err)},
             )
         raise

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from app import crud
 from app.core.broker import broker
 from app.core.db import session_factory
-from app.models import STATUSES
+from app.models import JobStatus
 from app.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -31,7 +31,7 @@ class JobCollector:
         depth = GaugeMetricFamily("distill_queue_depth", "Jobs waiting for a worker, by queue", labels=["queue"])
         with session_factory()() as session:
             counts, queued = crud.jobs_by_status(session), crud.queue_depths(session)
-        for name in STATUSES:
+        for name in JobStatus:
             by_status.add_metric([name], counts.get(name, 0))
         for queue, count in queued.items():
             depth.add_metric([queue], count)

@@ -6,7 +6,7 @@ import asyncio
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +25,7 @@ from app.core.path_roots import Roots, confine
 from app.core.security import signed_url
 from app.core.storage import s3_store
 from app.job_paths import hide_server_paths, job_dir
-from app.models import QUEUED, STATUSES, TERMINAL, Checkpoint, Dataset, Job, JobEvent, User
+from app.models import QUEUED, TERMINAL, Checkpoint, Dataset, Job, JobEvent, JobStatus, User
 from app.outbox import publish
 from app.schemas import CheckpointOut, EvalOut, EvalSamplesOut, EventOut, JobOut, MetricPoint, Page, SignedLink
 from worker.engine.preflight import preflight
@@ -147,7 +147,7 @@ def list_jobs(
     session: SessionDep,
     user: CurrentUser,
     settings: SettingsDep,
-    status_: Annotated[Literal[STATUSES] | None, Query(alias="status")] = None,  # type: ignore[valid-type]
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[
         str | None, Query(max_length=64, pattern=NO_NUL, description="id of the last job of the previous page")

@@ -1,6 +1,6 @@
 // The single-page app: sign-in, a hash router (#/jobs, #/jobs/ID, #/new, #/compare?ids=a,b).
 import { token } from "./api.js";
-import { h } from "./util.js";
+import { h, loadStatuses } from "./util.js";
 import * as jobs from "./pages/jobs.js";
 import * as job from "./pages/job.js";
 import * as newJob from "./pages/new.js";
@@ -82,4 +82,5 @@ window.addEventListener("hashchange", () => {
 });
 
 takeTokenFromHash();
-render();
+// The pages read the job statuses from the API's schema; without it they still render (an empty filter).
+loadStatuses().catch((err) => console.warn("could not read the job statuses from /openapi.json", err)).finally(render);

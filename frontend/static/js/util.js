@@ -16,8 +16,21 @@ export function h(spec, attrs = {}, ...children) {
   return el;
 }
 
-export const STATUSES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"];
-export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+let schemaCache = null;
+/** The API's schemas (components of /openapi.json), fetched once: the spec form and the job statuses come from there. */
+export function apiSchemas() {
+  if (!schemaCache) schemaCache = fetch("/openapi.json").then((r) => r.json()).then((o) => o.components.schemas);
+  return schemaCache;
+}
+
+// The job statuses as the API defines them (its JobStatus schema), filled by loadStatuses() before the first render.
+export const STATUSES = [];
+export const TERMINAL = new Set();
+export async function loadStatuses() {
+  const { JobStatus } = await apiSchemas();
+  STATUSES.push(...JobStatus.enum);
+  for (const status of JobStatus["x-terminal"]) TERMINAL.add(status);
+}
 
 export function badge(status) {
   return h("span.badge." + status, {}, status);

@@ -18,11 +18,26 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..batch import SequenceBatch, collate, response_logits
-from ..data import Example, sample_order
+from ..data import Example
 from ..distributed import rank, world_size
 from ..spec import JobSpec
 
 Responses = Literal["gold", "teacher-samples", "none"]
+
+
+def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Positions start .. start+count of an endless stream of shuffled passes over n items.
+
+    Pass e is a permutation seeded by (seed, e), so any position can be recomputed from its index
+    alone: a resumed job continues exactly where it stopped without saving a data iterator.
+    """
+    order, cache = [], {}
+    for position in range(start, start + count):
+        epoch = position // n
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        order.append(cache[epoch][position % n])
+    return order
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from typing import Literal
 import torch
 
 from ..batch import SequenceBatch, collate, response_logits
-from ..data import sample_order
 from ..distributed import all_reduce_sum, is_sharded, rank, whole_for_decoding, world_size
 from ..losses import (
     importance_weights,
@@ -28,7 +27,7 @@ from ..losses import (
 )
 from ..sampling import sample
 from ..spec import JobSpec
-from .base import Context, Method, Schedule, Stopwatch, TrainingData, eval_with_checkpointing, pairs
+from .base import Context, Method, Schedule, Stopwatch, TrainingData, eval_with_checkpointing, pairs, sample_order
 
 
 def lm_source(spec: JobSpec) -> Literal["pretrain", "train_responses"] | None:

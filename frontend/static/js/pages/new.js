@@ -3,7 +3,7 @@
 // #/new?clone=JOB_ID starts from that job's spec.
 import { api } from "../api.js";
 import { dump, load } from "/vendor/js-yaml.mjs";
-import { h, toast } from "../util.js";
+import { apiSchemas, h, toast } from "../util.js";
 
 // [path, label, kind]; kind: text, int, float, select (options from the schema's enum), bool
 const SECTIONS = [
@@ -27,12 +27,6 @@ const SECTIONS = [
 ];
 const BUILTINS = ["builtin:smollm2-135m-instruct", "builtin:tiny-teacher", "builtin:tiny-student"];
 const fieldId = (path) => "f-" + path.replace(/\./g, "-");
-
-let schemaCache = null;
-async function schemas() {
-  if (!schemaCache) schemaCache = fetch("/openapi.json").then((r) => r.json()).then((o) => o.components.schemas);
-  return schemaCache;
-}
 
 /** The JSON schema of a spec field, following $ref and optional (anyOf with null). */
 function schemaOf(all, path) {
@@ -230,7 +224,7 @@ export function render(main, { params }) {
     }
   }
 
-  schemas().then((all) => {
+  apiSchemas().then((all) => {
     const sections = SECTIONS.map(([legend, fields], i) => h("fieldset", {}, h("legend", {}, legend),
       h("div.fields", {}, fields.map(([path, label, kind]) => field(path, label, kind, schemaOf(all, path))))));
     form.append(

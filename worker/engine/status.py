@@ -1,0 +1,23 @@
+"""A job's statuses, defined once. The service stores and publishes them (the API's `JobStatus`
+schema, with the terminal ones as `x-terminal`, which the web page and the CLI read); the engine
+reports the outcomes and `running`."""
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"  # asked to stop; the worker stops it at the next step
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler) -> dict:
+        schema = handler(core_schema)
+        schema["x-terminal"] = [status.value for status in cls if status in TERMINAL]
+        return schema
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
