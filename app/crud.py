@@ -4,7 +4,6 @@ The job status machine, which moves jobs between statuses, is app/job_status.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable
@@ -106,66 +105,6 @@ def events_after(session: Session, job_id: str, after: int, limit: int) -> list[
 
 
 # -- jobs ---------------------------------------------------------------------------------------
-
-
-class IdempotencyConflict(Exception):
-    """The idempotency key was used before with a different request body."""
-
-
-class TooManyJobs(Exception):
-    """The user already has as many queued or running jobs as they may."""
-
-
-def create_job(
-    session: Session,
-    user: User,
-    spec: dict,
-    *,
-    queue: str,
-    total_steps: int,
-    max_attempts: int,
-    idempotency_key: str | None,
-    max_active: int,
-) -> tuple[Job, bool]:
-    """A queued job, or the job this idempotency key already created (False: not new). A new job
-    past the user's `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
-    request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
-        if existing is not None:
-            if existing.request_hash != request_hash:
-                raise IdempotencyConflict(idempotency_key)
-            return existing, False
-    if active_jobs(session, user.id) >= max_active:
-        raise TooManyJobs(max_active)
-    job = Job(
-        user_id=user.id,
-        name=spec["name"],
-        spec=spec,
-        queue=queue,
-        total_steps=total_steps,
-        max_attempts=max_attempts,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-    )
-    session.add(job)
-    try:
-        session.flush()
-    except IntegrityError:  # the same key, submitted concurrently: the other request won
-        session.rollback()
-        return create_job(
-            session,
-            user,
-            spec,
-            queue=queue,
-            total_steps=total_steps,
-            max_attempts=max_attempts,
-            idempotency_key=idempotency_key,
-            max_active=max_active,
-        )
-    stage_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
-    session.commit()
-    return job, True
 
 
 def active_jobs(session: Session, user_id: int) -> int:

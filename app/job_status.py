@@ -1,39 +1,101 @@
-"""The job status machine: every change is one conditional UPDATE, so two processes can never both
-move a job, and nothing leaves a terminal status.
+"""The job status machine, every change of a job's status from its creation on: each is one
+conditional UPDATE, so two processes can never both move a job, and nothing leaves a terminal status.
 
     queued ──claim──▶ running ──▶ succeeded | failed
       │                  │  ▲ (lost worker: back to queued while attempts remain)
       └──cancel──▶ cancelled ◀── cancelling ◀──cancel── running
 
 A status change and the event that announces it are committed together: a reader that sees the new
-status (the event stream deciding it is done, say) also sees the event. A change to a terminal status
-also commits the job's webhook delivery, if it has a webhook (app/webhooks.py): one per job, never lost.
+status (the event stream deciding it is done, say) also sees the event. Every outcome ends the job
+through `_end`, which also commits the job's webhook delivery, if it has a webhook (app/webhooks.py):
+one per job, never lost.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import crud, webhooks
 from app.core.db import db_now
-from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job, JobEvent
+from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job, JobEvent, User
 
 
-def _move(session: Session, job_id: str, from_: tuple[str, ...], **values) -> bool:
-    """Apply `values` if the job is in one of `from_` (not committed); True if it was."""
-    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(from_)).values(**values))
+def _move(session: Session, job_id: str, from_: tuple[str, ...], *also, **values) -> bool:
+    """Apply `values` if the job is in one of `from_` and the conditions `also` hold (not committed);
+    True if it was."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(from_), *also).values(**values))
     return result.rowcount == 1
 
 
 def _move_attempt(session: Session, job_id: str, attempt: int, from_: tuple[str, ...], *also, **values) -> bool:
-    """Like `_move`, only while attempt `attempt` owns the job (and the conditions `also` hold)."""
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(from_), Job.attempts == attempt, *also).values(**values)
+    """Like `_move`, only while attempt `attempt` owns the job."""
+    return _move(session, job_id, from_, Job.attempts == attempt, *also, **values)
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different request body."""
+
+
+class TooManyJobs(Exception):
+    """The user already has as many queued or running jobs as they may."""
+
+
+def create(
+    session: Session,
+    user: User,
+    spec: dict,
+    *,
+    queue: str,
+    total_steps: int,
+    max_attempts: int,
+    idempotency_key: str | None,
+    max_active: int,
+) -> tuple[Job, bool]:
+    """A queued job, or the job this idempotency key already created (False: not new). A new job
+    past the user's `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
+    request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise IdempotencyConflict(idempotency_key)
+            return existing, False
+    if crud.active_jobs(session, user.id) >= max_active:
+        raise TooManyJobs(max_active)
+    job = Job(
+        user_id=user.id,
+        name=spec["name"],
+        spec=spec,
+        queue=queue,
+        total_steps=total_steps,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
-    return result.rowcount == 1
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # the same key, submitted concurrently: the other request won
+        session.rollback()
+        return create(
+            session,
+            user,
+            spec,
+            queue=queue,
+            total_steps=total_steps,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+            max_active=max_active,
+        )
+    crud.stage_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
+    session.commit()
+    return job, True
 
 
 def claim(session: Session, job_id: str, worker: str, placement: dict | None = None) -> int | None:
@@ -77,31 +139,35 @@ def heartbeat(session: Session, job_id: str, attempt: int) -> bool:
     return alive
 
 
+def _end(
+    session: Session, job_id: str, from_: tuple[str, ...], *also, status: str, message: str, error: dict | None = None
+) -> bool:
+    """The one way a job ends (not committed): the terminal `status` with its time and `error`, the
+    event that announces it and the job's webhook delivery, if the job is in one of `from_` and the
+    conditions `also` hold. True if it ended."""
+    if status not in TERMINAL:
+        raise ValueError(f"a job ends succeeded, failed or cancelled, not {status!r}")
+    values: dict = {"status": status, "finished_at": db_now(session)}
+    if error:
+        values.update(error_code=error.get("code"), error_message=error.get("message"))
+    if not _move(session, job_id, from_, *also, **values):
+        return False
+    level = "error" if status == FAILED else "info"
+    crud.stage_event(session, job_id, "state", message, level, {"state": status, "error": error})
+    webhooks.stage_delivery(session, job_id)
+    return True
+
+
 def finish(
     session: Session, job_id: str, attempt: int, status: str, error: dict | None = None, message: str | None = None
 ) -> bool:
     """End attempt `attempt` with a terminal status (cancelled only from cancelling); `message` is
     the engine's own account of it (e.g. what a cancel interrupted)."""
-    if status not in TERMINAL:
-        raise ValueError(f"finish() takes a terminal status, not {status!r}")
     from_ = (CANCELLING,) if status == CANCELLED else (RUNNING, CANCELLING)
-    values: dict = {"status": status, "finished_at": db_now(session)}
-    if error:
-        values.update(error_code=error.get("code"), error_message=error.get("message"))
-    moved = _move_attempt(session, job_id, attempt, from_, **values)
-    if moved:
-        message = message or (status if not error else f"{status}: {error.get('code')}: {error.get('message')}")
-        crud.stage_event(
-            session,
-            job_id,
-            "state",
-            message,
-            "error" if status == FAILED else "info",
-            {"state": status, "error": error},
-        )
-        webhooks.stage_delivery(session, job_id)
+    message = message or (status if not error else f"{status}: {error.get('code')}: {error.get('message')}")
+    ended = _end(session, job_id, from_, Job.attempts == attempt, status=status, message=message, error=error)
     session.commit()
-    return moved
+    return ended
 
 
 def _queue_again(session: Session, job: Job, attempt: int, why: str, *also) -> bool:
@@ -135,9 +201,7 @@ def retry_or_fail(session: Session, job_id: str, attempt: int, error: dict) -> b
 def request_cancel(session: Session, job_id: str) -> str | None:
     """Cancel: a queued job at once, a running one by asking its worker. Returns the new status,
     or None when the job had already ended."""
-    if _move(session, job_id, (QUEUED,), status=CANCELLED, finished_at=db_now(session)):
-        crud.stage_event(session, job_id, "state", "cancelled before it started", data={"state": CANCELLED})
-        webhooks.stage_delivery(session, job_id)
+    if _end(session, job_id, (QUEUED,), status=CANCELLED, message="cancelled before it started"):
         session.commit()
         return CANCELLED
     if _move(session, job_id, (RUNNING,), status=CANCELLING):
@@ -161,11 +225,9 @@ def reap_stale(session: Session, timeout: timedelta) -> list[str]:
     for job in stale:
         # Each update asks again whether the job is silent: a heartbeat committed since the query
         # above means its worker is alive, and the job must stay its.
-        owned = (session, job.id, job.attempts)
+        owned = (Job.attempts == job.attempts, silent)
         if job.status == CANCELLING:
-            if _move_attempt(*owned, (CANCELLING,), silent, status=CANCELLED, finished_at=now):
-                crud.stage_event(session, job.id, "state", "cancelled (its worker was lost)", data={"state": CANCELLED})
-                webhooks.stage_delivery(session, job.id)
+            _end(session, job.id, (CANCELLING,), *owned, status=CANCELLED, message="cancelled (its worker was lost)")
         elif job.attempts < job.max_attempts:
             # The reason is read before the update, which clears the worker on this object too.
             if _queue_again(session, job, job.attempts, f"worker {job.worker} stopped responding", silent):
@@ -175,19 +237,7 @@ def reap_stale(session: Session, timeout: timedelta) -> list[str]:
                 "code": "WorkerLost",
                 "message": f"the worker stopped responding on all {job.max_attempts} attempts",
             }
-            if _move_attempt(
-                *owned,
-                (RUNNING,),
-                silent,
-                status=FAILED,
-                finished_at=now,
-                error_code=error["code"],
-                error_message=error["message"],
-            ):
-                crud.stage_event(
-                    session, job.id, "state", f"failed: {error['message']}", "error", {"state": FAILED, "error": error}
-                )
-                webhooks.stage_delivery(session, job.id)
+            _end(session, job.id, (RUNNING,), *owned, status=FAILED, message=f"failed: {error['message']}", error=error)
         session.commit()
     return requeue
 

@@ -46,7 +46,7 @@ def archive(tmp_path_factory):
     (folder / "model.tar").write_bytes(content)
     with session_factory()() as session:
         user, token = crud.create_user(session, f"signer-{os.getpid()}")
-        job, _ = crud.create_job(
+        job, _ = job_status.create(
             session,
             user,
             {"name": "signed"},

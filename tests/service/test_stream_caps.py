@@ -50,7 +50,7 @@ def user_with_job(ended: bool = False) -> tuple[dict, str]:
 
     with session_factory()() as session:
         user, token = crud.create_user(session, f"streamer-{time.monotonic_ns()}")
-        job, _ = crud.create_job(
+        job, _ = job_status.create(
             session,
             user,
             {"name": "streamed"},

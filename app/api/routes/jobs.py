@@ -63,7 +63,7 @@ def submit(
     repeating the same request returns the same job; the same key with another body is a 409."""
     body, queue, served = _accept(spec, session, user, settings)
     try:
-        job, created = crud.create_job(
+        job, created = job_status.create(
             session,
             user,
             body,
@@ -73,11 +73,11 @@ def submit(
             idempotency_key=idempotency_key,
             max_active=settings.max_active_jobs_per_user,
         )
-    except crud.IdempotencyConflict:
+    except job_status.IdempotencyConflict:
         raise HTTPException(
             status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different job spec"
         ) from None
-    except crud.TooManyJobs:
+    except job_status.TooManyJobs:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             f"you have {settings.max_active_jobs_per_user} jobs queued or running, the most allowed; "
