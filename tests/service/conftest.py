@@ -55,9 +55,9 @@ def database():
     """A fresh, migrated PostgreSQL database and an empty Redis database for this session."""
     create_database(DB_NAME)
     redis.Redis(db=REDIS_DB).flushdb()
-    from app.cli import _migrate
+    from app.cli.admin import run_migrations
 
-    _migrate()
+    run_migrations()
     yield
     from app.core.db import get_engine
 

@@ -1,0 +1,5 @@
+"""`python -m app.cli`: what the workers and tests start."""
+
+from app.cli import main
+
+main()

@@ -1,0 +1,197 @@
+"""What every `distill` command shares: the Typer app, exit codes and the one error handler, the
+common options, JSON output, and the API client of the client commands."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+import typer
+from typer.core import TyperGroup
+
+from worker.engine.status import JobStatus
+
+if TYPE_CHECKING:
+    from app.client import Client
+
+
+class ExitCode(IntEnum):
+    """What `distill` exits with; EXIT_CODES says what each means."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    CANCELLED = 3
+    NOT_FOUND = 4
+    UNAVAILABLE = 5
+    UNAUTHORIZED = 6
+
+
+# The same table is in README.md (tests/service/test_cli.py compares them).
+EXIT_CODES = {
+    ExitCode.OK: "done; with --wait or --follow, the job succeeded",
+    ExitCode.FAILED: "the job failed, or the command did (a file it could not write, say)",
+    ExitCode.USAGE: "bad usage or a bad spec: an option, a spec the server refuses (422), an Idempotency-Key "
+    "used before with another spec (409), a user name that exists",
+    ExitCode.CANCELLED: "the job was cancelled",
+    ExitCode.NOT_FOUND: "no such job, checkpoint, user, token or key",
+    ExitCode.UNAVAILABLE: "the server unreachable or failing (connection refused, timeouts, 5xx) after retrying, "
+    "a limit reached (429), or a download that arrived broken: try again later",
+    ExitCode.UNAUTHORIZED: "no token, or one that is wrong, expired or revoked (401, 403)",
+}
+# A job's final status as the exit code of a command that waited for it.
+OUTCOMES = {
+    JobStatus.SUCCEEDED: ExitCode.OK,
+    JobStatus.FAILED: ExitCode.FAILED,
+    JobStatus.CANCELLED: ExitCode.CANCELLED,
+}
+
+
+class Failure(Exception):
+    """A command's error: one line for people, and the exit code of its kind."""
+
+    def __init__(self, message: str, code: ExitCode):
+        super().__init__(message)
+        self.code = code
+
+
+class _Commands(TyperGroup):
+    """Runs every command under one error handler. A known error becomes one line on stderr (with
+    --json, a JSON document) and its exit code; anything else is a bug, whose traceback typer prints
+    without local variables (they would show the token in CI logs)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as err:  # click's usage errors: typer shows them with the usage line
+            if not ctx.meta.get("json"):
+                raise
+            _report(True, err.format_message(), err.exit_code, {})
+        except Exception as err:
+            known = _known(err)
+            if known is None:
+                raise
+            _report(ctx.meta.get("json", False), *known)
+
+
+def _known(err: Exception) -> tuple[str, ExitCode, dict] | None:
+    """A known error's message, exit code and, for --json, details; None for anything else."""
+    import httpx
+
+    from app.client import ApiError, ChecksumMismatch, SpecFileError
+
+    if isinstance(err, Failure):
+        return str(err), err.code, {}
+    if isinstance(err, ApiError):
+        by_status = {
+            401: ExitCode.UNAUTHORIZED,
+            403: ExitCode.UNAUTHORIZED,
+            404: ExitCode.NOT_FOUND,
+            429: ExitCode.UNAVAILABLE,
+        }
+        code = by_status.get(err.status_code, ExitCode.UNAVAILABLE if err.status_code >= 500 else ExitCode.USAGE)
+        return str(err), code, {"status_code": err.status_code, "detail": err.detail}
+    if isinstance(err, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+        return f"bad API address (--url, DISTILL_URL): {err}", ExitCode.USAGE, {}
+    if isinstance(err, httpx.TransportError):  # what is left after the client's retries
+        return f"cannot reach {err.request.url}: {type(err).__name__}: {err}", ExitCode.UNAVAILABLE, {}
+    if isinstance(err, ChecksumMismatch):
+        return str(err), ExitCode.UNAVAILABLE, {}
+    if isinstance(err, SpecFileError):
+        return str(err), ExitCode.USAGE, {}
+    if isinstance(err, OSError):
+        return str(err), ExitCode.FAILED, {}
+    return None
+
+
+def _report(as_json: bool, message: str, code: int, details: dict) -> None:
+    document = json.dumps({"error": message, "exit_code": int(code), **details})  # one line, whole in any CI log
+    typer.echo(document if as_json else f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+cli = typer.Typer(
+    cls=_Commands,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Distil large language models into small ones (MiniLLM).",
+    epilog="Exit codes:\n\n" + "\n\n".join(f"{int(c)}  {meaning}" for c, meaning in EXIT_CODES.items()),
+)
+
+
+def _errors_as_json(ctx: typer.Context, value: bool) -> bool:
+    """--json turns errors into JSON too: noted where _Commands sees it (all contexts share `meta`)."""
+    ctx.meta["json"] = value
+    return value
+
+
+UrlOption = typer.Option(None, "--url", envvar="DISTILL_URL", help="API address (default: this machine's server).")
+TokenOption = typer.Option(None, "--token", envvar="DISTILL_TOKEN", help="API token (default: the local user's).")
+JsonOption = typer.Option(
+    False,
+    "--json",
+    is_eager=True,
+    callback=_errors_as_json,
+    help="Print one JSON document on stdout (an error: one on stderr).",
+)
+ClearWebhookOption = typer.Option(False, "--clear", help="Remove the default webhook URL.")
+NewSecretOption = typer.Option(
+    False, "--new-secret", help="Make a new signing secret; the old one stops signing at once."
+)
+SetOption = typer.Option(
+    [],
+    "--set",
+    metavar="PATH=VALUE",
+    help="Set a spec field, e.g. --set training.steps=200 (repeatable; VALUE is read as YAML).",
+)
+
+
+def json_text(document) -> str:
+    """`document` (pydantic models, lists and dicts of them, paths, datetimes) as indented JSON."""
+    from pydantic_core import to_json
+
+    return to_json(document, indent=2).decode()
+
+
+def emit(as_json: bool, document, text: str) -> None:
+    """A command's result on stdout: `document` as JSON with --json, else `text` for people."""
+    typer.echo(json_text(document) if as_json else text)
+
+
+def api_client(url: str | None, token: str | None) -> Client:
+    """The API at --url / DISTILL_URL with --token / DISTILL_TOKEN; by default this machine's server,
+    and the local user's token that `distill up` saved. Failed requests are retried for
+    DISTILL_RETRY_SECONDS (300 by default: a server restarting while a CI step waits for its job)."""
+    from app.client import Client
+    from app.core.config import Settings
+
+    settings = Settings()  # not get_settings(), which makes the data folder: a client command leaves none behind
+    saved = settings.data_dir / "token"
+    if not token and saved.exists():
+        token = saved.read_text().strip()
+    try:
+        retry_seconds = float(os.environ.get("DISTILL_RETRY_SECONDS", "300"))
+    except ValueError:
+        raise Failure("DISTILL_RETRY_SECONDS must be a number of seconds", ExitCode.USAGE) from None
+    return Client(url or f"http://{settings.host}:{settings.port}", token, retry_seconds=retry_seconds)
+
+
+def score_table(scores: dict[str, dict[str, float]]) -> str:
+    metrics = sorted({k for s in scores.values() for k in s})
+    rows = [["model", *metrics]] + [
+        [label, *(f"{s[m]:.3f}" if m in s else "-" for m in metrics)] for label, s in scores.items()
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def webhook_text(url: str | None, secret: str | None) -> str:
+    """A default webhook as `distill webhook` and `distill users webhook` print it; the secret only when just made."""
+    return f"webhook: {url or '(none)'}" + (f"\nsigning secret (shown only now): {secret}" if secret else "")
+
+
+def main() -> None:
+    cli()
