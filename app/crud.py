@@ -188,6 +188,12 @@ def add_dataset(session: Session, dataset: Dataset) -> Dataset:
     return dataset
 
 
+def owned_dataset(session: Session, dataset_id: str, user_id: int) -> Dataset | None:
+    """The upload `dataset_id` if user `user_id` owns it: a job may read only its owner's uploads."""
+    dataset = session.get(Dataset, dataset_id)
+    return dataset if dataset is not None and dataset.user_id == user_id else None
+
+
 def datasets_of(session: Session, user_id: int) -> list[Dataset]:
     """A user's datasets, newest first."""
     return list(session.scalars(select(Dataset).where(Dataset.user_id == user_id).order_by(Dataset.created_at.desc())))

@@ -114,11 +114,18 @@ def new_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
 
 
+class UrlRefused(ValueError):
+    """A webhook URL this service will not send to (`url_problem` says why)."""
+
+
 def set_user_webhook(
-    session: Session, user: User, url: str | None, *, clear: bool = False, rotate: bool = False
+    session: Session, user: User, url: str | None, settings: Settings, *, clear: bool = False, rotate: bool = False
 ) -> str | None:
-    """Set (or with `clear`, remove) the user's default webhook URL. A secret is made when the user
-    has none yet, or with `rotate`; returns it then (the only time it is shown), else None."""
+    """Set (or with `clear`, remove) the user's default webhook URL, after the same check as a spec's
+    (UrlRefused). A secret is made when the user has none yet, or with `rotate`; returns it then (the
+    only time it is shown), else None."""
+    if url is not None and not clear and (problem := url_problem(url, settings)):
+        raise UrlRefused(problem)
     if clear:
         user.webhook_url = None
     elif url is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from app import crud
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.path_roots import Roots, confine
 from app.job_paths import dataset_file, job_dir
-from app.models import Dataset, Job
+from app.models import Job
 from worker.engine.events import Event
 from worker.engine.spec import DATA_FILES, JobSpec
 from worker.engine.status import JobStatus
@@ -39,8 +40,8 @@ def readable_spec(job: Job, session, settings: Settings) -> JobSpec:
     for key in DATA_FILES:
         ref = getattr(spec.data, key)
         if ref is not None and ref.startswith("dataset:"):
-            dataset = session.get(Dataset, ref.removeprefix("dataset:"))
-            if dataset is None or dataset.user_id != job.user_id:
+            dataset = crud.owned_dataset(session, ref.removeprefix("dataset:"), job.user_id)
+            if dataset is None:
                 raise SpecRefused(f"data.{key}: {ref}: no such uploaded dataset (was it deleted?)")
             copy = dataset_file(settings, dataset.id)
             data[key] = str(copy) if copy.exists() else dataset.path

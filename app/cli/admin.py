@@ -127,17 +127,18 @@ def users_webhook(
             NotifySpec(webhook_url=url)
         except ValidationError as err:
             raise Failure(f"{url}: {err.errors()[0]['msg'].removeprefix('Value error, ')}", ExitCode.USAGE) from None
-        if problem := webhooks.url_problem(url, get_settings()):
-            raise Failure(problem, ExitCode.USAGE)
     with session_factory()() as session:
         user = crud.user_named(session, name)
         if user is None:
             raise Failure(f"no user {name!r}", ExitCode.NOT_FOUND)
-        secret = (
-            webhooks.set_user_webhook(session, user, url, clear=clear, rotate=new_secret)
-            if (url or clear or new_secret)
-            else None
-        )
+        try:
+            secret = (
+                webhooks.set_user_webhook(session, user, url, get_settings(), clear=clear, rotate=new_secret)
+                if (url or clear or new_secret)
+                else None
+            )
+        except webhooks.UrlRefused as refused:
+            raise Failure(str(refused), ExitCode.USAGE) from None
         shown = {"name": name, "webhook_url": user.webhook_url, **({"secret": secret} if secret else {})}
     emit(as_json, shown, webhook_text(user.webhook_url, secret))
 

@@ -104,7 +104,8 @@ def user_with_webhook(url: str | None) -> tuple[dict, str]:
     name = f"hooked-{os.urandom(3).hex()}"
     auth = make_user(name)
     with session_factory()() as session:
-        secret = webhooks.set_user_webhook(session, session.scalar(select(User).where(User.name == name)), url)
+        user = session.scalar(select(User).where(User.name == name))
+        secret = webhooks.set_user_webhook(session, user, url, get_settings())
     return auth, secret
 
 

@@ -51,19 +51,24 @@ def preflight(
     return problems + minillm_problems(spec)
 
 
-def minillm_problems(spec: JobSpec) -> list[tuple[tuple, str]]:
-    """How a MiniLLM spec's phases fail to fit its batches (the stage itself refuses them too)."""
-    if spec.method != "minillm":
-        return []
+def rollouts_problem(spec: JobSpec) -> str | None:
+    """Why a MiniLLM phase's rollouts do not split into whole minibatches on every process, if they
+    do not (checked at submit, and by the stage itself)."""
     minibatch = spec.resources.devices * spec.training.batch_size * spec.training.gradient_accumulation
     if spec.minillm.rollouts_per_phase % minibatch:
-        return [
-            (
-                ("minillm", "rollouts_per_phase"),
-                "must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation "
-                f"({minibatch})",
-            )
-        ]
+        return (
+            "must be a multiple of resources.devices × training.batch_size × training.gradient_accumulation "
+            f"({minibatch})"
+        )
+    return None
+
+
+def minillm_problems(spec: JobSpec) -> list[tuple[tuple, str]]:
+    """How a MiniLLM spec's phases fail to fit its batches or its steps."""
+    if spec.method != "minillm":
+        return []
+    if problem := rollouts_problem(spec):
+        return [(("minillm", "rollouts_per_phase"), problem)]
     if spec.training.steps <= spec.updates_per_phase:
         return [
             (

@@ -25,7 +25,7 @@ from app.core.path_roots import Roots, confine
 from app.core.security import signed_url
 from app.core.storage import s3_store
 from app.job_paths import hide_server_paths, job_dir
-from app.models import QUEUED, TERMINAL, Checkpoint, Dataset, Job, JobEvent, JobStatus, User
+from app.models import QUEUED, TERMINAL, Checkpoint, Job, JobEvent, JobStatus, User
 from app.outbox import publish
 from app.schemas import CheckpointOut, EvalOut, EvalSamplesOut, EventOut, JobOut, MetricPoint, Page, SignedLink
 from worker.engine.preflight import preflight
@@ -115,8 +115,7 @@ def _accept(spec: JobSpec, session: Session, user: User, settings: Settings) -> 
     naming each bad field; else the spec as stored, its queue, and the queues live workers serve."""
 
     def dataset_exists(dataset_id: str) -> bool:
-        dataset = session.get(Dataset, dataset_id)
-        return dataset is not None and dataset.user_id == user.id
+        return crud.owned_dataset(session, dataset_id, user.id) is not None
 
     confined, problems = confine(spec, Roots.of(settings), on_disk=settings.api_sees_worker_files)
     problems += preflight(confined, dataset_exists, settings.api_sees_worker_files, skip={loc for loc, _ in problems})

@@ -26,9 +26,12 @@ def get_webhook(user: CurrentUser) -> WebhookOut:
 def set_webhook(change: WebhookIn, user: CurrentUser, session: SessionDep, settings: SettingsDep) -> WebhookOut:
     """Set (or, with `url: null`, remove) the default webhook URL. A signing secret is made the first
     time, or with `new_secret` (the old one stops signing at once), and answered only then."""
-    if change.url is not None and (problem := webhooks.url_problem(change.url, settings)):
-        raise RequestValidationError(
-            [{"loc": ("body", "url"), "msg": problem, "type": "value_error", "input": change.url}]
+    try:
+        secret = webhooks.set_user_webhook(
+            session, user, change.url, settings, clear=change.url is None, rotate=change.new_secret
         )
-    secret = webhooks.set_user_webhook(session, user, change.url, clear=change.url is None, rotate=change.new_secret)
+    except webhooks.UrlRefused as refused:
+        raise RequestValidationError(
+            [{"loc": ("body", "url"), "msg": str(refused), "type": "value_error", "input": change.url}]
+        ) from None
     return WebhookOut(url=user.webhook_url, has_secret=bool(user.webhook_secret), secret=secret)

@@ -25,6 +25,7 @@ from ..losses import (
     token_rewards,
     whiten,
 )
+from ..preflight import rollouts_problem
 from ..sampling import sample
 from ..spec import JobSpec
 from .base import Context, Method, Schedule, Stopwatch, TrainingData, eval_with_checkpointing, pairs, sample_order
@@ -85,11 +86,8 @@ class MiniLLMStage:
         self.rollouts_per_rank = self.cfg.rollouts_per_phase // world_size()
         minibatch = spec.training.batch_size * spec.training.gradient_accumulation
         self.steps_per_epoch = self.rollouts_per_rank // minibatch
-        if self.cfg.rollouts_per_phase % world_size() or self.rollouts_per_rank % minibatch:
-            raise ValueError(
-                f"minillm.rollouts_per_phase ({self.cfg.rollouts_per_phase}) must be a multiple of "
-                f"resources.devices × training.batch_size × training.gradient_accumulation ({world_size() * minibatch})"
-            )
+        if problem := rollouts_problem(spec):
+            raise ValueError(f"minillm.rollouts_per_phase ({self.cfg.rollouts_per_phase}): {problem}")
         self.teacher_dtype = next(ctx.teacher.parameters()).dtype
         self.keep = keeps_teacher_logits(spec, ctx.vocab_size, self.teacher_dtype.itemsize)
         self.phase: int | None = None
