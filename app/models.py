@@ -165,7 +165,7 @@ class RegisteredWorker(Base):
 class DeviceLease(Base):
     """A device of a machine held by a job's worker while it runs the job. The primary key makes a
     device of a host belong to one job at a time, however many workers run on that host; a lease whose
-    worker is gone or whose job has ended is taken back by the next worker that needs it (app/device_leases.py)."""
+    worker is gone or whose job has ended is taken back by the next worker that needs it (worker/device_leases.py)."""
 
     __tablename__ = "device_leases"
     host: Mapped[str] = mapped_column(String(200), primary_key=True)

@@ -21,16 +21,17 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app import device_leases, job_status
+from app import job_status
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
 from app.core.storage import S3Store, s3_store
-from app.device_leases import Inventory, inventory
 from app.job_paths import dataset_file, hide_server_paths, job_dir
 from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Dataset, Job
 from app.outbox import publish
 from app.worker_registry import worker_name
+from worker import device_leases
+from worker.device_leases import Inventory, inventory
 from worker.engine.launch import deepspeed_command
 from worker.job_state import bring_datasets, restore
 from worker.node_group import HostfileError, free_port_on, launcher_options, read_hostfile, write_rank_environment
@@ -140,9 +141,8 @@ def supervise(job_id: str) -> bool:
             attempt = job_status.claim(session, job_id, worker=name, placement=placement)
         if attempt is None:
             return False
-        env = child_environment(
-            None if spread else devices, devices_here, settings
-        )  # the group's launchers set their own
+        # A job across the group gets no device variables: each machine's launcher sets its ranks' own.
+        env = child_environment(None if spread else devices, devices_here, settings)
         try:
             port = _prepare_group_launch(settings, job_id, attempt, env) if spread else None
         except HostfileError as err:  # a machine of the group does not answer: worth another attempt
@@ -150,15 +150,12 @@ def supervise(job_id: str) -> bool:
                 if job_status.retry_or_fail(session, job_id, attempt, {"code": "NodeGroupError", "message": str(err)}):
                     publish(job_id, queue)
             return True
-        _run(
-            job_id,
-            attempt,
-            queue,
-            settings,
-            Session,
-            child_command(job_id, attempt, spec, settings, devices, port),
-            env,
-        )
+        command = child_command(job_id, attempt, spec, settings, devices, port)
+        try:
+            _run(job_id, attempt, queue, settings, Session, command, env)
+        finally:
+            if "DS_ENV_FILE" in env:  # the ranks' settings (secrets among them) do not outlive the attempt
+                Path(env["DS_ENV_FILE"]).unlink(missing_ok=True)
         return True
     finally:
         through_outage(lambda: _release(job_id, name, Session), settings.heartbeat_timeout_seconds)

@@ -25,9 +25,9 @@ def worker(
     With GPUs it runs as many jobs at once as it has GPUs, on disjoint sets of them; without, one job
     at a time."""
     from app.core.config import get_settings
-    from app.device_leases import inventory
     from app.reaper import reap_forever
     from worker.celery_app import celery
+    from worker.device_leases import inventory
 
     devices = inventory(get_settings())
     chosen = [q.strip() for q in queues.split(",") if q.strip()] or devices.queues

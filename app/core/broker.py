@@ -12,7 +12,7 @@ Settings fit multi-hour GPU tasks:
 - JSON only, results ignored: the database, not the result backend, is the record of a job.
 
 Queues are resource classes (`cpu-1`, `gpu-4`, `auto-2`, ...): a worker consumes only the classes it
-can run (`app.device_leases.Inventory.queues`).
+can run (`worker.device_leases.Inventory.queues`).
 """
 
 from __future__ import annotations

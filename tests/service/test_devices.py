@@ -12,12 +12,12 @@ from helpers import Worker, job, rank_processes, submit, tiny_spec, wait_for, wa
 from sqlalchemy import select
 from test_queues import cancel, register, served, unregister
 
-from app import device_leases
 from app.core.broker import queue_for
 from app.core.config import Settings
 from app.core.db import session_factory
-from app.device_leases import Inventory, inventory
 from app.models import DeviceLease
+from worker import device_leases
+from worker.device_leases import Inventory, inventory
 from worker.supervisor import child_command, child_environment
 
 JOBS = "/api/v1/jobs"

@@ -62,6 +62,21 @@ def node_group(tmp_path_factory):
         sshd.wait()
 
 
+def rank_environments(job_id: str) -> list[dict[str, str]]:
+    """The environments of a job's ranks under the DeepSpeed launcher, wherever pdsh started them."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            ranked = any(a.startswith(b"--local_rank=") for a in argv)  # not the launcher, whose argv names them too
+            if ranked and b"worker.job_process" in argv and job_id.encode() in argv:
+                pairs = (v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+                found.append({k.decode(): v.decode(errors="replace") for k, v in pairs})
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.usefixtures("no_leftover_jobs")  # else this worker would first take earlier tests' queued jobs
@@ -84,6 +99,16 @@ def test_a_two_node_job_trains_to_succeeded_with_one_rank_on_each_host(client, a
         )
         job_id = submit(client, auth, spec)
         assert job(client, auth, job_id)["queue"] == "cpu-2"  # 2 machines of 1 slot: a size only the group runs
+        # Each rank, started over ssh, has the settings it needs and not the API's signing keys.
+        environs = wait_for(
+            lambda: len(e := rank_environments(job_id)) == 2 and e,
+            timeout=240,
+            interval=0.2,
+            what="a rank on each host",
+        )
+        for environ in environs:
+            assert environ["DISTILL_DATABASE_URL"] == os.environ["DISTILL_DATABASE_URL"]
+            assert "DISTILL_SECRET_KEY" not in environ and "DISTILL_BROKER_URL" not in environ
         done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=420)
         assert done["status"] == "succeeded", done["error"]
         assert done["placement"]["hosts"] == list(HOSTS) and done["placement"]["devices"] == [0]
@@ -92,8 +117,8 @@ def test_a_two_node_job_trains_to_succeeded_with_one_rank_on_each_host(client, a
         # pdsh prefixes each line with the host it came from: a rank ran, and trained, on each.
         for host in HOSTS:
             assert f"{host}: " in log, log[-3000:]
-        ranks = (folder / "attempt-1.env").read_text()
-        assert "DISTILL_DATABASE_URL=" in ranks and "not-for-ranks" not in ranks
+        # The ranks' settings are gone with the attempt (the supervisor settles after the job's outcome).
+        wait_for(lambda: not (folder / "attempt-1.env").exists(), timeout=60, what="the ranks' settings file to go")
         assert [c["step"] for c in client.get(f"/api/v1/jobs/{job_id}/checkpoints", headers=auth).json()] == [4]
     finally:
         worker.stop()

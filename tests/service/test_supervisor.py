@@ -13,8 +13,8 @@ from sqlalchemy import text, update
 
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
-from app.device_leases import Inventory, inventory
 from app.models import Job
+from worker.device_leases import Inventory, inventory
 from worker.node_group import HostfileError, read_hostfile, write_rank_environment
 from worker.supervisor import child_command, child_environment, describe_exit
 
