@@ -63,6 +63,18 @@ def tiny_spec(dataset: Path, **overrides) -> dict:
     return spec
 
 
+def two_device_spec(dataset: Path, steps: int = 4) -> dict:
+    """A KD job of `steps` steps on 2 devices (under the DeepSpeed launcher), with no evaluation or checkpoint."""
+    return tiny_spec(
+        dataset,
+        method="kd",
+        resources={"devices": 2},
+        training={"steps": steps},
+        eval={"every_steps": 0},
+        checkpoints={"every_steps": 0},
+    )
+
+
 def read_events(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "events.jsonl").read_text().splitlines()]
 

@@ -16,8 +16,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from app.core.config import Settings
 from app.core.files import sha256_file
 from app.core.storage import S3Store
+from app.job_paths import dataset_file
 from app.models import Dataset
 from worker.engine.paths import RESUME_STATE_FILE
 
@@ -45,11 +47,11 @@ def restore(store: S3Store, job_id: str, out: Path) -> int | None:
     return int(step.removeprefix("step-"))
 
 
-def bring_datasets(store: S3Store, datasets: list[Dataset], local: dict[str, Path]) -> None:
-    """Copy each of `datasets` that is on neither its recorded path nor `local[id]` (this machine's
-    place for it) from the bucket to `local[id]`, checked against the upload's hash."""
+def bring_datasets(store: S3Store, datasets: list[Dataset], settings: Settings) -> None:
+    """Copy each of `datasets` that is on neither its recorded path nor this machine's place for it
+    (`dataset_file`) from the bucket to that place, checked against the upload's hash."""
     for dataset in datasets:
-        target = local[dataset.id]
+        target = dataset_file(settings, dataset.id)
         if target.exists() or Path(dataset.path).exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)

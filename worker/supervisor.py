@@ -25,8 +25,8 @@ from app import job_status
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.outage import OUTAGE, through_outage
-from app.core.storage import S3Store, s3_store
-from app.job_paths import dataset_file, hide_server_paths, job_dir
+from app.core.storage import s3_store
+from app.job_paths import hide_server_paths, job_dir
 from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, Dataset, Job
 from app.outbox import publish
 from app.worker_registry import worker_name
@@ -151,6 +151,7 @@ def supervise(job_id: str) -> bool:
                     publish(job_id, queue)
             return True
         command = child_command(job_id, attempt, spec, settings, devices, port)
+        _bring_from_bucket(job_id, spec, settings, Session)
         try:
             _run(job_id, attempt, queue, settings, Session, command, env)
         finally:
@@ -195,13 +196,21 @@ def _release(job_id: str, worker: str, Session) -> None:
         device_leases.release(session, job_id, worker)
 
 
-def _bring_uploads(store: S3Store, job_id: str, settings: Settings, Session) -> None:
-    """The uploaded datasets the job reads, from the bucket where this machine does not have them."""
-    with Session() as session:
-        refs = session.get(Job, job_id).spec.get("data", {}).values()
-        ids = [ref.removeprefix("dataset:") for ref in refs if isinstance(ref, str) and ref.startswith("dataset:")]
-        datasets = session.scalars(select(Dataset).where(Dataset.id.in_(ids))).all()
-    bring_datasets(store, datasets, {d.id: dataset_file(settings, d.id) for d in datasets})
+def _bring_from_bucket(job_id: str, spec: dict, settings: Settings, Session) -> None:
+    """With a bucket: the job's resume state and kept checkpoints, and the uploaded datasets its spec
+    reads, where this machine does not have them. Without the bucket's copies the job resumes from what
+    is here (and a missing upload fails it, naming the field)."""
+    if (store := s3_store()) is None:
+        return
+    refs = spec.get("data", {}).values()
+    ids = [ref.removeprefix("dataset:") for ref in refs if isinstance(ref, str) and ref.startswith("dataset:")]
+    try:
+        restore(store, job_id, job_dir(settings, job_id))
+        with Session() as session:
+            datasets = session.scalars(select(Dataset).where(Dataset.id.in_(ids))).all()
+        bring_datasets(store, datasets, settings)
+    except Exception:  # boto3 raises many types
+        logger.warning("job %s: could not bring its state or datasets from the bucket", job_id, exc_info=True)
 
 
 def _run(
@@ -212,12 +221,6 @@ def _run(
     out = job_dir(settings, job_id)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"attempt-{attempt}.log"
-    if (store := s3_store()) is not None:
-        try:
-            restore(store, job_id, out)
-            _bring_uploads(store, job_id, settings, Session)
-        except Exception:  # boto3 raises many types; without the bucket's copies the job resumes from what is here
-            logger.warning("job %s: could not bring its state or datasets from the bucket", job_id, exc_info=True)
     with log.open("w") as log_file:
         child = subprocess.Popen(
             command,

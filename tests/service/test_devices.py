@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from helpers import Worker, job, rank_processes, submit, tiny_spec, wait_for, wait_status
+from helpers import Worker, job, rank_processes, submit, tiny_spec, two_device_spec, wait_for, wait_status
 from sqlalchemy import select
 from test_queues import cancel, register, served, unregister
 
@@ -125,23 +125,10 @@ def test_a_worker_with_four_gpus_runs_two_two_device_jobs_on_disjoint_devices(cl
     worker = Worker(tmp_path / "worker.log", DISTILL_WORKER_GPUS="4").start()
     try:
         wait_for(lambda: "gpu-2" in served(), timeout=60, what="the worker to register")
-        short = tiny_spec(
-            dataset,
-            method="kd",
-            resources={"devices": 2},
-            training={"steps": 4},
-            eval={"every_steps": 0},
-            checkpoints={"every_steps": 0},
+        first, second = (
+            submit(client, auth, two_device_spec(dataset)),
+            submit(client, auth, two_device_spec(dataset, 400)),
         )
-        long = tiny_spec(
-            dataset,
-            method="kd",
-            resources={"devices": 2},
-            training={"steps": 400},
-            eval={"every_steps": 0},
-            checkpoints={"every_steps": 0},
-        )
-        first, second = submit(client, auth, short), submit(client, auth, long)
         # `auto` jobs, and a live worker declares GPUs: they go to its queue.
         assert job(client, auth, first)["queue"] == job(client, auth, second)["queue"] == "gpu-2"
 

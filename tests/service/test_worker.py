@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import Worker, job, make_user, rank_processes, submit, tiny_spec, training_process, wait_for, wait_status
+from helpers import (
+    Worker,
+    job,
+    make_user,
+    rank_processes,
+    submit,
+    tiny_spec,
+    training_process,
+    two_device_spec,
+    wait_for,
+    wait_status,
+)
 from sqlalchemy import select, update
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -280,14 +291,7 @@ def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, 
 
 
 def test_a_two_device_job_runs_under_the_deepspeed_launcher(client, auth, dataset, worker):
-    spec = tiny_spec(
-        dataset,
-        method="kd",
-        resources={"devices": 2},
-        training={"steps": 4},
-        eval={"every_steps": 0},
-        checkpoints={"every_steps": 0},
-    )
+    spec = two_device_spec(dataset)
     job_id = submit(client, auth, spec)
     done = wait_status(client, auth, job_id, {"succeeded", "failed"})
     assert done["status"] == "succeeded" and done["queue"] == "auto-2", done["error"]
