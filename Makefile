@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 
-.PHONY: install lint test test-fast chaos demo bench bench-peers gpu-check gpu-wheels
+.PHONY: install lint test test-fast coverage chaos demo bench bench-peers gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
@@ -23,6 +23,19 @@ test: install lint
 	scripts/ensure-browser.sh
 	scripts/ensure-node-group-tools.sh
 	$(PY) -m pytest -q
+
+# The suite under coverage.py (pyproject.toml [tool.coverage]): line coverage of app/ and worker/, the
+# processes the tests start included; slower than make test, so timings come from make test.
+coverage: install
+	scripts/ensure-services.sh
+	scripts/ensure-browser.sh
+	scripts/ensure-node-group-tools.sh
+	rm -rf .cache/coverage && mkdir -p .cache/coverage
+	$(VENV)/bin/coverage run -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report --format=total > .cache/coverage/total.txt
+	$(VENV)/bin/coverage report --sort=cover | tail -n 40
+	@echo "line coverage of app/ and worker/: $$(cat .cache/coverage/total.txt)%"
 
 # The code's one format, its lint rules and the direction of its imports (pyproject.toml [tool.ruff],
 # [tool.importlinter]); `.venv/bin/ruff format .` fixes the first.
