@@ -51,6 +51,7 @@ def create(
     user: User,
     spec: dict,
     *,
+    webhook_url: str | None,
     queue: str,
     total_steps: int,
     max_attempts: int,
@@ -59,7 +60,8 @@ def create(
 ) -> tuple[Job, bool]:
     """A queued job, or the job this idempotency key already created (False: not new). A new job
     past the user's `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
-    request_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    request = {**spec, "notify": {"webhook_url": webhook_url}}  # the request as submitted, flat
+    request_hash = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
@@ -72,6 +74,7 @@ def create(
         user_id=user.id,
         name=spec["name"],
         spec=spec,
+        webhook_url=webhook_url,
         queue=queue,
         total_steps=total_steps,
         max_attempts=max_attempts,
@@ -87,6 +90,7 @@ def create(
             session,
             user,
             spec,
+            webhook_url=webhook_url,
             queue=queue,
             total_steps=total_steps,
             max_attempts=max_attempts,

@@ -33,7 +33,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Where the user's jobs report their end, unless a spec's notify.webhook_url says otherwise.
+    # Where the user's jobs report their end, unless a job's request names another (notify.webhook_url).
     webhook_url: Mapped[str | None] = mapped_column(Text)
     # Signs the user's webhooks (HMAC-SHA256). Kept as it is, not hashed: signing needs the secret
     # itself, as the receiver's check does; `distill users webhook` shows it when it is made.
@@ -75,6 +75,8 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(20), default=QUEUED, index=True)
     spec: Mapped[dict] = mapped_column()
+    # Where the job's end is reported (its request's notify.webhook_url); else its user's default.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
     queue: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()

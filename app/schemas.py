@@ -1,4 +1,5 @@
-"""What the API returns (requests are the engine's JobSpec, validated as such).
+"""What the API takes and returns. A job request is the engine's JobSpec and, beside it, what only
+the service does with a job (who is told when it ends).
 
 The Python client (app/client.py) parses answers with these models, and a CI script installs it
 without the `server` extra: so nothing here imports SQLAlchemy (or anything beyond pydantic) at
@@ -8,17 +9,56 @@ import time.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from worker.engine.spec import WebhookUrl
+from worker.engine.spec import JobSpec
 from worker.engine.status import TERMINAL, JobStatus  # noqa: F401 (TERMINAL: for app.models)
 
 if TYPE_CHECKING:
     from .models import Job
 
 QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = JobStatus
+
+
+def _webhook_url(value: str | None) -> str | None:
+    """An absolute http(s) URL; where it may point (public addresses only, by default) is the
+    service's check (app/webhooks.py), at submit and again when it is sent."""
+    if value is None:
+        return value
+    parts = urlsplit(value)
+    parts.port  # noqa: B018 - raises ValueError for a port out of range
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    return value
+
+
+# A webhook URL as job requests and PUT /me/webhook take it.
+WebhookUrl = Annotated[Annotated[str, Field(max_length=2000)] | None, AfterValidator(_webhook_url)]
+
+
+class Notify(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    webhook_url: WebhookUrl = Field(
+        None,
+        description="POST a signed JSON message here when the job ends (succeeded, failed or "
+        "cancelled). Empty: the user's default webhook, if they have one (`distill webhook`).",
+    )
+
+
+class JobRequest(JobSpec):
+    """A job as submitted: its spec, and beside it the service's concerns, which the engine never sees
+    and which do not shape what is trained. One flat document, so a spec file is a request as it is."""
+
+    notify: Notify = Field(Notify(), description="Who is told when the job ends.")
+
+    def split(self) -> tuple[JobSpec, Notify]:
+        """The engine's spec (as a job stores it), and the service's part."""
+        return JobSpec.model_validate(self.model_dump(exclude={"notify"})), self.notify
 
 
 class Progress(BaseModel):
@@ -50,6 +90,7 @@ class JobOut(BaseModel):
     name: str
     status: JobStatus
     spec: dict
+    notify: Notify
     queue: str
     created_at: datetime
     started_at: datetime | None
@@ -77,6 +118,7 @@ class JobOut(BaseModel):
             name=job.name,
             status=job.status,
             spec=job.spec,
+            notify=Notify(webhook_url=job.webhook_url),
             queue=job.queue,
             created_at=job.created_at,
             started_at=job.started_at,

@@ -138,7 +138,7 @@ def set_user_webhook(
 
 
 def spec_problems(notify_url: str | None, user: User, settings: Settings) -> list[tuple[tuple[str, ...], str]]:
-    """Problems with a spec's notify.webhook_url, by field, for the API's 422."""
+    """Problems with a job request's notify.webhook_url, by field, for the API's 422."""
     if notify_url is None:
         return []
     loc = ("notify", "webhook_url")
@@ -190,9 +190,9 @@ def payload(job: Job, delivery_id: str) -> dict:
 
 def stage_delivery(session: Session, job_id: str) -> None:
     """Add the job's delivery, if it has a webhook, to the session's transaction (the one that ended
-    the job; not committed here). The spec's notify.webhook_url comes first, then the user's default."""
+    the job; not committed here). The job's own webhook comes first, then the user's default."""
     job = session.get(Job, job_id, populate_existing=True)  # as the transaction's update left it
-    url = (job.spec.get("notify") or {}).get("webhook_url") or session.get(User, job.user_id).webhook_url
+    url = job.webhook_url or session.get(User, job.user_id).webhook_url
     if url:
         delivery_id = new_id("whd")
         session.add(

@@ -128,10 +128,14 @@ def test_distill_train_refuses_what_the_api_would_refuse_naming_the_field(tmp_pa
     from app.cli import cli
 
     path = tmp_path / "spec.yaml"
-    path.write_text(json.dumps({**STUDENT, "teacher": "builtin:tiny-teacher", "training": {"steps": 4}}))
+    request = {**STUDENT, "teacher": "builtin:tiny-teacher", "training": {"steps": 4}, "data": {"eval": "nope.jsonl"}}
+    path.write_text(json.dumps({**request, "notify": {"webhook_url": "https://ci.example.com/h"}}))
     result = CliRunner().invoke(cli, ["train", str(path), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "training.steps: MiniLLM would never sample new rollouts" in result.output
+    assert "data.eval: nope.jsonl: no such file" in result.output
+    # A request file works as it is: its service part is read and set aside, not refused as unknown.
+    assert "notify.webhook_url is the service's; a run without it tells no one" in result.output
     assert not (tmp_path / "out" / "events.jsonl").exists()
 
 

@@ -1,8 +1,8 @@
 """The training process of one job attempt: `python -m worker.job_process JOB_ID --attempt N`.
 
 Started by the supervisor (alone, or once per rank under the DeepSpeed launcher). It reads the spec
-from the database, resolves uploaded datasets to their files, and runs the engine with a reporter
-that writes everything to the database.
+from the database, checks it again where the files are read (app/acceptance.py), and runs the engine
+with a reporter that writes everything to the database.
 """
 
 from __future__ import annotations
@@ -10,42 +10,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import crud
+from app import acceptance, crud
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
-from app.core.path_roots import Roots, confine
+from app.core.path_roots import Roots
 from app.job_paths import dataset_file, job_dir
 from app.models import Job
 from worker.engine.events import Event
-from worker.engine.spec import DATA_FILES, JobSpec
+from worker.engine.spec import JobSpec
 from worker.engine.status import JobStatus
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter
 from worker.supervisor import die_with_parent
 
 
-class SpecRefused(ValueError):
-    """The spec names something this job may not read (any more): a path outside the roots, or a
-    dataset that is gone or not its owner's."""
-
-
 def readable_spec(job: Job, session, settings: Settings) -> JobSpec:
-    """The job's spec as the engine reads it: paths checked against the roots on this machine (where
-    the files are read) and resolved, hub ids marked, `dataset:ID` replaced by the upload's file (this
-    machine's copy from the bucket, where the API's folder is elsewhere)."""
-    spec, problems = confine(JobSpec.model_validate(job.spec), Roots.of(settings), on_disk=True)
-    if problems:
-        raise SpecRefused("; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems))
-    data = {}
-    for key in DATA_FILES:
-        ref = getattr(spec.data, key)
-        if ref is not None and ref.startswith("dataset:"):
-            dataset = crud.owned_dataset(session, ref.removeprefix("dataset:"), job.user_id)
-            if dataset is None:
-                raise SpecRefused(f"data.{key}: {ref}: no such uploaded dataset (was it deleted?)")
-            copy = dataset_file(settings, dataset.id)
-            data[key] = str(copy) if copy.exists() else dataset.path
-    return spec.model_copy(update={"data": spec.data.model_copy(update=data)})
+    """The job's spec as the engine runs it here: checked on this machine, where the files are read
+    (paths resolved against the roots, models and data looked at), each upload its file on this
+    machine (the copy brought from the bucket, where the API's folder is elsewhere). Refused names
+    what the job may not read (any more): a path outside the roots, an upload deleted since."""
+
+    def upload(dataset_id: str) -> str | None:
+        dataset = crud.owned_dataset(session, dataset_id, job.user_id)
+        if dataset is None:
+            return None
+        copy = dataset_file(settings, dataset.id)
+        return str(copy) if copy.exists() else dataset.path
+
+    reader = acceptance.Reader(Roots.of(settings), reads_files=True, upload=upload)
+    return acceptance.runnable(JobSpec.model_validate(job.spec), reader)
 
 
 def main() -> None:
@@ -60,7 +53,7 @@ def main() -> None:
     try:
         with session_factory()() as session:
             spec = readable_spec(session.get(Job, args.job_id), session, settings)
-    except SpecRefused as err:
+    except acceptance.Refused as err:
         reporter.emit(
             Event(
                 "state",

@@ -107,7 +107,7 @@ def users_revoke(token_id: int, as_json: bool = JsonOption) -> None:
 def users_webhook(
     name: str,
     url: str | None = typer.Argument(
-        None, help="Where the user's jobs report their end (a spec's notify.webhook_url overrides it)."
+        None, help="Where the user's jobs report their end (a job's notify.webhook_url overrides it)."
     ),
     clear: bool = ClearWebhookOption,
     new_secret: bool = NewSecretOption,
@@ -120,11 +120,11 @@ def users_webhook(
     from app import crud, webhooks
     from app.core.config import get_settings
     from app.core.db import session_factory
-    from worker.engine.spec import NotifySpec
+    from app.schemas import Notify
 
     if url is not None:
         try:
-            NotifySpec(webhook_url=url)
+            Notify(webhook_url=url)
         except ValidationError as err:
             raise Failure(f"{url}: {err.errors()[0]['msg'].removeprefix('Value error, ')}", ExitCode.USAGE) from None
     with session_factory()() as session:

@@ -24,26 +24,30 @@ def train(
     as_json: bool = JsonOption,
 ) -> None:
     """Run a job spec here, without the service. Resumes from OUTPUT's latest checkpoint if it has one."""
+    from pydantic import ValidationError
+
+    from app import acceptance
     from app.client import load_spec_file
+    from app.schemas import JobRequest
     from worker.engine.checkpoints import best_step, step_dir_name
-    from worker.engine.preflight import preflight
     from worker.engine.run import launch_command, run
-    from worker.engine.spec import SpecError, parse_spec
+    from worker.engine.spec import format_validation_error
     from worker.engine.trainer import Cancelled
 
     data = load_spec_file(spec, overrides)
     try:
-        job = parse_spec(data)
-    except SpecError as err:
+        job, notify = JobRequest.model_validate(data).split()  # a request file as `distill submit` takes it
+    except ValidationError as err:
+        raise Failure(f"{spec}: {format_validation_error(err)}", ExitCode.USAGE) from None
+    if notify.webhook_url:
+        print(f"{spec}: notify.webhook_url is the service's; a run without it tells no one", file=sys.stderr)
+    try:  # the checks the service runs, on the user's own machine: every path they can read is theirs
+        job = acceptance.runnable(job, acceptance.Reader(roots=None, reads_files=True))
+    except acceptance.Refused as err:
         raise Failure(f"{spec}: {err}", ExitCode.USAGE) from None
-    problems = preflight(job)  # the checks the API runs at submit, before anything is loaded
-    if problems:
-        raise Failure(
-            f"{spec}: " + "; ".join(f"{'.'.join(loc)}: {message}" for loc, message in problems), ExitCode.USAGE
-        )
     output.mkdir(parents=True, exist_ok=True)
-    ran = output / "spec.json"  # what runs, overrides applied, kept with the run
-    ran.write_text(json.dumps(data, indent=2))
+    ran = output / "spec.json"  # what runs (overrides applied, defaults filled in), kept with the run
+    ran.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
     # With --json, stdout is the summary alone: the run's messages go to stderr (and events.jsonl).
     if job.resources.devices > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(subprocess.call(launch_command(job, ran, output), stdout=sys.stderr if as_json else None))

@@ -270,7 +270,7 @@ def datasets(as_json: bool = JsonOption, url: str = UrlOption, token: str = Toke
 @cli.command()
 def webhook(
     url: str | None = typer.Argument(
-        None, help="Where your jobs report their end (a spec's notify.webhook_url overrides it)."
+        None, help="Where your jobs report their end (a job's notify.webhook_url overrides it)."
     ),
     clear: bool = ClearWebhookOption,
     new_secret: bool = NewSecretOption,

@@ -1,9 +1,11 @@
+import json
 import uuid
+from contextlib import contextmanager
 
 from alembic import command
 from alembic.config import Config
 from helpers import PG, create_database, drop_database
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from worker.engine.paths import PROJECT_ROOT
 
@@ -22,7 +24,9 @@ TABLES = {
 }
 
 
-def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
+@contextmanager
+def scratch_database():
+    """Alembic's config and an engine on a new, empty PostgreSQL database, dropped afterwards."""
     name = f"distill_migrate_{uuid.uuid4().hex[:8]}"
     create_database(name)
     url = f"{PG}/{name}"
@@ -30,6 +34,14 @@ def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
     config.attributes["url"] = url
     engine = create_engine(url)
     try:
+        yield config, engine
+    finally:
+        engine.dispose()
+        drop_database(name)
+
+
+def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
+    with scratch_database() as (config, engine):
         command.upgrade(config, "head")
         assert TABLES <= set(inspect(engine).get_table_names())
         assert "samples" in {c["name"] for c in inspect(engine).get_columns("evals")}  # 0006
@@ -38,6 +50,36 @@ def test_migrations_upgrade_and_downgrade_on_an_empty_postgresql_database():
         assert not TABLES & set(inspect(engine).get_table_names())
         command.upgrade(config, "head")  # and back up again
         assert TABLES <= set(inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
-        drop_database(name)
+
+
+def test_0009_moves_a_jobs_webhook_out_of_its_stored_spec_and_back():
+    specs = {
+        "job-a": {"name": "a", "notify": {"webhook_url": "https://ci.example.com/h"}},
+        "job-b": {"name": "b", "notify": {"webhook_url": None}},
+        "job-c": {"name": "c"},
+    }
+    with scratch_database() as (config, engine):
+        command.upgrade(config, "0008")
+        with engine.begin() as db:
+            db.execute(text("INSERT INTO users (id, name, created_at) VALUES (1, 'u', now())"))
+            for job_id, spec in specs.items():
+                db.execute(
+                    text(
+                        "INSERT INTO jobs (id, user_id, name, status, spec, queue, created_at, attempts, max_attempts,"
+                        " step, total_steps, latest_metrics, request_hash)"
+                        " VALUES (:id, 1, 'n', 'queued', :spec, 'cpu-1', now(), 0, 1, 0, 1, '{}', 'h')"
+                    ),
+                    {"id": job_id, "spec": json.dumps(spec)},
+                )
+        command.upgrade(config, "0009")
+        with engine.connect() as db:
+            rows = {r.id: (r.spec, r.webhook_url) for r in db.execute(text("SELECT id, spec, webhook_url FROM jobs"))}
+        assert rows == {
+            "job-a": ({"name": "a"}, "https://ci.example.com/h"),
+            "job-b": ({"name": "b"}, None),
+            "job-c": ({"name": "c"}, None),
+        }
+        command.downgrade(config, "0008")
+        with engine.connect() as db:
+            back = {r.id: r.spec for r in db.execute(text("SELECT id, spec FROM jobs"))}
+        assert back["job-a"] == specs["job-a"] and back["job-c"] == {"name": "c", "notify": {"webhook_url": None}}

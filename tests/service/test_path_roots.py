@@ -152,3 +152,34 @@ def test_the_worker_checks_the_roots_where_it_reads_the_files(client, auth, data
     done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == "SpecRefused"
     assert "data.train" in done["error"]["message"] and "may read" in done["error"]["message"]
+
+
+def test_the_worker_runs_the_submit_checks_again_where_the_files_are(client, auth, dataset, tmp_path):
+    """Between submit and run a file can go; the worker's check (the API's, on its own disk) names
+    the field before anything is loaded."""
+    from app import acceptance
+    from app.core.db import session_factory
+    from app.models import Dataset, Job
+    from worker.job_process import readable_spec
+
+    (tmp_path / "train.jsonl").write_text((dataset / "train.jsonl").read_text())
+    upload = client.post(
+        "/api/v1/datasets", params={"name": "eval.jsonl"}, content=(dataset / "eval.jsonl").read_bytes(), headers=auth
+    ).json()
+    job_id = submit(
+        client,
+        auth,
+        tiny_spec(dataset, data={"train": str(tmp_path / "train.jsonl"), "eval": f"dataset:{upload['id']}"}),
+    )
+    with session_factory()() as session:
+        job = session.get(Job, job_id)
+        ready = readable_spec(job, session, get_settings())
+        assert ready.data.train == str((tmp_path / "train.jsonl").resolve())
+        assert Path(ready.data.eval).read_bytes() == (dataset / "eval.jsonl").read_bytes()  # the upload's file
+        (tmp_path / "train.jsonl").unlink()
+        session.delete(session.get(Dataset, upload["id"]))  # as an operator removing it would
+        session.commit()
+        with pytest.raises(acceptance.Refused) as refused:
+            readable_spec(job, session, get_settings())
+    assert "data.train: " in str(refused.value) and "no such file" in str(refused.value)
+    assert f"data.eval: dataset:{upload['id']}: no such uploaded dataset" in str(refused.value)

@@ -217,9 +217,15 @@ def test_jobs_run_by_a_worker_send_one_signed_message_each_and_their_cards_hold_
     assert message["type"] == "job.failed" and message["job"]["error"] == failed["error"]
 
 
-def test_a_job_cancelled_while_queued_sends_one_message_to_its_specs_url(client, dataset, receiver):
+def test_a_job_cancelled_while_queued_sends_one_message_to_its_requests_url(client, dataset, receiver):
     auth, secret = user_with_webhook("http://127.0.0.1:9/the-default-is-not-used")
-    job_id = submit(client, auth, tiny_spec(dataset, notify={"webhook_url": receiver.url + "?from=spec"}))
+    request = tiny_spec(dataset, notify={"webhook_url": receiver.url + "?from=spec"})
+    checked = client.post("/api/v1/jobs/validate", json=request, headers=auth).json()
+    assert checked["notify"] == request["notify"]
+    job_id = submit(client, auth, request)
+    # Beside the spec, not in it: the engine never sees it, and a clone of the spec does not inherit it.
+    shown = client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
+    assert "notify" not in shown["spec"] and shown["notify"] == request["notify"]
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelled"
     message = one_message(receiver, job_id, secret)
     assert message["type"] == "job.cancelled" and message["job"]["started_at"] is None

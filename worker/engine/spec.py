@@ -11,7 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -313,32 +312,6 @@ class ResourcesSpec(_Section):
     )
 
 
-def _webhook_url(value: str | None) -> str | None:
-    """An absolute http(s) URL; where it may point (public addresses only, by default) is the
-    service's check (app/webhooks.py), at submit and again when it is sent."""
-    if value is None:
-        return value
-    parts = urlsplit(value)
-    parts.port  # noqa: B018 - raises ValueError for a port out of range
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an absolute http:// or https:// URL")
-    if any(c.isspace() for c in value):
-        raise ValueError("must not contain spaces")
-    return value
-
-
-# A webhook URL as specs and the API take it (app/schemas.py WebhookIn).
-WebhookUrl = Annotated[Annotated[str, Field(max_length=2000)] | None, AfterValidator(_webhook_url)]
-
-
-class NotifySpec(_Section):
-    webhook_url: WebhookUrl = Field(
-        None,
-        description="POST a signed JSON message here when the job ends (succeeded, failed or "
-        "cancelled). Empty: the user's default webhook, if they have one (`distill webhook`).",
-    )
-
-
 class JobSpec(_Section):
     name: str = Field("distill-job", min_length=1, max_length=200, description="A label for people.")
     method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
@@ -361,7 +334,6 @@ class JobSpec(_Section):
     checkpoints: CheckpointSpec = Field(CheckpointSpec(), description="When to save and how many to keep.")
     deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="ZeRO stage, precision, offload.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="How many devices, and which kind.")
-    notify: NotifySpec = Field(NotifySpec(), description="Who is told when the job ends.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -390,9 +362,9 @@ class JobSpec(_Section):
 
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes the result; a resumed run must have the same one.
-        Where the job's end is reported and how many sample answers an evaluation keeps do not shape
-        it (and runs from before `notify` and `eval.samples` keep their hash)."""
-        shaping = self.model_dump(mode="json", exclude={"notify": True, "eval": {"samples"}})
+        How many sample answers an evaluation keeps does not shape it (and runs from before
+        `eval.samples` keep their hash)."""
+        shaping = self.model_dump(mode="json", exclude={"eval": {"samples"}})
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,21 +14,31 @@ from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.orm import Session
 
-from app import crud, job_status, webhooks, worker_registry
+from app import acceptance, crud, job_status, webhooks, worker_registry
 from app.api.deps import NO_NUL, CurrentUser, DownloadableJob, OwnedJob, SessionDep, SettingsDep, StreamSlot
 from app.api.errors import FileDownload, errors
 from app.api.release import ReleasingRoute
 from app.core.broker import queue_for
 from app.core.config import Settings
 from app.core.db import session_factory
-from app.core.path_roots import Roots, confine
+from app.core.path_roots import Roots
 from app.core.security import signed_url
 from app.core.storage import s3_store
 from app.job_paths import hide_server_paths, job_dir
 from app.models import QUEUED, TERMINAL, Checkpoint, Job, JobEvent, JobStatus, User
 from app.outbox import publish
-from app.schemas import CheckpointOut, EvalOut, EvalSamplesOut, EventOut, JobOut, MetricPoint, Page, SignedLink
-from worker.engine.preflight import preflight
+from app.schemas import (
+    CheckpointOut,
+    EvalOut,
+    EvalSamplesOut,
+    EventOut,
+    JobOut,
+    JobRequest,
+    MetricPoint,
+    Notify,
+    Page,
+    SignedLink,
+)
 from worker.engine.spec import JobSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=ReleasingRoute)  # see app/api/release.py
@@ -53,7 +63,7 @@ DOWNLOAD = {
     responses=errors(400, 401, 409, 413, 422, 429),
 )
 def submit(
-    spec: JobSpec,
+    request: JobRequest,
     session: SessionDep,
     user: CurrentUser,
     settings: SettingsDep,
@@ -61,12 +71,13 @@ def submit(
 ) -> JobOut:
     """Validate the spec fully (models, data, shapes) and queue the job. With an `Idempotency-Key`,
     repeating the same request returns the same job; the same key with another body is a 409."""
-    body, queue, served = _accept(spec, session, user, settings)
+    spec, notify, queue, served = _accept(request, session, user, settings)
     try:
         job, created = job_status.create(
             session,
             user,
-            body,
+            spec.model_dump(mode="json"),
+            webhook_url=notify.webhook_url,
             queue=queue,
             total_steps=spec.total_steps,
             max_attempts=settings.max_attempts,
@@ -102,31 +113,35 @@ def submit(
     return _out(session, settings, [job])[0]
 
 
-@router.post("/validate", response_model=JobSpec, responses=errors(400, 401, 413, 422))
-def validate(spec: JobSpec, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> dict:
-    """Run every check submit runs and queue nothing: the spec as submit would store it (defaults
+@router.post("/validate", response_model=JobRequest, responses=errors(400, 401, 413, 422))
+def validate(request: JobRequest, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> dict:
+    """Run every check submit runs and queue nothing: the request as submit would take it (defaults
     filled in), or the 422 submit would answer."""
-    return _accept(spec, session, user, settings)[0]
+    spec, notify = _accept(request, session, user, settings)[:2]
+    return {**spec.model_dump(mode="json"), "notify": notify.model_dump(mode="json")}
 
 
-def _accept(spec: JobSpec, session: Session, user: User, settings: Settings) -> tuple[dict, str, set[str]]:
-    """The checks a spec passes before it is queued: paths inside the operator's roots, the preflight
-    (models, data, shapes) and, where the server refuses them, a queue no live worker serves. A 422
-    naming each bad field; else the spec as stored, its queue, and the queues live workers serve."""
+def _accept(
+    request: JobRequest, session: Session, user: User, settings: Settings
+) -> tuple[JobSpec, Notify, str, set[str]]:
+    """The checks a request passes before it is queued: the spec's (app/acceptance.py, against what
+    this API may read), its webhook's, and, where the server refuses them, a queue no live worker
+    serves. A 422 naming each bad field; else the spec, its notification, its queue, and the queues
+    live workers serve."""
 
-    def dataset_exists(dataset_id: str) -> bool:
-        return crud.owned_dataset(session, dataset_id, user.id) is not None
+    def upload(dataset_id: str) -> str | None:
+        dataset = crud.owned_dataset(session, dataset_id, user.id)
+        return None if dataset is None else dataset.path
 
-    confined, problems = confine(spec, Roots.of(settings), on_disk=settings.api_sees_worker_files)
-    problems += preflight(confined, dataset_exists, settings.api_sees_worker_files, skip={loc for loc, _ in problems})
-    problems += webhooks.spec_problems(spec.notify.webhook_url, user, settings)
+    spec, notify = request.split()
+    _, problems = acceptance.check(spec, acceptance.Reader(Roots.of(settings), settings.api_sees_worker_files, upload))
+    problems += webhooks.spec_problems(notify.webhook_url, user, settings)
     if problems:
         raise RequestValidationError(
             [{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
         )
-    body = spec.model_dump(mode="json")
     served = worker_registry.served_queues(session, _liveness(settings))
-    queue = queue_for(body, served)
+    queue = queue_for(spec.model_dump(mode="json"), served)
     if queue not in served and settings.refuse_unserved_queues:
         offered = f"queues served now: {', '.join(sorted(served))}" if served else "no worker is running"
         raise RequestValidationError(
@@ -138,7 +153,7 @@ def _accept(spec: JobSpec, session: Session, user: User, settings: Settings) -> 
                 }
             ]
         )
-    return body, queue, served
+    return spec, notify, queue, served
 
 
 @router.get("", response_model=Page[JobOut], name="list", responses=errors(401, 422))

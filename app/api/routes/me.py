@@ -1,5 +1,5 @@
 """/api/v1/me: what signed-in users manage themselves. Today their default webhook: where their
-jobs report their end (a spec's notify.webhook_url overrides it), and the secret that signs it."""
+jobs report their end (a job's notify.webhook_url overrides it), and the secret that signs it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,63 @@
+"""One way in for a spec (app/acceptance.py): the same checks for the API, the worker and `distill
+train`, told apart only by what the machine may read."""
+
+import json
+
+import pytest
+
+from app.acceptance import Reader, Refused, check, runnable
+from app.core.path_roots import Roots
+from worker.engine.spec import JobSpec
+
+TINY = {"teacher": "builtin:tiny-teacher", "student": {"model": "builtin:tiny-student"}}
+
+
+def spec(**data) -> JobSpec:
+    return JobSpec.model_validate({**TINY, "data": data})
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    return tmp_path
+
+
+def test_a_service_refuses_a_path_outside_its_roots_without_asking_the_disk_about_it(files):
+    reader = Reader(Roots(models=(), data=(files / "data",), allow_hub=False), reads_files=True)
+    _, problems = check(spec(train=str(files / "elsewhere.jsonl")), reader)
+    # One problem: the root's, not also preflight's "no such file", which would tell the file is missing.
+    assert [(loc, "may read" in message) for loc, message in problems] == [(("data", "train"), True)]
+    assert check(spec(train=str(files / "data" / "train.jsonl")), reader)[1] == []
+
+
+def test_an_api_that_does_not_see_the_files_checks_only_their_form(files):
+    reader = Reader(Roots(models=(), data=(files / "data",), allow_hub=False), reads_files=False)
+    assert check(spec(train=str(files / "data" / "missing.jsonl")), reader)[1] == []
+    where_files_are = Reader(reader.roots, reads_files=True)
+    with pytest.raises(Refused, match=r"data\.train: .*no such file"):
+        runnable(spec(train=str(files / "data" / "missing.jsonl")), where_files_are)
+
+
+def test_a_run_on_the_users_own_machine_reads_any_path_they_can(files, monkeypatch):
+    monkeypatch.chdir(files)
+    local = Reader(roots=None, reads_files=True)
+    assert runnable(spec(train="data/train.jsonl"), local).data.train == "data/train.jsonl"
+    with pytest.raises(Refused, match=r"data\.train: data/nope\.jsonl: no such file"):
+        runnable(spec(train="data/nope.jsonl"), local)
+    with pytest.raises(Refused, match=r"data\.train: dataset:ds-1: no such uploaded dataset"):
+        runnable(spec(train="dataset:ds-1"), local)  # uploads are the service's
+
+
+def test_uploads_become_their_files_and_every_problem_is_named(files):
+    uploaded = str(files / "data" / "train.jsonl")
+    reader = Reader(Roots(models=(), data=(), allow_hub=False), reads_files=True, upload={"ds-1": uploaded}.get)
+    assert runnable(spec(train="dataset:ds-1"), reader).data.train == uploaded
+    shapes = {"training": {"batch_size": 3}, "minillm": {"rollouts_per_phase": 4}}
+    bad = JobSpec.model_validate({**TINY, **shapes, "data": {"train": "dataset:ds-2", "eval": "/etc/passwd"}})
+    with pytest.raises(Refused) as refused:
+        runnable(bad, reader)
+    said = str(refused.value)
+    assert "data.train: dataset:ds-2: no such uploaded dataset" in said
+    assert "data.eval: '/etc/passwd' is not a file this service may read" in said
+    assert "minillm.rollouts_per_phase: must be a multiple of" in said
