@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .core.db import db_now
-from .models import QUEUED, TERMINAL, ApiToken, Checkpoint, Dataset, EvalResult, Job, JobEvent, Metric, User
+from .models import QUEUED, TERMINAL, ApiToken, Checkpoint, Dataset, EvalResult, Job, JobEvent, User
 
 # -- users and tokens ---------------------------------------------------------------------------
 
@@ -162,11 +162,31 @@ def queue_depths(session: Session) -> dict[str, int]:
 
 
 def metric_series(session: Session, job_id: str) -> dict[str, list[dict]]:
-    """Each metric's series: {name: [{step, value}, ...]} in step order."""
+    """Each metric's series, from the job's metrics events: {name: [{step, value, stage}, ...]} in step
+    order. A step run again (by an attempt that resumed from a checkpoint before it) has the values
+    of its latest run: one point per step."""
+    by_step = {}
+    query = select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.id)
+    for data in session.scalars(query):
+        by_step[data["step"]] = data
     series: dict[str, list[dict]] = defaultdict(list)
-    for row in session.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.step, Metric.id)):
-        series[row.name].append({"step": row.step, "value": row.value})
+    for step, data in sorted(by_step.items()):
+        for name, value in data["values"].items():
+            series[name].append({"step": step, "value": value, "stage": data.get("stage")})
     return series
+
+
+def latest_metrics(session: Session, job_ids: list[str]) -> dict[str, dict]:
+    """Each job's newest metrics, {job_id: {step, stage, name: value, ...}}, for those that have any."""
+    newest = (
+        select(func.max(JobEvent.id))
+        .where(JobEvent.job_id.in_(job_ids), JobEvent.type == "metrics")
+        .group_by(JobEvent.job_id)
+    )
+    return {
+        event.job_id: {"step": event.data["step"], "stage": event.data.get("stage"), **event.data["values"]}
+        for event in session.scalars(select(JobEvent).where(JobEvent.id.in_(newest)))
+    }
 
 
 def evals_of(session: Session, job_id: str) -> list[EvalResult]:

@@ -94,7 +94,6 @@ class Job(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer)
     eta_seconds: Mapped[float | None] = mapped_column(Float)
-    latest_metrics: Mapped[dict] = mapped_column(default=dict)
     best_eval: Mapped[dict | None] = mapped_column()
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -103,9 +102,11 @@ class Job(Base):
 
 
 class JobEvent(Base):
-    """The single feed of what happened to a job: the events API, SSE and the CLI all read it."""
+    """The single feed of what happened to a job: the events API, SSE and the CLI all read it. Each
+    step's metrics are stored here and nowhere else (type `metrics`: step, stage, values)."""
 
     __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_type_id", "job_id", "type", "id"),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -113,16 +114,6 @@ class JobEvent(Base):
     level: Mapped[str] = mapped_column(String(10), default="info")
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict] = mapped_column(default=dict)
-
-
-class Metric(Base):
-    __tablename__ = "metrics"
-    __table_args__ = (Index("ix_metrics_job_name_step", "job_id", "name", "step"),)
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    step: Mapped[int] = mapped_column(Integer)
-    name: Mapped[str] = mapped_column(String(100))
-    value: Mapped[float] = mapped_column(Float)
 
 
 class EvalResult(Base):

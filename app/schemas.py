@@ -96,7 +96,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     progress: Progress
-    latest_metrics: dict
+    latest_metrics: dict = Field(description="The newest step's metrics: step, stage and each value.")
     best_eval: dict | None
     error: JobError | None
     attempts: int
@@ -112,7 +112,13 @@ class JobOut(BaseModel):
     )
 
     @classmethod
-    def of(cls, job: Job, queue_position: int | None = None, waiting_for: str | None = None) -> JobOut:
+    def of(
+        cls,
+        job: Job,
+        latest_metrics: dict | None = None,
+        queue_position: int | None = None,
+        waiting_for: str | None = None,
+    ) -> JobOut:
         return cls(
             id=job.id,
             name=job.name,
@@ -124,7 +130,7 @@ class JobOut(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             progress=Progress(step=job.step, total_steps=job.total_steps, eta_seconds=job.eta_seconds),
-            latest_metrics=job.latest_metrics or {},
+            latest_metrics=latest_metrics or {},
             best_eval=job.best_eval,
             error=JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
             attempts=job.attempts,
@@ -206,6 +212,7 @@ class DatasetOut(BaseModel):
 
 class MetricPoint(BaseModel):
     step: int
+    stage: str | None = Field(description="The stage the step belongs to (recovery stage, then the method).")
     value: float | None = Field(description="null where the value was not a finite number (a loss that became NaN).")
 
 

@@ -27,7 +27,7 @@ from app.core.files import sha256_file
 from app.core.outage import OUTAGE, through_outage
 from app.core.storage import s3_store
 from app.job_paths import hide_server_paths, job_dir
-from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job, Metric
+from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job
 from worker.engine.events import Event
 from worker.engine.paths import RESUME_STATE_FILE
 
@@ -149,14 +149,8 @@ class DbReporter:
         session.commit()
 
     def _on_metrics(self, session, event: Event) -> None:
-        step, values = event.data["step"], event.data["values"]
-        # A resumed attempt runs again the steps after its checkpoint: its values replace those the
-        # lost attempt wrote, so each metric has one point per step.
-        session.execute(
-            delete(Metric).where(Metric.job_id == self.job_id, Metric.step == step, Metric.name.in_(values))
-        )
-        session.add_all(Metric(job_id=self.job_id, step=step, name=k, value=float(v)) for k, v in values.items())
-        session.get(Job, self.job_id).latest_metrics = {"step": step, "stage": event.data.get("stage"), **values}
+        # The one copy of a step's metrics (with its stage), which the event stream carries and the
+        # metrics API reads (crud.metric_series).
         self._event(session, "metrics", "", "debug", event.data)
 
     def _on_eval(self, session, event: Event) -> None:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -290,19 +291,19 @@ class Stack:
     def statuses(self, job_ids: list[str]) -> dict[str, str]:
         return dict(self.sql("SELECT id, status FROM jobs WHERE id = ANY(%s)", list(job_ids)))
 
-    def metric_audit(self, job_id: str, total_steps: int) -> dict:
-        """Metric points against what the engine logged: duplicates are (name, step) pairs stored more
-        than once; missing are pairs some metrics event carried (any attempt) that have no row, plus
-        steps of 1..total_steps without a `loss` row."""
-        stored = self.sql("SELECT name, step, count(*) FROM metrics WHERE job_id = %s GROUP BY name, step", job_id)
+    def metric_audit(self, http, job_id: str, total_steps: int) -> dict:
+        """The metric series the API serves against what the engine logged: duplicates are (name, step)
+        pairs served more than once; missing are pairs some metrics event carried (any attempt) that
+        the series lack, plus steps of 1..total_steps without a `loss` point."""
+        series = http.get(f"/api/v1/jobs/{job_id}/metrics").json()
+        served = Counter((name, point["step"]) for name, points in series.items() for point in points)
         logged = set()
         for (data,) in self.sql("SELECT data FROM job_events WHERE job_id = %s AND type = 'metrics'", job_id):
             logged |= {(name, data["step"]) for name in data["values"]}
         logged |= {("loss", step) for step in range(1, total_steps + 1)}
-        present = {(name, step) for name, step, _ in stored}
         return {
-            "points": sum(count for _, _, count in stored),
-            "duplicate": sum(count - 1 for _, _, count in stored if count > 1),
-            "missing": len(logged - present),
+            "points": sum(served.values()),
+            "duplicate": sum(count - 1 for count in served.values()),
+            "missing": len(logged - set(served)),
             "names": len({name for name, _ in logged}),
         }

@@ -57,9 +57,9 @@ def write_report(results: list[dict], path: Path) -> None:
         "",
         "Figures: *jobs lost* are jobs that never reached a terminal status; *claims* count a worker taking a job",
         "(one `running (attempt N)` event each), so a job run exactly once has one claim; *duplicate* and *missing*",
-        "metric points compare the `metrics` table with every metrics event the engine logged (one row per metric",
-        "name and step is right); *readyz* lists the status codes `GET /readyz` answered while the dependency was",
-        "down; *recovered after* is measured from the moment the fault ended.",
+        "metric points compare the series `GET /jobs/{id}/metrics` serves with every metrics event the engine logged",
+        "(one point per metric name and step is right); *readyz* lists the status codes `GET /readyz` answered",
+        "while the dependency was down; *recovered after* is measured from the moment the fault ended.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

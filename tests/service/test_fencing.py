@@ -10,9 +10,9 @@ from pathlib import Path
 from helpers import submit, tiny_spec
 from sqlalchemy import select, update
 
-from app import job_status
+from app import crud, job_status
 from app.core.db import session_factory
-from app.models import Checkpoint, Job, Metric
+from app.models import Checkpoint, Job
 from worker.engine.events import Event
 from worker.reporter import DbReporter
 
@@ -42,7 +42,7 @@ def test_a_take_over_waits_for_the_write_that_passed_the_fence(client, auth, dat
     taken.start()
     time.sleep(1.0)
     assert taken.is_alive()  # the reaper waits on the held row ...
-    stale.add(Metric(job_id=job_id, step=1, name="loss", value=1.0))
+    crud.stage_event(stale, job_id, "metrics", "", data={"step": 1, "values": {"loss": 1.0}})
     stale.commit()  # ... until the write that passed the fence has committed
     taken.join(timeout=30)
     assert not taken.is_alive()
@@ -60,7 +60,7 @@ def test_a_stale_attempt_writes_and_deletes_nothing(client, auth, dataset, tmp_p
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     current.emit(Event("checkpoint", "checkpoint step 3", data={"step": 3, "path": str(folder)}))
-    current.emit(Event("metrics", data={"step": 3, "values": {"loss": 2.0}}))
+    current.emit(Event("metrics", data={"step": 3, "stage": "minillm", "values": {"loss": 2.0}}))
     assert current.flush(seconds=30)
 
     stale = DbReporter(job_id, 1)
@@ -69,7 +69,7 @@ def test_a_stale_attempt_writes_and_deletes_nothing(client, auth, dataset, tmp_p
     stale.emit(Event("state", "failed", "error", {"state": "failed", "error": {"code": "X", "message": "stale"}}))
     assert stale.flush(seconds=30)
     with session_factory()() as session:
-        assert [m.value for m in session.scalars(select(Metric).where(Metric.job_id == job_id))] == [2.0]
+        assert crud.metric_series(session, job_id) == {"loss": [{"step": 3, "value": 2.0, "stage": "minillm"}]}
         rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
         assert [(c.step, c.archive_path.endswith("step-000003-attempt-2.tar")) for c in rows] == [(3, True)]
         assert session.get(Job, job_id).status == "running"
@@ -90,10 +90,9 @@ def test_a_resumed_attempt_replaces_the_points_of_the_steps_it_runs_again(client
         second.emit(Event("metrics", data={"step": step, "values": {"loss": 20.0 + step}}))
     assert second.flush(seconds=30)
     with session_factory()() as session:
-        points = session.execute(
-            select(Metric.step, Metric.value).where(Metric.job_id == job_id).order_by(Metric.step)
-        ).all()
-    assert [tuple(p) for p in points] == [(1, 11.0), (2, 22.0), (3, 23.0)]
+        points = crud.metric_series(session, job_id)["loss"]
+        assert crud.latest_metrics(session, [job_id]) == {job_id: {"step": 3, "stage": None, "loss": 23.0}}
+    assert [(p["step"], p["value"]) for p in points] == [(1, 11.0), (2, 22.0), (3, 23.0)]
 
 
 def test_a_heartbeat_that_lands_while_the_reaper_waits_keeps_the_job(client, auth, dataset):
@@ -146,4 +145,4 @@ def test_the_training_loop_waits_on_neither_the_database_nor_a_checkpoint_s_arch
     with session_factory()() as session:
         (checkpoint,) = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all()
         assert checkpoint.step == 2 and Path(checkpoint.archive_path).exists()
-        assert [m.value for m in session.scalars(select(Metric).where(Metric.job_id == job_id))] == [1.5]
+        assert [p["value"] for p in crud.metric_series(session, job_id)["loss"]] == [1.5]

@@ -9,6 +9,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from helpers import make_user, tiny_spec, wait_for
@@ -272,8 +273,19 @@ def test_stages_smoothing_spec_log_and_clone_on_a_jobs_page(server, worker, data
     assert response.status_code == 201, response.text
     job = response.json()
     page.goto(f"{server}/#token={token_of(user)}")
+    api = f"/api/v1/jobs/{job['id']}"
+    fetched = []  # what the job's page asks the API for, beside the event stream
+    page.on("request", lambda r: fetched.append(urlsplit(r.url).path.removeprefix(api)) if api in r.url else None)
     page.goto(f"{server}/#/jobs/{job['id']}")
     expect(page.locator("#job-status")).to_have_attribute("data-status", "succeeded", timeout=300_000)
+
+    # The curves, evaluations and samples came once, in the event stream, and were appended: never fetched
+    # (again). The checkpoints are fetched at first, after each checkpoint event at most, and at the end.
+    events = httpx.get(f"{server}{api}/events", params={"limit": 1000}, headers=user).json()["data"]
+    assert not {"/metrics", "/evals", "/samples"} & set(fetched), fetched
+    assert fetched.count("/checkpoints") <= 2 + sum(e["type"] == "checkpoint" for e in events)
+    series = httpx.get(f"{server}{api}/metrics", headers=user).json()["loss"]  # stored once, with their stage
+    assert [p["stage"] for p in series] == ["recovery-sft"] * 2 + ["minillm"] * 6
 
     # The stages, from the metrics events: said in words, and a line between steps 2 and 3 of each curve.
     expect(page.locator("#stages")).to_have_text("Stages: recovery-sft from step 1, minillm from step 3.")
@@ -284,7 +296,7 @@ def test_stages_smoothing_spec_log_and_clone_on_a_jobs_page(server, worker, data
     slider = page.get_by_label("Smoothing")
     slider.fill("0")
     raw = chart_series(page, "#chart-loss canvas")
-    assert len(raw) == 1 and len(raw[0]["data"]) == 8
+    assert len(raw) == 1 and raw[0]["data"] == pytest.approx([p["value"] for p in series])
     slider.fill("0.9")
     expect(page.locator("output[for=smoothing]")).to_have_text("0.90")
     faint, smoothed = chart_series(page, "#chart-loss canvas")

@@ -15,7 +15,6 @@ TABLES = {
     "datasets",
     "jobs",
     "job_events",
-    "metrics",
     "evals",
     "checkpoints",
     "workers",
@@ -83,3 +82,35 @@ def test_0009_moves_a_jobs_webhook_out_of_its_stored_spec_and_back():
         with engine.connect() as db:
             back = {r.id: r.spec for r in db.execute(text("SELECT id, spec FROM jobs"))}
         assert back["job-a"] == specs["job-a"] and back["job-c"] == {"name": "c", "notify": {"webhook_url": None}}
+
+
+def test_0010_keeps_the_metrics_in_their_events_and_refills_the_old_table_on_downgrade():
+    with scratch_database() as (config, engine):
+        command.upgrade(config, "0009")
+        with engine.begin() as db:
+            db.execute(text("INSERT INTO users (id, name, created_at) VALUES (1, 'u', now())"))
+            db.execute(
+                text(
+                    "INSERT INTO jobs (id, user_id, name, status, spec, queue, created_at, attempts, max_attempts,"
+                    " step, total_steps, latest_metrics, request_hash)"
+                    " VALUES ('job-a', 1, 'n', 'running', '{}', 'cpu-1', now(), 2, 3, 2, 9, '{}', 'h')"
+                )
+            )
+            for step, loss in ((1, 3.0), (2, 2.5), (2, 2.0)):  # step 2 ran again, after a resume
+                data = json.dumps({"step": step, "stage": "minillm", "values": {"loss": loss}})
+                db.execute(
+                    text(
+                        "INSERT INTO job_events (job_id, created_at, type, level, message, data)"
+                        " VALUES ('job-a', now(), 'metrics', 'debug', '', :data)"
+                    ),
+                    {"data": data},
+                )
+        command.upgrade(config, "head")
+        assert "metrics" not in inspect(engine).get_table_names()
+        assert "latest_metrics" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        command.downgrade(config, "0009")
+        with engine.connect() as db:
+            points = db.execute(text("SELECT step, name, value FROM metrics ORDER BY step")).all()
+            latest = db.execute(text("SELECT latest_metrics FROM jobs")).scalar_one()
+        assert [tuple(p) for p in points] == [(1, "loss", 3.0), (2, "loss", 2.0)]
+        assert latest == {"step": 2, "stage": "minillm", "loss": 2.0}

@@ -200,9 +200,11 @@ def _out(session: Session, settings: Settings, jobs: list[Job]) -> list[JobOut]:
     for when no live worker consumes that queue."""
     ahead = crud.jobs_ahead(session, jobs)
     served = worker_registry.served_queues(session, _liveness(settings)) if ahead else set()
+    latest = crud.latest_metrics(session, [job.id for job in jobs])
     return [
         JobOut.of(
             job,
+            latest.get(job.id),
             queue_position=ahead.get(job.id),
             waiting_for=_unserved(job.queue) if job.id in ahead and job.queue not in served else None,
         )
@@ -309,7 +311,8 @@ def logs(
 
 @router.get("/{job_id}/metrics", response_model=dict[str, list[MetricPoint]], responses=errors(*ON_A_JOB))
 def metrics(job: OwnedJob, session: SessionDep) -> dict[str, list[dict]]:
-    """Each metric's series: {name: [{step, value}, ...]} in step order."""
+    """Each metric's series: {name: [{step, value, stage}, ...]} in step order (the same values the
+    event stream carries in its `metrics` events)."""
     return crud.metric_series(session, job.id)
 
 

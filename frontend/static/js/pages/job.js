@@ -1,7 +1,9 @@
 // Job detail: live status from the SSE stream, progress and ETA, its spec (and a clone of it), metric
-// charts, evals, events, the training process's log, checkpoints.
+// charts, evals, events, the training process's log, checkpoints. The event stream (from the job's
+// first event) carries every step's metrics and every evaluation: the page appends them as they come,
+// and fetches again only the job's row and, after a checkpoint event, its checkpoints.
 import { api, download, followEvents, saveAnswer } from "../api.js";
-import { SERIES, lineChart, points, smoothingControl } from "../charts.js";
+import { SERIES, lineChart, smoothingControl } from "../charts.js";
 import { dump } from "/vendor/js-yaml.mjs";
 import { samplesTable } from "../samples.js";
 import { TERMINAL, badge, bytes, duration, h, num, progressCell, studentLabel, toast, when } from "../util.js";
@@ -13,9 +15,28 @@ function placementLabel(p) {
   return p.hosts ? `${here}, across ${p.hosts.join(", ")}` : here;
 }
 
+/** `fn` run at most once a second however often this is called; calls during a run ask for one more. */
+function coalesced(fn, signal) {
+  let timer = null, running = false, again = false;
+  const run = async () => {
+    timer = null;
+    if (signal.aborted) return;
+    if (running) { again = true; return; }
+    running = true;
+    try { await fn(); } finally {
+      running = false;
+      if (again) { again = false; soon(); }
+    }
+  };
+  const soon = () => { if (!timer) timer = setTimeout(run, 1000); };
+  soon.now = () => { clearTimeout(timer); return run(); };
+  soon.cancel = () => clearTimeout(timer);
+  return soon;
+}
+
 export function render(main, { id }) {
   const control = new AbortController();
-  let job = null, refreshTimer = null, queuedTimer = null, refreshing = false, again = false;
+  let job = null, queuedTimer = null;
 
   const title = h("h1", {}, "Job ", h("span.mono", {}, id));
   const status = h("span", { id: "job-status", role: "status" });
@@ -28,12 +49,12 @@ export function render(main, { id }) {
   const waiting = h("p.warning-box", { id: "waiting-for", role: "status", hidden: true });
   const charts = SERIES.map(([key, label]) => ({ key, ...lineChart(label, { id: `chart-${key}`, smooth: key !== "lr" }) }));
   const evalChart = lineChart("Evaluation Rouge-L", { id: "chart-eval", smooth: false });
-  // Each step's stage, from the metrics events (the metrics API has values only); a resumed attempt's repeat replaces.
-  const stageOf = new Map();
+  // What the event stream carried: each step's metrics event ({stage, values}; a resumed attempt's repeat
+  // of a step replaces it) and each evaluation (by step and label, in the order recorded).
+  const steps = new Map(), evals = new Map();
   const stageNote = h("p.small.muted", { id: "stages", hidden: true });
   const evalTable = h("div.table-wrap", { id: "evals" });
   const samples = h("div", { id: "samples" });
-  let kept = [], keptFor = null; // the sample generations, and the evaluations they were fetched after
   const checkpoints = h("div.table-wrap", { id: "checkpoints" });
   const log = h("ol.log", { id: "events", "aria-live": "off", tabindex: 0, "aria-label": "Event log" });
 
@@ -73,10 +94,10 @@ export function render(main, { id }) {
     saveAnswer(`/jobs/${id}/logs`, `${id}-attempt-${job.attempts}.log`).catch((err) => toast(`Download failed: ${err.message}`));
   }
 
-  /** The first step of each stage, in step order. */
-  function stageStarts() {
+  /** The first step of each stage, from `ordered` ([step, {stage}] in step order). */
+  function stageStarts(ordered) {
     const starts = [];
-    for (const [step, name] of [...stageOf].sort((a, b) => a[0] - b[0])) if (starts.at(-1)?.name !== name) starts.push({ step, name });
+    for (const [step, { stage }] of ordered) if (starts.at(-1)?.name !== stage) starts.push({ step, name: stage });
     return starts;
   }
 
@@ -113,7 +134,7 @@ export function render(main, { id }) {
     // A queued job's place and the workers that serve its queue change without an event on this
     // job: look again every few seconds until it leaves the queue.
     clearTimeout(queuedTimer);
-    if (job.status === "queued") queuedTimer = setTimeout(refresh, 5000);
+    if (job.status === "queued") queuedTimer = setTimeout(jobSoon, 5000);
   }
 
   function showEvals(evals) {
@@ -136,8 +157,9 @@ export function render(main, { id }) {
   // Test set: the teacher, the initial student, the final model and the best checkpoint. Selection set: the
   // student at its first evaluation, at the best checkpoint's step and at the latest.
   function showSamples() {
+    const kept = [...evals.values()].filter((e) => e.samples?.length);
     const test = kept.filter((e) => e.label !== "selection"), selection = kept.filter((e) => e.label === "selection");
-    const final = test.find((e) => e.label === "final"), bestStep = job.best_eval?.step, latest = selection.at(-1);
+    const final = test.find((e) => e.label === "final"), bestStep = job?.best_eval?.step, latest = selection.at(-1);
     const isFinal = (e) => e.label === "best" && e.step === final?.step; // the best checkpoint is the final model
     const testLabel = (e) => {
       if (e.label === "teacher") return "Teacher";
@@ -174,35 +196,32 @@ export function render(main, { id }) {
       h("tbody", {}, rows.map(row))));
   }
 
-  async function refresh() {
-    if (refreshing) { again = true; return; }
-    refreshing = true;
-    try {
-      const [j, metrics, evals, cps] = await Promise.all([
-        api(`/jobs/${id}`), api(`/jobs/${id}/metrics`), api(`/jobs/${id}/evals`), api(`/jobs/${id}/checkpoints`)]);
-      if (control.signal.aborted) return;
-      job = j;
-      showJob();
-      const stages = stageStarts();
-      stageNote.textContent = `Stages: ${stages.map((s) => `${s.name} from step ${s.step}`).join(", ")}.`;
-      stageNote.hidden = stages.length < 2;
-      for (const c of charts) c.update([{ label: c.key, data: points(metrics[c.key]) }], { stages });
-      showEvals(evals);
-      // Sample generations change only with the evaluations: fetched again when one is recorded.
-      const evalsNow = `${evals.length} ${evals.at(-1)?.created_at}`;
-      if (evalsNow !== keptFor) [kept, keptFor] = [await api(`/jobs/${id}/samples`), evalsNow];
-      showSamples();
-      showCheckpoints(cps);
-    } catch (err) {
-      if (!control.signal.aborted) { error.textContent = err.message; error.hidden = false; }
-    } finally {
-      refreshing = false;
-      if (again) { again = false; schedule(); }
+  function draw() {
+    const ordered = [...steps].sort((a, b) => a[0] - b[0]);
+    const stages = stageStarts(ordered);
+    stageNote.textContent = `Stages: ${stages.map((s) => `${s.name} from step ${s.step}`).join(", ")}.`;
+    stageNote.hidden = stages.length < 2;
+    for (const c of charts) {
+      const data = ordered.filter(([, m]) => m.values[c.key] != null).map(([step, m]) => ({ x: step, y: m.values[c.key] }));
+      c.update([{ label: c.key, data }], { stages });
     }
+    showEvals([...evals.values()]);
+    showSamples();
   }
 
-  function schedule() { // coalesce bursts of events into one refresh per second
-    if (!refreshTimer) refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 1000);
+  // Each shows what it fetched, or the error; none runs more than once a second.
+  const failed = (err) => { if (!control.signal.aborted) { error.textContent = err.message; error.hidden = false; } };
+  const jobSoon = coalesced(() => api(`/jobs/${id}`).then((j) => { if (!control.signal.aborted) { job = j; showJob(); } }, failed), control.signal);
+  const checkpointsSoon = coalesced(() => api(`/jobs/${id}/checkpoints`).then((rows) => { if (!control.signal.aborted) showCheckpoints(rows); }, failed), control.signal);
+  const drawSoon = coalesced(async () => draw(), control.signal);
+
+  function onEvent(e) {
+    if (e.type === "metrics") steps.set(e.data.step, { stage: e.data.stage, values: e.data.values });
+    if (e.type === "eval") evals.set(`${e.data.step} ${e.data.label}`, { ...e.data, created_at: e.created_at });
+    if (e.type === "metrics" || e.type === "eval") drawSoon();
+    if (e.type === "checkpoint") checkpointsSoon();
+    jobSoon(); // its status, progress, ETA and best checkpoint move with its events
+    addEvent(e);
   }
 
   function addEvent(e) {
@@ -212,19 +231,15 @@ export function render(main, { id }) {
     if (atBottom) log.scrollTop = log.scrollHeight;
   }
 
-  refresh().then(() => followEvents(id, {
-    signal: control.signal,
-    onEvent: (e) => {
-      if (e.type === "metrics") stageOf.set(e.data.step, e.data.stage);
-      addEvent(e);
-      schedule();
-    },
-  })).then(() => { if (!control.signal.aborted) { clearTimeout(refreshTimer); refreshTimer = null; refresh(); } })
+  Promise.all([jobSoon.now(), checkpointsSoon.now()]).then(() => {
+    draw(); // the empty charts and tables, until the stream fills them
+    return followEvents(id, { signal: control.signal, onEvent });
+  }).then(() => { if (!control.signal.aborted) return Promise.all([jobSoon.now(), checkpointsSoon.now(), drawSoon.now()]); })
     .catch((err) => { if (!control.signal.aborted) toast(err.message); });
 
   return () => {
     control.abort();
-    clearTimeout(refreshTimer);
+    for (const soon of [jobSoon, checkpointsSoon, drawSoon]) soon.cancel();
     clearTimeout(queuedTimer);
     for (const c of [...charts, evalChart]) c.destroy();
   };
