@@ -123,3 +123,32 @@ def worker(tmp_path):
     w = Worker(tmp_path / "worker.log").start()
     yield w
     w.stop()
+
+
+@pytest.fixture(scope="module")
+def served_test_queues():
+    """The API tests' jobs go to auto-1 and cpu-2: registered as served (a CPU worker's queues), the way
+    a worker's reaper thread does it, so that their events are only the ones each test expects. (Nothing
+    consumes the messages: the jobs stay queued. tests/service/test_queues.py is about unserved queues.)"""
+    import threading
+    from datetime import timedelta
+
+    from helpers import wait_for
+
+    from app import worker_registry
+    from app.core.db import session_factory
+    from app.reaper import reap_forever
+
+    queues = {"cpu-1", "cpu-2", "auto-1", "auto-2"}
+    stop = threading.Event()
+    thread = threading.Thread(target=reap_forever, args=(stop, sorted(queues)), daemon=True)
+    thread.start()
+
+    def registered() -> bool:
+        with session_factory()() as session:
+            return queues <= worker_registry.served_queues(session, timedelta(minutes=1))
+
+    wait_for(registered, timeout=30, interval=0.1, what="the test queues to be registered as served")
+    yield
+    stop.set()
+    thread.join(timeout=30)

@@ -1,0 +1,133 @@
+"""Dataset uploads: checked, stored once, limited per user, used by a spec.
+
+Against the real PostgreSQL and Redis of this session; no Celery worker runs here: submitted jobs
+stay queued, and the status machine is driven through app.job_status where a test needs it.
+"""
+
+import hashlib
+import json
+
+import pytest
+from api_helpers import (
+    DATASETS,
+    dataset_files,
+    dataset_lines,
+    detail_for,
+    locs,
+    submit,
+)
+from helpers import tiny_spec
+
+pytestmark = pytest.mark.usefixtures("served_test_queues")
+
+
+# -- 8. datasets --------------------------------------------------------------------------------
+
+
+def test_upload_a_dataset_and_use_it(client, auth, dataset):
+    body = dataset_lines(dataset, 6)
+    response = client.post(
+        DATASETS, params={"name": "x.jsonl"}, content=body, headers={**auth, "Content-Type": "application/x-ndjson"}
+    )
+    assert response.status_code == 201, response.text
+    uploaded = response.json()
+    assert uploaded["id"].startswith("ds-") and uploaded["name"] == "x.jsonl"
+    assert uploaded["num_records"] == 6
+    assert uploaded["size_bytes"] == len(body)
+    assert uploaded["sha256"] == hashlib.sha256(body).hexdigest()
+    assert f"{uploaded['id']}.jsonl" in dataset_files()
+    assert not [f for f in dataset_files() if f.endswith(".partial")]
+
+    listed = client.get(DATASETS, headers=auth).json()
+    assert [d["id"] for d in listed] == [uploaded["id"]]
+    assert listed[0] == uploaded
+
+    ref = f"dataset:{uploaded['id']}"
+    job = submit(client, auth, tiny_spec(dataset, data={"train": ref, "eval": ref}))
+    assert job.status_code == 201, job.text
+    assert job.json()["spec"]["data"]["train"] == ref
+
+
+def test_upload_accepts_the_prompt_response_layout_and_blank_lines(client, auth):
+    body = b'{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": "d"}\n'
+    response = client.post(DATASETS, params={"name": "pr.jsonl"}, content=body, headers=auth)
+    assert response.status_code == 201, response.text
+    assert response.json()["num_records"] == 2
+
+
+def test_upload_a_pretraining_corpus_and_use_it(client, auth, dataset):
+    body = b'{"text": "Some free text."}\n{"text": "More of it."}\n'
+    response = client.post(DATASETS, params={"name": "corpus.jsonl"}, content=body, headers=auth)
+    assert response.status_code == 201, response.text
+    assert response.json()["num_records"] == 2
+    ref = f"dataset:{response.json()['id']}"
+    job = submit(client, auth, tiny_spec(dataset, data={"pretrain": ref}))
+    assert job.status_code == 201, job.text
+    assert job.json()["spec"]["data"]["pretrain"] == ref
+    missing = submit(client, auth, tiny_spec(dataset, data={"pretrain": "dataset:ds-nope"}))
+    assert detail_for(missing, ["body", "data", "pretrain"])["msg"] == "dataset:ds-nope: no such uploaded dataset"
+
+
+BAD_UPLOADS = {
+    "line 3 not json": (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{oops\n', ":3:"),
+    "line 2 not a record": (b'{"instruction": "a", "output": "b"}\n[1, 2]\n', ":2:"),
+    "line 1 no instruction": (b'{"foo": "bar"}\n', ":1:"),
+    "empty": (b"", "no records"),
+    "not utf-8": (b'{"instruction": "\xff\xfe"}\n', "utf-8"),
+    "corpus line 2 not text": (b'{"text": "a"}\n{"text": 5}\n', ":2:"),
+    "line 2 nested 100,000 deep": (
+        b'{"instruction": "a", "output": "b"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+        ":2: not valid JSON: nested too deeply",
+    ),
+    "line 1 a 5,000-digit integer": (b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n", ":1: not valid JSON"),
+    "first line nested deep": (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: not valid JSON: nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_uploads_are_422_and_store_nothing(client, auth, case):
+    body, words = BAD_UPLOADS[case]
+    files_before = dataset_files()
+    response = client.post(DATASETS, params={"name": "bad.jsonl"}, content=body, headers=auth)
+    assert response.status_code == 422, response.text
+    message = response.json()["detail"][0]["msg"]
+    assert words in message, message
+    if words.startswith(":"):
+        assert message.startswith(f"bad.jsonl{words}"), message  # named by upload name, not the server's path
+    assert "/" not in message.split(":")[0]
+    assert client.get(DATASETS, headers=auth).json() == []
+    assert dataset_files() == files_before
+
+
+def test_upload_needs_a_name(client, auth, dataset):
+    response = client.post(DATASETS, content=dataset_lines(dataset, 2), headers=auth)
+    assert response.status_code == 422
+    assert ["query", "name"] in locs(response)
+    assert client.get(DATASETS, headers=auth).json() == []
+
+
+def test_oversize_upload_is_413(client, auth, dataset):
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    limit = settings.max_upload_bytes
+    files_before = dataset_files()
+    settings.max_upload_bytes = 100
+    try:
+        response = client.post(DATASETS, params={"name": "big.jsonl"}, content=dataset_lines(dataset, 5), headers=auth)
+        assert response.status_code == 413, response.text
+        small = b'{"prompt": "a", "response": "b"}\n'
+        assert client.post(DATASETS, params={"name": "ok.jsonl"}, content=small, headers=auth).status_code == 201
+    finally:
+        settings.max_upload_bytes = limit
+    assert [d["name"] for d in client.get(DATASETS, headers=auth).json()] == ["ok.jsonl"]
+    assert [f for f in dataset_files() if f not in files_before and not f.endswith(".jsonl")] == []
+    assert len([f for f in dataset_files() if f not in files_before]) == 1
+
+
+def test_datasets_list_newest_first(client, auth):
+    ids = []
+    for i in range(3):
+        body = json.dumps({"prompt": f"p{i}", "response": "r"}).encode() + b"\n"
+        ids.append(client.post(DATASETS, params={"name": f"d{i}.jsonl"}, content=body, headers=auth).json()["id"])
+    assert [d["id"] for d in client.get(DATASETS, headers=auth).json()] == ids[::-1]
