@@ -1,4 +1,9 @@
-"""What the API's tests share: its paths, requests they make, and direct reads and writes of the database."""
+"""What the API's tests (test_api_*.py, test_job_status.py) share: its paths, the requests they make,
+direct reads and writes of the database.
+
+They run against the real PostgreSQL and Redis of this session; no Celery worker runs: submitted jobs
+stay queued, and the status machine is driven through app.job_status where a test needs it.
+"""
 
 from contextlib import contextmanager
 from datetime import timedelta

@@ -1,9 +1,5 @@
 """Who may call what: tokens on every route, users' jobs and datasets apart; health, readiness,
-Prometheus metrics and docs.
-
-Against the real PostgreSQL and Redis of this session; no Celery worker runs here: submitted jobs
-stay queued, and the status machine is driven through app.job_status where a test needs it.
-"""
+Prometheus metrics and docs."""
 
 import re
 

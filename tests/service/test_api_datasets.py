@@ -1,8 +1,4 @@
-"""Dataset uploads: checked, stored once, limited per user, used by a spec.
-
-Against the real PostgreSQL and Redis of this session; no Celery worker runs here: submitted jobs
-stay queued, and the status machine is driven through app.job_status where a test needs it.
-"""
+"""Dataset uploads: checked, stored once, limited per user, used by a spec."""
 
 import hashlib
 import json

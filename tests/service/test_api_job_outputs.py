@@ -1,8 +1,4 @@
-"""What a job produced: its events (paged and streamed), metrics, evals, checkpoints and log.
-
-Against the real PostgreSQL and Redis of this session; no Celery worker runs here: submitted jobs
-stay queued, and the status machine is driven through app.job_status where a test needs it.
-"""
+"""What a job produced: its events (paged and streamed), metrics, evals, checkpoints and log."""
 
 import json
 import re

@@ -1,8 +1,4 @@
-"""Submitting, listing and cancelling jobs: the spec's checks, idempotency keys, paging.
-
-Against the real PostgreSQL and Redis of this session; no Celery worker runs here: submitted jobs
-stay queued, and the status machine is driven through app.job_status where a test needs it.
-"""
+"""Submitting, listing and cancelling jobs: the spec's checks, idempotency keys, paging."""
 
 import json
 

@@ -1,8 +1,4 @@
-"""The status machine: a job claimed once, and lost jobs reaped.
-
-Against the real PostgreSQL and Redis of this session; no Celery worker runs here: submitted jobs
-stay queued, and the status machine is driven through app.job_status where a test needs it.
-"""
+"""The status machine: a job claimed once, and lost jobs reaped."""
 
 from datetime import timedelta
 
