@@ -51,7 +51,7 @@ def create(
     user: User,
     spec: dict,
     *,
-    webhook_url: str | None,
+    webhook_url: str | None = None,
     queue: str,
     total_steps: int,
     max_attempts: int,

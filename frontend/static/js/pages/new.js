@@ -30,7 +30,7 @@ const fieldId = (path) => "f-" + path.replace(/\./g, "-");
 
 /** The JSON schema of a spec field, following $ref and optional (anyOf with null). */
 function schemaOf(all, path) {
-  let node = all.JobSpec;
+  let node = all.JobRequest;
   for (const key of path.split(".")) {
     let prop = node && node.properties && node.properties[key];
     if (!prop) return null;
