@@ -100,7 +100,7 @@ def test_a_killed_worker_job_resumes_from_its_checkpoint_elsewhere(stack, datase
         ended = wait_ended(http, [job_id], timeout=300)
         figures["recovered after s"] = time.monotonic() - killed
         resumed = resumed_from(http, job_id)
-    audit = stack.metric_audit(http, job_id, total)
+        audit = stack.metric_audit(http, job_id, total)
     figures.update(
         {
             "jobs lost": 1 - len(ended),
@@ -219,7 +219,7 @@ def test_a_database_restart_mid_job_loses_no_metric_point(stack, dataset, figure
         figures["ready again after s"] = time.monotonic() - back
         ended = wait_ended(http, [job_id], timeout=300)
         figures["recovered after s"] = time.monotonic() - back
-    audit = stack.metric_audit(http, job_id, total)
+        audit = stack.metric_audit(http, job_id, total)
     figures.update(
         {
             "jobs lost": 1 - len(ended),
