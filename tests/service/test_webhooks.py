@@ -336,6 +336,11 @@ def test_a_spec_webhook_needs_a_secret_to_sign_with(client, dataset):
         "/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": "ftp://example.com/h"}), headers=auth
     )
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-2:] == ["notify", "webhook_url"]
+    for url in ("https://example.com/a b", "https://example.com/\x07"):  # a space, a control character
+        odd = client.post("/api/v1/jobs/validate", json=tiny_spec(dataset, notify={"webhook_url": url}), headers=auth)
+        assert (
+            odd.status_code == 422 and "must not contain spaces or control characters" in odd.json()["detail"][0]["msg"]
+        )
 
 
 def test_users_set_their_own_webhook_and_its_secret_through_the_api(client, dataset, receiver):
