@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 
-.PHONY: install lint test test-fast coverage chaos demo bench bench-peers gpu-check gpu-wheels
+.PHONY: install lint test-tools test test-fast coverage chaos demo bench bench-peers gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
@@ -25,18 +25,18 @@ TEST_PROCESSES ?= 2
 PARALLEL := -n $(TEST_PROCESSES) --dist loadfile
 test coverage test-fast: export OMP_NUM_THREADS = 1
 
-test: install lint
+# What the suite needs besides the virtualenv: PostgreSQL and Redis running, Chromium, pdsh and sshd.
+test-tools:
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
 	scripts/ensure-node-group-tools.sh
+
+test: install lint test-tools
 	$(PY) -m pytest -q $(PARALLEL)
 
 # The suite under coverage.py (pyproject.toml [tool.coverage]): line coverage of app/ and worker/, the
 # processes the tests start included; slower than make test, so timings come from make test.
-coverage: install
-	scripts/ensure-services.sh
-	scripts/ensure-browser.sh
-	scripts/ensure-node-group-tools.sh
+coverage: install test-tools
 	rm -rf .cache/coverage && mkdir -p .cache/coverage
 	$(VENV)/bin/coverage run -m pytest -q -p no:cacheprovider $(PARALLEL)
 	$(VENV)/bin/coverage combine -q

@@ -17,7 +17,8 @@ the API's) and which queue a job goes to.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cache
 
 from app.core.path_roots import Problem, Roots, confine
 from worker.engine.preflight import preflight
@@ -57,6 +58,7 @@ def check(spec: JobSpec, reader: Reader) -> tuple[JobSpec, list[Problem]]:
 def runnable(spec: JobSpec, reader: Reader) -> JobSpec:
     """The spec as the engine runs it on this machine (`check`'s, with each upload replaced by its
     file); Refused, naming every problem, if it has any."""
+    reader = replace(reader, upload=cache(reader.upload))  # each upload looked up once (a query on a service)
     confined, problems = check(spec, reader)
     if problems:
         raise Refused("; ".join(f"{'.'.join(map(str, loc))}: {message}" for loc, message in problems))

@@ -114,11 +114,11 @@ def submit(
 
 
 @router.post("/validate", response_model=JobRequest, responses=errors(400, 401, 413, 422))
-def validate(request: JobRequest, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> dict:
+def validate(request: JobRequest, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> JobRequest:
     """Run every check submit runs and queue nothing: the request as submit would take it (defaults
     filled in), or the 422 submit would answer."""
-    spec, notify = _accept(request, session, user, settings)[:2]
-    return {**spec.model_dump(mode="json"), "notify": notify.model_dump(mode="json")}
+    _accept(request, session, user, settings)
+    return request
 
 
 def _accept(
