@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR ?= $(CURDIR)/.cache/pip
 
-.PHONY: install lint test-tools test test-fast coverage chaos demo bench bench-peers gpu-check gpu-wheels
+.PHONY: install lint test-tools test test-fast coverage screenshots chaos demo bench bench-peers gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
@@ -55,6 +55,11 @@ lint: install
 # them while jobs run, checks nothing was lost or run twice, and writes docs/reliability.md (minutes).
 chaos: install
 	DISTILL_CHAOS_PG_BIN="$$(scripts/ensure-chaos-tools.sh)" $(PY) -m pytest -q -p no:cacheprovider tests/chaos
+
+# The README's two pictures (docs/job-detail.png, docs/compare.png): two short jobs of the real SmolLM2
+# teacher on a real worker, followed in the browser, their pages checked and photographed (minutes).
+screenshots: install test-tools
+	$(PY) -m pytest -q -p no:cacheprovider -m screenshots tests/service/test_frontend.py
 
 test-fast: install
 	$(PY) -m pytest -q $(PARALLEL) -m "not slow and not smollm2"

@@ -62,13 +62,15 @@ def create(
     past the user's `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
     request = {**spec, "notify": {"webhook_url": webhook_url}}  # the request as submitted, flat
     request_hash = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-    if idempotency_key:
+    if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             if existing.request_hash != request_hash:
                 raise IdempotencyConflict(idempotency_key)
             return existing, False
+    crud.lock_user(session, user.id)
     if crud.active_jobs(session, user.id) >= max_active:
+        session.rollback()  # and the lock with it
         raise TooManyJobs(max_active)
     job = Job(
         user_id=user.id,

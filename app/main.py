@@ -19,6 +19,8 @@ from app.api import errors
 from app.api.routes import datasets, health, jobs, me
 from app.api.routes.health import REQUEST_SECONDS
 from app.core.body_limit import BodyLimit
+from app.core.fair_share import FairShare
+from app.core.headers import SecurityHeaders
 from app.reaper import reap_forever
 
 
@@ -80,7 +82,10 @@ app.include_router(health.router)
 # A job spec is a few KB; 1 MiB bounds what is parsed in memory. Dataset uploads stream to disk
 # under DISTILL_MAX_UPLOAD_BYTES instead.
 MAX_BODY_BYTES = 1024 * 1024
-app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=(("POST", "/api/v1/datasets"),))
+UPLOAD = ("POST", "/api/v1/datasets")
+app.add_middleware(FairShare, exempt=(UPLOAD,))
+app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, exempt=(UPLOAD,))
+app.add_middleware(SecurityHeaders)
 
 # The web page (frontend/): index.html at /, its own code under /static, the pinned libraries that
 # `make install` fetched under /vendor. Registered after the API, so API routes always match first.

@@ -66,9 +66,25 @@ class Refused(Exception):
 # -- where a webhook may go ---------------------------------------------------------------------
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits and reach it: NAT64's well-known prefix
+# (RFC 6052) and the deprecated IPv4-compatible addresses (::a.b.c.d); IPv4-mapped ones (::ffff:a.b.c.d)
+# are `ipv4_mapped`. NAT64's local-use prefix (RFC 8215) translates to addresses of the operator's choosing.
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if address.version == 6 and address.ipv4_mapped:  # ::ffff:10.0.0.1 is 10.0.0.1
-        address = address.ipv4_mapped
+    """A global unicast address; an IPv6 one that carries an IPv4 address (mapped, compatible, NAT64,
+    or tunnelled by 6to4 or Teredo) only if the IPv4 address it reaches is public too."""
+    if address.version == 6:
+        if address.ipv4_mapped or address in NAT64 or address in IPV4_COMPATIBLE:
+            return _is_public(ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF))  # ::ffff:10.0.0.1 is 10.0.0.1
+        if address in NAT64_LOCAL_USE:
+            return False
+        tunnelled = [address.sixtofour] if address.sixtofour else list(address.teredo or ())
+        if not all(_is_public(inner) for inner in tunnelled):
+            return False
     return address.is_global and not address.is_multicast
 
 

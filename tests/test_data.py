@@ -49,6 +49,24 @@ def test_bad_line_is_reported_with_its_number(tmp_path, line, message):
         read_records(path)
 
 
+def test_a_file_that_is_not_utf8_text_is_reported_with_the_line(tmp_path):
+    path = tmp_path / "binary.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n\xff\xfe\x00 binary\n')
+    with pytest.raises(DataError, match=r"binary.jsonl:2: not UTF-8 text"):
+        read_records(str(path))
+
+
+def test_a_line_past_the_longest_allowed_is_reported_before_it_is_read_whole(tmp_path, monkeypatch):
+    """Reading a file takes memory bounded by its longest allowed line, whatever the file holds."""
+    import worker.engine.data as data
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 100)
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "x" * 200}))
+    with pytest.raises(DataError, match=r"long.jsonl:2: a line longer than 100 bytes"):
+        read_records(str(path))
+
+
 def test_missing_file_and_unknown_builtin():
     with pytest.raises(DataError, match="no such file"):
         read_records("/nonexistent.jsonl")

@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,7 +187,7 @@ def test_minillm_changes_the_student_towards_the_teacher(tmp_path, dataset):
     assert scores["final"]["reverse_kl"] < scores["initial"]["reverse_kl"]
 
 
-def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dataset):
+def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dataset, monkeypatch):
     # 4 rollouts, micro-batch 2, 2 PPO epochs: a phase is 4 steps; checkpoint at 2 is mid-phase.
     spec = tiny_spec(dataset, training={"steps": 8}, checkpoints={"every_steps": 2, "keep": 1}, eval={"every_steps": 4})
     straight, straight_scores = run(tmp_path, spec, "straight")
@@ -194,7 +196,11 @@ def test_resume_mid_phase_equals_uninterrupted_run(tmp_path, dataset):
     with pytest.raises(Cancelled):
         train(parse_spec(spec), interrupted, CancelAfter(interrupted / "events.jsonl", step=3))
     assert (interrupted / "resume" / "step-000002" / "trainer_state.json").exists()
+    read, load_state_file = [], ckpt.load_state_file
+    monkeypatch.setattr(ckpt, "load_state_file", lambda path, **kw: read.append(path) or load_state_file(path, **kw))
     resumed_scores = train(parse_spec(spec), interrupted, JsonlReporter(interrupted / "events.jsonl"))
+    # Every file of the resume state, DeepSpeed's among them, was read without unpickling code.
+    assert {Path(p).name for p in read} == {p.name for p in (interrupted / "resume").rglob("*.pt")}, read
 
     expected, got = metrics_by_step(straight), metrics_by_step(interrupted)  # step 3 ran twice; the rerun wins
     for step in range(3, 9):
@@ -272,29 +278,13 @@ def train_from_the_cli(tmp_path, spec, name, **env):
     return out
 
 
-def test_two_processes_under_the_deepspeed_launcher(tmp_path, dataset):
-    spec = tiny_spec(
-        dataset,
-        method="kd",
-        resources={"devices": 2},
-        training={"steps": 4},
-        eval={"every_steps": 0},
-        checkpoints={"every_steps": 0},
-    )
-    out = train_from_the_cli(tmp_path, spec, "two")
-    events = read_events(out)
-    assert any("2 process(es)" in e["message"] for e in events)
-    assert events[-1]["data"]["state"] == "succeeded"
-    # The samples come from both ranks (each holds every other prompt), in the test set's order.
-    first = [r.message for r in read_records(spec["data"]["eval"])[:3]]
-    tests = [e["data"] for e in events if e["type"] == "eval" and e["data"]["set"] == "test"]
-    assert len(tests) == 4 and all([s["prompt"] for s in e["samples"]] == first for e in tests)
-    assert_loads_and_generates(out / "checkpoints" / "step-000004")
-
-
-def test_a_teacher_sharded_over_two_processes_trains_as_a_whole_one(tmp_path, dataset):
-    """MiniLLM on 2 processes, its teacher whole or split between them (deepspeed.shard_teacher): each
-    process holds half the teacher, and the losses are those of the whole teacher, step by step.
+def test_two_processes_under_the_deepspeed_launcher_and_a_teacher_sharded_over_them_trains_as_a_whole_one(
+    tmp_path, dataset
+):
+    """MiniLLM on 2 processes under the DeepSpeed launcher, its teacher whole or split between them
+    (deepspeed.shard_teacher): each process holds half the teacher, and the losses are those of the
+    whole teacher, step by step. The first run (ZeRO-0, a whole teacher) is also the plain two-process
+    job: its test-set samples come from both ranks in the test set's order, and its checkpoint loads.
 
     Every collective run of the teacher is on the way: teacher-mixed sampling over two phases and the
     scoring of the rollouts, the free text of the LM term and the teacher's test-set scores (each run
@@ -352,6 +342,15 @@ def test_a_teacher_sharded_over_two_processes_trains_as_a_whole_one(tmp_path, da
     assert first == pytest.approx(total / 2, rel=0.1) and second == pytest.approx(total / 2, rel=0.1), said
     assert not any(e["message"].startswith("teacher sharded") for e in read_events(runs["whole"]))
 
+    events = read_events(runs["zero0"])
+    assert any("2 process(es)" in e["message"] for e in events)
+    assert events[-1]["data"]["state"] == "succeeded"
+    # The samples come from both ranks (each holds every other prompt), in the test set's order.
+    in_order = [r.message for r in read_records(str(dataset / "eval.jsonl"))[:3]]
+    tests = [e["data"] for e in events if e["type"] == "eval" and e["data"]["set"] == "test"]
+    assert tests and all([s["prompt"] for s in e["samples"]] == in_order for e in tests)
+    assert_loads_and_generates(runs["zero0"] / "checkpoints" / "step-000003")
+
 
 @pytest.mark.parametrize(
     "deepspeed",
@@ -377,6 +376,22 @@ def test_zero_stages_precisions_and_offload(tmp_path, dataset, deepspeed):
     expected = torch.bfloat16 if deepspeed["precision"] == "bf16" else torch.float32
     assert model.dtype == expected
     assert_loads_and_generates(out / "checkpoints" / "step-000004")
+    # DeepSpeed's files of the resume state too are read as tensors and plain values, never as code.
+    written = sorted((out / "resume").rglob("*.pt"))
+    assert any("optim_states" in path.name for path in written), written
+    for path in written:
+        ckpt.load_state_file(path)
+
+
+class NotAState:
+    def __reduce__(self):
+        return (print, ("this ran while a resume state was read",))
+
+
+def test_a_resume_state_file_holding_code_is_refused(tmp_path):
+    torch.save({"weights": torch.ones(2), "payload": NotAState()}, tmp_path / "rank-0.pt")
+    with pytest.raises(pickle.UnpicklingError, match="print"):
+        ckpt.load_state_file(tmp_path / "rank-0.pt")
 
 
 def test_fp16_on_cpu_is_refused_before_training(tmp_path, dataset):

@@ -15,7 +15,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from worker.engine.models import ModelError, check_compatible, derive_student, layer_indices, resolve_model
+from worker.engine.models import (
+    ModelError,
+    check_compatible,
+    derive_student,
+    hub_files,
+    layer_indices,
+    resolve_model,
+)
 from worker.engine.spec import InitFromTeacher
 
 
@@ -134,3 +141,36 @@ def test_content_hash_follows_the_bytes_not_the_path(tmp_path):
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     assert content_hash(model) != first
+
+
+def test_a_hub_model_downloads_only_what_loading_needs_within_the_budget():
+    """Not the whole repository: configs, tokenizer and safetensors weights, and only while they fit the
+    operator's budget (DISTILL_HUB_MAX_GB)."""
+    listing = [
+        ("config.json", 700),
+        ("model-00001-of-00002.safetensors", 4_000_000_000),
+        ("model-00002-of-00002.safetensors", 3_000_000_000),
+        ("model.safetensors.index.json", 30_000),
+        ("tokenizer.json", 7_000_000),
+        ("tokenizer_config.json", 7_000),
+        ("pytorch_model.bin", 7_000_000_000),
+        ("onnx/model.onnx", 7_000_000_000),
+        ("gguf/model-q4.gguf", 4_000_000_000),
+        ("README.md", 5_000),
+    ]
+    files, size = hub_files(listing, budget=8_000_000_000)
+    assert sorted(files) == sorted(
+        [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    )
+    assert size == 7_007_037_700
+    with pytest.raises(ModelError, match=r"take 7.0 GB, more than this service downloads \(5 GB"):
+        hub_files(listing, budget=5_000_000_000)
+    with pytest.raises(ModelError, match="no .safetensors weights"):
+        hub_files([("config.json", 1), ("pytorch_model.bin", 10)], budget=10**12)

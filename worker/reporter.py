@@ -169,12 +169,27 @@ class DbReporter:
 
     def _archive(self, event: Event) -> dict | None:
         """The Checkpoint row's file columns for a checkpoint's directory, archived and uploaded; None if the
-        engine has already replaced the checkpoint (its event is written late, after an outage).
-        The archive's name carries the attempt: a stale attempt never overwrites the current one's."""
+        engine has already replaced the checkpoint (its event is written late, after an outage, or behind
+        a slow upload). The archive's name carries the attempt: a stale attempt never overwrites the
+        current one's."""
         directory = Path(event.data["path"])
-        if not directory.exists():
-            return None
         archive = directory.parent.parent / "archives" / f"{directory.name}-attempt-{self.attempt}.tar"
+        uploaded_to: list[str] = []  # the bucket URL, once this attempt has begun to upload
+        try:
+            return self._build_and_upload(directory, archive, uploaded_to)
+        except FileNotFoundError:
+            # The engine pruned this checkpoint (a newer one was saved) while it was archived or
+            # uploaded: nothing of it stays, here or in the bucket, where no row would ever point at it.
+            archive.unlink(missing_ok=True)
+            if uploaded_to:
+                (url,) = uploaded_to
+                prefixes = (f"archives/{archive.name}", f"checkpoints/{directory.name}/", f"resume/{directory.name}/")
+                self.store.delete(url, [n for p in prefixes for n in self.store.names(url, p)])
+            return None
+
+    def _build_and_upload(self, directory: Path, archive: Path, uploaded_to: list[str]) -> dict:
+        if not directory.exists():
+            raise FileNotFoundError(directory)
         archive.parent.mkdir(exist_ok=True)
         build_archive(directory, archive)
         files = [
@@ -185,6 +200,7 @@ class DbReporter:
         # keys are per step): upload only while this attempt owns the job.
         if self.store is not None and self._owns():
             storage_url = self.store.job_url(self.job_id)
+            uploaded_to.append(storage_url)
             self.store.upload(storage_url, f"archives/{archive.name}", archive)
             for f in files:
                 self.store.upload(storage_url, f"checkpoints/{directory.name}/{f['name']}", directory / f["name"])

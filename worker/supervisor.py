@@ -80,6 +80,7 @@ def child_environment(devices: list[int] | None, inventory: Inventory, settings:
     supervisor's heartbeats, the reaper and cancels, which need the row, would wait with it: PostgreSQL
     closes such a session after half the heartbeat timeout (libpq reads PGOPTIONS; SQLite ignores it)."""
     env = dict(os.environ)
+    env["DISTILL_HUB_MAX_GB"] = str(settings.hub_max_gb)  # the engine reads no service settings of its own
     idle = f"-c idle_in_transaction_session_timeout={int(settings.heartbeat_timeout_seconds * 500)}"
     env["PGOPTIONS"] = f"{env['PGOPTIONS']} {idle}" if env.get("PGOPTIONS") else idle
     if devices is None:
@@ -153,7 +154,7 @@ def supervise(job_id: str) -> bool:
         command = child_command(job_id, attempt, spec, settings, devices, port)
         _bring_from_bucket(job_id, spec, settings, Session)
         try:
-            _run(job_id, attempt, queue, settings, Session, command, env)
+            _run(job_id, attempt, spec, queue, settings, Session, command, env)
         finally:
             if "DS_ENV_FILE" in env:  # the ranks' settings (secrets among them) do not outlive the attempt
                 Path(env["DS_ENV_FILE"]).unlink(missing_ok=True)
@@ -214,7 +215,14 @@ def _bring_from_bucket(job_id: str, spec: dict, settings: Settings, Session) -> 
 
 
 def _run(
-    job_id: str, attempt: int, queue: str, settings: Settings, Session, command: list[str], env: dict[str, str]
+    job_id: str,
+    attempt: int,
+    spec: dict,
+    queue: str,
+    settings: Settings,
+    Session,
+    command: list[str],
+    env: dict[str, str],
 ) -> None:
     """Run the attempt's training process to its end and settle the job's status (back to `queue`
     when the processes stopped without an outcome and attempts remain)."""
@@ -231,7 +239,7 @@ def _run(
             preexec_fn=die_with_parent,
         )
         try:
-            ended = _watch(child, job_id, attempt, settings, Session)
+            ended = _watch(child, job_id, attempt, settings, Session, run_minutes(spec, settings))
         finally:
             if child.poll() is None:  # _watch failed unexpectedly: no training process outlives its supervisor
                 _stop(child)
@@ -246,6 +254,15 @@ def _run(
             if status == CANCELLING:  # killed after the grace period, or stopped without saying so
                 job_status.finish(
                     session, job_id, attempt, CANCELLED, message="cancelled: the worker stopped the training process"
+                )
+            elif status is not None and ended == TIMED_OUT:  # not retried: the next attempt would run as long
+                minutes = run_minutes(spec, settings)
+                job_status.finish(
+                    session,
+                    job_id,
+                    attempt,
+                    FAILED,
+                    {"code": "TimeLimit", "message": f"ran for {minutes:g} minutes, its limit: the worker stopped it"},
                 )
             elif status is not None:  # it ended without reporting an outcome: killed, crashed, a rank lost, or stalled
                 error = hide_server_paths(describe_exit(code, log), settings, job_id)
@@ -266,22 +283,34 @@ def _run(
 ENDED = "ended"  # the child ended, or was stopped because the job was cancelled or taken over
 OUTAGE_STOP = "outage"  # stopped because the database stayed unreachable until just before the lease ends
 STALLED = "stalled"  # stopped because it made no progress for progress_timeout_seconds
+TIMED_OUT = "timed out"  # stopped because the attempt ran past run_minutes
 
 
-def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session) -> str:
+def run_minutes(spec: dict, settings: Settings) -> float:
+    """How long an attempt may run: the spec's resources.max_run_minutes, within the operator's cap."""
+    asked = spec.get("resources", {}).get("max_run_minutes")
+    return min(asked or settings.max_run_minutes, settings.max_run_minutes)
+
+
+def _watch(child: subprocess.Popen, job_id: str, attempt: int, settings: Settings, Session, minutes: float) -> str:
     """Heartbeat while the child runs; stop it if the job is taken over, cancelled and still running
-    after the grace period (the child stops by itself between any two units of work), or silent (no
-    step, no event) for `progress_timeout_seconds`. OUTAGE_STOP when the database stayed unreachable
-    until just before the lease ends (the reaper may then give the job to another attempt, which must
-    not run beside it)."""
+    after the grace period (the child stops by itself between any two units of work), silent (no
+    step, no event) for `progress_timeout_seconds`, or running for more than `minutes`. OUTAGE_STOP
+    when the database stayed unreachable until just before the lease ends (the reaper may then give the
+    job to another attempt, which must not run beside it)."""
     last_beat, last_answer, cancel_seen = 0.0, time.monotonic(), None
     last_progress, progressed_at = None, time.monotonic()
+    deadline = time.monotonic() + 60 * minutes
     while child.poll() is None:
         time.sleep(0.5)
         now = time.monotonic()
         if cancel_seen is not None and now - cancel_seen > settings.cancel_grace_seconds:
             _stop(child)
             return ENDED
+        if now > deadline:
+            logger.warning("job %s: ran past its %g minutes; stopping its training process", job_id, minutes)
+            _stop(child)
+            return TIMED_OUT
         if now - last_beat < settings.heartbeat_seconds:
             continue
         last_beat = now

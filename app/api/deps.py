@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, status
@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app import crud
-from app.core import streams
+from app.core import rate_limits, slots
 from app.core.config import Settings, get_settings
 from app.core.db import get_session
 from app.core.security import valid_signature
@@ -25,16 +25,36 @@ NO_NUL = r"^[^\x00]*$"
 JobId = Annotated[str, Path(max_length=64, pattern=NO_NUL)]
 
 
-def current_user(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> User:
-    user = crud.user_for_token(session, credentials.credentials) if credentials else None
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _by_token(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    credentials: HTTPAuthorizationCredentials | None,
+    lookup: Callable,
+):
+    """What `lookup` finds for the request's live bearer token (its user, its id); a 401 without one.
+    Tokens that sign nobody in are counted per client address: past failed_sign_in_limit, the address
+    gets a 429 for a while, whatever token it sends (no guessing at speed)."""
+    address = f"sign-in:{request.client.host if request.client else '?'}"
+    failures = (settings.rate_limit_storage, settings.failed_sign_in_limit, "failed sign-ins from this address")
+    if credentials:
+        rate_limits.check(*failures, address)
+    found = lookup(session, credentials.credentials) if credentials else None
     release_connection(session)
-    if user is None:
+    if found is None:
+        if credentials:
+            rate_limits.hit(*failures, address)
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"}
         )
-    return user
+    return found
+
+
+def current_user(request: Request, session: SessionDep, settings: SettingsDep, credentials: Credentials) -> User:
+    return _by_token(request, session, settings, credentials, crud.user_for_token)
 
 
 def release_connection(session: Session) -> None:
@@ -68,9 +88,9 @@ async def stream_slot(user: CurrentUser, settings: SettingsDep) -> AsyncIterator
     FastAPI leaves a dependency like this one only after the streamed response is over."""
     limit = settings.max_streams_per_user
     try:
-        with streams.stream_slot(user.id, limit):
+        with slots.slot(("stream", user.id), limit):
             yield
-    except streams.TooManyStreams:
+    except slots.TooMany:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             f"you have {limit} event streams open, the most allowed "
@@ -85,22 +105,38 @@ def downloadable_job(
     job_id: JobId,
     request: Request,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    settings: SettingsDep,
+    credentials: Credentials,
     expires: Annotated[int | None, Query(description="from a signed link")] = None,
     kid: Annotated[str | None, Query(description="from a signed link: the id of the key that signed it")] = None,
+    tid: Annotated[
+        int | None, Query(ge=0, le=2**63 - 1, description="from a signed link: the id of the token that made it")
+    ] = None,
     signature: Annotated[str | None, Query(description="from a signed link")] = None,
 ) -> Job:
     """A job whose files may be downloaded: the user's own (bearer token), or any job through a
-    signed link made for exactly this path, until it expires."""
+    signed link made for exactly this path, until it expires or the token that made it is revoked."""
     if signature is None:
-        return owned_job(job_id, session, current_user(session, credentials))
-    if expires is None or kid is None or not valid_signature(request.url.path, expires, kid, signature):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this download link is invalid or has expired")
+        return owned_job(job_id, session, current_user(request, session, settings, credentials))
+    refused = HTTPException(status.HTTP_403_FORBIDDEN, "this download link is invalid or has expired")
+    if None in (expires, kid, tid) or not valid_signature(request.url.path, expires, kid, tid, signature):
+        raise refused
     job = session.get(Job, job_id)
+    live = job is not None and crud.token_is_live(session, tid, job.user_id)
     release_connection(session)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    if not live:  # the token that made the link was revoked or has expired since
+        raise refused
     return job
+
+
+def current_token_id(request: Request, session: SessionDep, settings: SettingsDep, credentials: Credentials) -> int:
+    """The id of the request's own token, which a signed link made by this request names."""
+    return _by_token(request, session, settings, credentials, crud.live_token_id)
+
+
+CurrentTokenId = Annotated[int, Depends(current_token_id)]
 
 
 DownloadableJob = Annotated[Job, Depends(downloadable_job)]

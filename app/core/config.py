@@ -13,11 +13,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, FilePath, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # A list of folders in one variable, separated as in PATH: DISTILL_DATA_ROOTS=/srv/data:/mnt/shared
 PathList = Annotated[list[Path], NoDecode]
+NameList = Annotated[list[str], NoDecode]
 # Signing keys in one variable: DISTILL_SECRET_KEY=KID:SECRET,KID:SECRET (the first signs)
 SigningKeys = Annotated[list[tuple[str, str]], NoDecode]
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # also safe as a file name
@@ -44,12 +45,23 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the API binds to (127.0.0.1: this machine only).")
     port: int = Field(8000, description="Port the API listens on.")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token a Prometheus scraper sends to GET /metrics (every tenant's job counts and "
+        "queue depths). Unset: /metrics answers requests from this machine (loopback) only.",
+    )
     max_upload_bytes: int = Field(200 * 1024 * 1024, description="Largest dataset upload accepted.")
     max_active_jobs_per_user: int = Field(
         20, ge=1, description="Jobs a user may have queued or running at once; more is a 429."
     )
     max_dataset_bytes_per_user: int = Field(
         10 * 1024**3, ge=0, description="Bytes of uploaded datasets a user may keep; an upload past it is a 429."
+    )
+    max_run_minutes: float = Field(
+        7 * 24 * 60,
+        gt=0,
+        description="The longest an attempt of any job may run before the worker stops it (TimeLimit, failed); "
+        "a spec's resources.max_run_minutes may ask for less, not more.",
     )
     max_attempts: int = Field(3, ge=1, description="Times a job is started before a lost worker marks it failed.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker reports that a job is alive.")
@@ -99,6 +111,32 @@ class Settings(BaseSettings):
     max_streams_per_user: int = Field(
         8, ge=1, description="Event streams a user may hold open on one API process; more is a 429."
     )
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="Where rate-limit counters live (a `limits` storage URL). memory://: each API process "
+        "counts on its own; with several replicas, a shared one such as redis://host:6379/2.",
+    )
+    failed_sign_in_limit: str = Field(
+        "20/minute", description="Failed sign-ins (unknown, revoked or expired tokens) per client address; then 429."
+    )
+    submit_limit: str = Field("120/minute", description="Job submissions (and validations) per user; then 429.")
+    upload_limit: str = Field("60/minute", description="Dataset uploads per user; then 429.")
+    requests_at_once: int = Field(
+        2,
+        ge=1,
+        description="Requests with a bearer token that an API process works on at once, taken in turn from "
+        "each client with requests waiting, plus one place kept for a client with nothing running; the "
+        "others wait holding no thread or database connection, so that one client's burst cannot stall "
+        "everyone else.",
+    )
+    max_uploads_per_user: int = Field(
+        4, ge=1, description="Dataset uploads a user may send at once to one API process; more is a 429."
+    )
+    upload_idle_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A request body (an upload, a job spec) whose client sends nothing for this long is dropped (408).",
+    )
     model_roots: PathList = Field(
         [],
         description="Folders of model directories that job specs may name by absolute "
@@ -110,6 +148,17 @@ class Settings(BaseSettings):
         "separated by ':'. Empty: data comes only as builtin:NAME or an upload (dataset:ID).",
     )
     allow_hub_models: bool = Field(True, description="Whether specs may name hub ids (org/name) that workers download.")
+    hub_models: NameList = Field(
+        [],
+        description="Hub ids specs may name, as patterns separated by ',' (Qwen/*, meta-llama/Llama-3.1-8B); "
+        "empty: any, where allow_hub_models is on.",
+    )
+    hub_max_gb: float = Field(
+        100.0,
+        gt=0,
+        description="Read by the training processes: the most a hub model's weights, tokenizer and config may "
+        "take; a bigger one fails the job before anything downloads.",
+    )
     api_sees_worker_files: bool = Field(
         True,
         description="Whether the API machine has the workers' model and data roots at the same paths (the "
@@ -148,6 +197,22 @@ class Settings(BaseSettings):
             value = [Path(part) for part in value.split(os.pathsep) if part]
         if any(not Path(root).is_absolute() for root in value):
             raise ValueError("path roots must be absolute paths")
+        return value
+
+    @field_validator("hub_models", mode="before")
+    @classmethod
+    def _split_names(cls, value):
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("failed_sign_in_limit", "submit_limit", "upload_limit")
+    @classmethod
+    def _a_rate(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError("give a rate such as 20/minute, 5/second or 1000/hour") from None
         return value
 
     @field_validator("secret_key", mode="before")

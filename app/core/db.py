@@ -43,10 +43,15 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
+def db_clock(session: Session):
+    """The database's clock as an SQL expression, for a query to compare with in the same round trip."""
+    if session.get_bind().dialect.name == "sqlite":
+        return type_coerce(func.strftime("%Y-%m-%d %H:%M:%f", "now"), DateTime(timezone=True))
+    return func.now()
+
+
 def db_now(session: Session) -> datetime:
     """The database's clock. Leases, heartbeats, timeouts and worker liveness are all read off this
     one clock: each machine's own would let a worker whose clock runs two minutes slow have its jobs
     reaped."""
-    if session.get_bind().dialect.name == "sqlite":
-        return session.scalar(select(type_coerce(func.strftime("%Y-%m-%d %H:%M:%f", "now"), DateTime(timezone=True))))
-    return session.scalar(select(func.now()))
+    return session.scalar(select(db_clock(session)))

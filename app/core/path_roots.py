@@ -19,6 +19,7 @@ No torch here: the API imports this module.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +35,40 @@ class Roots:
     models: tuple[Path, ...]
     data: tuple[Path, ...]
     allow_hub: bool
+    hub_models: tuple[str, ...] = ()  # patterns of the hub ids allowed; empty: any
 
     @classmethod
     def of(cls, settings) -> Roots:
-        return cls(tuple(settings.model_roots), tuple(settings.data_roots), settings.allow_hub_models)
+        return cls(
+            tuple(settings.model_roots),
+            tuple(settings.data_roots),
+            settings.allow_hub_models,
+            tuple(settings.hub_models),
+        )
+
+
+# The kernel's and the devices' file systems hold no model or data file, and some of their entries never
+# end (/dev/zero, /proc/kcore), block (a FIFO) or lead elsewhere (/proc/1/root is the root directory):
+# refused whatever the roots, as given and as resolved.
+SPECIAL = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _special(path: str | Path) -> bool:
+    return any(Path(path).is_relative_to(special) for special in SPECIAL)
 
 
 def _inside(value: str, roots: tuple[Path, ...], on_disk: bool) -> str | None:
     """`value` resolved (on disk: symlinks too, else only lexically) if that lies inside one of
-    `roots`, else None. The roots are resolved the same way."""
+    `roots` and outside SPECIAL, else None. The roots are resolved the same way."""
     resolve = os.path.realpath if on_disk else os.path.normpath
-    path = Path(resolve(value))
+    if _special(os.path.normpath(value)):
+        return None
+    try:
+        path = Path(resolve(value))
+    except OSError:  # a link that cannot be followed (/proc/N/root of another user): nothing to read there
+        return None
+    if _special(path):
+        return None
     for root in roots:
         if path.is_relative_to(resolve(root)):
             return str(path)
@@ -74,6 +98,8 @@ def _model(ref: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | Non
                 f"{ref!r}: this service does not download hub models (DISTILL_ALLOW_HUB_MODELS is off); "
                 f"use builtin:NAME or a model directory inside {where_models}"
             )
+        if roots.hub_models and not any(fnmatch.fnmatchcase(ref, pattern) for pattern in roots.hub_models):
+            return None, f"{ref!r}: this service downloads only {', '.join(roots.hub_models)} (DISTILL_HUB_MODELS)"
         return f"hub:{ref}", None
     return (
         None,

@@ -184,8 +184,9 @@ class Stack:
             "DISTILL_HEARTBEAT_TIMEOUT_SECONDS": "10",
             "DISTILL_MAX_ATTEMPTS": "3",
             "DISTILL_CANCEL_GRACE_SECONDS": "1",
-            # The concurrency scenario keeps 100 jobs of one user queued at once.
+            # The concurrency scenario keeps 100 jobs of one user queued at once, sent in one burst.
             "DISTILL_MAX_ACTIVE_JOBS_PER_USER": "1000",
+            "DISTILL_SUBMIT_LIMIT": "1000/minute",
         }
 
     def process_env(self) -> dict[str, str]:

@@ -47,6 +47,11 @@ os.environ.update(
     # Webhook receivers in the tests listen on 127.0.0.1; a failed round is tried again a second later.
     DISTILL_WEBHOOK_ALLOW_PRIVATE="true",
     DISTILL_WEBHOOK_RETRY_SECONDS="1",
+    # One client address and a few users send the whole suite's requests, wrong tokens included: the rate
+    # limits' own tests set theirs.
+    DISTILL_FAILED_SIGN_IN_LIMIT="100000/minute",
+    DISTILL_SUBMIT_LIMIT="100000/minute",
+    DISTILL_UPLOAD_LIMIT="100000/minute",
 )
 
 
@@ -105,16 +110,17 @@ def auth() -> dict:
 
 @pytest.fixture(scope="module")
 def no_leftover_jobs():
-    """Cancel jobs that earlier tests left queued (API tests queue many and run no worker);
-    a worker started afterwards would otherwise run all of them before the test's own job."""
+    """Cancel jobs that earlier tests left queued (API tests queue many and run no worker) or running
+    (their worker stopped with the test: the reaper would queue them again); a worker started afterwards
+    would otherwise run all of them before the test's own job."""
     from sqlalchemy import select
 
     from app import job_status
     from app.core.db import session_factory
-    from app.models import QUEUED, Job
+    from app.models import QUEUED, RUNNING, Job
 
     with session_factory()() as session:
-        for job_id in session.scalars(select(Job.id).where(Job.status == QUEUED)).all():
+        for job_id in session.scalars(select(Job.id).where(Job.status.in_((QUEUED, RUNNING)))).all():
             job_status.request_cancel(session, job_id)
 
 

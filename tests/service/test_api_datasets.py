@@ -12,7 +12,7 @@ from api_helpers import (
     locs,
     submit,
 )
-from helpers import tiny_spec
+from helpers import make_user, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("served_test_queues")
 
@@ -69,7 +69,7 @@ BAD_UPLOADS = {
     "line 2 not a record": (b'{"instruction": "a", "output": "b"}\n[1, 2]\n', ":2:"),
     "line 1 no instruction": (b'{"foo": "bar"}\n', ":1:"),
     "empty": (b"", "no records"),
-    "not utf-8": (b'{"instruction": "\xff\xfe"}\n', "utf-8"),
+    "not utf-8": (b'{"instruction": "\xff\xfe"}\n', ":1: not UTF-8 text"),
     "corpus line 2 not text": (b'{"text": "a"}\n{"text": 5}\n', ":2:"),
     "line 2 nested 100,000 deep": (
         b'{"instruction": "a", "output": "b"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
@@ -127,3 +127,70 @@ def test_datasets_list_newest_first(client, auth):
         body = json.dumps({"prompt": f"p{i}", "response": "r"}).encode() + b"\n"
         ids.append(client.post(DATASETS, params={"name": f"d{i}.jsonl"}, content=body, headers=auth).json()["id"])
     assert [d["id"] for d in client.get(DATASETS, headers=auth).json()] == ids[::-1]
+
+
+LINE = b'{"prompt": "a", "response": "b"}\n'
+
+
+def test_parallel_uploads_cannot_pass_the_quota_together(client, auth, monkeypatch):
+    """The quota is read before the body arrives and checked again, under the user's row lock, when
+    the upload is stored: 30 uploads sent at once, each within what was left when it began, keep
+    exactly as many as fit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.core.config import get_settings
+
+    body = LINE * 10
+    monkeypatch.setattr(get_settings(), "max_dataset_bytes_per_user", 5 * len(body))
+    monkeypatch.setattr(get_settings(), "max_uploads_per_user", 30)
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(
+            pool.map(
+                lambda i: client.post(DATASETS, params={"name": f"part-{i}.jsonl"}, content=body, headers=auth),
+                range(30),
+            )
+        )
+    assert sorted({a.status_code for a in answers}) == [201, 429], [a.text for a in answers]
+    assert sum(a.status_code == 201 for a in answers) == 5
+    assert all("are left" in a.json()["message"] for a in answers if a.status_code == 429)
+    assert sum(d["size_bytes"] for d in client.get(DATASETS, headers=auth).json()) == 5 * len(body)
+
+
+def test_a_stalled_upload_holds_no_database_connection_and_is_dropped(server, monkeypatch):
+    """Clients that open an upload and stop sending: each holds neither a database connection nor a
+    thread meanwhile (another user's requests and /healthz answer at once), and is answered 408 once it
+    has sent nothing for upload_idle_seconds; nothing of it stays. One more than the user's concurrent
+    uploads is a 429."""
+    import socket
+    import time
+
+    import httpx
+
+    from app.core.config import get_settings
+
+    monkeypatch.setattr(get_settings(), "upload_idle_seconds", 3.0)
+    monkeypatch.setattr(get_settings(), "max_uploads_per_user", 20)  # more than the pool's 15 connections
+    staller, other = make_user(), make_user()
+    host, port = server.removeprefix("http://").split(":")
+    files_before = dataset_files()
+    stalled = []
+    for i in range(21):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(
+            f"POST {DATASETS}?name=s{i}.jsonl HTTP/1.1\r\nHost: x\r\nAuthorization: {staller['Authorization']}\r\n"
+            f"Content-Type: application/x-ndjson\r\nContent-Length: 100000\r\n\r\n".encode()
+            + LINE
+        )
+        stalled.append(s)
+        time.sleep(0.05)  # in order: the last one is the one past the cap
+    started = time.monotonic()
+    assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"{server}/api/v1/jobs", headers=other, timeout=5).status_code == 200
+    assert time.monotonic() - started < 2
+    answers = []
+    for s in stalled:
+        s.settimeout(10)
+        answers.append(s.recv(4096).split(b"\r\n", 1)[0])
+        s.close()
+    assert answers == [b"HTTP/1.1 408 Request Timeout"] * 20 + [b"HTTP/1.1 429 Too Many Requests"], answers
+    assert dataset_files() == files_before

@@ -17,6 +17,8 @@ from api_helpers import (
 )
 from helpers import make_user, tiny_spec
 
+from worker.engine.spec import MAX_STEPS
+
 pytestmark = pytest.mark.usefixtures("served_test_queues")
 
 
@@ -39,6 +41,7 @@ def test_submit_queues_a_job(client, auth, dataset):
         "devices": 1,
         "accelerator": "auto",
         "compile_decoding": False,
+        "max_run_minutes": None,
     }  # defaults are stored filled in
 
     fetched = client.get(f"{JOBS}/{job['id']}", headers=auth)
@@ -113,10 +116,10 @@ INVALID = {
         ["body", "minillm", "rollouts_per_phase"],
         "(6)",
     ),
-    "steps beyond 32 bits": (
-        lambda d: tiny_spec(d, training={"steps": 2**31}),
+    "steps beyond the cap": (
+        lambda d: tiny_spec(d, training={"steps": MAX_STEPS + 1}),
         ["body", "training", "steps"],
-        "2147483647",
+        str(MAX_STEPS),
     ),
     "NUL in the name": (lambda d: {**tiny_spec(d), "name": "a\x00b"}, ["body", "name"], "NUL"),
 }
@@ -167,6 +170,21 @@ def test_a_user_past_their_active_job_limit_gets_a_429_and_retries_still_answer(
     assert submit(client, make_user(), tiny_spec(dataset)).status_code == 201  # the limit is per user
     client.post(f"{JOBS}/{first.json()['id']}/cancel", headers=user)  # one ends: room for another
     assert submit(client, user, tiny_spec(dataset, name="three")).status_code == 201
+
+
+def test_the_active_job_limit_holds_under_parallel_submits(client, dataset, monkeypatch):
+    """Counted and inserted under the user's row lock: 30 submits at once against a limit of 10 make
+    exactly 10 jobs (27 of 30 got past a limit of 20 before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.core.config import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_active_jobs_per_user", 10)
+    user = make_user()
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(lambda i: submit(client, user, tiny_spec(dataset, name=f"p{i}")), range(30)))
+    assert sorted(a.status_code for a in answers) == [201] * 10 + [429] * 20, [a.text for a in answers]
+    assert job_count(client, user) == 10
 
 
 def test_a_user_past_their_dataset_bytes_gets_a_429_and_nothing_is_stored(client, monkeypatch):
@@ -252,6 +270,15 @@ def test_idempotency_key_with_another_body_is_409(client, auth, dataset):
     # no key at all: always a new job
     assert submit(client, auth, tiny_spec(dataset)).json()["id"] != first.json()["id"]
     assert job_count(client, auth) == 3
+
+
+def test_an_empty_idempotency_key_is_a_422_naming_the_header(client, auth, dataset):
+    """An empty key was stored as a key that then made every later empty-key submit retry forever (a 500)."""
+    for _ in range(2):
+        response = submit(client, auth, tiny_spec(dataset), **{"Idempotency-Key": ""})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["header", "idempotency-key"]
+    assert job_count(client, auth) == 0
 
 
 def test_idempotency_keys_are_per_user(client, auth, dataset):

@@ -16,6 +16,7 @@ from worker.engine.paths import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 
+REFERENCES = 96  # the training set's prompts, which the teacher answers first
 GRACE = 3  # DISTILL_CANCEL_GRACE_SECONDS of these workers: how long a job may take to stop by itself
 
 
@@ -69,8 +70,8 @@ def reference_caches(cache) -> dict[str, list]:
 
 
 def references_spec(dataset) -> dict:
-    """SFT on builtin prompts without answers: the teacher writes 160 references of up to 192 tokens
-    first (about ten seconds on 2 idle cores: the cancel lands in the middle)."""
+    """SFT on builtin prompts without answers: the teacher writes 96 references of up to 128 tokens
+    first (5 to 20 seconds at one thread, by the CPU: the cancel lands in the middle)."""
     seed = uuid.uuid4().int % 10_000  # the cache key includes it: this run's references are new
     return tiny_spec(
         dataset,
@@ -80,8 +81,8 @@ def references_spec(dataset) -> dict:
             "eval": None,
             "prompt_format": "alpaca",
             "max_prompt_tokens": 128,
-            "max_response_tokens": 192,
-            "max_train_records": 160,
+            "max_response_tokens": 128,
+            "max_train_records": REFERENCES,
         },
         training={"seed": seed},
     )
@@ -90,23 +91,29 @@ def references_spec(dataset) -> dict:
 def test_cancel_while_the_teacher_writes_references(client, auth, dataset, worker, cache):
     spec = references_spec(dataset)
     job_id = submit(client, auth, spec)
-    wait_message(client, auth, job_id, "teacher writes reference responses for 160 prompts")
+    wait_message(client, auth, job_id, f"teacher writes reference responses for {REFERENCES} prompts")
     seconds = cancel_and_time(client, auth, job_id)
     assert seconds < GRACE + 5, f"took {seconds:.1f} s to stop"
     wait_gone(job_id)
     assert any("cancelled while the teacher wrote reference responses" in m for m in messages(client, auth, job_id))
-    # The 4 eval references were finished before; the 160 training ones were interrupted: no file.
-    assert all(len(r) < 160 for r in reference_caches(cache).values())
+    # The 4 eval references were finished before; the training ones were interrupted: no file.
+    assert all(len(r) < REFERENCES for r in reference_caches(cache).values())
 
-    # The worker takes the next job; it needs the same references, finds none, and writes them whole.
-    again = submit(client, auth, {**spec, "name": "again"})
+    # The worker takes the next job; it needs the same references, finds none, and writes them whole
+    # (then trains two steps: what it needs of the references is done by then).
+    short = {
+        "training": {**spec["training"], "steps": 2},
+        "eval": {**spec["eval"], "every_steps": 0},
+        "checkpoints": {**spec["checkpoints"], "every_steps": 0},
+    }
+    again = submit(client, auth, {**spec, **short, "name": "again"})
     done = wait_for(
         lambda: (j := job(client, auth, again))["status"] in ("succeeded", "failed") and j,
         timeout=600,
         what="the next job",
     )
     assert done["status"] == "succeeded", done["error"]
-    assert sorted(len(r) for r in reference_caches(cache).values())[-1] == 160
+    assert sorted(len(r) for r in reference_caches(cache).values())[-1] == REFERENCES
 
 
 def test_cancel_during_an_evaluation(client, auth, dataset, worker, cache):

@@ -235,8 +235,9 @@ def test_logs_raw_prints_what_the_training_process_printed(server, client, auth,
     assert json.loads(_api(server, auth, "logs", job["id"], "--raw", "--json").stdout) == {"log": printed.stdout}
     assert _api(server, auth, "logs", job["id"], "--raw", "--attempt", "2").returncode == 4
     assert _api(server, auth, "logs", job["id"], "--raw", "-f").returncode == 2
-    with session_factory()() as session:
-        assert job_status.finish(session, job["id"], 1, "succeeded")
+    # Ended by its owner, whatever happened meanwhile: no worker beats for attempt 1, so on a slow machine
+    # the reaper may have queued it again while the commands above ran.
+    assert client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=auth).status_code == 200
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ a real worker: sign in with the `#token=` link, submit a job from the page, foll
 its detail page, download a checkpoint, see a field error for a bad spec, and compare two jobs; and the
 README's two screenshots, of real SmolLM2 jobs."""
 
-import os
 import re
 import shutil
 import time
@@ -20,18 +19,17 @@ from worker.engine.status import JobStatus
 playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Screenshots of every page go to runs/screenshots/ (not tracked). The README's two, docs/job-detail.png and
-# docs/compare.png, show real SmolLM2 jobs (test_readme_screenshots_of_real_smollm2_jobs), which writes them
-# under docs/ as well only when asked: UPDATE_DOCS_SCREENSHOTS=1 make test.
+# docs/compare.png, show real SmolLM2 jobs: test_readme_screenshots_of_real_smollm2_jobs, run by
+# `make screenshots` (not by make test: minutes of real jobs), writes them there.
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "runs/screenshots"
-UPDATE_DOCS = os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1"
 
 
 def shot(page, name: str, *, docs: bool = False, clip: dict | None = None) -> None:
-    """The whole page (or `clip` of it) at the context's viewport width; `docs`: also docs/NAME when asked."""
+    """The whole page (or `clip` of it) at the context's viewport width; `docs`: also docs/NAME."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / name), full_page=True, clip=clip)
-    if docs and UPDATE_DOCS:
+    if docs:
         shutil.copyfile(SHOTS / name, ROOT / "docs" / name)
 
 
@@ -78,6 +76,24 @@ def test_vendor_libraries_are_served(server):
         assert httpx.get(server + path).status_code == 200, path
     assert httpx.get(server + "/api/v1/jobs").status_code == 401  # the API keeps its routes
     assert httpx.get(server + "/healthz").status_code == 200
+
+
+def test_the_page_runs_no_script_but_its_own(server, browser_page):
+    """The page's Content-Security-Policy, enforced by the browser: the page works under it (no violation
+    while it starts), and a script written into it, as an injection would, does not run."""
+    page, problems = browser_page
+    headers = page.goto(server).headers
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert (headers["x-frame-options"], headers["x-content-type-options"]) == ("DENY", "nosniff")
+    playwright_sync.expect(page.get_by_label("API token")).to_be_visible()  # its script ran
+    assert problems == []
+    injected = page.evaluate(
+        """() => { const s = document.createElement("script"); s.textContent = "window.injected = 1";
+                   document.head.append(s); return window.injected ?? null; }"""
+    )
+    assert injected is None
+    assert problems and all("Content Security Policy" in p for p in problems), problems
 
 
 @pytest.mark.usefixtures("no_leftover_jobs")  # else its worker would first run earlier tests' queued jobs
@@ -415,11 +431,13 @@ SMOLLM2_KD = {
 
 
 @pytest.mark.smollm2
+@pytest.mark.screenshots
 def test_readme_screenshots_of_real_smollm2_jobs(server, worker, browser_page):
     """The two jobs above run on the real worker; the job page and the compare page show what they did, and
-    are the README's docs/job-detail.png and docs/compare.png (written there with UPDATE_DOCS_SCREENSHOTS=1).
-    135 s on 2 cores with native bf16 (about a minute per job); 183 s with an empty cache, which adds the
-    teacher's conversion from its GGUF file, its reference answers and its test-set scores (cached in .cache/)."""
+    are the README's docs/job-detail.png and docs/compare.png. 135 s on 2 cores with native bf16 (about a
+    minute per job); 183 s with an empty cache, which adds the teacher's conversion from its GGUF file, its
+    reference answers and its test-set scores (cached in .cache/); 11 minutes with an empty cache on
+    2 cores with AVX2 only, where the teacher runs in fp32 and the suite gives each process one thread."""
     import httpx
 
     page, problems = browser_page

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 from helpers import make_user
@@ -93,7 +94,7 @@ CASES = [
         JOBS,
         422,
         ("body", "training", "steps"),
-        "2147483647",
+        "less than or equal to 1000000",
         json=spec(training={"steps": 2**31}),
     ),
     Hostile(
@@ -392,6 +393,29 @@ CASES = [
         words="no checkpoint '²'",
     ),
     Hostile("step of 30 digits", "GET", f"{JOBS}/<mine>/checkpoints/{'9' * 30}/archive", 404, words="no checkpoint"),
+    Hostile(
+        "step of 4,400 digits (past int()'s limit)",
+        "GET",
+        f"{JOBS}/<mine>/checkpoints/{'9' * 4400}/archive",
+        404,
+        words="no checkpoint '9999",
+    ),
+    Hostile(
+        "step of 4,400 digits in a link",
+        "POST",
+        f"{JOBS}/<mine>/checkpoints/{'9' * 4400}/archive/link",
+        404,
+        words="no checkpoint '9999",
+    ),
+    Hostile(
+        "an empty Idempotency-Key",
+        "POST",
+        JOBS,
+        422,
+        loc=("header", "idempotency-key"),
+        json={},
+        headers={"Idempotency-Key": ""},
+    ),
     Hostile("step -3", "GET", f"{JOBS}/<mine>/checkpoints/-3/archive", 404, words="no checkpoint '-3'"),
     Hostile(
         "a file the checkpoint does not list",
@@ -600,6 +624,37 @@ CASES = [
     Hostile(
         "teacher is a server folder", "POST", JOBS, 422, ("body", "teacher"), "may read", json=spec(teacher="/etc")
     ),
+    # The kernel's file systems: /proc/1/root cannot even be followed here (realpath raised, a 500).
+    Hostile(
+        "teacher is /proc/1/root", "POST", JOBS, 422, ("body", "teacher"), "may read", json=spec(teacher="/proc/1/root")
+    ),
+    Hostile(
+        "student is /proc/1/cwd",
+        "POST",
+        JOBS,
+        422,
+        ("body", "student", "model"),
+        "may read",
+        json=spec(student={"model": "/proc/1/cwd"}),
+    ),
+    Hostile(
+        "data.eval under /proc/1/root",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "eval"),
+        "may read",
+        json=spec(data={"eval": "/proc/1/root/etc/shadow"}),
+    ),
+    Hostile(
+        "data.pretrain is /etc/hostname",
+        "POST",
+        JOBS,
+        422,
+        ("body", "data", "pretrain"),
+        "may read",
+        json=spec(method="minillm", data={"train": "builtin:demo", "pretrain": "/etc/hostname"}),
+    ),
     Hostile(
         "student.model climbs out of a root",
         "POST",
@@ -688,7 +743,7 @@ def world(client, tmp_path_factory) -> dict:
         "archive_link_on_file": f"{path.replace('/archive', '/files/config.json')}?{query}",
         "archive_link_on_best": link.replace("/latest/", "/best/"),
         "archive_link_on_theirs": link.replace(jobs["mine"], jobs["theirs"]),
-        "expired_link": signed_url(path, seconds=-60)[0],
+        "expired_link": signed_url(path, int(parse_qs(query)["tid"][0]), seconds=-60)[0],
         "expired_token": _token(expires_in=timedelta(seconds=-1)),
         "revoked_token": _token(revoke=True),
     }
@@ -774,6 +829,26 @@ def test_hostile_request_is_refused_naming_the_field(client, world, case: Hostil
     with session_factory()() as session:
         after = stored(session)
     assert after == before  # nothing stored: no job, no dataset row, no .partial or other file
+
+
+def test_a_signed_link_stops_working_once_the_token_that_made_it_is_revoked(client, world):
+    """A link outlives no token: one made with a token that was revoked since is refused (it worked
+    for 24 hours after the revocation before), while a link of another of the user's tokens goes on."""
+    from app import crud
+    from app.core.db import session_factory
+
+    with session_factory()() as session:
+        user = crud.user_for_token(session, world["auth"]["Authorization"].removeprefix("Bearer "))
+        second = crud.create_token(session, user)
+    made_by_second = {"Authorization": f"Bearer {second}"}
+    link = client.post(f"{JOBS}/{world['mine']}/checkpoints/latest/archive/link", headers=made_by_second).json()["url"]
+    assert client.get(link).status_code == 200
+    with session_factory()() as session:
+        assert crud.revoke_token(session, crud.live_token_id(session, second))
+    refused = client.get(link)
+    assert refused.status_code == 403 and "invalid or has expired" in refused.json()["message"]
+    assert client.get(link.replace(f"tid={parse_qs(link.split('?')[1])['tid'][0]}", "tid=1")).status_code == 403
+    assert client.get(world["archive_link"]).status_code == 200
 
 
 def test_an_oversize_spec_sent_without_a_length_is_413(client, world):

@@ -80,6 +80,20 @@ def test_hub_models_only_where_the_operator_allows_them(client, auth, dataset, m
     assert "DISTILL_ALLOW_HUB_MODELS" in refusal(client, auth, tiny_spec(dataset, teacher="org/model"), ("teacher",))
 
 
+def test_hub_ids_only_from_the_operators_list_when_there_is_one(tmp_path):
+    roots = Roots(models=(), data=(), allow_hub=True, hub_models=("Qwen/*", "meta-llama/Llama-3.1-8B"))
+    for teacher, allowed in (("Qwen/Qwen2.5-7B", True), ("meta-llama/Llama-3.1-8B", True), ("evil/huge", False)):
+        spec = JobSpec.model_validate({"teacher": teacher, "student": {"model": "builtin:tiny-student"}})
+        confined, problems = confine(spec, roots, on_disk=False)
+        assert (problems == []) == allowed, (teacher, problems)
+        if not allowed:
+            assert (
+                problems[0][1]
+                == "'evil/huge': this service downloads only Qwen/*, meta-llama/Llama-3.1-8B (DISTILL_HUB_MODELS)"
+            )
+    assert Settings(hub_models="Qwen/*, org/model", model_roots=[], data_roots=[]).hub_models == ["Qwen/*", "org/model"]
+
+
 def test_the_engine_gets_resolved_paths_and_marked_hub_ids(tmp_path):
     (tmp_path / "data").mkdir()
     real = tmp_path / "data" / "train.jsonl"
@@ -104,6 +118,31 @@ def test_the_engine_gets_resolved_paths_and_marked_hub_ids(tmp_path):
         spec.model_copy(update={"data": spec.data.model_copy(update={"train": "/elsewhere/x"})}), roots, on_disk=False
     )
     assert [loc for loc, _ in problems] == [("data", "train")]
+
+
+def test_the_kernels_and_devices_file_systems_are_refused_whatever_the_roots():
+    """Even an operator whose roots are the whole disk serves no /proc, /sys or /dev entry, as given or as
+    resolved: /proc/1/root is the root directory, /proc/self/fd/0 a pipe, /dev/zero never ends."""
+    everything = Roots(models=(Path("/"),), data=(Path("/"),), allow_hub=False)
+    for on_disk in (True, False):
+        spec = JobSpec.model_validate(
+            {
+                "teacher": "/proc/1/root",
+                "student": {"model": "/proc/1/cwd"},
+                "data": {"train": "/dev/zero", "eval": "/proc/1/root/etc/shadow", "pretrain": "/sys/kernel/notes"},
+            }
+        )
+        _, problems = confine(spec, everything, on_disk=on_disk)
+        assert [loc for loc, _ in problems] == [
+            ("teacher",),
+            ("student", "model"),
+            ("data", "train"),
+            ("data", "eval"),
+            ("data", "pretrain"),
+        ]
+        assert all("this service may read" in problem for _, problem in problems)
+    fine = JobSpec.model_validate({"teacher": "/etc", "student": {"model": "/etc"}, "data": {"train": "/etc/hostname"}})
+    assert confine(fine, everything, on_disk=True)[1] == []  # the rule is about those file systems only
 
 
 def test_a_hub_reference_is_never_read_as_a_local_folder(tmp_path, monkeypatch):

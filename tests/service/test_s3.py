@@ -4,6 +4,7 @@ moto's server stands in for S3 (a real HTTP server speaking the S3 API, in this 
 
 import hashlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -12,10 +13,17 @@ import httpx
 import pytest
 from helpers import Worker, submit, tiny_spec, wait_for, wait_status
 from moto.server import ThreadedMotoServer
+from sqlalchemy import select
 
+from app import job_status
 from app.core.config import get_settings
+from app.core.db import session_factory
 from app.core.storage import s3_store
+from app.models import Checkpoint, JobEvent
+from worker.engine.events import Event
 from worker.engine.launch import free_port
+from worker.engine.paths import RESUME_STATE_FILE
+from worker.reporter import DbReporter
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]
 AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -61,13 +69,14 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset
     )
     assert done["status"] == "succeeded", done["error"]
 
-    keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="models")["Contents"]}
+    # This job's keys only: a worker started here also runs what earlier tests left queued, into the same bucket.
     prefix = f"distill/jobs/{job_id}/"
+    keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="models", Prefix=prefix)["Contents"]}
     assert (
         f"{prefix}archives/step-000006-attempt-1.tar" in keys
         and f"{prefix}checkpoints/step-000006/model.safetensors" in keys
     )
-    assert not any("step-000003" in k for k in keys)  # pruned with the local copy
+    assert not [k for k in keys if "step-000003" in k]  # pruned with the local copy
 
     listing = client.get(f"/api/v1/jobs/{job_id}/checkpoints", headers=auth).json()
     response = client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth, follow_redirects=False)
@@ -96,8 +105,9 @@ def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client,
     # Beside the service's own artifacts folder: outside the data roots, which the tests' temporary files are in.
     machines = Path(os.environ["DISTILL_ARTIFACTS_DIR"]).parent / f"machines-{uuid.uuid4().hex[:8]}"
     first = Worker(tmp_path / "first.log", DISTILL_ARTIFACTS_DIR=str(machines / "first"), **env).start()
+    # Steps enough that training outlasts the bucket copies, which the reporter makes behind it.
     spec = tiny_spec(
-        dataset, training={"steps": 40}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0}
+        dataset, training={"steps": 100}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0}
     )
     job_id = submit(client, auth, spec)
     prefix = f"distill/jobs/{job_id}/resume/"
@@ -120,7 +130,7 @@ def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client,
     ]
     resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed from step")]
     assert resumed and resumed[0] >= 5, messages  # not step 0
-    assert resume_steps() == {"step-000040"}  # the bucket keeps the newest resume state only
+    assert resume_steps() == {"step-000100"}  # the bucket keeps the newest resume state only
     assert (
         client.get(
             f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth, follow_redirects=False
@@ -154,3 +164,39 @@ def test_an_upload_is_read_by_a_worker_that_does_not_share_the_apis_folder(clien
     _, done = run_to_end(client, auth, spec, worker)
     assert done["status"] == "succeeded", done["error"]
     assert (elsewhere / "datasets" / f"{uploaded['id']}.jsonl").read_bytes() == body
+
+
+def test_a_checkpoint_pruned_while_it_uploads_leaves_nothing_in_the_bucket(client, auth, dataset, s3, tmp_path):
+    """The reporter uploads behind the training loop, which may save a newer checkpoint and prune this one
+    meanwhile (a slow bucket, a short `checkpoints.every_steps`): what was uploaded of it is deleted, and its
+    event says it was replaced, instead of the bucket keeping objects that no checkpoint row points at."""
+    bucket, _ = s3
+    job_id = submit(client, auth, tiny_spec(dataset))
+    with session_factory()() as session:
+        assert job_status.claim(session, job_id, "w1") == 1
+    job = tmp_path / job_id
+    folder, resume = job / "checkpoints" / "step-000003", job / "resume" / "step-000003"
+    for directory, names in ((folder, ("config.json", "model.safetensors")), (resume, ("rank-0.pt", "state.json"))):
+        directory.mkdir(parents=True)
+        for name in names:
+            (directory / name).write_bytes(name.encode() * 1000)
+    (resume / RESUME_STATE_FILE).write_text("{}")
+
+    reporter = DbReporter(job_id, 1)
+    upload = reporter.store.upload
+
+    def upload_then_prune(url, name, path):  # the engine prunes the step while its resume state uploads
+        upload(url, name, path)
+        if name.startswith("resume/"):
+            shutil.rmtree(folder), shutil.rmtree(resume)
+
+    reporter.store.upload = upload_then_prune
+    reporter.emit(Event("checkpoint", "checkpoint step 3", data={"step": 3, "path": str(folder)}))
+    assert reporter.flush(seconds=30)
+
+    assert bucket.list_objects_v2(Bucket="models", Prefix=f"distill/jobs/{job_id}/").get("KeyCount") == 0
+    assert not list((job / "archives").iterdir())
+    with session_factory()() as session:
+        assert session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all() == []
+        (event,) = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "checkpoint"))
+        assert event.message == "checkpoint step 3 (since replaced by a newer one)"

@@ -309,9 +309,25 @@ def test_webhooks_go_only_to_public_addresses_unless_the_operator_allows_others(
         "https://10.1.2.3/x",
         "http://[::ffff:192.168.0.1]/x",
         "http://169.254.169.254/latest/meta-data",
+        # The metadata address in IPv6 forms that reach it: NAT64, 6to4, IPv4-compatible, mapped; and
+        # NAT64's local-use prefix, Teredo, the unspecified and loopback addresses.
+        "http://[64:ff9b::a9fe:a9fe]/x",
+        "http://[2002:a9fe:a9fe::1]/x",
+        "http://[::a9fe:a9fe]/x",
+        "http://[::ffff:169.254.169.254]/x",
+        "http://[64:ff9b:1::808:808]/x",
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/x",
+        "http://[::]/x",
+        "http://[::1]/x",
     ):
         assert "not a public address" in webhooks.url_problem(url, strict), url
-    assert webhooks.url_problem("https://hooks.example.com/x", strict) is None  # names are checked when sent
+    for url in (
+        "https://hooks.example.com/x",
+        "http://8.8.8.8/x",
+        "http://[64:ff9b::808:808]/x",
+        "http://[2002:808:808::1]/x",
+    ):
+        assert webhooks.url_problem(url, strict) is None, url  # names are checked when sent; public addresses pass
     with pytest.raises(webhooks.Refused):
         anyio.run(webhooks._resolve, "localhost", 80, strict)
 

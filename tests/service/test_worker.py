@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 from fastapi.testclient import TestClient
@@ -105,7 +106,8 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     assert client.get(link.replace("/latest/", "/best/")).status_code == 403  # another path
     from app.core.security import signed_url
 
-    expired, _ = signed_url(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", seconds=-1)
+    tid = int(parse_qs(link.split("?")[1])["tid"][0])
+    expired, _ = signed_url(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", tid, seconds=-1)
     assert client.get(expired).status_code == 403
     file_link = client.post(f"/api/v1/jobs/{job_id}/checkpoints/best/files/config.json/link", headers=auth).json()[
         "url"
@@ -224,20 +226,48 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client,
 def test_a_stalled_training_process_is_stopped_and_its_job_retried(client, auth, dataset, tmp_path):
     w = Worker(tmp_path / "w.log", DISTILL_PROGRESS_TIMEOUT_SECONDS="20").start()
     try:
+        # Far more steps than the test waits for: the first attempt cannot finish before it is stopped.
         spec = tiny_spec(
-            dataset, training={"steps": 30}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0}
+            dataset, training={"steps": 100_000}, checkpoints={"every_steps": 5, "keep": 1}, eval={"every_steps": 0}
         )
         job_id = submit(client, auth, spec)
         wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
         os.kill(training_process(job_id)[0], signal.SIGSTOP)  # alive, holding its lease, and silent: a hang
-        done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=300)
-        assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
-        messages = [
-            e["message"]
-            for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
-        ]
-        assert any(m.startswith("queued again: no step and no event for 20 s") for m in messages), messages
-        assert any(m.startswith("resumed from step") for m in messages)
+
+        def messages() -> list[str]:
+            events = client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()
+            return [e["message"] for e in events["data"]]
+
+        # The second attempt resuming is enough: resumed runs are followed to success by the killed-worker test.
+        wait_for(lambda: any(m.startswith("resumed from step") for m in messages()), what="the job resumed")
+        assert any(m.startswith("queued again: no step and no event for 20 s") for m in messages())
+        assert job(client, auth, job_id)["attempts"] == 2
+        assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+        assert wait_status(client, auth, job_id, {"cancelled", "failed", "succeeded"})["status"] == "cancelled"
+    finally:
+        w.stop()
+
+
+def test_a_job_past_its_time_limit_is_stopped_and_fails_without_a_retry(client, auth, dataset, tmp_path, monkeypatch):
+    """The operator caps how long an attempt may run (here 3 s, while the job is still loading); a spec may
+    only ask for less."""
+    from app.core.config import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_run_minutes", 60)  # the API's cap
+    over = client.post(
+        "/api/v1/jobs/validate", json=tiny_spec(dataset, resources={"max_run_minutes": 61}), headers=auth
+    )
+    assert over.status_code == 422 and over.json()["detail"][0]["loc"] == ["body", "resources", "max_run_minutes"]
+    w = Worker(tmp_path / "w.log", DISTILL_MAX_RUN_MINUTES="0.05").start()
+    try:
+        job_id = submit(client, auth, tiny_spec(dataset, training={"steps": 400}))
+        done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=120)
+        assert done["status"] == "failed" and done["attempts"] == 1, done
+        assert done["error"] == {
+            "code": "TimeLimit",
+            "message": "ran for 0.05 minutes, its limit: the worker stopped it",
+        }
+        wait_for(lambda: not training_process(job_id), timeout=20, what="the training process to be gone")
     finally:
         w.stop()
 

@@ -253,9 +253,28 @@ def save_resume_state(engine, out: Path, trainer_state: dict, rank_state: dict) 
     barrier()
 
 
+def deepspeed_state_classes() -> list[type]:
+    """The classes DeepSpeed's optimizer states hold besides tensors and plain values, allowed by name when
+    they are read (found with torch.serialization.get_unsafe_globals_in_checkpoint at ZeRO 0-3;
+    test_zero_stages_precisions_and_offload reads every file those runs write)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_state_file(path: str | Path, map_location=None):
+    """A file of a resume state, read with torch.load(weights_only=True): tensors, plain values and
+    `deepspeed_state_classes`, never code. DeepSpeed's own loader unpickles whatever a file holds."""
+    with torch.serialization.safe_globals(deepspeed_state_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_resume_state(engine, path: Path) -> dict:
+    engine.checkpoint_engine.load = load_state_file  # DeepSpeed's files are read as ours are
     engine.load_checkpoint(str(path), tag="engine")
-    return torch.load(path / f"rank-{rank()}.pt", weights_only=False)
+    return load_state_file(path / f"rank-{rank()}.pt")
 
 
 def prune_checkpoints(output_dir: Path, keep: int, protect: set[int]) -> None:

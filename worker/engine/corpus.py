@@ -15,10 +15,11 @@ tokens (reference: 512), and the remainder shorter than a chunk is dropped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .data import DataError, json_lines, parse_json_line
+from .data import DataError, json_lines
 
 if TYPE_CHECKING:  # the API checks uploads through this module, and never loads torch
     from transformers import PreTrainedTokenizerBase
@@ -38,24 +39,24 @@ def check_corpus(source: str) -> None:
 
 def is_text_jsonl(path: Path) -> bool:
     """Whether a JSONL file holds {"text": ...} records (judged by its first record)."""
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                try:
-                    obj = parse_json_line(line, str(path))
-                except DataError:
-                    return False  # read as records, whose reader reports the line
-                return isinstance(obj, dict) and "text" in obj and not {"instruction", "prompt"} & obj.keys()
-    return False
+    try:
+        obj, _ = next(json_lines(path, str(path)), (None, None))
+    except DataError:
+        return False  # read as records, whose reader reports the line
+    return isinstance(obj, dict) and "text" in obj and not {"instruction", "prompt"} & obj.keys()
 
 
-def read_text_records(path: Path, name: str) -> list[str]:
-    """The documents of a JSONL file of {"text": ...} records; a bad line is reported as NAME:LINE."""
-    texts = []
+def iter_text_records(path: Path, name: str) -> Iterator[str]:
+    """The documents of a JSONL file of {"text": ...} records, one at a time; a bad line is reported as NAME:LINE."""
     for obj, where in json_lines(path, name):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise DataError(f'{where}: a pretraining record is {{"text": "..."}}')
-        texts.append(obj["text"])
+        yield obj["text"]
+
+
+def read_text_records(path: Path, name: str) -> list[str]:
+    """The documents of a JSONL file of {"text": ...} records (at least one)."""
+    texts = list(iter_text_records(path, name))
     if not texts:
         raise DataError(f"{name}: no records")
     return texts

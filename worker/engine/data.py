@@ -104,13 +104,30 @@ def split_held_out(
     return records, held_out
 
 
+# The longest line (one record) a data file may have: reading a file, an upload's check included, then
+# takes memory bounded by it, whatever the file's size.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
 def json_lines(path: Path, name: str) -> Iterator[tuple[object, str]]:
-    """(object, "NAME:LINE") for each non-blank line of a JSONL file; a line that is not JSON is reported."""
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            yield parse_json_line(line, f"{name}:{number}"), f"{name}:{number}"
+    """(object, "NAME:LINE") for each non-blank line of a JSONL file, one line in memory at a time; a
+    line that is not JSON, not UTF-8 text or longer than MAX_LINE_BYTES, and a file that cannot be
+    read, are reported."""
+    try:
+        with path.open("rb") as lines:
+            number = 0
+            while raw := lines.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{name}:{number}: a line longer than {MAX_LINE_BYTES} bytes")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{name}:{number}: not UTF-8 text") from None
+                if line.strip():
+                    yield parse_json_line(line, f"{name}:{number}"), f"{name}:{number}"
+    except OSError as err:
+        raise DataError(f"{name}: cannot be read: {err.strerror or err}") from None
 
 
 def parse_json_line(line: str, where: str) -> object:
@@ -125,9 +142,15 @@ def parse_json_line(line: str, where: str) -> object:
         raise DataError(f"{where}: not valid JSON: {err}") from None
 
 
+def iter_records(source: str) -> Iterator[Record]:
+    """The records of a JSONL file, one at a time; a bad line is reported with its line number."""
+    for obj, where in json_lines(resolve_source(source), source):
+        yield _parse_record(obj, where)
+
+
 def read_records(source: str) -> list[Record]:
-    """Read a JSONL file of records; a bad line is reported with its line number."""
-    records = [_parse_record(obj, where) for obj, where in json_lines(resolve_source(source), source)]
+    """The records of a JSONL file (at least one)."""
+    records = list(iter_records(source))
     if not records:
         raise DataError(f"{source}: no records")
     return records

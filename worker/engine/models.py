@@ -11,13 +11,14 @@ A reference is resolved to a local Hugging Face directory once; everything downs
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -118,12 +119,41 @@ def resolve_model(ref: str) -> Path:
     if kind == "builtin":
         build = _build_smollm2 if value == "smollm2-135m-instruct" else _build_tiny(value)
         return _build_once(value, build)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     try:
-        return Path(snapshot_download(value))
+        info = HfApi().model_info(value, files_metadata=True)
+        files, size = hub_files(((f.rfilename, f.size or 0) for f in info.siblings or []), hub_budget_bytes())
+        return Path(snapshot_download(value, revision=info.sha, allow_patterns=files))
+    except ModelError as err:
+        raise ModelError(f"{ref!r}: {err}") from None
     except Exception as err:  # the hub client raises many types; the message is what matters here
         raise ModelError(f"{ref!r}: could not download from the hub: {err}") from err
+
+
+# What loading a model needs from a hub repository: its configs, tokenizer and safetensors weights, not
+# the other formats a repository often holds besides (.bin, .gguf, .onnx, .h5: several times the size).
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py")
+
+
+def hub_budget_bytes() -> int:
+    """DISTILL_HUB_MAX_GB, set by the operator (app/core/config.py) and passed down by the worker."""
+    return int(float(os.environ.get("DISTILL_HUB_MAX_GB", "100")) * 1e9)
+
+
+def hub_files(listing: Iterable[tuple[str, int]], budget: int) -> tuple[list[str], int]:
+    """The names among a repository's (name, bytes) that loading needs, and their total; ModelError if
+    they take more than `budget` bytes or hold no weights."""
+    wanted = [(n, b) for n, b in listing if any(fnmatch.fnmatchcase(n.rsplit("/", 1)[-1], p) for p in HUB_FILES)]
+    size = sum(b for _, b in wanted)
+    if not any(n.endswith(".safetensors") for n, _ in wanted):
+        raise ModelError("the hub repository has no .safetensors weights, the only format this service loads from it")
+    if size > budget:
+        raise ModelError(
+            f"its weights, tokenizer and config take {size / 1e9:.1f} GB, more than this service downloads "
+            f"({budget / 1e9:g} GB, DISTILL_HUB_MAX_GB)"
+        )
+    return [n for n, _ in wanted], size
 
 
 def content_hash(model_dir: Path) -> str:

@@ -36,6 +36,15 @@ def _fits_a_path(value: str) -> str:
 
 Reference = Annotated[str, AfterValidator(_fits_a_path)]
 
+# Upper bounds that a worker can use: a number past them is a typo or an attack, and would otherwise be
+# accepted and fail only on a worker (a batch of 2**31 sequences, a step count past the 32-bit column).
+MAX_STEPS = 1_000_000  # optimizer steps of a stage, warmup and intervals; two stages stay far below 2**31
+MAX_BATCH = 4096  # sequences per micro-batch or per generation call, micro-batches per step, PPO epochs
+MAX_TOKENS = 131_072  # a 128k context
+MAX_RECORDS = 10_000_000  # records, prompts, rollouts, documents
+MAX_COUNT = 1024  # layers, devices, checkpoints kept
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW beta: a decay rate
+
 
 class _Section(BaseModel):
     # inf and nan are refused by every float field: `learning_rate: 1e999` reads as inf in YAML and JSON.
@@ -55,7 +64,9 @@ class _Section(BaseModel):
 
 
 class InitFromTeacher(_Section):
-    num_layers: int = Field(ge=1, description="How many of the teacher's decoder layers the student keeps.")
+    num_layers: int = Field(
+        ge=1, le=MAX_COUNT, description="How many of the teacher's decoder layers the student keeps."
+    )
     strategy: Literal["even", "first", "last"] = Field(
         "even", description="Which layers: evenly spaced (first and last included), the first block, or the last block."
     )
@@ -105,6 +116,7 @@ class DataSpec(_Section):
     teacher_text_documents: int = Field(
         256,
         ge=1,
+        le=MAX_RECORDS,
         description="How many documents the teacher writes for builtin:teacher-text, each up to "
         "minillm.lm_chunk_tokens tokens (sampled once, then cached).",
     )
@@ -113,28 +125,32 @@ class DataSpec(_Section):
         description="`chat`: the teacher tokenizer's chat template; `alpaca`: the template of the MiniLLM paper.",
     )
     max_prompt_tokens: int = Field(
-        256, ge=8, description="Records whose prompt is longer are skipped (as the paper does)."
+        256, ge=8, le=MAX_TOKENS, description="Records whose prompt is longer are skipped (as the paper does)."
     )
     max_response_tokens: int = Field(
-        256, ge=1, description="Responses are cut to this many tokens; also the sampling length."
+        256, ge=1, le=MAX_TOKENS, description="Responses are cut to this many tokens; also the sampling length."
     )
-    max_train_records: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    max_train_records: int | None = Field(
+        None, ge=1, le=MAX_RECORDS, description="Use only the first N training records."
+    )
 
 
 class TrainingSpec(_Section):
-    steps: int = Field(1000, ge=1, description="Optimizer steps of the main method (after any recovery stage).")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
-    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    steps: int = Field(
+        1000, ge=1, le=MAX_STEPS, description="Optimizer steps of the main method (after any recovery stage)."
+    )
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Sequences per micro-batch per process.")
+    gradient_accumulation: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(
-        5e-6, gt=0, description="Peak learning rate of the main method (paper: 5e-6 for MiniLLM)."
+        5e-6, gt=0, le=1, description="Peak learning rate of the main method (paper: 5e-6 for MiniLLM)."
     )
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="Shape after warmup (paper, MiniLLM: constant)."
     )
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps (paper: 100).")
-    weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay (reference code: 1e-6).")
-    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (reference code: 0.9, 0.95).")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    warmup_steps: int = Field(100, ge=0, le=MAX_STEPS, description="Linear warmup steps (paper: 100).")
+    weight_decay: float = Field(1e-6, ge=0, le=1, description="AdamW weight decay (reference code: 1e-6).")
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas (reference code: 0.9, 0.95).")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Gradient norm clipping.")
     seed: int = Field(10, description="Seed of every random choice: data order, sampling, initialisation.")
     gradient_checkpointing: bool = Field(
         False,
@@ -147,22 +163,25 @@ class RecoverySpec(_Section):
     method: Literal["sft", "kd"] = Field(
         "kd", description="Stage run before the main method so the student starts from a sensible model."
     )
-    steps: int = Field(100, ge=1, description="Optimizer steps of the recovery stage.")
-    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate of the recovery stage.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps of the recovery stage.")
+    steps: int = Field(100, ge=1, le=MAX_STEPS, description="Optimizer steps of the recovery stage.")
+    learning_rate: float = Field(5e-4, gt=0, le=1, description="Peak learning rate of the recovery stage.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps of the recovery stage.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Shape after warmup.")
 
 
 class MiniLLMSpec(_Section):
     teacher_mix_alpha: float = Field(0.2, ge=0, le=1, description="α in p̃ = α·teacher + (1−α)·student when sampling.")
-    clip_range: float = Field(0.2, gt=0, description="PPO clip range ε on the importance ratio.")
-    ppo_epochs: int = Field(4, ge=1, description="Passes over each phase's rollouts.")
+    clip_range: float = Field(0.2, gt=0, le=10, description="PPO clip range ε on the importance ratio.")
+    ppo_epochs: int = Field(4, ge=1, le=MAX_BATCH, description="Passes over each phase's rollouts.")
     # The reference samples 256 rollouts on 4+ GPUs with a global minibatch of 64: 16 updates per
     # phase. 64 rollouts at batch 8 on one process gives 32, so a default job resamples ~30 times.
-    rollouts_per_phase: int = Field(64, ge=1, description="Rollouts sampled per phase, over all processes.")
+    rollouts_per_phase: int = Field(
+        64, ge=1, le=MAX_RECORDS, description="Rollouts sampled per phase, over all processes."
+    )
     rollout_batch_size: int = Field(
         64,
         ge=1,
+        le=MAX_BATCH,
         description="Prompts decoded together, at most: a process decodes its rollouts in batches of this size "
         "(one batch at the defaults). Larger batches decode faster and hold larger KV caches (the reference: 16).",
     )
@@ -176,6 +195,7 @@ class MiniLLMSpec(_Section):
     teacher_logits_budget_gb: float = Field(
         4.0,
         gt=0,
+        le=1e6,
         description="The most memory (GB per process, on its device) that teacher_logits auto lets the phase's "
         "teacher logits take before it recomputes them instead.",
     )
@@ -184,6 +204,7 @@ class MiniLLMSpec(_Section):
     reward_clip: float = Field(
         50.0,
         gt=0,
+        le=1e4,
         description="Clip each token's reward log p_teacher − log q_student to ±this "
         "(reference code: ±100 on rewards it scales ×2, the same bound).",
     )
@@ -206,7 +227,7 @@ class MiniLLMSpec(_Section):
         "train_responses: the training set's responses (not the paper's L_PT; the teacher writes them where the "
         "data has none).",
     )
-    lm_coef: float = Field(1.0, ge=0, description="Weight of the LM term (reference: 1); 0 turns it off.")
+    lm_coef: float = Field(1.0, ge=0, le=1e4, description="Weight of the LM term (reference: 1); 0 turns it off.")
     kd_ratio: float = Field(
         0.0,
         ge=0,
@@ -215,9 +236,14 @@ class MiniLLMSpec(_Section):
         "next-token cross-entropy: 0 is the paper's L_PT, 0.5 the reference code's.",
     )
     lm_chunk_tokens: int = Field(
-        512, ge=2, description="Tokens per chunk of data.pretrain (reference: 512, of which 511 are predicted)."
+        512,
+        ge=2,
+        le=MAX_TOKENS,
+        description="Tokens per chunk of data.pretrain (reference: 512, of which 511 are predicted).",
     )
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (top-k 0, top-p 1).")
+    temperature: float = Field(
+        1.0, ge=0.01, le=100, description="Sampling temperature for rollouts (top-k 0, top-p 1)."
+    )
 
 
 class KDSpec(_Section):
@@ -234,10 +260,11 @@ class EvalSpec(_Section):
     every_steps: int = Field(
         100,
         ge=0,
+        le=MAX_STEPS,
         description="Score the selection set every N steps, and at the end, to choose the best checkpoint "
         "(0: only at the end).",
     )
-    num_prompts: int = Field(64, ge=1, description="Test-set prompts (paper: the 500 of DollyEval).")
+    num_prompts: int = Field(64, ge=1, le=MAX_RECORDS, description="Test-set prompts (paper: the 500 of DollyEval).")
     seeds: list[int] = Field(
         [10, 20, 30, 40, 50],
         min_length=1,
@@ -245,15 +272,17 @@ class EvalSpec(_Section):
         description="Sampling seeds on the test set; each score is the mean over seeds (paper: 10, 20, 30, 40, 50). "
         "One seed costs a fifth.",
     )
-    selection_num_prompts: int = Field(32, ge=1, description="Selection-set prompts scored at each evaluation.")
+    selection_num_prompts: int = Field(
+        32, ge=1, le=MAX_RECORDS, description="Selection-set prompts scored at each evaluation."
+    )
     selection_seeds: list[int] = Field(
         [10],
         min_length=1,
         max_length=MAX_SEEDS,
         description="Sampling seeds on the selection set (the reference code samples its validation set once).",
     )
-    batch_size: int = Field(16, ge=1, description="Prompts per generation call.")
-    no_repeat_ngram_size: int = Field(6, ge=0, description="Paper's eval protocol: no repeated 6-grams.")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Prompts per generation call.")
+    no_repeat_ngram_size: int = Field(6, ge=0, le=64, description="Paper's eval protocol: no repeated 6-grams.")
     sample_kl: bool = Field(
         False,
         description="Also score reverse_kl_samples: the per-token reverse KL to the teacher on the model's own "
@@ -281,10 +310,11 @@ class CheckpointSpec(_Section):
     every_steps: int = Field(
         100,
         ge=0,
+        le=MAX_STEPS,
         description="Save every N steps (0: only the final model). A checkpoint can be chosen as best only "
         "if the selection set is scored at its step (eval.every_steps).",
     )
-    keep: int = Field(2, ge=1, description="How many recent checkpoints to keep (the best is also kept).")
+    keep: int = Field(2, ge=1, le=MAX_COUNT, description="How many recent checkpoints to keep (the best is also kept).")
 
 
 class DeepSpeedSpec(_Section):
@@ -302,13 +332,22 @@ class DeepSpeedSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    devices: int = Field(1, ge=1, description="Data-parallel processes: one per GPU, or CPU processes without GPUs.")
+    devices: int = Field(
+        1, ge=1, le=MAX_COUNT, description="Data-parallel processes: one per GPU, or CPU processes without GPUs."
+    )
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: GPUs when present, else CPU.")
     compile_decoding: bool = Field(
         False,
         description="Decode MiniLLM's rollouts with the per-token step compiled (torch.compile over a static KV "
         "cache; CUDA graphs on a GPU), where no model's forward is collective (ZeRO-3 without a gathered student, a "
         "sharded teacher). The first phase compiles (a minute or more); on CPUs it is slower (docs/performance.md).",
+    )
+    max_run_minutes: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Stop the job, failed (TimeLimit), once an attempt has run this long. Empty: the operator's "
+        "cap (DISTILL_MAX_RUN_MINUTES), which a job may only lower.",
     )
 
 
@@ -362,9 +401,9 @@ class JobSpec(_Section):
 
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes the result; a resumed run must have the same one.
-        How many sample answers an evaluation keeps does not shape it (and runs from before
-        `eval.samples` keep their hash)."""
-        shaping = self.model_dump(mode="json", exclude={"eval": {"samples"}})
+        How many sample answers an evaluation keeps and how long a job may run do not shape it (and
+        runs from before `eval.samples` and `resources.max_run_minutes` keep their hash)."""
+        shaping = self.model_dump(mode="json", exclude={"eval": {"samples"}, "resources": {"max_run_minutes"}})
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

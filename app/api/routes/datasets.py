@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from pathlib import Path
@@ -9,18 +10,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
-from app.api.deps import NO_NUL, CurrentUser, SessionDep, SettingsDep
+from app.api.deps import NO_NUL, CurrentUser, SessionDep, SettingsDep, release_connection
 from app.api.errors import errors
 from app.api.release import ReleasingRoute
+from app.core import rate_limits, slots
+from app.core.config import Settings
 from app.core.storage import s3_store
 from app.job_paths import dataset_file
-from app.models import Dataset, new_id
+from app.models import Dataset, User, new_id
 from app.schemas import DatasetOut
-from worker.engine.corpus import is_text_jsonl, read_text_records
-from worker.engine.data import DataError, read_records
+from worker.engine.corpus import is_text_jsonl, iter_text_records
+from worker.engine.data import DataError, iter_records
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=ReleasingRoute)  # see app/api/release.py
@@ -30,7 +34,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=ReleasingR
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetOut,
-    responses=errors(401, 413, 422, 429, 503),
+    responses=errors(401, 408, 413, 422, 429, 503),
     openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}},
 )
 async def upload(
@@ -44,34 +48,46 @@ async def upload(
     Dolly's layout (instruction, input, output) or prompt/response; a bad line is named by number.
     A job refers to the upload as `dataset:ID` in data.train, data.selection or data.eval; an upload
     of {"text": ...} records is a pretraining corpus, for data.pretrain."""
+    rate_limits.hit(settings.rate_limit_storage, settings.upload_limit, "uploads", f"upload:{user.id}")
+    try:
+        with slots.slot(("upload", user.id), settings.max_uploads_per_user):
+            return await _receive(request, session, user, settings, name)
+    except slots.TooMany:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"you are sending {settings.max_uploads_per_user} uploads already, the most allowed "
+            "(max_uploads_per_user); wait for one to finish",
+        ) from None
+
+
+async def _receive(request: Request, session: Session, user: User, settings: Settings, name: str) -> DatasetOut:
     dataset_id = new_id("ds")
     path, digest, size = dataset_file(settings, dataset_id), hashlib.sha256(), 0
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    room = settings.max_dataset_bytes_per_user - crud.dataset_bytes(session, user.id)
+    # No database connection is held while the client sends (20 stalled uploads held every one, and
+    # froze the service): the quota is read first, an early answer, and checked again at the insert.
+    room = settings.max_dataset_bytes_per_user - await run_in_threadpool(_bytes_used, session, user.id)
+    chunks = aiter(request.stream())
     try:
         with partial.open("wb") as out:
-            async for chunk in request.stream():
+            while (chunk := await _next_chunk(chunks, settings.upload_idle_seconds)) is not None:
                 size += len(chunk)
                 if size > settings.max_upload_bytes:
                     raise HTTPException(
                         status.HTTP_413_CONTENT_TOO_LARGE, f"datasets are limited to {settings.max_upload_bytes} bytes"
                     )
                 if size > room:
-                    raise HTTPException(
-                        status.HTTP_429_TOO_MANY_REQUESTS,
-                        f"your datasets may take {settings.max_dataset_bytes_per_user} bytes in all "
-                        f"and {max(room, 0)} are left",
-                    )
+                    raise _over_quota(settings, room)
                 digest.update(chunk)
                 out.write(chunk)
         # Parsing a large file takes seconds: in a worker thread, so other requests are served meanwhile.
-        records = await run_in_threadpool(_parse, partial)
+        num_records = await run_in_threadpool(_count_records, partial)
     except (DataError, UnicodeDecodeError) as err:
         partial.unlink()
         message = str(err).replace(str(partial), name)
         raise RequestValidationError([{"loc": ("body",), "msg": message, "type": "value_error"}]) from None
-    except BaseException:  # too large, the client gone mid-upload, anything else: no partial file stays
+    except BaseException:  # too large, stalled, the client gone mid-upload, anything else: no partial file stays
         partial.unlink(missing_ok=True)
         raise
     partial.rename(path)
@@ -85,24 +101,58 @@ async def upload(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 "the upload could not be stored in the bucket; nothing was kept, try again",
             ) from None
-    dataset = crud.add_dataset(
-        session,
-        Dataset(
-            id=dataset_id,
-            user_id=user.id,
-            name=name,
-            path=str(path),
-            num_records=len(records),
-            size_bytes=size,
-            sha256=digest.hexdigest(),
-        ),
+    dataset = Dataset(
+        id=dataset_id,
+        user_id=user.id,
+        name=name,
+        path=str(path),
+        num_records=num_records,
+        size_bytes=size,
+        sha256=digest.hexdigest(),
     )
+    try:
+        await run_in_threadpool(crud.add_dataset, session, dataset, settings.max_dataset_bytes_per_user)
+    except crud.OverQuota as over:  # uploads sent in parallel: together they would pass the quota
+        path.unlink()
+        if store is not None:
+            await run_in_threadpool(store.delete, store.datasets_url(), [path.name])
+        raise _over_quota(settings, over.left) from None
     return DatasetOut.model_validate(dataset)
 
 
-def _parse(path: Path) -> list:
-    """The upload's records: pretraining documents or training records, whichever it holds."""
-    return read_text_records(path, str(path)) if is_text_jsonl(path) else read_records(str(path))
+def _bytes_used(session: Session, user_id: int) -> int:
+    used = crud.dataset_bytes(session, user_id)
+    release_connection(session)
+    return used
+
+
+async def _next_chunk(chunks, idle_seconds: float) -> bytes | None:
+    """The body's next chunk; None at its end; a 408 when the client sends nothing for `idle_seconds`."""
+    try:
+        return await asyncio.wait_for(anext(chunks), idle_seconds)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise HTTPException(
+            status.HTTP_408_REQUEST_TIMEOUT, f"the upload stalled: nothing arrived for {idle_seconds:g} seconds"
+        ) from None
+
+
+def _over_quota(settings: Settings, left: int) -> HTTPException:
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        f"your datasets may take {settings.max_dataset_bytes_per_user} bytes in all and {max(left, 0)} are left",
+    )
+
+
+def _count_records(path: Path) -> int:
+    """How many records the upload holds, pretraining documents or training records, whichever it holds:
+    each checked, one line in memory at a time (a 200 MB upload of tiny lines is not a list of millions)."""
+    records = iter_text_records(path, str(path)) if is_text_jsonl(path) else iter_records(str(path))
+    count = sum(1 for _ in records)
+    if count == 0:
+        raise DataError(f"{path}: no records")
+    return count
 
 
 @router.get("", response_model=list[DatasetOut], name="list", responses=errors(401))

@@ -1,15 +1,20 @@
-"""Liveness, readiness and Prometheus metrics (no authentication: for load balancers and scrapers)."""
+"""Liveness and readiness (no authentication: for load balancers) and Prometheus metrics (for a scraper
+with the operator's token, or on this machine)."""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import text
 
 from app import crud
+from app.api.deps import SettingsDep
 from app.core.broker import broker
 from app.core.db import session_factory
 from app.models import JobStatus
@@ -43,7 +48,9 @@ registry.register(JobCollector())
 
 
 @router.get("/healthz")
-def healthz() -> Health:
+async def healthz() -> Health:
+    """Answered on the event loop: a liveness probe must not wait for a thread behind a burst of
+    requests (sync routes share 40 threads), or a busy API would be restarted as a dead one."""
     return Health(status="ok")
 
 
@@ -73,6 +80,24 @@ def readyz(response: Response) -> Readiness:
     return Readiness(**checks)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # not an address (a test client's name)
+        return False
+
+
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
+def metrics(request: Request, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> Response:
+    """Every tenant's job counts and queue depths: for the operator's scraper (DISTILL_METRICS_TOKEN as
+    its bearer token), not for whoever can reach the API; with no token set, for this machine only."""
+    token = settings.metrics_token
+    if token is not None:
+        expected = f"Bearer {token.get_secret_value()}"
+        if not hmac.compare_digest((authorization or "").encode(), expected.encode()):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "GET /metrics needs the operator's metrics token")
+    elif request.client is None or not _loopback(request.client.host):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "GET /metrics answers this machine only (DISTILL_METRICS_TOKEN is not set)"
+        )
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -15,15 +15,26 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.orm import Session
 
 from app import acceptance, crud, job_status, webhooks, worker_registry
-from app.api.deps import NO_NUL, CurrentUser, DownloadableJob, OwnedJob, SessionDep, SettingsDep, StreamSlot
+from app.api.deps import (
+    NO_NUL,
+    CurrentTokenId,
+    CurrentUser,
+    DownloadableJob,
+    OwnedJob,
+    SessionDep,
+    SettingsDep,
+    StreamSlot,
+)
 from app.api.errors import FileDownload, errors
 from app.api.release import ReleasingRoute
+from app.core import rate_limits
 from app.core.broker import queue_for
 from app.core.config import Settings
 from app.core.db import session_factory
 from app.core.path_roots import Roots
 from app.core.security import signed_url
 from app.core.storage import s3_store
+from app.event_feed import event_feed
 from app.job_paths import hide_server_paths, job_dir
 from app.models import QUEUED, TERMINAL, Checkpoint, Job, JobEvent, JobStatus, User
 from app.outbox import publish
@@ -67,7 +78,7 @@ def submit(
     session: SessionDep,
     user: CurrentUser,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> JobOut:
     """Validate the spec fully (models, data, shapes) and queue the job. With an `Idempotency-Key`,
     repeating the same request returns the same job; the same key with another body is a 409."""
@@ -127,7 +138,8 @@ def _accept(
     """The checks a request passes before it is queued: the spec's (app/acceptance.py, against what
     this API may read), its webhook's, and, where the server refuses them, a queue no live worker
     serves. A 422 naming each bad field; else the spec, its notification, its queue, and the queues
-    live workers serve."""
+    live workers serve. Each is counted against the user's submit_limit first (the checks read files)."""
+    rate_limits.hit(settings.rate_limit_storage, settings.submit_limit, "job submissions", f"submit:{user.id}")
 
     def upload(dataset_id: str) -> str | None:
         dataset = crud.owned_dataset(session, dataset_id, user.id)
@@ -136,6 +148,13 @@ def _accept(
     spec, notify = request.split()
     _, problems = acceptance.check(spec, acceptance.Reader(Roots.of(settings), settings.api_sees_worker_files, upload))
     problems += webhooks.spec_problems(notify.webhook_url, user, settings)
+    if (asked := spec.resources.max_run_minutes) is not None and asked > settings.max_run_minutes:
+        problems.append(
+            (
+                ("resources", "max_run_minutes"),
+                f"at most {settings.max_run_minutes:g} on this service (DISTILL_MAX_RUN_MINUTES)",
+            )
+        )
     if problems:
         raise RequestValidationError(
             [{"loc": ("body", *loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
@@ -226,6 +245,11 @@ def events(
     return Page(data=[EventOut.model_validate(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
+# How long a stream waits on the event feed before it reads for itself: the feed wakes it within a
+# second of a new event; this bounds the wait where the feed cannot read the database.
+STREAM_FALLBACK_SECONDS = 10
+
+
 @router.get("/{job_id}/events/stream", response_class=EventSourceResponse, responses=errors(*ON_A_JOB, 429))
 async def stream_events(
     job: OwnedJob,
@@ -255,8 +279,8 @@ async def stream_events(
             )
         if not rows and ended:
             return
-        if not rows:
-            await asyncio.sleep(0.5)
+        if not rows:  # nothing new: wait for the feed to see some (every stream of this process, one query)
+            await event_feed().wait(job_id, cursor, timeout=STREAM_FALLBACK_SECONDS)
 
 
 # -- the training process's output --------------------------------------------------------------
@@ -358,10 +382,12 @@ def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
 def _checkpoint(session, job: Job, step: str) -> Checkpoint:
     rows = crud.checkpoints_of(session, job.id)
     found = rows[-1] if step == "latest" and rows else _best(job, rows) if step == "best" else None
-    if step.isascii() and step.isdigit():  # "²" is a digit to str.isdigit, not to int()
+    # "²" is a digit to str.isdigit, not to int(); steps fit in 32 bits, and int() refuses 4,300 digits.
+    if step.isascii() and step.isdigit() and len(step) <= 10:
         found = next((c for c in rows if c.step == int(step)), None)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no checkpoint {step!r}")
+        shown = step if len(step) <= 40 else step[:40] + "…"
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no checkpoint {shown!r}")
     return found
 
 
@@ -417,18 +443,22 @@ def _on_disk(path: str | Path, c: Checkpoint) -> Path:
 
 
 @router.post("/{job_id}/checkpoints/{step}/archive/link", response_model=SignedLink, responses=errors(*ON_A_JOB))
-def archive_link(job: OwnedJob, step: str, request: Request, session: SessionDep) -> SignedLink:
-    """A signed URL of the archive that needs no token for a day: for browsers and download managers."""
+def archive_link(job: OwnedJob, step: str, request: Request, session: SessionDep, tid: CurrentTokenId) -> SignedLink:
+    """A signed URL of the archive that needs no token for a day (or until this request's token is
+    revoked): for browsers and download managers."""
     _checkpoint(session, job, step)
-    url, expires = signed_url(request.url.path.removesuffix("/link"))
+    url, expires = signed_url(request.url.path.removesuffix("/link"), tid)
     return SignedLink(url=url, expires=expires)
 
 
 @router.post("/{job_id}/checkpoints/{step}/files/{name}/link", response_model=SignedLink, responses=errors(*ON_A_JOB))
-def file_link(job: OwnedJob, step: str, name: str, request: Request, session: SessionDep) -> SignedLink:
-    """A signed URL of one checkpoint file that needs no token for a day."""
+def file_link(
+    job: OwnedJob, step: str, name: str, request: Request, session: SessionDep, tid: CurrentTokenId
+) -> SignedLink:
+    """A signed URL of one checkpoint file that needs no token for a day (or until this request's token
+    is revoked)."""
     c = _checkpoint(session, job, step)
     if not any(f["name"] == name for f in c.files):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"checkpoint step {c.step} has no file {name!r}")
-    url, expires = signed_url(request.url.path.removesuffix("/link"))
+    url, expires = signed_url(request.url.path.removesuffix("/link"), tid)
     return SignedLink(url=url, expires=expires)

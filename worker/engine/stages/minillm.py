@@ -7,7 +7,7 @@ other text to every update, in the same forward as the rollouts, as the referenc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -354,8 +354,12 @@ class MiniLLMStage:
     # -- resume ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        rollouts = None if self.rollouts is None else replace(self.rollouts, teacher_logits=None)
+        """Plain tensors, lists and numbers, which a resume reads with torch.load(weights_only=True)."""
+        rollouts = None if self.rollouts is None else asdict(replace(self.rollouts, teacher_logits=None))
         return {"phase": self.phase, "rollouts": rollouts}
 
     def load_state_dict(self, state: dict) -> None:
-        self.phase, self.rollouts = state["phase"], state["rollouts"]
+        rollouts = state["rollouts"]
+        if rollouts is not None:
+            rollouts = Rollouts(**{**rollouts, "batch": SequenceBatch(**rollouts["batch"])})
+        self.phase, self.rollouts = state["phase"], rollouts

@@ -30,7 +30,7 @@ export function render(main, { params }) {
   }).catch((err) => picker.append(h("p.error-box", { role: "alert" }, err.message)));
 
   if (!ids.length) {
-    table.replaceChildren(h("p.muted", { style: "padding:8px 12px" }, "Choose two or more jobs above."));
+    table.replaceChildren(h("p.muted.note", {}, "Choose two or more jobs above."));
     return () => { stopped = true; for (const c of charts) c.destroy(); };
   }
 

@@ -142,7 +142,7 @@ export function render(main, { id }) {
     evalTable.replaceChildren(evals.length ? h("table", {},
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Step"), h("th", { scope: "col" }, "Label"), keys.map((k) => h("th.num", { scope: "col" }, k)))),
       h("tbody", {}, evals.map((e) => h("tr", {}, h("td", {}, e.step), h("td", {}, e.label), keys.map((k) => h("td.num", {}, num(e.scores[k]))))))
-    ) : h("p.muted", { style: "padding:8px 12px" }, "No evaluations yet."));
+    ) : h("p.muted.note", {}, "No evaluations yet."));
     // The student during training is scored on the selection set; the teacher only on the test set.
     const model = evals.filter((e) => e.label === "selection").map((e) => ({ x: e.step, y: e.scores.rouge_l }));
     const teacher = evals.find((e) => e.label === "teacher");
@@ -177,7 +177,7 @@ export function render(main, { id }) {
   }
 
   function showCheckpoints(rows) {
-    if (!rows.length) return checkpoints.replaceChildren(h("p.muted", { style: "padding:8px 12px" }, "No checkpoints yet."));
+    if (!rows.length) return checkpoints.replaceChildren(h("p.muted.note", {}, "No checkpoints yet."));
     const link = (label, path, filename, extra = {}) => h("button.link", { type: "button", ...extra, dataset: { path },
       onclick: () => download(path, filename).catch((err) => toast(`Download failed: ${err.message}`)) }, label);
     const files = (c) => h("details", {}, h("summary", {}, `${c.files.length} files`),

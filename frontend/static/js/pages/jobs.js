@@ -27,7 +27,7 @@ export function render(main, { params }) {
       compareButton),
     error,
     h("div.table-wrap", {}, h("table", { id: "jobs" },
-      h("caption.muted.small", { style: "text-align:left;padding:8px 10px" }, "Newest first; updates live."),
+      h("caption.muted.small.note", {}, "Newest first; updates live."),
       h("thead", {}, h("tr", {},
         h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, "Compare")),
         h("th", { scope: "col" }, "Name"), h("th", { scope: "col" }, "Method"),

@@ -172,7 +172,7 @@ export function render(main, { params }) {
       first = yaml;
     }
     const others = !advanced.open && unplaced.length ? [h("ul", {}, unplaced.map((u) => h("li", {}, u)))] : [];
-    summary.replaceChildren(h("p", { style: "margin:0" }, `The API refused this spec (${detail.length} problem${detail.length > 1 ? "s" : ""}); each is shown beside its field.`),
+    summary.replaceChildren(h("p.flush", {}, `The API refused this spec (${detail.length} problem${detail.length > 1 ? "s" : ""}); each is shown beside its field.`),
       ...others);
     summary.hidden = false;
     (first || summary).focus();
