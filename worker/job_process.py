@@ -2,7 +2,8 @@
 
 Started by the supervisor (alone, or once per rank under the DeepSpeed launcher). It reads the spec
 from the database, checks it again where the files are read (app/acceptance.py), and runs the engine
-with a reporter that writes everything to the database.
+with a reporter that writes everything to the database and a readable line per step to its output,
+which is the attempt's log.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from app.core.db import session_factory
 from app.core.path_roots import Roots
 from app.job_paths import dataset_file, job_dir
 from app.models import Job
-from worker.engine.events import Event
+from worker.engine.events import Event, Fanout, LogLineReporter
 from worker.engine.spec import JobSpec
 from worker.engine.status import JobStatus
 from worker.engine.trainer import Cancelled, train
@@ -65,7 +66,8 @@ def main() -> None:
         reporter.flush(seconds=settings.heartbeat_timeout_seconds)
         sys.exit(1)
     try:
-        train(spec, job_dir(settings, args.job_id), reporter)
+        # Everything to the database, and a readable line per step and event to the attempt's log.
+        train(spec, job_dir(settings, args.job_id), Fanout(reporter, LogLineReporter(sys.stdout)))
     except Cancelled:
         pass
     except Exception:  # already reported as the job's failure by the trainer

@@ -2,6 +2,7 @@
 cancellation, failures, and a worker killed mid-job."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
 
     events = client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
     assert {"state", "metrics", "eval", "checkpoint", "log"} <= {e["type"] for e in events}
+    # The training process's log, as a healthy job leaves it: a line per step, and its evaluations.
+    log = client.get(f"/api/v1/jobs/{job_id}/logs", headers=auth).text
+    assert re.findall(r" step (\d+)/6 minillm: loss ", log) == ["1", "2", "3", "4", "5", "6"], log
+    assert "test set, final (step 6): " in log
     # Paths are the job's own, never the server's: its artifacts folder appears nowhere.
     assert [e["data"]["path"] for e in events if e["type"] == "checkpoint"] == [
         "checkpoints/step-000003",

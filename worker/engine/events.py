@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TextIO
 
 from tqdm import tqdm
 
@@ -75,6 +75,38 @@ class ProgressBarReporter:
             tqdm.write(event.message)
         if event.type == "state" and event.data.get("state") in TERMINAL and self.bar:
             self.bar.close()
+
+    def should_cancel(self) -> bool:
+        return False
+
+
+class LogLineReporter:
+    """A line a person can read for each step and each event that says something, written to a text
+    stream: a training process's output, which is its job's log (`distill logs`, the page's log)."""
+
+    SHOWN = ("loss", "reverse_kl", "reward", "pg_loss", "lm_loss", "clip_fraction", "lr")  # in this order
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.total_steps = stream, None
+
+    def emit(self, event: Event) -> None:
+        if event.type == "progress":
+            self.total_steps = event.data["total_steps"]
+            return
+        line = self.step_line(event.data) if event.type == "metrics" else event.message
+        if line:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.time))
+            self.stream.write(f"{stamp} {event.level:<7} {line}\n")
+            self.stream.flush()  # the log is read while the job runs
+
+    def step_line(self, data: dict) -> str:
+        """`step 3/40 minillm: loss 0.2531, reverse_kl 0.1204, lr 5e-06, 912 tokens/s`."""
+        values = data["values"]
+        of = f"/{self.total_steps}" if self.total_steps else ""
+        shown = [f"{k} {values[k]:.4g}" for k in self.SHOWN if k in values]
+        if "tokens_per_s" in values:
+            shown.append(f"{values['tokens_per_s']:.0f} tokens/s")
+        return f"step {data['step']}{of} {data['stage']}: " + ", ".join(shown)
 
     def should_cancel(self) -> bool:
         return False
