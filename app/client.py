@@ -188,6 +188,10 @@ class Jobs:
                 raise
             return self.retrieve(job_id)
 
+    def delete(self, job_id: str) -> None:
+        """Delete a job that has ended, with everything it wrote (an ApiError 409 while it runs)."""
+        self._client.request("DELETE", f"/jobs/{job_id}")
+
     def wait(self, job_id: str, poll_seconds: float = 5.0) -> JobOut:
         """The job once it has ended: succeeded, failed or cancelled."""
         while (job := self.retrieve(job_id)).status not in TERMINAL:
@@ -250,6 +254,10 @@ class Datasets:
 
     def list(self) -> list[DatasetOut]:
         return [DatasetOut.model_validate(d) for d in self._client.request("GET", "/datasets").json()]
+
+    def delete(self, dataset_id: str) -> None:
+        """Delete an upload, freeing its bytes of your quota (an ApiError 409 while a running job reads it)."""
+        self._client.request("DELETE", f"/datasets/{dataset_id}")
 
 
 class Me:

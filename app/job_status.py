@@ -57,14 +57,24 @@ def create(
     max_attempts: int,
     idempotency_key: str | None,
     max_active: int,
+    key_lifetime: timedelta,
 ) -> tuple[Job, bool]:
-    """A queued job, or the job this idempotency key already created (False: not new). A new job
-    past the user's `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
+    """A queued job, or the job this idempotency key created less than `key_lifetime` ago (False: not
+    new). An older job lets go of its key, which then makes a new one. A new job past the user's
+    `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
     request = {**spec, "notify": {"webhook_url": webhook_url}}  # the request as submitted, flat
     request_hash = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
-        if existing is not None:
+        if existing is not None and existing.created_at < db_now(session) - key_lifetime:
+            # Conditional, as two submits may both find it: the second's insert then meets the first's
+            # new job in the unique key, and the retry below returns that one.
+            session.execute(
+                update(Job)
+                .where(Job.id == existing.id, Job.idempotency_key == idempotency_key)
+                .values(idempotency_key=None)
+            )
+        elif existing is not None:
             if existing.request_hash != request_hash:
                 raise IdempotencyConflict(idempotency_key)
             return existing, False
@@ -98,6 +108,7 @@ def create(
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
             max_active=max_active,
+            key_lifetime=key_lifetime,
         )
     crud.stage_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
     session.commit()

@@ -3,7 +3,8 @@ else mark them failed; and send the messages of queued jobs that never reached t
 the API server and in every worker; the status machine's conditional updates make it safe to run in
 several places at once. In a worker it also keeps the worker's entry in the registry of live workers
 fresh, so the API knows which queues are served. And it sends the webhooks of jobs that ended
-(app/webhooks.py), each claimed first, so that only one reaper sends it."""
+(app/webhooks.py), each claimed first, so that only one reaper sends it, and deletes the jobs that
+ended more than DISTILL_RETENTION_DAYS ago (app/cleanup.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from datetime import timedelta
 
-from app import job_status, webhooks, worker_registry
+from app import cleanup, job_status, webhooks, worker_registry
 from app.core.config import get_settings
 from app.core.db import session_factory
 from app.models import Job
@@ -52,6 +53,11 @@ def reap_forever(stop: threading.Event, queues: Sequence[str] = ()) -> None:
             webhooks.deliver_due(stop=stop)
         except Exception:
             log.exception("sending webhooks failed; trying again")
+        try:
+            with session_factory()() as session:
+                cleanup.delete_expired_jobs(session, get_settings())
+        except Exception:  # the bucket, say: the jobs are deleted in a later round
+            log.exception("deleting jobs past retention_days failed; trying again")
     if queues:
         _registered(lambda session: worker_registry.unregister(session, name))
 

@@ -210,6 +210,13 @@ class DatasetOut(BaseModel):
     created_at: datetime
 
 
+class Deleted(BaseModel):
+    """What a DELETE answers: the id of what is gone."""
+
+    id: str
+    deleted: Literal[True] = True
+
+
 class MetricPoint(BaseModel):
     step: int
     stage: str | None = Field(description="The stage the step belongs to (recovery stage, then the method).")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -14,6 +15,25 @@ import psycopg
 from worker.engine.paths import PROJECT_ROOT
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+
+
+def queued_job(session, user, name: str):
+    """A job of `user` queued on cpu-1 straight in the database, without spec checks or a broker message:
+    for tests of what reads jobs, not of how they are submitted."""
+    from app import job_status
+
+    job, _ = job_status.create(
+        session,
+        user,
+        {"name": name},
+        queue="cpu-1",
+        total_steps=1,
+        max_attempts=1,
+        idempotency_key=None,
+        max_active=100,
+        key_lifetime=timedelta(hours=24),
+    )
+    return job
 
 
 def write_dataset(directory: Path, train_records: int = 64, eval_records: int = 16) -> Path:

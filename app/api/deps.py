@@ -20,9 +20,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 _bearer = HTTPBearer(auto_error=False, description="A token from `distill users create NAME`.")
 # Ids, cursors and names that reach PostgreSQL: its text refuses NUL (a DataError, a 500), so a
-# NUL is a 422 naming the parameter. Job ids are 20 characters; 64 leaves room and bounds the echo.
+# NUL is a 422 naming the parameter. Job and dataset ids are 20 characters; 64 leaves room and bounds the echo.
 NO_NUL = r"^[^\x00]*$"
-JobId = Annotated[str, Path(max_length=64, pattern=NO_NUL)]
+ResourceId = Annotated[str, Path(max_length=64, pattern=NO_NUL)]
 
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -71,7 +71,7 @@ def release_connection(session: Session) -> None:
 CurrentUser = Annotated[User, Depends(current_user)]
 
 
-def owned_job(job_id: JobId, session: SessionDep, user: CurrentUser) -> Job:
+def owned_job(job_id: ResourceId, session: SessionDep, user: CurrentUser) -> Job:
     """The job, if it is the user's; anyone else's job is answered exactly like a missing one."""
     job = session.get(Job, job_id)
     release_connection(session)
@@ -102,7 +102,7 @@ StreamSlot = Annotated[None, Depends(stream_slot)]
 
 
 def downloadable_job(
-    job_id: JobId,
+    job_id: ResourceId,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,

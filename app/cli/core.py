@@ -34,7 +34,8 @@ EXIT_CODES = {
     ExitCode.OK: "done; with --wait or --follow, the job succeeded",
     ExitCode.FAILED: "the job failed, or the command did (a file it could not write, say)",
     ExitCode.USAGE: "bad usage or a bad spec: an option, a spec the server refuses (422), an Idempotency-Key "
-    "used before with another spec (409), a user name that exists",
+    "used before with another spec (409), a delete of a job not ended or of a dataset it reads (409), a user name "
+    "that exists",
     ExitCode.CANCELLED: "the job was cancelled",
     ExitCode.NOT_FOUND: "no such job, checkpoint, user, token or key",
     ExitCode.UNAVAILABLE: "the server unreachable or failing (connection refused, timeouts, 5xx) after retrying, "

@@ -222,6 +222,13 @@ def cancel(job_id: str, as_json: bool = JsonOption, url: str = UrlOption, token:
 
 
 @cli.command()
+def delete(job_id: str, as_json: bool = JsonOption, url: str = UrlOption, token: str = TokenOption) -> None:
+    """Delete a job that has ended, with its checkpoints, evaluations, events and files."""
+    api_client(url, token).jobs.delete(job_id)
+    emit(as_json, {"deleted": job_id}, f"deleted {job_id}")
+
+
+@cli.command()
 def download(
     job_id: str,
     step: str = typer.Option("latest", help="A step number, latest or best."),
@@ -265,6 +272,13 @@ def datasets(as_json: bool = JsonOption, url: str = UrlOption, token: str = Toke
     listed = api_client(url, token).datasets.list()
     rows = [f"{d.id}  {d.num_records:>8}  {d.size_bytes:>12}  {d.created_at:%Y-%m-%d %H:%M}  {d.name}" for d in listed]
     emit(as_json, listed, "\n".join(rows))
+
+
+@cli.command("delete-dataset")
+def delete_dataset(dataset_id: str, as_json: bool = JsonOption, url: str = UrlOption, token: str = TokenOption) -> None:
+    """Delete an uploaded dataset, freeing its bytes of your quota (refused while a running job reads it)."""
+    api_client(url, token).datasets.delete(dataset_id)
+    emit(as_json, {"deleted": dataset_id}, f"deleted {dataset_id}")
 
 
 @cli.command()

@@ -63,6 +63,18 @@ class Settings(BaseSettings):
         description="The longest an attempt of any job may run before the worker stops it (TimeLimit, failed); "
         "a spec's resources.max_run_minutes may ask for less, not more.",
     )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Finished jobs are deleted this long after they ended, with their files and bucket objects "
+        "(as DELETE /jobs/{id} does). Empty: kept until a user deletes them.",
+    )
+    idempotency_key_hours: float = Field(
+        24.0,
+        gt=0,
+        description="How long an Idempotency-Key names the job it created; a submit with the key after that "
+        "creates a new job (a CI pipeline re-run with the same run id).",
+    )
     max_attempts: int = Field(3, ge=1, description="Times a job is started before a lost worker marks it failed.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker reports that a job is alive.")
     heartbeat_timeout_seconds: float = Field(

@@ -52,8 +52,8 @@ class S3Store:
 
     def delete(self, url: str, names: list[str]) -> None:
         keys = [{"Key": self._key(url, n)} for n in names]
-        if keys:
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+        for start in range(0, len(keys), 1000):  # the most one request may name
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000]})
 
     def download_url(self, url: str, name: str, filename: str, expires: int = 3600) -> str:
         return self.client.generate_presigned_url(

@@ -184,9 +184,16 @@ def test_validate_checks_like_submit_and_queues_nothing(server, auth, dataset, t
 
     listed = json.loads(_api(server, auth, "jobs", "--limit", "1", "--json").stdout)
     assert [j["id"] for j in listed] == [job["id"]] and listed[0]["status"] == "queued"
+    refused = _api(server, auth, "delete", job["id"], "--json")  # queued: cancel it first
+    assert refused.returncode == 2 and _error(refused)["status_code"] == 409
     for _ in range(2):  # a repeated cancel does no harm
         cancelled = _api(server, auth, "cancel", job["id"], "--json")
         assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert _api(server, auth, "delete", job["id"]).stdout.strip() == f"deleted {job['id']}"
+    assert json.loads(_api(server, auth, "jobs", "--json").stdout) == []
+    for uploaded in json.loads(_api(server, auth, "datasets", "--json").stdout):
+        assert _api(server, auth, "delete-dataset", uploaded["id"]).returncode == 0
+    assert json.loads(_api(server, auth, "datasets", "--json").stdout) == []
 
 
 def test_submit_wait_exits_3_when_the_job_is_cancelled(server, client, auth, dataset, tmp_path):

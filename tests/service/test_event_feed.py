@@ -7,13 +7,12 @@ import asyncio
 import time
 
 import pytest
+from helpers import queued_job
 from sqlalchemy import event
 
 from app import crud, job_status
 from app.core.db import get_engine, session_factory
 from app.event_feed import EventFeed, newest_events
-
-QUEUED_ON_CPU_1 = {"queue": "cpu-1", "total_steps": 1, "max_attempts": 1, "idempotency_key": None, "max_active": 100}
 
 
 @pytest.fixture
@@ -26,8 +25,7 @@ def jobs():
         with session_factory()() as session:
             user, _ = crud.create_user(session, f"followed-{time.monotonic_ns()}")
             for _ in range(n):
-                job, _ = job_status.create(session, user, {"name": "followed"}, **QUEUED_ON_CPU_1)
-                made.append(job.id)
+                made.append(queued_job(session, user, "followed").id)
         return made[-n:]
 
     yield make

@@ -234,7 +234,8 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
 
 def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, browser_page):
     """A job for a queue no worker serves says so on its page, until a worker for it registers (the
-    page looks again every few seconds while the job is queued: no event on the job announces it)."""
+    page looks again every few seconds while the job is queued: no event on the job announces it).
+    Cancelled, it can be deleted from its page."""
     import httpx
 
     from app import worker_registry
@@ -265,7 +266,15 @@ def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, bro
     expect(page.locator("#waiting-for")).to_be_hidden(timeout=15_000)
     with session_factory()() as session:
         worker_registry.unregister(session, "browser-test:1")
+    expect(page.locator("#delete")).to_be_hidden()  # not while it is queued
     assert httpx.post(f"{server}/api/v1/jobs/{job_id}/cancel", headers=user).status_code == 200
+    # Once it has ended, its page offers to delete it, and asks first.
+    asked = []
+    page.once("dialog", lambda dialog: asked.append(dialog.message) or dialog.accept())
+    page.locator("#delete").click()
+    expect(page).to_have_url(re.compile(r"#/jobs$"))
+    assert asked and asked[0].startswith("Delete tiny-gpu with its checkpoints")
+    assert httpx.get(f"{server}/api/v1/jobs/{job_id}", headers=user).status_code == 404
     assert problems == []
 
 

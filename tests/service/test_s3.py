@@ -95,6 +95,9 @@ def test_checkpoints_go_to_s3_and_downloads_redirect_there(client, auth, dataset
     )
     assert single.status_code == 307
     assert httpx.get(single.headers["location"]).json()["num_hidden_layers"] == 2
+    # Deleting the job deletes its objects too.
+    assert client.delete(f"/api/v1/jobs/{job_id}", headers=auth).status_code == 200
+    assert bucket.list_objects_v2(Bucket="models", Prefix=prefix)["KeyCount"] == 0
 
 
 def test_a_job_taken_up_on_another_machine_resumes_from_the_buckets_copy(client, auth, dataset, s3, tmp_path):
@@ -164,6 +167,9 @@ def test_an_upload_is_read_by_a_worker_that_does_not_share_the_apis_folder(clien
     _, done = run_to_end(client, auth, spec, worker)
     assert done["status"] == "succeeded", done["error"]
     assert (elsewhere / "datasets" / f"{uploaded['id']}.jsonl").read_bytes() == body
+    # Deleting the upload deletes the bucket's copy too.
+    assert client.delete(f"/api/v1/datasets/{uploaded['id']}", headers=auth).status_code == 200
+    assert bucket.list_objects_v2(Bucket="models", Prefix=key)["KeyCount"] == 0
 
 
 def test_a_checkpoint_pruned_while_it_uploads_leaves_nothing_in_the_bucket(client, auth, dataset, s3, tmp_path):

@@ -9,6 +9,7 @@ import sys
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from helpers import queued_job
 from pydantic import ValidationError
 
 from app.core import signing_keys
@@ -46,16 +47,7 @@ def archive(tmp_path_factory):
     (folder / "model.tar").write_bytes(content)
     with session_factory()() as session:
         user, token = crud.create_user(session, f"signer-{os.getpid()}")
-        job, _ = job_status.create(
-            session,
-            user,
-            {"name": "signed"},
-            queue="cpu-1",
-            total_steps=1,
-            max_attempts=1,
-            idempotency_key=None,
-            max_active=100,
-        )
+        job = queued_job(session, user, "signed")
         job_status.request_cancel(session, job.id)  # ended: never sent to a worker
         session.add(
             Checkpoint(

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 
 import httpx
 import pytest
-from helpers import wait_for
+from helpers import queued_job, wait_for
 
 from worker.engine.launch import free_port
 
@@ -50,16 +50,7 @@ def user_with_job(ended: bool = False) -> tuple[dict, str]:
 
     with session_factory()() as session:
         user, token = crud.create_user(session, f"streamer-{time.monotonic_ns()}")
-        job, _ = job_status.create(
-            session,
-            user,
-            {"name": "streamed"},
-            queue="cpu-1",
-            total_steps=1,
-            max_attempts=1,
-            idempotency_key=None,
-            max_active=100,
-        )
+        job = queued_job(session, user, "streamed")
         if ended:
             job_status.request_cancel(session, job.id)
         return {"Authorization": f"Bearer {token}"}, job.id

@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app import crud
-from app.api.deps import NO_NUL, CurrentUser, SessionDep, SettingsDep, release_connection
+from app import cleanup, crud
+from app.api.deps import NO_NUL, CurrentUser, ResourceId, SessionDep, SettingsDep, release_connection
 from app.api.errors import errors
 from app.api.release import ReleasingRoute
 from app.core import rate_limits, slots
@@ -22,7 +22,7 @@ from app.core.config import Settings
 from app.core.storage import s3_store
 from app.job_paths import dataset_file
 from app.models import Dataset, User, new_id
-from app.schemas import DatasetOut
+from app.schemas import DatasetOut, Deleted
 from worker.engine.corpus import is_text_jsonl, iter_text_records
 from worker.engine.data import DataError, iter_records
 
@@ -158,3 +158,17 @@ def _count_records(path: Path) -> int:
 @router.get("", response_model=list[DatasetOut], name="list", responses=errors(401))
 def list_datasets(session: SessionDep, user: CurrentUser) -> list[DatasetOut]:
     return [DatasetOut.model_validate(d) for d in crud.datasets_of(session, user.id)]
+
+
+@router.delete("/{dataset_id}", response_model=Deleted, name="delete", responses=errors(401, 404, 409, 422))
+def delete_dataset(dataset_id: ResourceId, session: SessionDep, user: CurrentUser, settings: SettingsDep) -> Deleted:
+    """Delete an upload, which frees its bytes of your quota. A 409 while a queued or running job of
+    yours reads it; finished jobs that read it keep their results."""
+    dataset = crud.owned_dataset(session, dataset_id, user.id)
+    if dataset is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id}")
+    try:
+        cleanup.delete_dataset(session, settings, dataset)
+    except cleanup.InUse as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    return Deleted(id=dataset_id)

@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.orm import Session
 
-from app import acceptance, crud, job_status, webhooks, worker_registry
+from app import acceptance, cleanup, crud, job_status, webhooks, worker_registry
 from app.api.deps import (
     NO_NUL,
     CurrentTokenId,
@@ -40,6 +40,7 @@ from app.models import QUEUED, TERMINAL, Checkpoint, Job, JobEvent, JobStatus, U
 from app.outbox import publish
 from app.schemas import (
     CheckpointOut,
+    Deleted,
     EvalOut,
     EvalSamplesOut,
     EventOut,
@@ -81,7 +82,8 @@ def submit(
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> JobOut:
     """Validate the spec fully (models, data, shapes) and queue the job. With an `Idempotency-Key`,
-    repeating the same request returns the same job; the same key with another body is a 409."""
+    repeating the same request returns the same job; the same key with another body is a 409. A key
+    names its job for DISTILL_IDEMPOTENCY_KEY_HOURS (24 h); after that, it makes a new job."""
     spec, notify, queue, served = _accept(request, session, user, settings)
     try:
         job, created = job_status.create(
@@ -94,6 +96,7 @@ def submit(
             max_attempts=settings.max_attempts,
             idempotency_key=idempotency_key,
             max_active=settings.max_active_jobs_per_user,
+            key_lifetime=timedelta(hours=settings.idempotency_key_hours),
         )
     except job_status.IdempotencyConflict:
         raise HTTPException(
@@ -202,6 +205,18 @@ def cancel(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> JobOut:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} has already ended ({job.status})")
     session.refresh(job)
     return _out(session, settings, [job])[0]
+
+
+@router.delete("/{job_id}", response_model=Deleted, name="delete", responses=errors(*ON_A_JOB, 409))
+def delete_job(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> Deleted:
+    """Delete a finished job (succeeded, failed or cancelled) with everything it wrote: its events,
+    evaluations, checkpoints, log, files and objects in the bucket. A 409 while it is queued or running:
+    cancel it first."""
+    try:
+        cleanup.delete_job(session, settings, job.id)
+    except cleanup.InUse as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    return Deleted(id=job.id)
 
 
 def _liveness(settings: Settings) -> timedelta:

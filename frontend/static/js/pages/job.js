@@ -41,6 +41,7 @@ export function render(main, { id }) {
   const title = h("h1", {}, "Job ", h("span.mono", {}, id));
   const status = h("span", { id: "job-status", role: "status" });
   const cancel = h("button.danger", { type: "button", id: "cancel", hidden: true, onclick: onCancel }, "Cancel job");
+  const remove = h("button.danger", { type: "button", id: "delete", hidden: true, onclick: onDelete }, "Delete job");
   const clone = h("a.button.secondary", { id: "clone", href: `#/new?clone=${encodeURIComponent(id)}` }, "Clone");
   const saveLog = h("button.secondary", { type: "button", id: "download-log", hidden: true, onclick: onSaveLog }, "Download log");
   const specText = h("pre.spec-text", {});
@@ -61,7 +62,7 @@ export function render(main, { id }) {
   main.append(
     h("p.small", {}, h("a", { href: "#/jobs" }, "← All jobs")),
     title,
-    h("div.toolbar", {}, status, cancel, clone, saveLog),
+    h("div.toolbar", {}, status, cancel, remove, clone, saveLog),
     error,
     waiting,
     summary,
@@ -90,6 +91,19 @@ export function render(main, { id }) {
     }
   }
 
+  async function onDelete() {
+    if (!window.confirm(`Delete ${job.name} with its checkpoints, evaluations and log? This cannot be undone.`)) return;
+    remove.disabled = true;
+    try {
+      await api(`/jobs/${id}`, { method: "DELETE" });
+      toast(`Deleted ${job.name}`);
+      location.hash = "#/jobs";
+    } catch (err) {
+      remove.disabled = false;
+      toast(err.message);
+    }
+  }
+
   function onSaveLog() {
     saveAnswer(`/jobs/${id}/logs`, `${id}-attempt-${job.attempts}.log`).catch((err) => toast(`Download failed: ${err.message}`));
   }
@@ -108,6 +122,7 @@ export function render(main, { id }) {
     status.dataset.status = job.status;
     cancel.hidden = TERMINAL.has(job.status) || job.status === "cancelling";
     cancel.disabled = false;
+    remove.hidden = !TERMINAL.has(job.status);
     saveLog.hidden = !job.attempts;
     if (!specText.textContent) specText.textContent = dump(job.spec, { lineWidth: 120 }); // a job's spec never changes
     const s = job.spec, best = job.best_eval;
