@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import crud
+from app import crud, job_refs
 from app.core.config import Settings
 from app.core.db import db_now
 from app.core.storage import s3_store
@@ -31,7 +31,8 @@ class InUse(Exception):
 
 def delete_job(session: Session, settings: Settings, job_id: str) -> None:
     """Delete a finished job: its row (its events, evals and checkpoints go with it), its folder and
-    its objects in the bucket. InUse while it is queued, running or cancelling."""
+    its objects in the bucket. InUse while it is queued, running or cancelling, or while an unfinished
+    job's model is one of its checkpoints (job:ID)."""
     job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
     if job is None:  # deleted meanwhile, by another request or the retention sweep
         session.rollback()
@@ -39,6 +40,9 @@ def delete_job(session: Session, settings: Settings, job_id: str) -> None:
     if job.status not in TERMINAL:
         session.rollback()
         raise InUse(f"job {job_id} is {job.status}: cancel it, or wait for it to end, before deleting it")
+    if readers := job_refs.readers_of(session, job):
+        session.rollback()
+        raise InUse(f"job {job_id}'s checkpoints are a model of {', '.join(readers)}, which has not ended")
     session.delete(job)
     session.commit()
     shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)

@@ -188,6 +188,10 @@ class Jobs:
                 raise
             return self.retrieve(job_id)
 
+    def resume(self, job_id: str) -> JobOut:
+        """Continue a failed or cancelled job from its newest checkpoint, as a new attempt."""
+        return JobOut.model_validate(self._client.request("POST", f"/jobs/{job_id}/resume", repeatable=False).json())
+
     def delete(self, job_id: str) -> None:
         """Delete a job that has ended, with everything it wrote (an ApiError 409 while it runs)."""
         self._client.request("DELETE", f"/jobs/{job_id}")

@@ -216,6 +216,26 @@ def checkpoints_of(session: Session, job_id: str) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
 
 
+def best_checkpoint(job: Job, rows: list[Checkpoint]) -> Checkpoint | None:
+    """Of a job's checkpoints (`rows`, oldest first), the one the engine chose as best (it records it in
+    job.best_eval), else the latest."""
+    step = (job.best_eval or {}).get("step")
+    return next((c for c in rows if c.step == step), rows[-1] if rows else None)
+
+
+def checkpoint_at(session: Session, job: Job, which: str) -> Checkpoint | None:
+    """A job's checkpoint by `which`: `latest`, `best` or a step number (as text, from a URL or a spec)."""
+    rows = checkpoints_of(session, job.id)
+    if which == "latest":
+        return rows[-1] if rows else None
+    if which == "best":
+        return best_checkpoint(job, rows)
+    # "²" is a digit to str.isdigit, not to int(); steps fit in 32 bits, and int() refuses 4,300 digits.
+    if which.isascii() and which.isdigit() and len(which) <= 10:
+        return next((c for c in rows if c.step == int(which)), None)
+    return None
+
+
 # -- datasets -----------------------------------------------------------------------------------
 
 

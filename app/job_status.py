@@ -1,9 +1,11 @@
 """The job status machine, every change of a job's status from its creation on: each is one
-conditional UPDATE, so two processes can never both move a job, and nothing leaves a terminal status.
+conditional UPDATE, so two processes can never both move a job, and nothing leaves a terminal status
+but a resume its owner asks for.
 
     queued ──claim──▶ running ──▶ succeeded | failed
       │                  │  ▲ (lost worker: back to queued while attempts remain)
       └──cancel──▶ cancelled ◀── cancelling ◀──cancel── running
+    failed | cancelled ──resume──▶ queued (the next attempt continues from the newest checkpoint)
 
 A status change and the event that announces it are committed together: a reader that sees the new
 status (the event stream deciding it is done, say) also sees the event. Every outcome ends the job
@@ -17,13 +19,13 @@ import hashlib
 import json
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import crud, webhooks
 from app.core.db import db_now
-from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job, JobEvent, User
+from app.models import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, TERMINAL, Job, JobEvent, User, WebhookDelivery
 
 
 def _move(session: Session, job_id: str, from_: tuple[str, ...], *also, **values) -> bool:
@@ -78,10 +80,7 @@ def create(
             if existing.request_hash != request_hash:
                 raise IdempotencyConflict(idempotency_key)
             return existing, False
-    crud.lock_user(session, user.id)
-    if crud.active_jobs(session, user.id) >= max_active:
-        session.rollback()  # and the lock with it
-        raise TooManyJobs(max_active)
+    _room_for_one_more(session, user.id, max_active)
     job = Job(
         user_id=user.id,
         name=spec["name"],
@@ -113,6 +112,15 @@ def create(
     crud.stage_event(session, job.id, "state", f"queued on {queue}", data={"state": QUEUED})
     session.commit()
     return job, True
+
+
+def _room_for_one_more(session: Session, user_id: int, max_active: int) -> None:
+    """Lock the user's row until the transaction ends, if they may have one more unfinished job; else
+    TooManyJobs, the lock released."""
+    crud.lock_user(session, user_id)
+    if crud.active_jobs(session, user_id) >= max_active:
+        session.rollback()
+        raise TooManyJobs(max_active)
 
 
 def claim(session: Session, job_id: str, worker: str, placement: dict | None = None) -> int | None:
@@ -230,6 +238,34 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     session.rollback()
     job = session.get(Job, job_id)
     return job.status if job and job.status == CANCELLING else None
+
+
+def resume(session: Session, job_id: str, attempts: int, max_active: int) -> bool:
+    """Queue a failed or cancelled job again, on its owner's request, with `attempts` more attempts: its
+    next attempt continues from its newest checkpoint, as a retry does. The webhook delivery of the
+    end it leaves is dropped (it ends again, and says so then). False if the job is in another status;
+    TooManyJobs past the owner's `max_active` unfinished jobs."""
+    _room_for_one_more(session, session.scalar(select(Job.user_id).where(Job.id == job_id)), max_active)
+    again = _move(
+        session,
+        job_id,
+        (FAILED, CANCELLED),
+        status=QUEUED,
+        max_attempts=Job.attempts + attempts,
+        finished_at=None,
+        error_code=None,
+        error_message=None,
+        eta_seconds=None,
+        worker=None,
+        published_at=None,
+    )
+    if not again:
+        session.rollback()
+        return False
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
+    crud.stage_event(session, job_id, "state", "queued again: resumed by its owner", data={"state": QUEUED})
+    session.commit()
+    return True
 
 
 def reap_stale(session: Session, timeout: timedelta) -> list[str]:

@@ -61,3 +61,25 @@ def test_uploads_become_their_files_and_every_problem_is_named(files):
     assert "data.train: dataset:ds-2: no such uploaded dataset" in said
     assert "data.eval: '/etc/passwd' is not a file this service may read" in said
     assert "minillm.rollouts_per_phase: must be a multiple of" in said
+
+
+def test_a_job_reference_becomes_its_checkpoint_directory_which_is_looked_at_and_the_spec_keeps_the_name(files):
+    checkpoint = files / "jobs" / "job-1" / "checkpoints" / "step-000006"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (files / "empty").mkdir()  # a directory that is no model: what a lost checkpoint copy looks like
+    names = {"job:job-1@best": str(checkpoint), "job:job-1@latest": str(files / "empty")}
+    reader = Reader(Roots(models=(), data=(files / "data",), allow_hub=False), reads_files=True, checkpoint=names.get)
+    data = {"train": str(files / "data" / "train.jsonl")}
+    chained = JobSpec.model_validate({**TINY, "student": {"model": "job:job-1@best"}, "data": data})
+    confined, problems = check(chained, reader)
+    assert problems == [] and confined.student.model == "job:job-1@best"  # outside the model roots, and the owner's
+    assert runnable(chained, reader).student.model == str(checkpoint)
+
+    bad = JobSpec.model_validate(
+        {**TINY, "teacher": "job:job-2", "student": {"model": "job:job-1@latest"}, "data": data}
+    )
+    _, problems = check(bad, reader)
+    assert [loc for loc, _ in problems] == [("teacher",), ("student", "model")]
+    assert "job:job-2: no such job of yours with that checkpoint" in problems[0][1]
+    assert "no config.json" in problems[1][1]  # the directory named is looked at like any model's

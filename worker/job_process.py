@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import acceptance, crud
+from app import acceptance, crud, job_refs
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.path_roots import Roots
@@ -28,8 +28,9 @@ from worker.supervisor import die_with_parent
 def readable_spec(job: Job, session, settings: Settings) -> JobSpec:
     """The job's spec as the engine runs it here: checked on this machine, where the files are read
     (paths resolved against the roots, models and data looked at), each upload its file on this
-    machine (the copy brought from the bucket, where the API's folder is elsewhere). Refused names
-    what the job may not read (any more): a path outside the roots, an upload deleted since."""
+    machine (the copy brought from the bucket, where the API's folder is elsewhere), each job:ID model
+    its checkpoint's directory here (likewise). Refused names what the job may not read (any more): a
+    path outside the roots, an upload or a job deleted since."""
 
     def upload(dataset_id: str) -> str | None:
         dataset = crud.owned_dataset(session, dataset_id, job.user_id)
@@ -38,7 +39,11 @@ def readable_spec(job: Job, session, settings: Settings) -> JobSpec:
         copy = dataset_file(settings, dataset.id)
         return str(copy) if copy.exists() else dataset.path
 
-    reader = acceptance.Reader(Roots.of(settings), reads_files=True, upload=upload)
+    def checkpoint(ref: str) -> str | None:
+        found = job_refs.checkpoint_of(session, ref, job.user_id)
+        return None if found is None else job_refs.local_dir(found, settings)
+
+    reader = acceptance.Reader(Roots.of(settings), reads_files=True, upload=upload, checkpoint=checkpoint)
     return acceptance.runnable(JobSpec.model_validate(job.spec), reader)
 
 

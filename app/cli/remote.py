@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from app.schemas import JobOut
 
 
+WaitOption = typer.Option(False, "--wait", help="Wait for the job to end; the exit code says how it ended.")
+FollowOption = typer.Option(False, "--follow", help="Like --wait, printing events as they come.")
+
+
 def _upload_local_data(client: Client, spec: dict, base: Path) -> dict:
     """Local data files in the spec are uploaded, so the server never needs this machine's paths. A
     file uploaded before (same name, same bytes) is used again: a repeated submit then sends the same
@@ -69,12 +73,13 @@ def submit_file(client: Client, spec_path: Path, overrides: list[str], idempoten
     )
 
 
-def follow_job(client: Client, job: JobOut, verbose: bool, out: TextIO) -> JobOut:
-    """A job just submitted, once it has ended, shown on the way: where it is queued, a progress bar
-    (on stderr), with `verbose` its events, then its scores, best checkpoint and outcome as lines on `out`."""
+def follow_job(client: Client, job: JobOut, verbose: bool, out: TextIO, how: str = "submitted") -> JobOut:
+    """A job just submitted (or resumed: `how`), once it has ended, shown on the way: where it is queued,
+    a progress bar (on stderr), with `verbose` its events, then its scores, best checkpoint and outcome
+    as lines on `out`."""
     from tqdm import tqdm
 
-    typer.echo(f"submitted {job.id} ({job.name}, {job.status})", file=out)
+    typer.echo(f"{how} {job.id} ({job.name}, {job.status})", file=out)
     _say_where_queued(job)
     bar = None
     for event in client.jobs.events(job.id, follow=True):
@@ -107,8 +112,8 @@ def follow_job(client: Client, job: JobOut, verbose: bool, out: TextIO) -> JobOu
 def submit(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec, YAML or JSON."),
     overrides: list[str] = SetOption,
-    wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; the exit code says how it ended."),
-    follow: bool = typer.Option(False, "--follow", help="Like --wait, printing events as they come."),
+    wait: bool = WaitOption,
+    follow: bool = FollowOption,
     idempotency_key: str = typer.Option(
         None,
         help="Retrying with the same key never creates a second job "
@@ -125,10 +130,34 @@ def submit(
         emit(as_json, job, job.id)
         _say_where_queued(job)
         return
-    job = follow_job(client, job, verbose=follow, out=sys.stderr if as_json else sys.stdout)  # stdout: the JSON alone
+    _until_it_ends(client, job, follow, as_json, "submitted")
+
+
+def _until_it_ends(client: Client, job: JobOut, follow: bool, as_json: bool, how: str) -> None:
+    """--wait and --follow: show the job until it ends, then exit with its outcome's code."""
+    job = follow_job(client, job, verbose=follow, out=sys.stderr if as_json else sys.stdout, how=how)  # stdout: JSON
     if as_json:
         typer.echo(json_text(job))
     raise typer.Exit(OUTCOMES[job.status])
+
+
+@cli.command()
+def resume(
+    job_id: str,
+    wait: bool = WaitOption,
+    follow: bool = FollowOption,
+    as_json: bool = JsonOption,
+    url: str = UrlOption,
+    token: str = TokenOption,
+) -> None:
+    """Continue a failed or cancelled job from its newest checkpoint, as a new attempt; print its status."""
+    client = api_client(url, token)
+    job = client.jobs.resume(job_id)
+    if not (wait or follow):
+        emit(as_json, job, job.status)
+        _say_where_queued(job)
+        return
+    _until_it_ends(client, job, follow, as_json, "resumed")
 
 
 @cli.command()

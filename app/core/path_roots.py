@@ -3,7 +3,7 @@
 A spec names models (`teacher`, `student.model`) and data (`data.train`, ...). On a shared service
 those strings must never reach other users' files (their uploads and checkpoints live under the
 artifacts folder) or the servers' own (`/etc/passwd`). So a spec may name, besides `builtin:NAME`
-and `dataset:ID` (whose owner the API checks):
+`dataset:ID` and `job:ID` (whose owner the API checks):
 
 - a server path only inside the roots an operator configures, models and data apart, and only as
   an absolute path; it is resolved, symlinks included, before the check, and the engine then reads
@@ -83,7 +83,7 @@ def _where(roots: tuple[Path, ...], setting: str) -> str:
 
 def _model(ref: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | None]:
     """(reference for the engine, None) or (None, the problem)."""
-    if ref.startswith("builtin:"):
+    if ref.startswith(("builtin:", "job:")):  # job:ID: a checkpoint of the owner's, which the caller checks
         return ref, None
     where_models = _where(roots.models, "DISTILL_MODEL_ROOTS")
     if os.path.isabs(ref):
@@ -103,7 +103,8 @@ def _model(ref: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | Non
         return f"hub:{ref}", None
     return (
         None,
-        f"{ref!r}: give builtin:NAME, a hub id (org/name) or an absolute path of a model directory; {where_models}",
+        f"{ref!r}: give builtin:NAME, a hub id (org/name), job:ID (a checkpoint of your earlier job) or an "
+        f"absolute path of a model directory; {where_models}",
     )
 
 

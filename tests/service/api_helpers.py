@@ -77,3 +77,28 @@ def dataset_files():
 
     folder = get_settings().resolved_artifacts_dir / "datasets"
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def add_checkpoint(job_id: str, step: int):
+    """A checkpoint of `job_id` as a worker leaves one: a model directory (its config.json alone) and its row."""
+    from app.core.config import get_settings
+    from app.job_paths import job_dir
+    from app.models import Checkpoint
+
+    directory = job_dir(get_settings(), job_id) / "checkpoints" / f"step-{step:06d}"
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text("{}")
+    with db() as session:
+        session.add(
+            Checkpoint(
+                job_id=job_id,
+                step=step,
+                path=str(directory),
+                archive_path=str(directory) + ".tar",
+                archive_size=0,
+                archive_sha256="0" * 64,
+                files=[],
+            )
+        )
+        session.commit()
+    return directory

@@ -30,6 +30,8 @@ PROTECTED = [
     ("POST", f"{JOBS}/validate"),
     ("GET", f"{JOBS}/job-0000000000000000"),
     ("POST", f"{JOBS}/job-0000000000000000/cancel"),
+    ("POST", f"{JOBS}/job-0000000000000000/resume"),
+    ("DELETE", f"{JOBS}/job-0000000000000000"),
     ("GET", f"{JOBS}/job-0000000000000000/events"),
     ("GET", f"{JOBS}/job-0000000000000000/events/stream"),
     ("GET", f"{JOBS}/job-0000000000000000/metrics"),
@@ -43,6 +45,7 @@ PROTECTED = [
     ("POST", f"{JOBS}/job-0000000000000000/checkpoints/best/files/config.json/link"),
     ("GET", DATASETS),
     ("POST", f"{DATASETS}?name=x.jsonl"),
+    ("DELETE", f"{DATASETS}/ds-0000000000000000"),
     ("GET", "/api/v1/me/webhook"),
     ("PUT", "/api/v1/me/webhook"),
 ]
@@ -51,7 +54,9 @@ PROTECTED = [
 def test_every_api_route_is_covered_by_the_auth_table(client):
     paths = client.get("/openapi.json").json()["paths"]
     api_routes = {(m.upper(), p) for p, ops in paths.items() if p.startswith("/api/v1") for m in ops}
-    covered = {(m, re.sub(r"job-0+", "{job_id}", p.split("?")[0])) for m, p in PROTECTED}
+    covered = {
+        (m, re.sub(r"ds-0+", "{dataset_id}", re.sub(r"job-0+", "{job_id}", p.split("?")[0]))) for m, p in PROTECTED
+    }
     covered = {
         (m, p.replace("/latest/", "/{step}/").replace("/best/", "/{step}/").replace("config.json", "{name}"))
         for m, p in covered

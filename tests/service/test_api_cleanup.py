@@ -5,13 +5,12 @@ DISTILL_RETENTION_DAYS, and Idempotency-Keys that let go of their job after DIST
 from datetime import timedelta
 
 import pytest
-from api_helpers import DATASETS, JOBS, dataset_files, dataset_lines, db, events_of, new_job, submit
+from api_helpers import DATASETS, JOBS, add_checkpoint, dataset_files, dataset_lines, db, events_of, new_job, submit
 from helpers import make_user, tiny_spec
 from sqlalchemy import func, select, update
 
 from app import cleanup
 from app.core.config import get_settings
-from app.job_paths import job_dir
 from app.models import Checkpoint, EvalResult, Job, JobEvent, utcnow
 
 pytestmark = pytest.mark.usefixtures("served_test_queues")
@@ -31,22 +30,10 @@ def rows_of(job_id: str) -> int:
 
 def with_outputs(job_id: str):
     """What a worker leaves of a job: a checkpoint folder and a log on disk, checkpoint and eval rows."""
-    folder = job_dir(get_settings(), job_id)
-    (folder / "checkpoints" / "step-000001").mkdir(parents=True)
+    folder = add_checkpoint(job_id, 1).parent.parent
     (folder / "attempt-1.log").write_text("step 1/1 minillm: loss 1\n")
     with db() as session:
         session.add(EvalResult(job_id=job_id, step=1, label="final", scores={"rouge_l": 1.0}))
-        session.add(
-            Checkpoint(
-                job_id=job_id,
-                step=1,
-                path=str(folder / "checkpoints" / "step-000001"),
-                archive_path=str(folder / "archives" / "step-000001.tar"),
-                archive_size=0,
-                archive_sha256="0" * 64,
-                files=[],
-            )
-        )
         session.commit()
     return folder
 

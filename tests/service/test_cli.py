@@ -189,6 +189,9 @@ def test_validate_checks_like_submit_and_queues_nothing(server, auth, dataset, t
     for _ in range(2):  # a repeated cancel does no harm
         cancelled = _api(server, auth, "cancel", job["id"], "--json")
         assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
+    resumed = _api(server, auth, "resume", job["id"], "--json")  # cancelled: it can go on
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["status"] == "queued", resumed.stderr
+    assert _api(server, auth, "cancel", job["id"]).returncode == 0
     assert _api(server, auth, "delete", job["id"]).stdout.strip() == f"deleted {job['id']}"
     assert json.loads(_api(server, auth, "jobs", "--json").stdout) == []
     for uploaded in json.loads(_api(server, auth, "datasets", "--json").stdout):

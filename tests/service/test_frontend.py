@@ -235,7 +235,7 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
 def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, browser_page):
     """A job for a queue no worker serves says so on its page, until a worker for it registers (the
     page looks again every few seconds while the job is queued: no event on the job announces it).
-    Cancelled, it can be deleted from its page."""
+    Cancelled, it can be resumed and deleted from its page."""
     import httpx
 
     from app import worker_registry
@@ -267,7 +267,13 @@ def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, bro
     with session_factory()() as session:
         worker_registry.unregister(session, "browser-test:1")
     expect(page.locator("#delete")).to_be_hidden()  # not while it is queued
+    expect(page.locator("#resume")).to_be_hidden()
     assert httpx.post(f"{server}/api/v1/jobs/{job_id}/cancel", headers=user).status_code == 200
+    # Cancelled, it can go on: resumed from the page, which follows it again (here to its second cancel).
+    page.locator("#resume").click()
+    expect(page.locator("#job-status")).to_have_attribute("data-status", "queued")
+    assert httpx.post(f"{server}/api/v1/jobs/{job_id}/cancel", headers=user).status_code == 200
+    expect(page.locator("#job-status")).to_have_attribute("data-status", "cancelled")
     # Once it has ended, its page offers to delete it, and asks first.
     asked = []
     page.once("dialog", lambda dialog: asked.append(dialog.message) or dialog.accept())

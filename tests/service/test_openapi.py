@@ -22,6 +22,7 @@ OPERATION_IDS = {
     "POST /api/v1/jobs/validate": "jobs_validate",
     "GET /api/v1/jobs/{job_id}": "jobs_retrieve",
     "POST /api/v1/jobs/{job_id}/cancel": "jobs_cancel",
+    "POST /api/v1/jobs/{job_id}/resume": "jobs_resume",
     "DELETE /api/v1/jobs/{job_id}": "jobs_delete",
     "GET /api/v1/jobs/{job_id}/events": "jobs_events",
     "GET /api/v1/jobs/{job_id}/events/stream": "jobs_stream_events",

@@ -135,19 +135,41 @@ def test_job_runs_to_success_and_its_checkpoint_downloads_resumably(client, auth
     assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/files/config.json", headers=auth).status_code == 404
 
 
-def test_cancelling_a_running_job_keeps_its_checkpoints(client, auth, dataset, worker):
+def test_a_cancelled_job_keeps_its_checkpoints_resumes_to_success_and_a_new_job_builds_on_its_best_one(
+    client, auth, dataset, worker
+):
     spec = tiny_spec(
-        dataset, training={"steps": 400}, checkpoints={"every_steps": 5, "keep": 2}, eval={"every_steps": 0}
+        dataset, training={"steps": 40}, checkpoints={"every_steps": 5, "keep": 2}, eval={"every_steps": 0}
     )
     job_id = submit(client, auth, spec)
     wait_for(lambda: checkpoints(client, auth, job_id), what="a first checkpoint")
-    response = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth)
-    assert response.json()["status"] == "cancelling"
-    done = wait_status(client, auth, job_id, {"cancelled", "failed", "succeeded"}, timeout=120)
-    assert done["status"] == "cancelled" and done["progress"]["step"] < 400
-    kept = checkpoints(client, auth, job_id)
-    assert kept and client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth).status_code == 200
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    cancelled = wait_status(client, auth, job_id, {"cancelled", "failed", "succeeded"}, timeout=120)
+    assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] < 40, cancelled
+    assert checkpoints(client, auth, job_id)
+    assert client.get(f"/api/v1/jobs/{job_id}/checkpoints/latest/archive", headers=auth).status_code == 200
     assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=auth).status_code == 409
+
+    assert client.post(f"/api/v1/jobs/{job_id}/resume", headers=auth).json()["status"] == "queued"
+    done = wait_status(client, auth, job_id, {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+    messages = [
+        e["message"]
+        for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
+    ]
+    assert "queued again: resumed by its owner" in messages
+    resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed from step")]
+    assert resumed and resumed[0] >= 5  # from its newest checkpoint, not from the start
+    series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
+    assert [p["step"] for p in series["loss"]] == list(range(1, 41))
+
+    # A new job whose student is that job's best checkpoint; its model card says where it came from.
+    best = next(c["step"] for c in checkpoints(client, auth, job_id) if c["best"])
+    chained = submit(client, auth, tiny_spec(dataset, student={"model": f"job:{job_id}@best"}))
+    done = wait_status(client, auth, chained, {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded", done["error"]
+    card = client.get(f"/api/v1/jobs/{chained}/checkpoints/latest/files/README.md", headers=auth).text
+    assert f"- Student initialisation: `job:{job_id}@step-{best}`" in card, card
 
 
 def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(client, auth, dataset, tmp_path):

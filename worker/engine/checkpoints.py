@@ -12,6 +12,7 @@ has finished: a resume directory without it is incomplete and ignored.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -86,11 +87,16 @@ def _public_data(ref: str | None) -> str | None:
 
 
 def _public_model(ref: str) -> str:
-    """A model reference as the card may show it: a hub id or builtin as it is, a directory by its name."""
+    """A model reference as the card may show it: a hub id or builtin as it is, a directory by its name;
+    a checkpoint of an earlier run (`RUN/checkpoints/step-N`, as this module writes them) as
+    `job:RUN@step-N`, the reference the service takes for it: the model's lineage."""
     ref = ref.removeprefix("hub:")  # the form the service hands hub ids to the engine in
     if ref.startswith("builtin:") or (looks_like_hub_id(ref) and not Path(ref).is_dir()):
         return ref
-    return Path(ref).name
+    path = Path(ref)
+    if path.parent.name == "checkpoints" and re.fullmatch(r"step-[0-9]+", path.name):
+        return f"job:{path.parent.parent.name}@step-{int(path.name.removeprefix('step-'))}"
+    return path.name
 
 
 def _hub_model(ref: str) -> str | None:

@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.orm import Session
 
-from app import acceptance, cleanup, crud, job_status, webhooks, worker_registry
+from app import acceptance, cleanup, crud, job_refs, job_status, webhooks, worker_registry
 from app.api.deps import (
     NO_NUL,
     CurrentTokenId,
@@ -103,28 +103,37 @@ def submit(
             status.HTTP_409_CONFLICT, "this Idempotency-Key was used with a different job spec"
         ) from None
     except job_status.TooManyJobs:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            f"you have {settings.max_active_jobs_per_user} jobs queued or running, the most allowed; "
-            "wait for one to end or cancel one",
-        ) from None
+        raise _too_many(settings) from None
     if created and queue not in served:  # accepted all the same: a worker for it may start later
         crud.add_event(session, job.id, "log", _unserved(queue), "warning", {"queue": queue})
     if job.status == QUEUED and job.published_at is None:  # new, or a retry of a job whose message never went out
-        # publish() records the send in a session of its own: this request's connection goes back to
-        # the pool first (a retry's read left it checked out), else each thread holds one connection
-        # while waiting for a second, and 200 concurrent submits exhaust the pool (tests/chaos).
-        session.commit()
-        if not publish(job.id, job.queue):
-            crud.add_event(
-                session,
-                job.id,
-                "log",
-                "the broker did not answer; the job is stored and is sent to a worker as soon as the broker is back",
-                "warning",
-            )
-        session.refresh(job)
+        _send(session, job)
     return _out(session, settings, [job])[0]
+
+
+def _too_many(settings: Settings) -> HTTPException:
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        f"you have {settings.max_active_jobs_per_user} jobs queued or running, the most allowed; "
+        "wait for one to end or cancel one",
+    )
+
+
+def _send(session: Session, job: Job) -> None:
+    """Send a queued job's message to the broker; if the broker does not answer, the reaper sends it later."""
+    # publish() records the send in a session of its own: this request's connection goes back to
+    # the pool first (a retry's read left it checked out), else each thread holds one connection
+    # while waiting for a second, and 200 concurrent submits exhaust the pool (tests/chaos).
+    session.commit()
+    if not publish(job.id, job.queue):
+        crud.add_event(
+            session,
+            job.id,
+            "log",
+            "the broker did not answer; the job is stored and is sent to a worker as soon as the broker is back",
+            "warning",
+        )
+    session.refresh(job)
 
 
 @router.post("/validate", response_model=JobRequest, responses=errors(400, 401, 413, 422))
@@ -148,8 +157,13 @@ def _accept(
         dataset = crud.owned_dataset(session, dataset_id, user.id)
         return None if dataset is None else dataset.path
 
+    def checkpoint(ref: str) -> str | None:
+        found = job_refs.checkpoint_of(session, ref, user.id)
+        return None if found is None else found.path
+
     spec, notify = request.split()
-    _, problems = acceptance.check(spec, acceptance.Reader(Roots.of(settings), settings.api_sees_worker_files, upload))
+    reader = acceptance.Reader(Roots.of(settings), settings.api_sees_worker_files, upload, checkpoint)
+    _, problems = acceptance.check(spec, reader)
     problems += webhooks.spec_problems(notify.webhook_url, user, settings)
     if (asked := spec.resources.max_run_minutes) is not None and asked > settings.max_run_minutes:
         problems.append(
@@ -204,6 +218,24 @@ def cancel(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> JobOut:
     if job_status.request_cancel(session, job.id) is None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} has already ended ({job.status})")
     session.refresh(job)
+    return _out(session, settings, [job])[0]
+
+
+@router.post("/{job_id}/resume", response_model=JobOut, responses=errors(*ON_A_JOB, 409, 429))
+def resume(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> JobOut:
+    """Continue a failed or cancelled job: queued again with DISTILL_MAX_ATTEMPTS more attempts, the next
+    of which resumes from its newest checkpoint (from the start if it has none). A 409 for a job that
+    has not ended or has succeeded."""
+    try:
+        resumed = job_status.resume(session, job.id, settings.max_attempts, settings.max_active_jobs_per_user)
+    except job_status.TooManyJobs:
+        raise _too_many(settings) from None
+    if not resumed:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job.id} is {job.status}: only a failed or cancelled job resumes"
+        )
+    session.refresh(job)
+    _send(session, job)
     return _out(session, settings, [job])[0]
 
 
@@ -369,16 +401,10 @@ def samples(job: OwnedJob, session: SessionDep) -> list[EvalSamplesOut]:
 # -- checkpoints --------------------------------------------------------------------------------
 
 
-def _best(job: Job, rows: list[Checkpoint]) -> Checkpoint | None:
-    """The checkpoint the engine chose as best (it records it in job.best_eval), else the latest."""
-    step = (job.best_eval or {}).get("step")
-    return next((c for c in rows if c.step == step), rows[-1] if rows else None)
-
-
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut], responses=errors(*ON_A_JOB))
 def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
     rows = crud.checkpoints_of(session, job.id)
-    best = _best(job, rows)
+    best = crud.best_checkpoint(job, rows)
     return [
         CheckpointOut(
             step=c.step,
@@ -395,11 +421,7 @@ def checkpoints(job: OwnedJob, session: SessionDep) -> list[CheckpointOut]:
 
 
 def _checkpoint(session, job: Job, step: str) -> Checkpoint:
-    rows = crud.checkpoints_of(session, job.id)
-    found = rows[-1] if step == "latest" and rows else _best(job, rows) if step == "best" else None
-    # "²" is a digit to str.isdigit, not to int(); steps fit in 32 bits, and int() refuses 4,300 digits.
-    if step.isascii() and step.isdigit() and len(step) <= 10:
-        found = next((c for c in rows if c.step == int(step)), None)
+    found = crud.checkpoint_at(session, job, step)
     if found is None:
         shown = step if len(step) <= 40 else step[:40] + "…"
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no checkpoint {shown!r}")

@@ -34,13 +34,17 @@ function coalesced(fn, signal) {
   return soon;
 }
 
+// What POST /jobs/{id}/resume continues: a job that ended without succeeding.
+const RESUMABLE = new Set(["failed", "cancelled"]);
+
 export function render(main, { id }) {
   const control = new AbortController();
-  let job = null, queuedTimer = null;
+  let job = null, queuedTimer = null, lastEvent = 0;
 
   const title = h("h1", {}, "Job ", h("span.mono", {}, id));
   const status = h("span", { id: "job-status", role: "status" });
   const cancel = h("button.danger", { type: "button", id: "cancel", hidden: true, onclick: onCancel }, "Cancel job");
+  const resume = h("button.secondary", { type: "button", id: "resume", hidden: true, onclick: onResume }, "Resume");
   const remove = h("button.danger", { type: "button", id: "delete", hidden: true, onclick: onDelete }, "Delete job");
   const clone = h("a.button.secondary", { id: "clone", href: `#/new?clone=${encodeURIComponent(id)}` }, "Clone");
   const saveLog = h("button.secondary", { type: "button", id: "download-log", hidden: true, onclick: onSaveLog }, "Download log");
@@ -62,7 +66,7 @@ export function render(main, { id }) {
   main.append(
     h("p.small", {}, h("a", { href: "#/jobs" }, "← All jobs")),
     title,
-    h("div.toolbar", {}, status, cancel, remove, clone, saveLog),
+    h("div.toolbar", {}, status, cancel, resume, remove, clone, saveLog),
     error,
     waiting,
     summary,
@@ -88,6 +92,21 @@ export function render(main, { id }) {
       showJob();
     } catch (err) {
       toast(err.message);
+    }
+  }
+
+  async function onResume() {
+    resume.disabled = true;
+    try {
+      job = await api(`/jobs/${id}/resume`, { method: "POST" });
+      toast(`Resuming ${job.name} from its newest checkpoint`);
+      showJob();
+      // The stream ended with the job; the resumed job's events follow the last one shown.
+      followEvents(id, { after: lastEvent, signal: control.signal, onEvent }).catch((err) => toast(err.message));
+    } catch (err) {
+      toast(err.message);
+    } finally {
+      resume.disabled = false;
     }
   }
 
@@ -123,6 +142,7 @@ export function render(main, { id }) {
     cancel.hidden = TERMINAL.has(job.status) || job.status === "cancelling";
     cancel.disabled = false;
     remove.hidden = !TERMINAL.has(job.status);
+    resume.hidden = !RESUMABLE.has(job.status);
     saveLog.hidden = !job.attempts;
     if (!specText.textContent) specText.textContent = dump(job.spec, { lineWidth: 120 }); // a job's spec never changes
     const s = job.spec, best = job.best_eval;
@@ -231,6 +251,7 @@ export function render(main, { id }) {
   const drawSoon = coalesced(async () => draw(), control.signal);
 
   function onEvent(e) {
+    lastEvent = e.id;
     if (e.type === "metrics") steps.set(e.data.step, { stage: e.data.stage, values: e.data.values });
     if (e.type === "eval") evals.set(`${e.data.step} ${e.data.label}`, { ...e.data, created_at: e.created_at });
     if (e.type === "metrics" || e.type === "eval") drawSoon();
