@@ -83,3 +83,11 @@ def test_a_job_reference_becomes_its_checkpoint_directory_which_is_looked_at_and
     assert [loc for loc, _ in problems] == [("teacher",), ("student", "model")]
     assert "job:job-2: no such job of yours with that checkpoint" in problems[0][1]
     assert "no config.json" in problems[1][1]  # the directory named is looked at like any model's
+
+
+def test_a_hub_dataset_needs_a_service_that_downloads_from_the_hub_and_a_reachable_hub(files, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for allow_hub, said in ((False, "does not download from the hub"), (True, "hub is not reachable")):
+        reader = Reader(Roots(models=(), data=(), allow_hub=allow_hub), reads_files=True)
+        _, problems = check(spec(train="hf:databricks/dolly:train"), reader)
+        assert [loc for loc, _ in problems] == [("data", "train")] and said in problems[0][1], problems

@@ -137,3 +137,86 @@ def test_sample_order_is_resumable_and_covers_each_pass():
     assert whole[10:20] != whole[:10]
     assert sample_order(10, seed=3, start=7, count=9) == whole[7:16]
     assert sample_order(10, seed=4, start=0, count=10) != whole[:10]
+
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+    ]
+}
+
+
+def test_a_chat_record_is_its_last_answer_and_the_turns_before_it_rendered_by_the_chat_template(tmp_path, tokenizer):
+    path = write(tmp_path / "chat.jsonl", [json.dumps(CHAT), json.dumps({"messages": CHAT["messages"][:2]})])
+    conversation, question = read_records(path)
+    assert conversation == Record(
+        "And of Italy?",
+        "",
+        "Rome.",
+        (("system", "Answer in one word."), ("user", "Capital of France?"), ("assistant", "Paris.")),
+    )
+    assert question == Record("Capital of France?", "", None, (("system", "Answer in one word."),))  # a prompt only
+    expected = tokenizer.apply_chat_template(CHAT["messages"][:-1], add_generation_prompt=True, tokenize=False)
+    assert format_prompt(conversation, "chat", tokenizer) == expected
+    alpaca = format_prompt(conversation, "alpaca", None)  # earlier turns: the template's input, as a transcript
+    assert (
+        "### Instruction:\nAnd of Italy?\n\n### Input:\nSystem: Answer in one word.\nUser: Capital of France?\n"
+        in alpaca
+    )
+
+
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        ([], "non-empty list"),
+        ([{"role": "user", "content": 5}], r"messages\[0\] must be"),
+        ([{"role": "robot", "content": "hi"}], r"messages\[0\] must be"),
+        ([{"role": "assistant", "content": "hi"}], "must end with a user's message"),
+        ([{"role": "system", "content": "s"}], "must end with a user's message"),
+    ],
+)
+def test_a_bad_chat_record_is_named_by_line(tmp_path, messages, message):
+    path = write(tmp_path / "chat.jsonl", [json.dumps(CHAT), json.dumps({"messages": messages})])
+    with pytest.raises(DataError, match=rf"chat.jsonl:2: .*{message}"):
+        read_records(path)
+
+
+def test_hugging_face_dataset_files_parquet_arrow_and_save_to_disk_folders_are_read_with_column_names(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = {"question": [f"Question {i}?" for i in range(5)], "answer": [f"Answer {i}." for i in range(5)]}
+    data = Dataset.from_dict(rows)
+    data.to_parquet(str(tmp_path / "qa.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    columns = {"question": "prompt", "answer": "response"}
+    expected = [Record(f"Question {i}?", "", f"Answer {i}.") for i in range(5)]
+    for source in (tmp_path / "qa.parquet", tmp_path / "saved", arrow):
+        assert read_records(str(source), columns) == expected, source
+    assert read_records(str(tmp_path / "qa.parquet"), columns, limit=2) == expected[:2]
+    with pytest.raises(DataError, match=r"qa.parquet: row 1: a record needs `instruction`.*data.columns"):
+        read_records(str(tmp_path / "qa.parquet"))  # without the columns' names
+
+    chats = Dataset.from_dict({"conversations": [CHAT["messages"]]})
+    chats.to_parquet(str(tmp_path / "chat.parquet"))
+    assert read_records(str(tmp_path / "chat.parquet"), {"conversations": "messages"})[0].response == "Rome."
+
+    DatasetDict({"train": data}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError, match=r"a DatasetDict folder; give the folder of one of its splits"):
+        read_records(str(tmp_path / "splits"))
+    assert read_records(str(tmp_path / "splits" / "train"), columns) == expected
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"broken.parquet: not a dataset file this service reads"):
+        read_records(str(tmp_path / "broken.parquet"))
+
+
+def test_a_hub_dataset_is_refused_where_no_hub_is_reachable(monkeypatch):
+    from worker.engine.data import check_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"hf:databricks/dolly: the Hugging Face hub is not reachable"):
+        check_source("hf:databricks/dolly")

@@ -400,3 +400,32 @@ def test_fp16_on_cpu_is_refused_before_training(tmp_path, dataset):
         train(parse_spec(tiny_spec(dataset, deepspeed={"precision": "fp16"})), out, JsonlReporter(out / "events.jsonl"))
     failed = read_events(out)[-1]
     assert failed["data"]["state"] == "failed" and "fp16" in failed["data"]["error"]["message"]
+
+
+def test_chat_records_train_and_a_parquet_test_set_scores_through_its_column_names(tmp_path, dataset):
+    from datasets import Dataset
+
+    def chat(r):
+        return {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r.message}]}
+
+    with (tmp_path / "chat.jsonl").open("w") as out:
+        for r in read_records(str(dataset / "train.jsonl")):
+            turns = chat(r)["messages"] + [{"role": "assistant", "content": r.response}]
+            out.write(json.dumps({"messages": turns}) + "\n")
+    held_out = read_records(str(dataset / "eval.jsonl"))
+    Dataset.from_dict({"question": [r.message for r in held_out], "answer": [r.response for r in held_out]}).to_parquet(
+        str(tmp_path / "test.parquet")
+    )
+    data = {
+        "train": str(tmp_path / "chat.jsonl"),
+        "eval": str(tmp_path / "test.parquet"),
+        "columns": {"question": "prompt", "answer": "response"},
+        "prompt_format": "chat",
+    }
+    spec = tiny_spec(dataset, method="kd", data=data, training={"steps": 2}, eval={"every_steps": 0})
+    out, scores = run(tmp_path, spec)
+    events = read_events(out)
+    assert events[-1]["data"]["state"] == "succeeded" and sorted(metrics_by_step(out)) == [1, 2]
+    test = next(e["data"] for e in events if e["type"] == "eval" and e["data"]["set"] == "test")
+    assert [s["prompt"] for s in test["samples"]] == [r.message for r in held_out[:3]]
+    assert [s["reference"] for s in test["samples"]] == [r.response for r in held_out[:3]]

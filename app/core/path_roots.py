@@ -111,6 +111,10 @@ def _model(ref: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | Non
 def _data(source: str, roots: Roots, on_disk: bool) -> tuple[str | None, str | None]:
     if source.startswith(("builtin:", "dataset:")):
         return source, None
+    if source.startswith("hf:"):
+        if not roots.allow_hub:
+            return None, f"{source!r}: this service does not download from the hub (DISTILL_ALLOW_HUB_MODELS is off)"
+        return source, None
     advice = "upload the file (POST /api/v1/datasets; `distill submit` does it for local files) and give dataset:ID"
     if os.path.isabs(source):
         resolved = _inside(source, roots.data, on_disk)

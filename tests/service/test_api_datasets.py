@@ -194,3 +194,17 @@ def test_a_stalled_upload_holds_no_database_connection_and_is_dropped(server, mo
         s.close()
     assert answers == [b"HTTP/1.1 408 Request Timeout"] * 20 + [b"HTTP/1.1 429 Too Many Requests"], answers
     assert dataset_files() == files_before
+
+
+def test_upload_a_chat_dataset_and_use_it(client, auth, dataset):
+    turn = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    body = (json.dumps(turn) + "\n").encode() * 3
+    response = client.post(DATASETS, params={"name": "chat.jsonl"}, content=body, headers=auth)
+    assert response.status_code == 201, response.text
+    assert response.json()["num_records"] == 3
+    job = submit(client, auth, tiny_spec(dataset, data={"train": f"dataset:{response.json()['id']}"}))
+    assert job.status_code == 201, job.text
+
+    bad = json.dumps({"messages": [{"role": "assistant", "content": "Hello."}]}).encode()
+    refused = client.post(DATASETS, params={"name": "bad.jsonl"}, content=body + bad, headers=auth)
+    assert refused.status_code == 422 and "bad.jsonl:4: `messages` must end with a user's message" in refused.text

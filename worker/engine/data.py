@@ -1,12 +1,18 @@
-"""Instruction data: reading JSONL, formatting prompts, tokenizing, and a resumable sample order.
+"""Instruction data: reading records, formatting prompts, tokenizing, and a resumable sample order.
 
-Two record layouts are read: Dolly's (`instruction`, `input`, `output`) and `prompt`/`response`
-(the prompt is the user's message). A record's response may be missing where the job does not need
-gold text, e.g. the builtin demo set, whose references the teacher writes on first use.
+Three record layouts are read: Dolly's (`instruction`, `input`, `output`), `prompt`/`response` (the
+prompt is the user's message), and chat `messages` ([{role, content}], the last assistant turn the
+response, the turns before it the prompt). A record's response may be missing where the job does not
+need gold text, e.g. the builtin demo set, whose references the teacher writes on first use.
+
+Records come from JSONL files, from Hugging Face dataset files (parquet, arrow, a `save_to_disk`
+folder; read with pyarrow, a row at a time), or from the hub (`hf:NAME[:split]`, streamed, where a hub
+is reachable). `data.columns` names the columns that hold a layout's fields.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +52,8 @@ class Record:
     instruction: str
     input: str
     response: str | None
+    # A conversation's turns before the user's last message: (role, content), a system prompt first.
+    turns: tuple[tuple[str, str], ...] = ()
 
     @property
     def message(self) -> str:
@@ -62,15 +70,51 @@ class Example:
     response_ids: list[int]
 
 
+# Files of Hugging Face datasets, read as tables; a folder of them is what `Dataset.save_to_disk` writes.
+TABLE_SUFFIXES = (".parquet", ".arrow")
+HUB = "hf:"  # hf:NAME[:split], a dataset on the Hugging Face hub
+
+
 def resolve_source(source: str) -> Path:
+    """The file (or dataset folder) a data reference names on this machine."""
     if source in BUILTIN_SETS:
         return BUILTIN_SETS[source]
     if source.startswith("builtin:"):
         raise DataError(f"unknown builtin dataset {source!r}; builtins are: {', '.join(BUILTIN_SETS)}")
     path = Path(source).expanduser()
+    if path.is_dir() and _table_files(path, source):
+        return path
     if not path.is_file():
         raise DataError(f"{source}: no such file")
     return path
+
+
+def check_source(source: str, columns: dict[str, str] | None = None) -> None:
+    """Raise DataError if the records of `source` cannot be read: no such file, or a first record
+    (under `columns`) that is not one, or a hub that is not reachable for hf:NAME."""
+    if source.startswith(HUB):
+        from .references import hub_reachable
+
+        if not hub_reachable():
+            raise DataError(
+                f"{source}: the Hugging Face hub is not reachable from this machine; save the dataset where it is "
+                "(Dataset.save_to_disk, or to_parquet) and give that folder or file"
+            )
+        return
+    next(iter_records(source, columns), None)
+
+
+def _table_files(folder: Path, name: str) -> list[Path]:
+    """The data files of a `save_to_disk` folder (its state.json lists them) or of any folder of them."""
+    state = folder / "state.json"
+    if state.is_file():
+        try:
+            return [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{name}: a state.json that is not a Hugging Face dataset's") from None
+    if (folder / "dataset_dict.json").is_file():
+        raise DataError(f"{name}: a DatasetDict folder; give the folder of one of its splits (such as {name}/train)")
+    return sorted(p for p in folder.iterdir() if p.suffix in TABLE_SUFFIXES)
 
 
 def held_out_source(train: str, given: str | None, role: str) -> str | None:
@@ -92,7 +136,7 @@ def split_held_out(
     for role in ("eval", "selection"):
         source = held_out_source(data.train, getattr(data, role), role)
         if source:
-            held_out[role] = read_records(source)
+            held_out[role] = read_records(source, data.columns)
             continue
         count = counts[role]
         if len(records) <= count:
@@ -142,29 +186,98 @@ def parse_json_line(line: str, where: str) -> object:
         raise DataError(f"{where}: not valid JSON: {err}") from None
 
 
-def iter_records(source: str) -> Iterator[Record]:
-    """The records of a JSONL file, one at a time; a bad line is reported with its line number."""
-    for obj, where in json_lines(resolve_source(source), source):
+def iter_records(source: str, columns: dict[str, str] | None = None) -> Iterator[Record]:
+    """The records of `source`, one at a time; a bad one is reported with its line or row number.
+    `columns`: the field of a record layout each of those columns holds, e.g. {"question": "prompt"}."""
+    rows = _hub_rows(source) if source.startswith(HUB) else _rows(resolve_source(source), source)
+    for obj, where in rows:
+        if columns and isinstance(obj, dict):
+            obj = {columns.get(name, name): value for name, value in obj.items()}
         yield _parse_record(obj, where)
 
 
-def read_records(source: str) -> list[Record]:
-    """The records of a JSONL file (at least one)."""
-    records = list(iter_records(source))
+def read_records(source: str, columns: dict[str, str] | None = None, limit: int | None = None) -> list[Record]:
+    """The first `limit` records of `source` (all without it), at least one."""
+    records = list(itertools.islice(iter_records(source, columns), limit))
     if not records:
         raise DataError(f"{source}: no records")
     return records
 
 
+def _rows(path: Path, name: str) -> Iterator[tuple[object, str]]:
+    """(row, where) of a JSONL file, or of a dataset's files (parquet or arrow), a batch in memory at a time."""
+    if not (path.is_dir() or path.suffix in TABLE_SUFFIXES):
+        yield from json_lines(path, name)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    for file in _table_files(path, name) if path.is_dir() else [path]:
+        try:
+            if file.suffix == ".parquet":
+                batches = pq.ParquetFile(file).iter_batches(batch_size=256)
+            else:  # save_to_disk writes Arrow's stream format; other tools its file format
+                source = pa.memory_map(str(file))
+                try:
+                    batches = pa.ipc.open_stream(source)
+                except pa.ArrowInvalid:
+                    batches = pa.ipc.open_file(source)
+                    batches = (batches.get_batch(i) for i in range(batches.num_record_batches))
+            for batch in batches:
+                for row in batch.to_pylist():
+                    number += 1
+                    yield row, f"{name}: row {number}"
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"{name}: not a dataset file this service reads (parquet or arrow): {err}") from None
+
+
+def _hub_rows(source: str) -> Iterator[tuple[object, str]]:
+    """(row, where) of hf:NAME[:split] (default split: train), streamed: only what is read is downloaded."""
+    name, _, split = source.removeprefix(HUB).partition(":")
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(name, split=split or "train", streaming=True)
+    except Exception as err:  # the hub's and the library's many errors: not found, private, no such split
+        raise DataError(f"{source}: {err}") from None
+    for number, row in enumerate(rows, 1):
+        yield row, f"{source}: row {number}"
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _parse_messages(messages: object, where: str) -> Record:
+    """A chat record: [{role, content}, ...], a system prompt first if any; the last assistant turn is
+    the response (none if the conversation ends with the user's message)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
+    turns = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] must be {{role: system|user|assistant, content: text}}")
+        turns.append((m["role"], m["content"]))
+    response = turns.pop()[1] if turns[-1][0] == "assistant" else None
+    if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
+        raise DataError(f"{where}: `messages` must end with a user's message, or a user's and the assistant's answer")
+    return Record(turns[-1][1], "", response or None, tuple(turns[:-1]))
+
+
 def _parse_record(obj: object, where: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record is a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return _parse_messages(obj["messages"], where)
     if "instruction" in obj:
         fields = ("instruction", "input", "output")
     elif "prompt" in obj:
         fields = ("prompt", None, "response")
     else:
-        raise DataError(f"{where}: a record needs `instruction` (Dolly layout) or `prompt` (prompt/response layout)")
+        raise DataError(
+            f"{where}: a record needs `instruction` (Dolly layout), `prompt` (prompt/response layout) or `messages` "
+            "(chat layout); data.columns maps other column names to these"
+        )
     values = []
     for name in fields:
         value = obj.get(name, "") if name else ""
@@ -179,16 +292,19 @@ def _parse_record(obj: object, where: str) -> Record:
 
 def format_prompt(record: Record, prompt_format: str, tokenizer: PreTrainedTokenizerBase) -> str:
     if prompt_format == "alpaca":
-        if record.input:
+        # A conversation's earlier turns are the template's input, as a transcript.
+        context = record.input or "\n".join(f"{role.capitalize()}: {content}" for role, content in record.turns)
+        if context:
             return (
                 f"{ALPACA_PREAMBLE_WITH_INPUT}\n\n### Instruction:\n{record.instruction}\n\n"
-                f"### Input:\n{record.input}\n\n### Response:\n"
+                f"### Input:\n{context}\n\n### Response:\n"
             )
         return f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{record.instruction}\n\n### Response:\n"
     if not tokenizer.chat_template:
         raise DataError("data.prompt_format: `chat` needs a tokenizer with a chat template; use `alpaca`")
+    messages = [{"role": role, "content": content} for role, content in record.turns]
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": record.message}], add_generation_prompt=True, tokenize=False
+        [*messages, {"role": "user", "content": record.message}], add_generation_prompt=True, tokenize=False
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from .corpus import check_corpus
-from .data import DataError, resolve_source
+from .data import DataError, check_source
 from .references import ModelError, check_reference
 from .spec import DATA_FILES, JobSpec
 
@@ -45,7 +45,7 @@ def preflight(
         if not (check_files or source.startswith("builtin:")):
             continue
         try:
-            (check_corpus if key == "pretrain" else resolve_source)(source)
+            check_corpus(source) if key == "pretrain" else check_source(source, spec.data.columns)
         except DataError as err:
             problems.append((("data", key), str(err)))
     return problems + minillm_problems(spec)

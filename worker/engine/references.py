@@ -21,7 +21,7 @@ class ModelError(ValueError):
     """A model reference that cannot be used; the message says why and what to do."""
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -60,7 +60,7 @@ def classify(ref: str) -> tuple[str, str | Path]:
 def _hub(ref: str) -> tuple[str, str]:
     if not looks_like_hub_id(ref):
         raise ModelError(f"{ref!r} is not a hub id (org/name)")
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelError(
             f"{ref!r} is not a local directory, and the Hugging Face hub is not reachable from this machine: "
             "download the model where a hub is reachable and give its local directory"

@@ -88,11 +88,16 @@ class StudentSpec(_Section):
         return self
 
 
+# The fields of the record layouts (worker/engine/data.py): Dolly's, prompt/response, chat messages.
+RecordField = Literal["instruction", "input", "output", "prompt", "response", "messages"]
+
+
 class DataSpec(_Section):
     train: Reference = Field(
         "builtin:demo",
-        description="Training set: a JSONL path (Dolly layout instruction/input/output, or prompt/response), "
-        "or builtin:demo (the project's own instructions; the teacher writes the references).",
+        description="Training set: a JSONL file (Dolly layout instruction/input/output, prompt/response, or chat "
+        "messages), a Hugging Face dataset's parquet or arrow file or save_to_disk folder, hf:NAME[:split] where the "
+        "hub is reachable, or builtin:demo (the project's own instructions; the teacher writes the references).",
     )
     selection: Reference | None = Field(
         None,
@@ -132,6 +137,12 @@ class DataSpec(_Section):
     )
     max_train_records: int | None = Field(
         None, ge=1, le=MAX_RECORDS, description="Use only the first N training records."
+    )
+    columns: dict[Annotated[str, Field(min_length=1, max_length=200)], RecordField] | None = Field(
+        None,
+        max_length=20,
+        description="Columns of train, selection and eval that hold a record layout's fields under other names, "
+        'e.g. {"question": "prompt", "answer": "response"} or {"conversations": "messages"}.',
     )
 
 

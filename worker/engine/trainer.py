@@ -194,7 +194,7 @@ class Trainer:
     def load_data(self) -> None:
         spec, d = self.spec, self.spec.data
         counts = {"eval": spec.eval.num_prompts, "selection": spec.eval.selection_num_prompts}
-        records, held_out = split_held_out(d, read_records(d.train)[: d.max_train_records], counts)
+        records, held_out = split_held_out(d, read_records(d.train, d.columns, d.max_train_records), counts)
 
         def prepare(recs, role: str) -> list[Example]:
             examples, skipped = tokenize(
