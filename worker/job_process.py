@@ -20,6 +20,7 @@ from app.models import Job
 from worker.engine.events import Event, Fanout, LogLineReporter
 from worker.engine.spec import JobSpec
 from worker.engine.status import JobStatus
+from worker.engine.trackers import trackers_for
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter
 from worker.supervisor import die_with_parent
@@ -71,8 +72,10 @@ def main() -> None:
         reporter.flush(seconds=settings.heartbeat_timeout_seconds)
         sys.exit(1)
     try:
-        # Everything to the database, and a readable line per step and event to the attempt's log.
-        train(spec, job_dir(settings, args.job_id), Fanout(reporter, LogLineReporter(sys.stdout)))
+        # Everything to the database, a readable line per step and event to the attempt's log, and the
+        # job's experiment trackers.
+        out = job_dir(settings, args.job_id)
+        train(spec, out, Fanout(reporter, LogLineReporter(sys.stdout), *trackers_for(spec, out)))
     except Cancelled:
         pass
     except Exception:  # already reported as the job's failure by the trainer

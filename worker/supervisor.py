@@ -80,7 +80,8 @@ def child_environment(devices: list[int] | None, inventory: Inventory, settings:
     supervisor's heartbeats, the reaper and cancels, which need the row, would wait with it: PostgreSQL
     closes such a session after half the heartbeat timeout (libpq reads PGOPTIONS; SQLite ignores it)."""
     env = dict(os.environ)
-    env["DISTILL_HUB_MAX_GB"] = str(settings.hub_max_gb)  # the engine reads no service settings of its own
+    # The engine reads no service settings of its own.
+    env.update(DISTILL_HUB_MAX_GB=str(settings.hub_max_gb), DISTILL_TRACKERS=settings.trackers)
     idle = f"-c idle_in_transaction_session_timeout={int(settings.heartbeat_timeout_seconds * 500)}"
     env["PGOPTIONS"] = f"{env['PGOPTIONS']} {idle}" if env.get("PGOPTIONS") else idle
     if devices is None:

@@ -171,6 +171,12 @@ class Settings(BaseSettings):
         description="Read by the training processes: the most a hub model's weights, tokenizer and config may "
         "take; a bigger one fails the job before anything downloads.",
     )
+    trackers: str = Field(
+        "",
+        pattern=r"^((mlflow|tensorboard)(,(mlflow|tensorboard))*)?$",
+        description="Read by the training processes: the experiment trackers of jobs whose spec names none "
+        "(tracking.trackers), a comma list of mlflow and tensorboard. MLflow's server: MLFLOW_TRACKING_URI.",
+    )
     api_sees_worker_files: bool = Field(
         True,
         description="Whether the API machine has the workers' model and data roots at the same paths (the "

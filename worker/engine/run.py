@@ -12,12 +12,14 @@ from pathlib import Path
 from .events import Fanout, JsonlReporter, ProgressBarReporter
 from .launch import deepspeed_command
 from .spec import JobSpec, load_spec
+from .trackers import trackers_for
 from .trainer import train
 
 
-def reporter_for(output_dir: Path) -> Fanout:
-    """events.jsonl plus a progress bar; touching DIR/CANCEL stops the job at the next step."""
-    return Fanout(JsonlReporter(output_dir / "events.jsonl", cancel_file=output_dir / "CANCEL"), ProgressBarReporter())
+def reporter_for(spec: JobSpec, output_dir: Path) -> Fanout:
+    """events.jsonl plus a progress bar and the job's trackers; touching DIR/CANCEL stops the job at the next step."""
+    jsonl = JsonlReporter(output_dir / "events.jsonl", cancel_file=output_dir / "CANCEL")
+    return Fanout(jsonl, ProgressBarReporter(), *trackers_for(spec, output_dir))
 
 
 def launch_command(spec: JobSpec, spec_path: Path, output_dir: Path) -> list[str]:
@@ -30,7 +32,7 @@ def launch_command(spec: JobSpec, spec_path: Path, output_dir: Path) -> list[str
 def run(spec_path: Path, output_dir: Path) -> dict:
     """Train in this process (one rank of a launched group, or alone). Returns the eval scores."""
     spec = load_spec(spec_path)
-    return train(spec, output_dir, reporter_for(output_dir))
+    return train(spec, output_dir, reporter_for(spec, output_dir))
 
 
 def main() -> None:

@@ -362,6 +362,19 @@ class ResourcesSpec(_Section):
     )
 
 
+class TrackingSpec(_Section):
+    trackers: list[Literal["mlflow", "tensorboard"]] = Field(
+        [],
+        max_length=2,
+        description="Where the job's parameters, metrics, evaluations and best checkpoint are recorded besides the "
+        "service: mlflow (the server at MLFLOW_TRACKING_URI) and tensorboard (event files in the job's folder). "
+        "Empty: the operator's DISTILL_TRACKERS.",
+    )
+    experiment: str | None = Field(
+        None, min_length=1, max_length=200, description="The MLflow experiment of the job's run. Empty: the job's name."
+    )
+
+
 class JobSpec(_Section):
     name: str = Field("distill-job", min_length=1, max_length=200, description="A label for people.")
     method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
@@ -384,6 +397,7 @@ class JobSpec(_Section):
     checkpoints: CheckpointSpec = Field(CheckpointSpec(), description="When to save and how many to keep.")
     deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="ZeRO stage, precision, offload.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="How many devices, and which kind.")
+    tracking: TrackingSpec = Field(TrackingSpec(), description="Experiment trackers: MLflow, TensorBoard.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -412,9 +426,12 @@ class JobSpec(_Section):
 
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes the result; a resumed run must have the same one.
-        How many sample answers an evaluation keeps and how long a job may run do not shape it (and
-        runs from before `eval.samples` and `resources.max_run_minutes` keep their hash)."""
-        shaping = self.model_dump(mode="json", exclude={"eval": {"samples"}, "resources": {"max_run_minutes"}})
+        How many sample answers an evaluation keeps, how long a job may run and where it is tracked do
+        not shape it (and runs from before `eval.samples`, `resources.max_run_minutes` and `tracking`
+        keep their hash)."""
+        shaping = self.model_dump(
+            mode="json", exclude={"eval": {"samples"}, "resources": {"max_run_minutes"}, "tracking": True}
+        )
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
