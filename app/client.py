@@ -202,9 +202,13 @@ class Jobs:
             time.sleep(poll_seconds)
         return job
 
-    def events(self, job_id: str, follow: bool = False, poll_seconds: float = 1.0) -> Iterator[EventOut]:
-        """The job's events in order; with `follow`, on until the job has ended."""
+    def events(
+        self, job_id: str, follow: bool = False, poll_seconds: float = 1.0, timeout: float | None = None
+    ) -> Iterator[EventOut]:
+        """The job's events in order; with `follow`, on until the job has ended (or `timeout` seconds
+        have passed: then the iteration ends with the job still going)."""
         params = {"after": 0, "limit": 1000}
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             # Status before events: a terminal status is committed with its event, so a page read
             # after seeing it holds everything up to the end.
@@ -217,7 +221,7 @@ class Jobs:
                 yield event
             if page.has_more:
                 continue
-            if ended:
+            if ended or (deadline is not None and time.monotonic() >= deadline):
                 return
             time.sleep(poll_seconds)
 

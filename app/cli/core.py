@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     NOT_FOUND = 4
     UNAVAILABLE = 5
     UNAUTHORIZED = 6
+    TIMED_OUT = 7
 
 
 # The same table is in README.md (tests/service/test_cli.py compares them).
@@ -41,6 +42,7 @@ EXIT_CODES = {
     ExitCode.UNAVAILABLE: "the server unreachable or failing (connection refused, timeouts, 5xx) after retrying, "
     "a limit reached (429), or a download that arrived broken: try again later",
     ExitCode.UNAUTHORIZED: "no token, or one that is wrong, expired or revoked (401, 403)",
+    ExitCode.TIMED_OUT: "--wait --timeout passed before the job ended (the job runs on)",
 }
 # A job's final status as the exit code of a command that waited for it.
 OUTCOMES = {
@@ -80,6 +82,7 @@ class _Commands(TyperGroup):
 def _known(err: Exception) -> tuple[str, ExitCode, dict] | None:
     """A known error's message, exit code and, for --json, details; None for anything else."""
     import httpx
+    import pydantic
 
     from app.client import ApiError, ChecksumMismatch, SpecFileError
 
@@ -97,11 +100,15 @@ def _known(err: Exception) -> tuple[str, ExitCode, dict] | None:
     if isinstance(err, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
         return f"bad API address (--url, DISTILL_URL): {err}", ExitCode.USAGE, {}
     if isinstance(err, httpx.TransportError):  # what is left after the client's retries
-        return f"cannot reach {err.request.url}: {type(err).__name__}: {err}", ExitCode.UNAVAILABLE, {}
+        hint = "is a server running there? `distill up` starts one here; --url or DISTILL_URL names another"
+        return f"cannot reach {err.request.url}: {type(err).__name__}: {err}; {hint}", ExitCode.UNAVAILABLE, {}
     if isinstance(err, ChecksumMismatch):
         return str(err), ExitCode.UNAVAILABLE, {}
     if isinstance(err, SpecFileError):
         return str(err), ExitCode.USAGE, {}
+    if isinstance(err, pydantic.ValidationError) and err.title == "Settings":  # a DISTILL_ variable's value
+        problems = "; ".join(f"DISTILL_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors())
+        return f"bad setting: {problems}", ExitCode.USAGE, {}
     if isinstance(err, OSError):
         return str(err), ExitCode.FAILED, {}
     return None
@@ -116,11 +123,26 @@ def _report(as_json: bool, message: str, code: int, details: dict) -> None:
 cli = typer.Typer(
     cls=_Commands,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion, for bash, zsh, fish and PowerShell
     pretty_exceptions_show_locals=False,
     help="Distil large language models into small ones (MiniLLM).",
     epilog="Exit codes:\n\n" + "\n\n".join(f"{int(c)}  {meaning}" for c, meaning in EXIT_CODES.items()),
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"distill {version('distill')}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="Print the version."),
+) -> None:
+    pass
 
 
 def _errors_as_json(ctx: typer.Context, value: bool) -> bool:
@@ -164,8 +186,9 @@ def emit(as_json: bool, document, text: str) -> None:
 
 def api_client(url: str | None, token: str | None) -> Client:
     """The API at --url / DISTILL_URL with --token / DISTILL_TOKEN; by default this machine's server,
-    and the local user's token that `distill up` saved. Failed requests are retried for
-    DISTILL_RETRY_SECONDS (300 by default: a server restarting while a CI step waits for its job)."""
+    and the local user's token that `distill up` saved. Failed requests to a given address are
+    retried for DISTILL_RETRY_SECONDS (300 by default: a server restarting while a CI step waits for
+    its job); to the default address, not at all unless DISTILL_RETRY_SECONDS says so."""
     from app.client import Client
     from app.core.config import Settings
 
@@ -173,8 +196,10 @@ def api_client(url: str | None, token: str | None) -> Client:
     saved = settings.data_dir / "token"
     if not token and saved.exists():
         token = saved.read_text().strip()
+    # No address given: this machine's server, which is there or not; waiting for it would only delay the error.
+    default = "300" if url else "0"
     try:
-        retry_seconds = float(os.environ.get("DISTILL_RETRY_SECONDS", "300"))
+        retry_seconds = float(os.environ.get("DISTILL_RETRY_SECONDS", default))
     except ValueError:
         raise Failure("DISTILL_RETRY_SECONDS must be a number of seconds", ExitCode.USAGE) from None
     return Client(url or f"http://{settings.host}:{settings.port}", token, retry_seconds=retry_seconds)

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 WaitOption = typer.Option(False, "--wait", help="Wait for the job to end; the exit code says how it ended.")
 FollowOption = typer.Option(False, "--follow", help="Like --wait, printing events as they come.")
+TimeoutOption = typer.Option(
+    None, "--timeout", min=0, help="With --wait or --follow: give up after this many seconds (exit code 7)."
+)
 
 
 def _upload_local_data(client: Client, spec: dict, base: Path) -> dict:
@@ -73,16 +76,18 @@ def submit_file(client: Client, spec_path: Path, overrides: list[str], idempoten
     )
 
 
-def follow_job(client: Client, job: JobOut, verbose: bool, out: TextIO, how: str = "submitted") -> JobOut:
-    """A job just submitted (or resumed: `how`), once it has ended, shown on the way: where it is queued,
-    a progress bar (on stderr), with `verbose` its events, then its scores, best checkpoint and outcome
-    as lines on `out`."""
+def follow_job(
+    client: Client, job: JobOut, verbose: bool, out: TextIO, how: str = "submitted", timeout: float | None = None
+) -> JobOut:
+    """A job just submitted (or resumed: `how`), once it has ended (or `timeout` seconds have passed),
+    shown on the way: where it is queued, a progress bar (on stderr), with `verbose` its events, then its
+    scores, best checkpoint and outcome as lines on `out`."""
     from tqdm import tqdm
 
     typer.echo(f"{how} {job.id} ({job.name}, {job.status})", file=out)
     _say_where_queued(job)
     bar = None
-    for event in client.jobs.events(job.id, follow=True):
+    for event in client.jobs.events(job.id, follow=True, timeout=timeout):
         if event.type == "metrics":
             values = event.data["values"]
             if bar is None:
@@ -104,6 +109,9 @@ def follow_job(client: Client, job: JobOut, verbose: bool, out: TextIO, how: str
         typer.echo(
             f"best checkpoint: step {best.step}; download with: distill download {job.id} --step best -o DIR", file=out
         )
+    if job.status not in OUTCOMES:
+        typer.echo(f"{job.id}: still {job.status} after {timeout:g} s (--timeout); it runs on", file=out)
+        return job
     typer.echo(f"{job.id}: {job.status}" + (f" ({job.error.code}: {job.error.message})" if job.error else ""), file=out)
     return job
 
@@ -114,6 +122,7 @@ def submit(
     overrides: list[str] = SetOption,
     wait: bool = WaitOption,
     follow: bool = FollowOption,
+    timeout: float = TimeoutOption,
     idempotency_key: str = typer.Option(
         None,
         help="Retrying with the same key never creates a second job "
@@ -130,15 +139,17 @@ def submit(
         emit(as_json, job, job.id)
         _say_where_queued(job)
         return
-    _until_it_ends(client, job, follow, as_json, "submitted")
+    _until_it_ends(client, job, follow, as_json, "submitted", timeout)
 
 
-def _until_it_ends(client: Client, job: JobOut, follow: bool, as_json: bool, how: str) -> None:
-    """--wait and --follow: show the job until it ends, then exit with its outcome's code."""
-    job = follow_job(client, job, verbose=follow, out=sys.stderr if as_json else sys.stdout, how=how)  # stdout: JSON
+def _until_it_ends(client: Client, job: JobOut, follow: bool, as_json: bool, how: str, timeout: float | None) -> None:
+    """--wait and --follow: show the job until it ends, then exit with its outcome's code (TIMED_OUT
+    if `timeout` seconds pass first)."""
+    out = sys.stderr if as_json else sys.stdout  # stdout: the JSON alone
+    job = follow_job(client, job, verbose=follow, out=out, how=how, timeout=timeout)
     if as_json:
         typer.echo(json_text(job))
-    raise typer.Exit(OUTCOMES[job.status])
+    raise typer.Exit(OUTCOMES.get(job.status, ExitCode.TIMED_OUT))
 
 
 @cli.command()
@@ -146,6 +157,7 @@ def resume(
     job_id: str,
     wait: bool = WaitOption,
     follow: bool = FollowOption,
+    timeout: float = TimeoutOption,
     as_json: bool = JsonOption,
     url: str = UrlOption,
     token: str = TokenOption,
@@ -157,7 +169,7 @@ def resume(
         emit(as_json, job, job.status)
         _say_where_queued(job)
         return
-    _until_it_ends(client, job, follow, as_json, "resumed")
+    _until_it_ends(client, job, follow, as_json, "resumed", timeout)
 
 
 @cli.command()
@@ -190,8 +202,8 @@ def jobs(
 ) -> None:
     """List jobs, newest first."""
     listed = list(itertools.islice(api_client(url, token).jobs.list(status=status, page_size=min(limit, 100)), limit))
-    rows = [f"{j.id}  {j.status:<10} {j.progress.step:>6}/{j.progress.total_steps:<6} {j.name}" for j in listed]
-    emit(as_json, listed, "\n".join(rows))
+    rows = [f"{j.id:<20}  {j.status:<10} {j.progress.step:>6}/{j.progress.total_steps:<6} {j.name}" for j in listed]
+    emit(as_json, listed, "\n".join([f"{'id':<20}  {'status':<10} {'step':>6}/{'total':<6} name", *rows]))
 
 
 @cli.command()
@@ -299,8 +311,11 @@ def evals(job_id: str, as_json: bool = JsonOption, url: str = UrlOption, token: 
 def datasets(as_json: bool = JsonOption, url: str = UrlOption, token: str = TokenOption) -> None:
     """List your uploaded datasets (use one in a spec as dataset:ID)."""
     listed = api_client(url, token).datasets.list()
-    rows = [f"{d.id}  {d.num_records:>8}  {d.size_bytes:>12}  {d.created_at:%Y-%m-%d %H:%M}  {d.name}" for d in listed]
-    emit(as_json, listed, "\n".join(rows))
+    rows = [
+        f"{d.id:<19}  {d.num_records:>8}  {d.size_bytes:>12}  {d.created_at:%Y-%m-%d %H:%M}  {d.name}" for d in listed
+    ]
+    header = f"{'id':<19}  {'records':>8}  {'bytes':>12}  {'uploaded':<16}  name"
+    emit(as_json, listed, "\n".join([header, *rows]))
 
 
 @cli.command("delete-dataset")

@@ -3,6 +3,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -197,6 +199,36 @@ def test_validate_checks_like_submit_and_queues_nothing(server, auth, dataset, t
     for uploaded in json.loads(_api(server, auth, "datasets", "--json").stdout):
         assert _api(server, auth, "delete-dataset", uploaded["id"]).returncode == 0
     assert json.loads(_api(server, auth, "datasets", "--json").stdout) == []
+
+
+def test_wait_with_a_timeout_gives_up_with_exit_code_7_and_the_job_runs_on(server, client, auth, dataset, tmp_path):
+    spec = _spec_file(tmp_path / "spec.yaml", tiny_spec(dataset))
+    waited = _api(server, auth, "submit", spec, "--wait", "--timeout", "1", "--json")  # no worker here: queued
+    assert waited.returncode == 7, waited.stderr
+    job = json.loads(waited.stdout)
+    assert job["status"] == "queued" and "still queued after 1 s (--timeout); it runs on" in waited.stderr
+    listed = _api(server, auth, "jobs").stdout.splitlines()  # a table with its header
+    assert listed[0].split() == ["id", "status", "step/total", "name"] and listed[1].startswith(job["id"])
+    client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=auth)
+
+
+def test_version_completion_and_no_waiting_for_a_server_that_is_not_there():
+    from importlib.metadata import version
+
+    assert _distill("--version").stdout.strip() == f"distill {version('distill')}"
+    script = str(Path(sys.executable).with_name("distill"))  # the installed command, as a shell completes it
+    shown = subprocess.run([script, "--show-completion", "bash"], capture_output=True, text=True).stdout
+    assert "complete -o default -F _distill_completion distill" in shown, shown
+    # No DISTILL_URL: this machine's server, which is not running; an error at once, not 300 s of retries.
+    env = {k: v for k, v in os.environ.items() if k not in ("DISTILL_URL", "DISTILL_RETRY_SECONDS")}
+    env.update(DISTILL_PORT=str(free_port()))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "app.cli", "jobs"], capture_output=True, text=True, env=env)
+    assert result.returncode == 5 and "`distill up` starts one here" in result.stderr, result.stderr
+    assert time.monotonic() - started < 30
+    env.update(DISTILL_PORT="eighty")  # a bad setting: one line naming it, not a traceback
+    result = subprocess.run([sys.executable, "-m", "app.cli", "jobs"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: bad setting: DISTILL_PORT:"), result.stderr
 
 
 def test_submit_wait_exits_3_when_the_job_is_cancelled(server, client, auth, dataset, tmp_path):
