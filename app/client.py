@@ -165,9 +165,20 @@ class Jobs:
         in), or the ApiError 422 submit would raise."""
         return self._client.request("POST", "/jobs/validate", json=spec).json()
 
-    def list(self, status: JobStatus | None = None, page_size: int = 100) -> Iterator[JobOut]:
-        """Every job (with `status`, those in it), newest first; pages are fetched as the iteration reaches them."""
+    def list(
+        self,
+        status: JobStatus | None = None,
+        page_size: int = 100,
+        metadata: dict[str, str] | None = None,
+        after: str | None = None,
+    ) -> Iterator[JobOut]:
+        """Every job (with `status`, those in it; with `metadata`, those with each pair), newest first,
+        from the one after job `after`; pages are fetched as the iteration reaches them."""
         params: dict = {"limit": page_size, **({"status": status} if status else {})}
+        if metadata:
+            params["metadata"] = [f"{key}:{value}" for key, value in metadata.items()]
+        if after:
+            params["after"] = after
         while True:
             page = Page[JobOut].model_validate(self._client.request("GET", "/jobs", params=params).json())
             yield from page.data

@@ -132,12 +132,14 @@ def active_jobs(session: Session, user_id: int) -> int:
 
 
 def list_jobs(
-    session: Session, user_id: int, *, status: str | None, limit: int, after: str | None
+    session: Session, user_id: int, *, status: str | None, limit: int, after: str | None, metadata: dict[str, str]
 ) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the id of the last job of the previous page."""
+    """Newest first; `after` is the id of the last job of the previous page; `metadata`: pairs each job has."""
     query = select(Job).where(Job.user_id == user_id)
     if status:
         query = query.where(Job.status == status)
+    for key, value in metadata.items():
+        query = query.where(Job.job_metadata[key].as_string() == value)
     if after:
         anchor = session.get(Job, after)
         if anchor is not None and anchor.user_id == user_id:

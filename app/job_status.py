@@ -54,6 +54,7 @@ def create(
     spec: dict,
     *,
     webhook_url: str | None = None,
+    metadata: dict[str, str] | None = None,
     queue: str,
     total_steps: int,
     max_attempts: int,
@@ -65,6 +66,8 @@ def create(
     new). An older job lets go of its key, which then makes a new one. A new job past the user's
     `max_active` queued or running jobs raises TooManyJobs (a retry never does)."""
     request = {**spec, "notify": {"webhook_url": webhook_url}}  # the request as submitted, flat
+    if metadata:  # only then: the hashes of requests from before metadata stay as they were
+        request["metadata"] = metadata
     request_hash = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == idempotency_key))
@@ -86,6 +89,7 @@ def create(
         name=spec["name"],
         spec=spec,
         webhook_url=webhook_url,
+        job_metadata=metadata or {},
         queue=queue,
         total_steps=total_steps,
         max_attempts=max_attempts,
@@ -102,6 +106,7 @@ def create(
             user,
             spec,
             webhook_url=webhook_url,
+            metadata=metadata,
             queue=queue,
             total_steps=total_steps,
             max_attempts=max_attempts,

@@ -77,6 +77,8 @@ class Job(Base):
     spec: Mapped[dict] = mapped_column()
     # Where the job's end is reported (its request's notify.webhook_url); else its user's default.
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # The request's metadata: string pairs its owner finds it by. (`metadata` is SQLAlchemy's own attribute.)
+    job_metadata: Mapped[dict] = mapped_column("metadata", default=dict)
     queue: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()

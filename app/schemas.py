@@ -50,15 +50,25 @@ class Notify(BaseModel):
     )
 
 
+# A job's metadata: string pairs a client attaches to find its jobs again (a commit SHA, a pipeline run).
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+Metadata = Annotated[dict[MetadataKey, Annotated[str, Field(max_length=256)]], Field(max_length=16)]
+
+
 class JobRequest(JobSpec):
     """A job as submitted: its spec, and beside it the service's concerns, which the engine never sees
     and which do not shape what is trained. One flat document, so a spec file is a request as it is."""
 
     notify: Notify = Field(Notify(), description="Who is told when the job ends.")
+    metadata: Metadata = Field(
+        {},
+        description="Up to 16 string pairs to find the job by (GET /jobs?metadata=KEY:VALUE), e.g. "
+        '{"commit": "1a2b3c", "pipeline": "nightly"}; keys of letters, digits, _ . -.',
+    )
 
     def split(self) -> tuple[JobSpec, Notify]:
-        """The engine's spec (as a job stores it), and the service's part."""
-        return JobSpec.model_validate(self.model_dump(exclude={"notify"})), self.notify
+        """The engine's spec (as a job stores it), and the service's part (with `metadata`)."""
+        return JobSpec.model_validate(self.model_dump(exclude={"notify", "metadata"})), self.notify
 
 
 class Progress(BaseModel):
@@ -91,6 +101,7 @@ class JobOut(BaseModel):
     status: JobStatus
     spec: dict
     notify: Notify
+    metadata: dict[str, str]
     queue: str
     created_at: datetime
     started_at: datetime | None
@@ -125,6 +136,7 @@ class JobOut(BaseModel):
             status=job.status,
             spec=job.spec,
             notify=Notify(webhook_url=job.webhook_url),
+            metadata=job.job_metadata,
             queue=job.queue,
             created_at=job.created_at,
             started_at=job.started_at,

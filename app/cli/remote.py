@@ -38,6 +38,16 @@ if TYPE_CHECKING:
 
 WaitOption = typer.Option(False, "--wait", help="Wait for the job to end; the exit code says how it ended.")
 FollowOption = typer.Option(False, "--follow", help="Like --wait, printing events as they come.")
+MetaOption = typer.Option([], "--meta", metavar="KEY=VALUE", help="A metadata pair (repeatable).")
+
+
+def _pairs(options: list[str]) -> dict[str, str]:
+    """--meta KEY=VALUE options as a dict."""
+    if bad := [o for o in options if "=" not in o]:
+        raise Failure(f"--meta {bad[0]!r}: give KEY=VALUE", ExitCode.USAGE)
+    return dict(o.split("=", 1) for o in options)
+
+
 TimeoutOption = typer.Option(
     None, "--timeout", min=0, help="With --wait or --follow: give up after this many seconds (exit code 7)."
 )
@@ -68,12 +78,19 @@ def _upload_local_data(client: Client, spec: dict, base: Path) -> dict:
     return {**spec, "data": data}
 
 
-def submit_file(client: Client, spec_path: Path, overrides: list[str], idempotency_key: str | None) -> JobOut:
+def submit_file(
+    client: Client,
+    spec_path: Path,
+    overrides: list[str],
+    idempotency_key: str | None,
+    metadata: dict[str, str] | None = None,
+) -> JobOut:
     from app.client import load_spec_file
 
-    return client.jobs.create(
-        _upload_local_data(client, load_spec_file(spec_path, overrides), spec_path.parent), idempotency_key
-    )
+    request = load_spec_file(spec_path, overrides)
+    if metadata:  # as strings, whatever they look like (a commit SHA of digits stays text)
+        request["metadata"] = {**request.get("metadata", {}), **metadata}
+    return client.jobs.create(_upload_local_data(client, request, spec_path.parent), idempotency_key)
 
 
 def follow_job(
@@ -120,6 +137,7 @@ def follow_job(
 def submit(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec, YAML or JSON."),
     overrides: list[str] = SetOption,
+    meta: list[str] = MetaOption,
     wait: bool = WaitOption,
     follow: bool = FollowOption,
     timeout: float = TimeoutOption,
@@ -134,7 +152,7 @@ def submit(
 ) -> None:
     """Submit a job spec; print its id (with --json, the job). Local data files in it are uploaded first."""
     client = api_client(url, token)
-    job = submit_file(client, spec, overrides, idempotency_key)
+    job = submit_file(client, spec, overrides, idempotency_key, _pairs(meta))
     if not (wait or follow):
         emit(as_json, job, job.id)
         _say_where_queued(job)
@@ -196,14 +214,22 @@ def validate(
 def jobs(
     status: str = typer.Option(None, help="Only jobs in this status."),
     limit: int = typer.Option(20, min=1, help="How many, newest first."),
+    after: str = typer.Option(None, "--after", help="Start after this job (the last of the previous page)."),
+    meta: list[str] = MetaOption,
     as_json: bool = JsonOption,
     url: str = UrlOption,
     token: str = TokenOption,
 ) -> None:
-    """List jobs, newest first."""
-    listed = list(itertools.islice(api_client(url, token).jobs.list(status=status, page_size=min(limit, 100)), limit))
+    """List jobs, newest first (--meta: those with each KEY=VALUE); says how to get the next page."""
+    found = api_client(url, token).jobs.list(
+        status=status, page_size=min(limit + 1, 100), metadata=_pairs(meta), after=after
+    )
+    listed = list(itertools.islice(found, limit + 1))
+    more, listed = len(listed) > limit, listed[:limit]
     rows = [f"{j.id:<20}  {j.status:<10} {j.progress.step:>6}/{j.progress.total_steps:<6} {j.name}" for j in listed]
     emit(as_json, listed, "\n".join([f"{'id':<20}  {'status':<10} {'step':>6}/{'total':<6} name", *rows]))
+    if more:
+        typer.echo(f"more: distill jobs --after {listed[-1].id}", err=True)
 
 
 @cli.command()

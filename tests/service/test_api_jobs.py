@@ -451,3 +451,26 @@ def test_a_failed_job_reports_its_error(client, auth, dataset):
     assert failed["status"] == "failed" and failed["error"] == {"code": "OOM", "message": "out of memory"}
     last = events_of(client, auth, job["id"])[-1]
     assert last["level"] == "error" and last["data"]["state"] == "failed"
+
+
+def test_jobs_carry_metadata_and_are_listed_by_it(client, auth, dataset):
+    tagged = submit(client, auth, {**tiny_spec(dataset), "metadata": {"commit": "0123abc", "pipeline": "nightly"}})
+    assert tagged.status_code == 201, tagged.text
+    assert tagged.json()["metadata"] == {"commit": "0123abc", "pipeline": "nightly"}
+    assert "metadata" not in tagged.json()["spec"]  # beside the spec, like notify: the engine never sees it
+    other = new_job(client, auth, dataset, name="untagged")
+    assert other["metadata"] == {}
+
+    def listed(*pairs: str) -> list[str]:
+        response = client.get(JOBS, headers=auth, params={"metadata": list(pairs)})
+        assert response.status_code == 200, response.text
+        return [j["id"] for j in response.json()["data"]]
+
+    assert listed("commit:0123abc") == [tagged.json()["id"]]
+    assert listed("commit:0123abc", "pipeline:nightly") == [tagged.json()["id"]]
+    assert listed("commit:0123abc", "pipeline:weekly") == []
+    assert listed() == [other["id"], tagged.json()["id"]]
+    bad = client.get(JOBS, headers=auth, params={"metadata": "no-colon"})
+    assert bad.status_code == 422 and locs(bad) == [["query", "metadata"]]
+    refused = submit(client, auth, {**tiny_spec(dataset), "metadata": {"a b": "x"}})
+    assert refused.status_code == 422 and locs(refused)[0][:2] == ["body", "metadata"]

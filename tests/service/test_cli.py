@@ -201,7 +201,9 @@ def test_validate_checks_like_submit_and_queues_nothing(server, auth, dataset, t
     assert json.loads(_api(server, auth, "datasets", "--json").stdout) == []
 
 
-def test_wait_with_a_timeout_gives_up_with_exit_code_7_and_the_job_runs_on(server, client, auth, dataset, tmp_path):
+def test_wait_with_a_timeout_gives_up_with_exit_code_7_and_the_job_runs_on_and_jobs_are_found_by_metadata(
+    server, client, auth, dataset, tmp_path
+):
     spec = _spec_file(tmp_path / "spec.yaml", tiny_spec(dataset))
     waited = _api(server, auth, "submit", spec, "--wait", "--timeout", "1", "--json")  # no worker here: queued
     assert waited.returncode == 7, waited.stderr
@@ -210,6 +212,18 @@ def test_wait_with_a_timeout_gives_up_with_exit_code_7_and_the_job_runs_on(serve
     listed = _api(server, auth, "jobs").stdout.splitlines()  # a table with its header
     assert listed[0].split() == ["id", "status", "step/total", "name"] and listed[1].startswith(job["id"])
     client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=auth)
+
+    # Metadata from CI: a commit SHA of digits stays text; jobs are found by it, a page at a time.
+    tagged = json.loads(_api(server, auth, "submit", spec, "--meta", "commit=0123", "--json").stdout)
+    assert tagged["metadata"] == {"commit": "0123"}
+    found = _api(server, auth, "jobs", "--meta", "commit=0123", "--json")
+    assert [j["id"] for j in json.loads(found.stdout)] == [tagged["id"]]
+    first = _api(server, auth, "jobs", "--limit", "1")
+    assert f"more: distill jobs --after {tagged['id']}" in first.stderr
+    rest = json.loads(_api(server, auth, "jobs", "--after", tagged["id"], "--json").stdout)
+    assert [j["id"] for j in rest] == [job["id"]]
+    assert _api(server, auth, "jobs", "--meta", "commit").returncode == 2
+    client.post(f"/api/v1/jobs/{tagged['id']}/cancel", headers=auth)
 
 
 def test_version_completion_and_no_waiting_for_a_server_that_is_not_there():

@@ -247,7 +247,10 @@ def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, bro
     response = httpx.post(
         f"{server}/api/v1/jobs",
         headers=user,
-        json=tiny_spec(dataset, name="tiny-gpu", method="kd", resources={"accelerator": "gpu", "devices": 9}),
+        json={
+            **tiny_spec(dataset, name="tiny-gpu", method="kd", resources={"accelerator": "gpu", "devices": 9}),
+            "metadata": {"commit": "0123abc"},
+        },
     )
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
@@ -256,6 +259,7 @@ def test_a_queued_job_shows_its_place_and_what_it_waits_for(server, dataset, bro
     page.goto(f"{server}/#/jobs/{job_id}")
     expect(page.locator("#job-status")).to_have_attribute("data-status", "queued")
     expect(page.locator("#queue-position")).to_have_text("gpu-9: 0 jobs ahead")
+    expect(page.locator("#metadata")).to_have_text("commit=0123abc")
     expect(page.locator("#waiting-for")).to_have_text(
         "no worker serves queue gpu-9; start one with `distill worker --queues gpu-9`"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -57,6 +58,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=ReleasingRoute)  #
 MAX_ID = 2**63 - 1  # ids are 64-bit columns; a larger bound overflows the driver (a 500 on SQLite)
 # What any route on one of the user's jobs may answer: no token, no such job (or another user's), a bad parameter.
 ON_A_JOB = (401, 404, 422)
+METADATA_PAIR = re.compile(r"[A-Za-z0-9_.-]{1,64}:[^\x00]{0,256}")  # a metadata filter, KEY:VALUE
 # A download's body, described for generated clients (which save it as bytes).
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 DOWNLOAD = {
@@ -91,6 +93,7 @@ def submit(
             user,
             spec.model_dump(mode="json"),
             webhook_url=notify.webhook_url,
+            metadata=request.metadata,
             queue=queue,
             total_steps=spec.total_steps,
             max_attempts=settings.max_attempts,
@@ -202,8 +205,23 @@ def list_jobs(
     after: Annotated[
         str | None, Query(max_length=64, pattern=NO_NUL, description="id of the last job of the previous page")
     ] = None,
+    metadata: Annotated[
+        list[str],
+        Query(max_length=16, description="Only jobs whose metadata has KEY with VALUE, as KEY:VALUE; repeatable."),
+    ] = [],
 ) -> Page[JobOut]:
-    jobs, has_more = crud.list_jobs(session, user.id, status=status_, limit=limit, after=after)
+    if not all(METADATA_PAIR.fullmatch(pair) for pair in metadata):
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", "metadata"),
+                    "msg": "each must be KEY:VALUE, as a job's metadata",
+                    "type": "value_error",
+                }
+            ]
+        )
+    pairs = dict(pair.split(":", 1) for pair in metadata)
+    jobs, has_more = crud.list_jobs(session, user.id, status=status_, limit=limit, after=after, metadata=pairs)
     return Page(data=_out(session, settings, jobs), has_more=has_more)
 
 

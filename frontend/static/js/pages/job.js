@@ -159,7 +159,9 @@ export function render(main, { id }) {
       ...item("Created", when(job.created_at)),
       ...item("Finished", when(job.finished_at)),
       ...item("Attempts", `${job.attempts} of ${job.max_attempts}`),
-      ...item("Runs on", h("span", { id: "placement" }, placementLabel(job.placement))));
+      ...item("Runs on", h("span", { id: "placement" }, placementLabel(job.placement))),
+      ...item("Metadata", h("span.mono", { id: "metadata" },
+        Object.entries(job.metadata).map(([k, v]) => `${k}=${v}`).join(", ") || "—")));
     if (job.error) {
       error.textContent = `${job.error.code}: ${job.error.message}`;
       error.hidden = false;
