@@ -55,10 +55,9 @@ def check(spec: JobSpec, reader: Reader) -> tuple[JobSpec, list[Problem]]:
     marked), and its problems by field: paths, models, data, shapes."""
     confined, problems = (spec, []) if reader.roots is None else confine(spec, reader.roots, on_disk=reader.reads_files)
     checkpoints, unknown = _checkpoints(confined, reader)
+    # The files of the checkpoints named are looked at; the spec keeps their names.
     problems += unknown + preflight(
-        _with_models(
-            confined, checkpoints
-        ),  # the files of the checkpoints named are looked at; the spec keeps the names
+        _with_models(confined, checkpoints),
         lambda dataset_id: reader.upload(dataset_id) is not None,
         reader.reads_files,
         skip={loc for loc, _ in problems + unknown},  # refused already: the disk is not even asked about them

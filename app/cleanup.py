@@ -2,7 +2,7 @@
 unfinished job reads, and (with DISTILL_RETENTION_DAYS) finished jobs past their time.
 
 The row goes first, in its own transaction, then the files. A failure in between leaves files that
-nothing points at (logged), never a row whose files are gone.
+nothing points at, never a row whose files are gone.
 """
 
 from __future__ import annotations
@@ -74,12 +74,19 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
 
 
 def delete_expired_jobs(session: Session, settings: Settings) -> list[str]:
-    """Delete the jobs that ended more than `retention_days` ago (none without the setting); their ids."""
+    """Delete the jobs that ended more than `retention_days` ago (none without the setting), but those a
+    newer unfinished job builds on; the ids deleted."""
     if settings.retention_days is None:
         return []
     cutoff = db_now(session) - timedelta(days=settings.retention_days)
     expired = list(session.scalars(select(Job.id).where(Job.status.in_(TERMINAL), Job.finished_at < cutoff)))
+    deleted = []
     for job_id in expired:
-        delete_job(session, settings, job_id)
+        try:
+            delete_job(session, settings, job_id)
+        except InUse as err:  # a newer job builds on its checkpoints: kept until that one ends
+            log.info("kept job %s past retention_days: %s", job_id, err)
+            continue
+        deleted.append(job_id)
         log.info("deleted job %s: it ended more than %g days ago (retention_days)", job_id, settings.retention_days)
-    return expired
+    return deleted

@@ -75,22 +75,27 @@ def test_an_upload_is_deleted_unless_an_unfinished_job_reads_it_and_its_bytes_le
     assert client.get(f"{JOBS}/{reader}", headers=auth).json()["spec"]["data"]["train"] == f"dataset:{upload['id']}"
 
 
-def test_jobs_that_ended_before_the_retention_period_are_deleted_and_newer_ones_kept(
-    client, auth, dataset, monkeypatch
+def test_jobs_that_ended_before_the_retention_period_are_deleted_but_newer_ones_and_those_built_on(
+    client, auth, dataset
 ):
-    old, recent, running = (new_job(client, auth, dataset)["id"] for _ in range(3))
-    for job_id in (old, recent):
+    old, base, recent, running = (new_job(client, auth, dataset)["id"] for _ in range(4))
+    for job_id in (old, base, recent):
         cancel(client, auth, job_id)
-    folder = with_outputs(old)
-    with db() as session:  # `old` ended three days ago; `running` never ended
-        session.execute(update(Job).where(Job.id == old).values(finished_at=utcnow() - timedelta(days=3)))
+    folder, _ = with_outputs(old), with_outputs(base)
+    builder = new_job(client, auth, dataset, student={"model": f"job:{base}@latest"})["id"]  # queued: unfinished
+    with db() as session:  # `old` and `base` ended three days ago; `running` and `builder` never ended
+        ended = utcnow() - timedelta(days=3)
+        session.execute(update(Job).where(Job.id.in_([old, base])).values(finished_at=ended))
         session.commit()
         assert cleanup.delete_expired_jobs(session, get_settings()) == []  # no retention_days: nothing goes
         # A copy of the settings: the API's own reaper, which runs this too, keeps to the ones it has.
         two_days = get_settings().model_copy(update={"retention_days": 2})
         assert cleanup.delete_expired_jobs(session, two_days) == [old]
     assert client.get(f"{JOBS}/{old}", headers=auth).status_code == 404 and not folder.exists()
-    assert [client.get(f"{JOBS}/{j}", headers=auth).status_code for j in (recent, running)] == [200, 200]
+    kept = (base, recent, running, builder)
+    assert [client.get(f"{JOBS}/{j}", headers=auth).status_code for j in kept] == [200] * 4
+    cancel(client, auth, builder)
+    cancel(client, auth, running)
 
 
 def test_an_idempotency_key_names_its_job_for_a_day_then_makes_a_new_one(client, auth, dataset):
