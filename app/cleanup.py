@@ -59,7 +59,7 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
     ref = f"dataset:{dataset.id}"
     readers = [
         job.id
-        for job in session.scalars(select(Job).where(Job.user_id == dataset.user_id, Job.status.not_in(TERMINAL)))
+        for job in crud.unfinished_jobs(session, dataset.user_id)
         if any(job.spec.get("data", {}).get(key) == ref for key in DATA_FILES)
     ]
     if readers:

@@ -33,6 +33,7 @@ from app.schemas import (
     TERMINAL,
     CheckpointOut,
     DatasetOut,
+    Deleted,
     EvalOut,
     EvalSamplesOut,
     EventOut,
@@ -203,9 +204,9 @@ class Jobs:
         """Continue a failed or cancelled job from its newest checkpoint, as a new attempt."""
         return JobOut.model_validate(self._client.request("POST", f"/jobs/{job_id}/resume", repeatable=False).json())
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str) -> Deleted:
         """Delete a job that has ended, with everything it wrote (an ApiError 409 while it runs)."""
-        self._client.request("DELETE", f"/jobs/{job_id}")
+        return Deleted.model_validate(self._client.request("DELETE", f"/jobs/{job_id}").json())
 
     def wait(self, job_id: str, poll_seconds: float = 5.0) -> JobOut:
         """The job once it has ended: succeeded, failed or cancelled."""
@@ -274,9 +275,9 @@ class Datasets:
     def list(self) -> list[DatasetOut]:
         return [DatasetOut.model_validate(d) for d in self._client.request("GET", "/datasets").json()]
 
-    def delete(self, dataset_id: str) -> None:
+    def delete(self, dataset_id: str) -> Deleted:
         """Delete an upload, freeing its bytes of your quota (an ApiError 409 while a running job reads it)."""
-        self._client.request("DELETE", f"/datasets/{dataset_id}")
+        return Deleted.model_validate(self._client.request("DELETE", f"/datasets/{dataset_id}").json())
 
 
 class Me:

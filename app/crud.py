@@ -124,11 +124,18 @@ def events_after(session: Session, job_id: str, after: int, limit: int) -> list[
 # -- jobs ---------------------------------------------------------------------------------------
 
 
+def _unfinished(user_id: int):
+    return (Job.user_id == user_id, Job.status.not_in(TERMINAL))
+
+
 def active_jobs(session: Session, user_id: int) -> int:
     """How many of a user's jobs are queued, running or cancelling."""
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.not_in(TERMINAL))
-    )
+    return session.scalar(select(func.count()).select_from(Job).where(*_unfinished(user_id)))
+
+
+def unfinished_jobs(session: Session, user_id: int) -> list[Job]:
+    """A user's queued, running and cancelling jobs: what a delete must not pull files from under."""
+    return list(session.scalars(select(Job).where(*_unfinished(user_id))))
 
 
 def list_jobs(

@@ -11,14 +11,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import crud
 from app.core.config import Settings
 from app.core.storage import s3_store
 from app.job_paths import job_dir
-from app.models import TERMINAL, Checkpoint, Job
+from app.models import Checkpoint, Job
 
 _REF = re.compile(r"job:([A-Za-z0-9_-]{1,64})(?:@(best|latest|step-([0-9]{1,10})))?")
 
@@ -50,10 +49,9 @@ def local_dir(checkpoint: Checkpoint, settings: Settings) -> str:
 
 def readers_of(session: Session, job: Job) -> list[str]:
     """The ids of the owner's unfinished jobs whose teacher or student is one of `job`'s checkpoints."""
-    unfinished = session.scalars(select(Job).where(Job.user_id == job.user_id, Job.status.not_in(TERMINAL)))
     return [
         other.id
-        for other in unfinished
+        for other in crud.unfinished_jobs(session, job.user_id)
         if any(
             (match := _REF.fullmatch(ref or "")) and match[1] == job.id
             for ref in (other.spec.get("teacher"), (other.spec.get("student") or {}).get("model"))

@@ -51,8 +51,9 @@ class Notify(BaseModel):
 
 
 # A job's metadata: string pairs a client attaches to find its jobs again (a commit SHA, a pipeline run).
-MetadataKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-Metadata = Annotated[dict[MetadataKey, Annotated[str, Field(max_length=256)]], Field(max_length=16)]
+METADATA_KEY, METADATA_VALUE_CHARS = r"[A-Za-z0-9_.-]{1,64}", 256
+MetadataKey = Annotated[str, Field(pattern=rf"^{METADATA_KEY}$")]
+Metadata = Annotated[dict[MetadataKey, Annotated[str, Field(max_length=METADATA_VALUE_CHARS)]], Field(max_length=16)]
 
 
 class JobRequest(JobSpec):

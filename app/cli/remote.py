@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 WaitOption = typer.Option(False, "--wait", help="Wait for the job to end; the exit code says how it ended.")
 FollowOption = typer.Option(False, "--follow", help="Like --wait, printing events as they come.")
 MetaOption = typer.Option([], "--meta", metavar="KEY=VALUE", help="A metadata pair (repeatable).")
+TimeoutOption = typer.Option(
+    None, "--timeout", min=0, help="With --wait or --follow: give up after this many seconds (exit code 7)."
+)
 
 
 def _pairs(options: list[str]) -> dict[str, str]:
@@ -46,11 +49,6 @@ def _pairs(options: list[str]) -> dict[str, str]:
     if bad := [o for o in options if "=" not in o]:
         raise Failure(f"--meta {bad[0]!r}: give KEY=VALUE", ExitCode.USAGE)
     return dict(o.split("=", 1) for o in options)
-
-
-TimeoutOption = typer.Option(
-    None, "--timeout", min=0, help="With --wait or --follow: give up after this many seconds (exit code 7)."
-)
 
 
 def _upload_local_data(client: Client, spec: dict, base: Path) -> dict:
@@ -291,8 +289,7 @@ def cancel(job_id: str, as_json: bool = JsonOption, url: str = UrlOption, token:
 @cli.command()
 def delete(job_id: str, as_json: bool = JsonOption, url: str = UrlOption, token: str = TokenOption) -> None:
     """Delete a job that has ended, with its checkpoints, evaluations, events and files."""
-    api_client(url, token).jobs.delete(job_id)
-    emit(as_json, {"deleted": job_id}, f"deleted {job_id}")
+    emit(as_json, api_client(url, token).jobs.delete(job_id), f"deleted {job_id}")
 
 
 @cli.command()
@@ -347,8 +344,7 @@ def datasets(as_json: bool = JsonOption, url: str = UrlOption, token: str = Toke
 @cli.command("delete-dataset")
 def delete_dataset(dataset_id: str, as_json: bool = JsonOption, url: str = UrlOption, token: str = TokenOption) -> None:
     """Delete an uploaded dataset, freeing its bytes of your quota (refused while a running job reads it)."""
-    api_client(url, token).datasets.delete(dataset_id)
-    emit(as_json, {"deleted": dataset_id}, f"deleted {dataset_id}")
+    emit(as_json, api_client(url, token).datasets.delete(dataset_id), f"deleted {dataset_id}")
 
 
 @cli.command()

@@ -40,6 +40,8 @@ from app.job_paths import hide_server_paths, job_dir
 from app.models import QUEUED, TERMINAL, Checkpoint, Job, JobEvent, JobStatus, User
 from app.outbox import publish
 from app.schemas import (
+    METADATA_KEY,
+    METADATA_VALUE_CHARS,
     CheckpointOut,
     Deleted,
     EvalOut,
@@ -58,7 +60,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=ReleasingRoute)  #
 MAX_ID = 2**63 - 1  # ids are 64-bit columns; a larger bound overflows the driver (a 500 on SQLite)
 # What any route on one of the user's jobs may answer: no token, no such job (or another user's), a bad parameter.
 ON_A_JOB = (401, 404, 422)
-METADATA_PAIR = re.compile(r"[A-Za-z0-9_.-]{1,64}:[^\x00]{0,256}")  # a metadata filter, KEY:VALUE
+# A metadata filter, KEY:VALUE, by the rules of a job's metadata.
+METADATA_PAIR = re.compile(rf"{METADATA_KEY}:[^\x00]{{0,{METADATA_VALUE_CHARS}}}")
 # A download's body, described for generated clients (which save it as bytes).
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 DOWNLOAD = {
@@ -252,7 +255,6 @@ def resume(job: OwnedJob, session: SessionDep, settings: SettingsDep) -> JobOut:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job.id} is {job.status}: only a failed or cancelled job resumes"
         )
-    session.refresh(job)
     _send(session, job)
     return _out(session, settings, [job])[0]
 
