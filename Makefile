@@ -25,11 +25,13 @@ TEST_PROCESSES ?= 2
 PARALLEL := -n $(TEST_PROCESSES) --dist loadfile
 test coverage test-fast: export OMP_NUM_THREADS = 1
 
-# What the suite needs besides the virtualenv: PostgreSQL and Redis running, Chromium, pdsh and sshd.
+# What the suite needs besides the virtualenv: PostgreSQL and Redis running, Chromium, pdsh and sshd, an
+# MLflow server.
 test-tools:
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
 	scripts/ensure-node-group-tools.sh
+	scripts/ensure-mlflow-server.sh
 
 test: install lint test-tools
 	$(PY) -m pytest -q $(PARALLEL)

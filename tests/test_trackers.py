@@ -2,7 +2,6 @@
 TensorBoard event files read back with TensorBoard's own reader."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -11,6 +10,7 @@ from helpers import read_events, tiny_spec, wait_for
 
 from worker.engine.events import Fanout, JsonlReporter
 from worker.engine.launch import free_port
+from worker.engine.paths import PROJECT_ROOT
 from worker.engine.spec import parse_spec
 from worker.engine.trackers import trackers_for
 from worker.engine.trainer import train
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     folder, port = tmp_path_factory.mktemp("mlflow"), free_port()
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port)]
+    mlflow = subprocess.check_output([PROJECT_ROOT / "scripts/ensure-mlflow-server.sh"], text=True).strip()
+    command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "art")]
     with (folder / "server.log").open("w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

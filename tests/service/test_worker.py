@@ -20,7 +20,6 @@ from helpers import (
     submit,
     tiny_spec,
     training_process,
-    two_device_spec,
     wait_for,
     wait_status,
 )
@@ -224,6 +223,8 @@ def test_a_crashed_training_process_on_the_last_attempt_fails_the_job_with_the_r
 
 
 def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client, auth, dataset, worker):
+    """A two-device job, under the DeepSpeed launcher on its own queue: one rank killed, the next attempt
+    resumes and the job succeeds."""
     spec = tiny_spec(
         dataset,
         method="kd",
@@ -239,15 +240,18 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_and_succeeds(client,
 
     done = wait_status(client, auth, job_id, {"succeeded", "failed"}, timeout=600)
     assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+    assert done["queue"] == "auto-2"
     messages = [
         e["message"]
         for e in client.get(f"/api/v1/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
     ]
+    assert "2 process(es) on cpu, precision fp32" in messages
     assert any(m.startswith("queued again: the training process exited") for m in messages), messages
     resumed = [int(m.split()[3]) for m in messages if m.startswith("resumed from step")]
     assert resumed and resumed[0] >= 4
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
     assert [p["step"] for p in series["loss"]] == list(range(1, 41))  # each step recorded once, across both attempts
+    assert [c["step"] for c in checkpoints(client, auth, job_id)] == [40]
 
 
 def test_a_stalled_training_process_is_stopped_and_its_job_retried(client, auth, dataset, tmp_path):
@@ -345,13 +349,3 @@ def test_embedded_default_runs_a_job_with_sqlite_and_no_broker_server(tmp_path, 
         except subprocess.TimeoutExpired:
             up.kill()
     time.sleep(0.5)
-
-
-def test_a_two_device_job_runs_under_the_deepspeed_launcher(client, auth, dataset, worker):
-    spec = two_device_spec(dataset)
-    job_id = submit(client, auth, spec)
-    done = wait_status(client, auth, job_id, {"succeeded", "failed"})
-    assert done["status"] == "succeeded" and done["queue"] == "auto-2", done["error"]
-    messages = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events", headers=auth).json()["data"]]
-    assert "2 process(es) on cpu, precision fp32" in messages
-    assert [c["step"] for c in checkpoints(client, auth, job_id)] == [4]
