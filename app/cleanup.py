@@ -20,7 +20,7 @@ from app.core.db import db_now
 from app.core.storage import s3_store
 from app.job_paths import dataset_file, job_dir
 from app.models import TERMINAL, Dataset, Job
-from worker.engine.spec import DATA_FILES
+from distill_client.models import DATA_FILES
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ step's whole output is kept in runs/gpu-check/STEP.log, the demo job's run direc
 runs/gpu-check/demo/.
 
 Packages: GPU machines come with their own torch and may reach no package registry, so the checkout
-runs as it is (on PYTHONPATH, not installed), and first the script checks that everything the engine
+runs as it is (it and client/ on PYTHONPATH, not installed), and first the script checks that everything the engine
 imports is there. Where something is missing or not at its pin and gpu-wheels/ holds wheels (`make
 gpu-wheels`, run where a registry is reachable; the folder travels with the checkout), it installs the
 pins from there, offline, into .gpu-venv/ (a venv that also sees the machine's own packages, torch
@@ -334,9 +334,9 @@ class Runner:
     def __init__(self, dry_run: bool, budget_s: float):
         self.dry_run = dry_run
         self.deadline = time.monotonic() + budget_s
-        self.env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        )
+        # The checkout and its client package (the engine imports distill_client's statuses).
+        path = (str(ROOT), str(ROOT / "client"), os.environ.get("PYTHONPATH"))
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
         if dry_run:  # the CPU, even on a machine with a GPU; the GPU tests compare the CPU with itself
             self.env.update(CUDA_VISIBLE_DEVICES="", DISTILL_GPU_CHECK_DEVICE="cpu")
 

@@ -17,9 +17,9 @@ from app.core.db import session_factory
 from app.core.path_roots import Roots
 from app.job_paths import dataset_file, job_dir
 from app.models import Job
+from distill_client.status import JobStatus
 from worker.engine.events import Event, Fanout, LogLineReporter
 from worker.engine.spec import JobSpec
-from worker.engine.status import JobStatus
 from worker.engine.trackers import trackers_for
 from worker.engine.trainer import Cancelled, train
 from worker.reporter import DbReporter

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from app.core.config import Settings
-from app.core.files import sha256_file
 from app.core.storage import S3Store
 from app.job_paths import dataset_file
 from app.models import Dataset
+from distill_client.api import sha256_file
 from worker.engine.paths import RESUME_STATE_FILE
 
 

@@ -23,11 +23,11 @@ from sqlalchemy import delete, select
 from app import crud, job_status
 from app.core.config import get_settings
 from app.core.db import session_factory
-from app.core.files import sha256_file
 from app.core.outage import OUTAGE, through_outage
 from app.core.storage import s3_store
 from app.job_paths import hide_server_paths, job_dir
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Checkpoint, EvalResult, Job
+from distill_client.api import sha256_file
 from worker.engine.events import Event
 from worker.engine.paths import RESUME_STATE_FILE
 

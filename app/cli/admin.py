@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from app.cli.core import ClearWebhookOption, ExitCode, Failure, JsonOption, NewSecretOption, cli, emit, webhook_text
+from distill_client.cli.core import (
+    ClearWebhookOption,
+    ExitCode,
+    Failure,
+    JsonOption,
+    NewSecretOption,
+    cli,
+    emit,
+    webhook_text,
+)
 
 
 @cli.command()

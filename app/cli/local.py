@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from app.cli.core import ExitCode, Failure, JsonOption, SetOption, cli, emit, score_table
+from distill_client.cli.core import ExitCode, Failure, JsonOption, SetOption, cli, emit, score_table
 
 
 @cli.command()
@@ -27,8 +27,8 @@ def train(
     from pydantic import ValidationError
 
     from app import acceptance
-    from app.client import load_spec_file
     from app.schemas import JobRequest
+    from distill_client.api import load_spec_file
     from worker.engine.checkpoints import best_step, step_dir_name
     from worker.engine.run import launch_command, run
     from worker.engine.spec import format_validation_error

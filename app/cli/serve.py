@@ -12,8 +12,8 @@ from pathlib import Path
 import typer
 
 from app.cli.admin import run_migrations
-from app.cli.core import ExitCode, Failure, api_client, cli
-from app.cli.remote import follow_job, submit_file
+from distill_client.cli.commands import follow_job, submit_file
+from distill_client.cli.core import ExitCode, Failure, api_client, cli
 
 
 @cli.command()

@@ -1,20 +1,11 @@
-"""File helpers: checksums, and files that hold secrets: private (0600) from the moment they exist,
+"""Files that hold secrets: private (0600) from the moment they exist,
 and never seen half-written."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _private_temp(path: Path, text: str) -> Path:

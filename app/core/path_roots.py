@@ -24,8 +24,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill_client.models import DATA_FILES
 from worker.engine.references import looks_like_hub_id
-from worker.engine.spec import DATA_FILES, JobSpec
+from worker.engine.spec import JobSpec
 
 Problem = tuple[tuple, str]
 

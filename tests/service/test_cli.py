@@ -11,8 +11,8 @@ import yaml
 from helpers import tiny_spec, wait_for
 
 from app.cli import EXIT_CODES
-from app.client import Client
 from app.core.config import Settings
+from distill_client.api import Client
 from worker.engine.launch import free_port
 from worker.engine.paths import PROJECT_ROOT
 
@@ -238,7 +238,7 @@ def test_version_completion_and_no_waiting_for_a_server_that_is_not_there():
     env.update(DISTILL_PORT=str(free_port()))
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "app.cli", "jobs"], capture_output=True, text=True, env=env)
-    assert result.returncode == 5 and "`distill up` starts one here" in result.stderr, result.stderr
+    assert result.returncode == 5 and "`distill up` starts one" in result.stderr, result.stderr
     assert time.monotonic() - started < 30
     env.update(DISTILL_PORT="eighty")  # a bad setting: one line naming it, not a traceback
     result = subprocess.run([sys.executable, "-m", "app.cli", "jobs"], capture_output=True, text=True, env=env)

@@ -1,39 +1,28 @@
-"""The Python client (app/client.py) against the real API: what it imports, what it writes, paging,
-and its retries through a real HTTP proxy that fails the first requests."""
+"""The client (client/, the distill-client package) against the real API: installed alone on another
+Python, what it writes, paging, and its retries through a real HTTP proxy that fails the first requests."""
 
 import json
-import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 from helpers import tiny_spec
 
-from app.client import ApiError, Client
+from distill_client.api import ApiError, Client
 from worker.engine.launch import free_port
 from worker.engine.paths import PROJECT_ROOT
 
-# Runs in a fresh interpreter: the client and a round of calls, with the server's packages unimportable.
+# Runs in the client's own virtualenv, of another Python than the server's, where nothing of the server is
+# installed: the client and a round of calls.
 _CLIENT_ALONE = """
-import importlib.abc, json, os, sys
-
-# What the `server` extra brings (pyproject.toml): none of it is installed on a client-only machine.
-SERVER_PACKAGES = {"torch", "transformers", "deepspeed", "numpy", "safetensors", "huggingface_hub", "sqlalchemy",
-                   "alembic", "psycopg", "celery", "kombu", "redis", "fastapi", "starlette", "uvicorn", "boto3"}
-
-
-class Guard(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in SERVER_PACKAGES:
-            raise ImportError(f"the client imported {name}")
-
-
-sys.meta_path.insert(0, Guard())
-from app.client import Client
+import json, os, sys
+from distill_client import Client
 
 spec = json.loads(os.environ["SPEC"])
 with Client() as client:  # DISTILL_URL and DISTILL_TOKEN
@@ -44,42 +33,64 @@ with Client() as client:  # DISTILL_URL and DISTILL_TOKEN
     ended = client.jobs.wait(client.jobs.cancel(job.id).id)
     print(json.dumps({"checked": checked, "job": job.id, "listed": listed, "events": events, "ended": ended.status,
                       "datasets": len(client.datasets.list()), "checkpoints": client.checkpoints.list(job.id),
-                      "loaded": sorted(SERVER_PACKAGES & {m.partition(".")[0] for m in sys.modules})}))
-# The command line too: a CI step runs `distill`, not Python.
-from app.cli import main
-
-sys.argv = ["distill", "jobs", "--json"]
-try:
-    main()
-except SystemExit as exit:
-    assert not exit.code, exit.code
+                      "python": sys.version_info[:2]}))
 """
+
+
+@pytest.fixture(scope="module")
+def client_venv() -> Path:
+    """The bin folder of the client's virtualenv (scripts/ensure-client-venv.sh)."""
+    made = subprocess.run([PROJECT_ROOT / "scripts/ensure-client-venv.sh"], capture_output=True, text=True, check=True)
+    if not made.stdout.strip():
+        pytest.skip("no Python but the server's on this machine (pyenv's 3.9 to 3.13 are looked for)")
+    return Path(made.stdout.strip())
 
 
 def token_of(auth: dict) -> str:
     return auth["Authorization"].removeprefix("Bearer ")
 
 
-def test_the_client_needs_none_of_the_servers_packages_and_writes_nothing_here(server, auth, dataset, tmp_path):
+def test_the_client_installs_alone_on_another_python_and_its_api_and_command_line_work(
+    server, auth, dataset, tmp_path, client_venv
+):
+    """The client built from client/ into a virtualenv of its own (Python 3.9 where pyenv has it), with
+    none of the server's packages: the Python API does a round of calls, `distill` lists jobs and says
+    its version, and nothing is written where it runs."""
     here = tmp_path / "ci-step"
     here.mkdir()
     env = {
-        **os.environ,
+        "PATH": f"{client_venv}:/usr/bin:/bin",
         "DISTILL_URL": server,
         "DISTILL_TOKEN": token_of(auth),
         "SPEC": json.dumps(tiny_spec(dataset)),
-        "PYTHONPATH": str(PROJECT_ROOT),
+        "HOME": str(here),
     }
+    installed = subprocess.run(
+        [client_venv / "python", "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True
+    )
+    assert {"torch", "fastapi", "sqlalchemy", "distill"}.isdisjoint(p["name"] for p in json.loads(installed.stdout))
     result = subprocess.run(
-        [sys.executable, "-c", _CLIENT_ALONE], cwd=here, env=env, capture_output=True, text=True, timeout=120
+        [client_venv / "python", "-c", _CLIENT_ALONE], cwd=here, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.splitlines()[0])
-    assert seen["loaded"] == [] and seen["listed"] == [seen["job"]] and seen["ended"] == "cancelled"
-    assert (
-        seen["checked"]["training"]["steps"] == 6 and "resources" in seen["checked"]
-    )  # normalised: defaults filled in
+    assert seen["python"] != list(sys.version_info[:2])
+    assert seen["listed"] == [seen["job"]] and seen["ended"] == "cancelled"
+    assert seen["checked"]["training"]["steps"] == 6 and "resources" in seen["checked"]  # defaults filled in
     assert "state" in seen["events"] and seen["checkpoints"] == [] and seen["datasets"] == 0
+
+    # The command line: a CI step runs `distill`, not Python.
+    listed = subprocess.run(["distill", "jobs", "--json"], cwd=here, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert [j["id"] for j in json.loads(listed.stdout)] == [seen["job"]]
+    version = subprocess.run(["distill", "--version"], env=env, capture_output=True, text=True)
+    assert version.stdout.strip() == "distill 0.1.0"
+    # No address: a usage error at once, not a wait for a server on localhost.
+    del env["DISTILL_URL"]
+    began = time.monotonic()
+    nowhere = subprocess.run(["distill", "jobs"], cwd=here, env=env, capture_output=True, text=True)
+    assert nowhere.returncode == 2 and "no API address: give --url or set DISTILL_URL" in nowhere.stderr
+    assert time.monotonic() - began < 30
     assert list(here.iterdir()) == []
 
 
@@ -202,15 +213,27 @@ def test_a_server_that_is_not_up_yet_is_waited_for(server, auth):
         list(client.jobs.list())  # given up: the CLI turns this into exit code 5
 
 
-def test_the_package_alone_is_the_light_client_and_the_service_is_an_extra():
+def test_the_client_is_a_package_of_its_own_with_ranges_and_the_server_pins_it():
     import tomllib
 
-    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
-    names = {pin.split("==")[0].split("[")[0].lower() for pin in project["dependencies"]}
-    assert names == {"httpx", "pydantic", "pydantic-settings", "tenacity", "pyyaml", "typer", "tqdm"}
-    server = {pin.split("==")[0].split("[")[0].lower() for pin in project["optional-dependencies"]["server"]}
-    assert {"torch", "transformers", "fastapi", "sqlalchemy", "celery"} <= server
-    assert (
-        ".[server" in (PROJECT_ROOT / "Makefile").read_text()
-        and ".[server]" in (PROJECT_ROOT / "Dockerfile").read_text()
-    )
+    client = tomllib.loads((PROJECT_ROOT / "client/pyproject.toml").read_text())["project"]
+    assert client["name"] == "distill-client" and client["requires-python"] == ">=3.9"
+    assert {re.split(r"[<>=]", d)[0] for d in client["dependencies"]} == {
+        "httpx",
+        "pydantic",
+        "pyyaml",
+        "tenacity",
+        "typer",
+        "tqdm",
+    }
+    assert not any("==" in d for d in client["dependencies"]), client["dependencies"]  # installs beside others
+    assert client["scripts"] == {"distill": "distill_client.cli:main"}
+
+    server = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    assert f"distill-client=={client['version']}" in server["dependencies"]
+    assert "scripts" not in server  # one `distill`: the client's, which the server's commands plug into
+    assert server["entry-points"]["distill.cli"] == {"server": "app.cli"}
+    extras = {pin.split("==")[0].split("[")[0].lower() for pin in server["optional-dependencies"]["server"]}
+    assert {"torch", "transformers", "fastapi", "sqlalchemy", "celery"} <= extras
+    for name in ("Makefile", "Dockerfile"):
+        assert "-e ./client -e '.[server" in (PROJECT_ROOT / name).read_text(), name

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import pytest
 from helpers import make_user, tiny_spec, wait_for
 
+from distill_client.status import JobStatus
 from worker.engine.data import read_records
-from worker.engine.status import JobStatus
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

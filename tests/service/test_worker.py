@@ -26,10 +26,10 @@ from helpers import (
 from sqlalchemy import select, update
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.client import Client
 from app.core.db import session_factory
 from app.main import app
 from app.models import Checkpoint, Job
+from distill_client.api import Client
 from worker.engine.launch import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_jobs")]

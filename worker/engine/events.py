@@ -15,7 +15,7 @@ from typing import Literal, Protocol, TextIO
 
 from tqdm import tqdm
 
-from .status import TERMINAL
+from distill_client.status import TERMINAL
 
 EventType = Literal["state", "progress", "metrics", "eval", "checkpoint", "log"]
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
+from distill_client.models import DATA_FILES
+
 from .corpus import check_corpus
 from .data import DataError, check_source
 from .references import ModelError, check_reference
-from .spec import DATA_FILES, JobSpec
+from .spec import JobSpec
 
 
 def preflight(

@@ -16,9 +16,6 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Method = Literal["minillm", "kd", "seqkd", "sft"]
-# The data fields that name a file: a path, builtin:NAME, or dataset:ID (an upload to the service).
-DATA_FILES = ("train", "selection", "eval", "pretrain")
-
 
 # Whole numbers are stored in 32-bit columns and handed to 32-bit C code (seeds, sizes).
 INT32_MAX = 2**31 - 1

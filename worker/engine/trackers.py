@@ -15,9 +15,10 @@ import logging
 import os
 from pathlib import Path
 
+from distill_client.status import TERMINAL, JobStatus
+
 from .events import Event, Reporter
 from .spec import JobSpec
-from .status import TERMINAL, JobStatus
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from distill_client.status import JobStatus
+
 from . import checkpoints as ckpt
 from .corpus import TEACHER_TEXT, chunk, read_texts
 from .data import Example, read_records, split_held_out, tokenize
@@ -53,7 +55,6 @@ from .paths import cache_dir, write_atomically
 from .spec import JobSpec
 from .stages import needs, plan
 from .stages.base import Context, TrainingData
-from .status import JobStatus
 from .teacher_data import teacher_responses, teacher_text
 
 

@@ -53,6 +53,7 @@ from app.schemas import (
     Notify,
     Page,
     SignedLink,
+    job_out,
 )
 from worker.engine.spec import JobSpec
 
@@ -288,7 +289,7 @@ def _out(session: Session, settings: Settings, jobs: list[Job]) -> list[JobOut]:
     served = worker_registry.served_queues(session, _liveness(settings)) if ahead else set()
     latest = crud.latest_metrics(session, [job.id for job in jobs])
     return [
-        JobOut.of(
+        job_out(
             job,
             latest.get(job.id),
             queue_position=ahead.get(job.id),

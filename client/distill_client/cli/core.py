@@ -1,20 +1,27 @@
 """What every `distill` command shares: the Typer app, exit codes and the one error handler, the
-common options, JSON output, and the API client of the client commands."""
+common options, JSON output, and the API client of the client commands. The server package adds its
+commands to the same app (distill_client.cli.plugins)."""
 
 from __future__ import annotations
 
 import json
 import os
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from worker.engine.status import JobStatus
+try:  # click's usage errors: typer 0.24 and newer (Python 3.10+) carry click inside, with this name
+    from typer import TyperException as UsageError
+except ImportError:  # older typer (what Python 3.9 installs) uses click itself
+    from click import ClickException as UsageError
+
+from ..status import JobStatus
+from .plugins import local_server
 
 if TYPE_CHECKING:
-    from app.client import Client
+    from ..api import Client
 
 
 class ExitCode(IntEnum):
@@ -68,7 +75,7 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except typer.TyperException as err:  # click's usage errors: typer shows them with the usage line
+        except UsageError as err:  # typer shows them with the usage line
             if not ctx.meta.get("json"):
                 raise
             _report(True, err.format_message(), err.exit_code, {})
@@ -79,12 +86,12 @@ class _Commands(TyperGroup):
             _report(ctx.meta.get("json", False), *known)
 
 
-def _known(err: Exception) -> tuple[str, ExitCode, dict] | None:
+def _known(err: Exception) -> Optional[tuple[str, ExitCode, dict]]:
     """A known error's message, exit code and, for --json, details; None for anything else."""
     import httpx
     import pydantic
 
-    from app.client import ApiError, ChecksumMismatch, SpecFileError
+    from ..api import ApiError, ChecksumMismatch, SpecFileError
 
     if isinstance(err, Failure):
         return str(err), err.code, {}
@@ -100,7 +107,8 @@ def _known(err: Exception) -> tuple[str, ExitCode, dict] | None:
     if isinstance(err, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
         return f"bad API address (--url, DISTILL_URL): {err}", ExitCode.USAGE, {}
     if isinstance(err, httpx.TransportError):  # what is left after the client's retries
-        hint = "is a server running there? `distill up` starts one here; --url or DISTILL_URL names another"
+        hint = "is a server running there? --url or DISTILL_URL names the API's address (`distill up` starts one on "
+        hint += "a machine with the server package)"
         return f"cannot reach {err.request.url}: {type(err).__name__}: {err}; {hint}", ExitCode.UNAVAILABLE, {}
     if isinstance(err, ChecksumMismatch):
         return str(err), ExitCode.UNAVAILABLE, {}
@@ -134,7 +142,7 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        typer.echo(f"distill {version('distill')}")
+        typer.echo(f"distill {version('distill-client')}")
         raise typer.Exit()
 
 
@@ -151,8 +159,8 @@ def _errors_as_json(ctx: typer.Context, value: bool) -> bool:
     return value
 
 
-UrlOption = typer.Option(None, "--url", envvar="DISTILL_URL", help="API address (default: this machine's server).")
-TokenOption = typer.Option(None, "--token", envvar="DISTILL_TOKEN", help="API token (default: the local user's).")
+UrlOption = typer.Option(None, "--url", envvar="DISTILL_URL", help="API address (https://...).")
+TokenOption = typer.Option(None, "--token", envvar="DISTILL_TOKEN", help="API token.")
 JsonOption = typer.Option(
     False,
     "--json",
@@ -184,25 +192,26 @@ def emit(as_json: bool, document, text: str) -> None:
     typer.echo(json_text(document) if as_json else text)
 
 
-def api_client(url: str | None, token: str | None) -> Client:
-    """The API at --url / DISTILL_URL with --token / DISTILL_TOKEN; by default this machine's server,
-    and the local user's token that `distill up` saved. Failed requests to a given address are
-    retried for DISTILL_RETRY_SECONDS (300 by default: a server restarting while a CI step waits for
-    its job); to the default address, not at all unless DISTILL_RETRY_SECONDS says so."""
-    from app.client import Client
-    from app.core.config import Settings
+def api_client(url: Optional[str], token: Optional[str]) -> Client:
+    """The API at --url / DISTILL_URL with --token / DISTILL_TOKEN. Without an address: the server on
+    this machine where the server package is installed (its plugin says where, with the token `distill
+    up` saved), else a usage error at once. Failed requests to a given address are retried for
+    DISTILL_RETRY_SECONDS (300 by default: a server restarting while a CI step waits for its job); to
+    this machine's server, not at all unless DISTILL_RETRY_SECONDS says so (it is there or not)."""
+    from ..api import Client
 
-    settings = Settings()  # not get_settings(), which makes the data folder: a client command leaves none behind
-    saved = settings.data_dir / "token"
-    if not token and saved.exists():
-        token = saved.read_text().strip()
-    # No address given: this machine's server, which is there or not; waiting for it would only delay the error.
-    default = "300" if url else "0"
+    default = "300"
+    if not url:
+        local = local_server()
+        if local is None:
+            raise Failure("no API address: give --url or set DISTILL_URL", ExitCode.USAGE)
+        url, saved = local
+        token, default = token or saved, "0"
     try:
         retry_seconds = float(os.environ.get("DISTILL_RETRY_SECONDS", default))
     except ValueError:
         raise Failure("DISTILL_RETRY_SECONDS must be a number of seconds", ExitCode.USAGE) from None
-    return Client(url or f"http://{settings.host}:{settings.port}", token, retry_seconds=retry_seconds)
+    return Client(url, token, retry_seconds=retry_seconds)
 
 
 def score_table(scores: dict[str, dict[str, float]]) -> str:
@@ -214,10 +223,6 @@ def score_table(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
-def webhook_text(url: str | None, secret: str | None) -> str:
+def webhook_text(url: Optional[str], secret: Optional[str]) -> str:
     """A default webhook as `distill webhook` and `distill users webhook` print it; the secret only when just made."""
     return f"webhook: {url or '(none)'}" + (f"\nsigning secret (shown only now): {secret}" if secret else "")
-
-
-def main() -> None:
-    cli()

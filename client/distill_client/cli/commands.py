@@ -1,5 +1,6 @@
-"""The client commands: `submit`, `validate`, `jobs`, `status`, `logs`, `cancel`, `download`,
-`checkpoints`, `evals`, `datasets`, `webhook`, talking to the API through app/client.py."""
+"""The client commands: `submit`, `validate`, `resume`, `jobs`, `status`, `logs`, `cancel`, `delete`,
+`download`, `checkpoints`, `evals`, `datasets`, `delete-dataset`, `webhook`, talking to the API through
+distill_client.api."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
 
 import typer
 
-from app.cli.core import (
+from ..models import DATA_FILES
+from ..status import JobStatus
+from .core import (
     OUTCOMES,
     ClearWebhookOption,
     ExitCode,
@@ -29,11 +32,10 @@ from app.cli.core import (
     score_table,
     webhook_text,
 )
-from worker.engine.status import JobStatus
 
 if TYPE_CHECKING:
-    from app.client import Client
-    from app.schemas import JobOut
+    from ..api import Client
+    from ..models import JobOut
 
 
 WaitOption = typer.Option(False, "--wait", help="Wait for the job to end; the exit code says how it ended.")
@@ -55,8 +57,6 @@ def _upload_local_data(client: Client, spec: dict, base: Path) -> dict:
     """Local data files in the spec are uploaded, so the server never needs this machine's paths. A
     file uploaded before (same name, same bytes) is used again: a repeated submit then sends the same
     spec, which its Idempotency-Key needs, and stores nothing twice."""
-    from worker.engine.spec import DATA_FILES
-
     data, uploads = spec.get("data"), None
     if not isinstance(data, dict):
         return spec  # nothing to upload; the server says what is wrong with it
@@ -80,10 +80,10 @@ def submit_file(
     client: Client,
     spec_path: Path,
     overrides: list[str],
-    idempotency_key: str | None,
-    metadata: dict[str, str] | None = None,
+    idempotency_key: Optional[str],
+    metadata: Optional[dict[str, str]] = None,
 ) -> JobOut:
-    from app.client import load_spec_file
+    from ..api import load_spec_file
 
     request = load_spec_file(spec_path, overrides)
     if metadata:  # as strings, whatever they look like (a commit SHA of digits stays text)
@@ -92,7 +92,7 @@ def submit_file(
 
 
 def follow_job(
-    client: Client, job: JobOut, verbose: bool, out: TextIO, how: str = "submitted", timeout: float | None = None
+    client: Client, job: JobOut, verbose: bool, out: TextIO, how: str = "submitted", timeout: Optional[float] = None
 ) -> JobOut:
     """A job just submitted (or resumed: `how`), once it has ended (or `timeout` seconds have passed),
     shown on the way: where it is queued, a progress bar (on stderr), with `verbose` its events, then its
@@ -158,7 +158,9 @@ def submit(
     _until_it_ends(client, job, follow, as_json, "submitted", timeout)
 
 
-def _until_it_ends(client: Client, job: JobOut, follow: bool, as_json: bool, how: str, timeout: float | None) -> None:
+def _until_it_ends(
+    client: Client, job: JobOut, follow: bool, as_json: bool, how: str, timeout: Optional[float]
+) -> None:
     """--wait and --follow: show the job until it ends, then exit with its outcome's code (TIMED_OUT
     if `timeout` seconds pass first)."""
     out = sys.stderr if as_json else sys.stdout  # stdout: the JSON alone
@@ -201,7 +203,7 @@ def validate(
     Fields, paths, models, data and shapes are checked; the spec is printed as a job would store it
     (with --json; defaults filled in). Local data files in it are uploaded, as submit does (submit
     then uses those uploads)."""
-    from app.client import load_spec_file
+    from ..api import load_spec_file
 
     client = api_client(url, token)
     checked = client.jobs.validate(_upload_local_data(client, load_spec_file(spec, overrides), spec.parent))
@@ -253,8 +255,8 @@ def logs(
     job_id: str,
     follow: bool = typer.Option(False, "-f", "--follow", help="Go on until the job has ended."),
     raw: bool = typer.Option(False, "--raw", help="Print what the training process printed instead of the events."),
-    attempt: int | None = typer.Option(None, min=1, help="With --raw: this attempt's output (default: the latest)."),
-    tail: int | None = typer.Option(None, min=1, help="With --raw: only its last N lines."),
+    attempt: Optional[int] = typer.Option(None, min=1, help="With --raw: this attempt's output (default: the latest)."),
+    tail: Optional[int] = typer.Option(None, min=1, help="With --raw: only its last N lines."),
     as_json: bool = JsonOption,
     url: str = UrlOption,
     token: str = TokenOption,
@@ -349,7 +351,7 @@ def delete_dataset(dataset_id: str, as_json: bool = JsonOption, url: str = UrlOp
 
 @cli.command()
 def webhook(
-    url: str | None = typer.Argument(
+    url: Optional[str] = typer.Argument(
         None, help="Where your jobs report their end (a job's notify.webhook_url overrides it)."
     ),
     clear: bool = ClearWebhookOption,

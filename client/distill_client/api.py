@@ -1,7 +1,7 @@
 """The Python client of the API, for CI scripts (and the `distill` command line):
 
     from pathlib import Path
-    from app.client import Client, JobStatus, load_spec_file
+    from distill_client import Client, JobStatus, load_spec_file
 
     with Client("https://distill.example.com", token) as client:   # default: DISTILL_URL, DISTILL_TOKEN
         job = client.jobs.create(load_spec_file(Path("ci/distill.yaml"), ["training.steps=200"]))
@@ -9,28 +9,27 @@
         if job.status == JobStatus.SUCCEEDED:
             client.checkpoints.download(job.id, "best", Path("models"))
 
-Answers are the API's own response models (app/schemas.py). It needs httpx, pydantic, tenacity and
-PyYAML alone (the package without its `server` extra): nothing here imports the server's packages, which
-tests/service/test_client.py checks, and it writes no file but the downloads it is asked for.
+Answers are the API's own response models (distill_client.models). It writes no file but the downloads
+it is asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Callable, Optional, Union
 
 import httpx
 import yaml
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from app.core.files import sha256_file
-from app.schemas import (
-    TERMINAL,
+from .models import (
     CheckpointOut,
     DatasetOut,
     Deleted,
@@ -38,11 +37,11 @@ from app.schemas import (
     EvalSamplesOut,
     EventOut,
     JobOut,
-    JobStatus,
     Page,
     WebhookOut,
     error_body,
 )
+from .status import TERMINAL, JobStatus
 
 log = logging.getLogger(__name__)
 # What a proxy or load balancer answers while the API restarts or is overloaded: the API did not refuse.
@@ -53,7 +52,7 @@ class ApiError(RuntimeError):
     """An error the API answered (its ErrorOut): `status_code`, `message` for people, and `detail`,
     the list of {loc, msg, type} (for a 422, one per bad field, `loc` naming it)."""
 
-    def __init__(self, status_code: int, message: str, detail: list[dict] | None = None):
+    def __init__(self, status_code: int, message: str, detail: Optional[list[dict]] = None):
         self.status_code, self.message = status_code, message
         self.detail = detail if detail is not None else error_body(status_code, message)["detail"]
         super().__init__(f"HTTP {status_code}: {' '.join(message.split())[:300]}")  # one line, even of an HTML page
@@ -75,6 +74,14 @@ class ChecksumMismatch(RuntimeError):
 
 class SpecFileError(ValueError):
     """A spec file that cannot be read, or an override that does not apply to it."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _transient(err: BaseException, repeatable: bool) -> bool:
@@ -103,12 +110,12 @@ class Client:
 
     def __init__(
         self,
-        url: str | None = None,
-        token: str | None = None,
+        url: Optional[str] = None,
+        token: Optional[str] = None,
         *,
         retry_seconds: float = 300,
         timeout: float = 60,
-        http: httpx.Client | None = None,
+        http: Optional[httpx.Client] = None,
     ):
         if http is None:
             url, token = url or os.environ.get("DISTILL_URL"), token or os.environ.get("DISTILL_TOKEN")
@@ -153,7 +160,7 @@ class Jobs:
     def __init__(self, client: Client):
         self._client = client
 
-    def create(self, spec: dict, idempotency_key: str | None = None) -> JobOut:
+    def create(self, spec: dict, idempotency_key: Optional[str] = None) -> JobOut:
         """Submit a job (the API checks it fully first; a bad spec is an ApiError 422). Without an
         `idempotency_key` a fresh one is sent, so that repeating the request never makes a second job."""
         key = idempotency_key or f"client-{uuid.uuid4()}"
@@ -168,10 +175,10 @@ class Jobs:
 
     def list(
         self,
-        status: JobStatus | None = None,
+        status: Optional[JobStatus] = None,
         page_size: int = 100,
-        metadata: dict[str, str] | None = None,
-        after: str | None = None,
+        metadata: Optional[dict[str, str]] = None,
+        after: Optional[str] = None,
     ) -> Iterator[JobOut]:
         """Every job (with `status`, those in it; with `metadata`, those with each pair), newest first,
         from the one after job `after`; pages are fetched as the iteration reaches them."""
@@ -215,7 +222,7 @@ class Jobs:
         return job
 
     def events(
-        self, job_id: str, follow: bool = False, poll_seconds: float = 1.0, timeout: float | None = None
+        self, job_id: str, follow: bool = False, poll_seconds: float = 1.0, timeout: Optional[float] = None
     ) -> Iterator[EventOut]:
         """The job's events in order; with `follow`, on until the job has ended (or `timeout` seconds
         have passed: then the iteration ends with the job still going)."""
@@ -237,7 +244,7 @@ class Jobs:
                 return
             time.sleep(poll_seconds)
 
-    def log(self, job_id: str, attempt: int | None = None, tail: int | None = None) -> str:
+    def log(self, job_id: str, attempt: Optional[int] = None, tail: Optional[int] = None) -> str:
         """What the training process of an attempt (default: the latest) printed, its server paths
         hidden; with `tail`, its last lines only. The API answers at most a log's last 4 MiB."""
         params = {k: v for k, v in (("attempt", attempt), ("tail", tail)) if v is not None}
@@ -259,7 +266,7 @@ class Datasets:
     def __init__(self, client: Client):
         self._client = client
 
-    def upload(self, path: Path, content: bytes | None = None) -> DatasetOut:
+    def upload(self, path: Path, content: Optional[bytes] = None) -> DatasetOut:
         """Upload a JSONL file (or `content` under its name). Repeated only if it never reached the
         server: a repeat after a lost answer would store the dataset twice."""
         answer = self._client.request(
@@ -289,7 +296,7 @@ class Me:
     def webhook(self) -> WebhookOut:
         return WebhookOut.model_validate(self._client.request("GET", "/me/webhook").json())
 
-    def set_webhook(self, url: str | None, new_secret: bool = False) -> WebhookOut:
+    def set_webhook(self, url: Optional[str], new_secret: bool = False) -> WebhookOut:
         """Set (None: remove) the default webhook URL. The answer holds the signing secret when one
         was made: the first time, or with `new_secret`. Repeated only if it never reached the server:
         an answer lost on the way would take with it a secret that is not shown again."""
@@ -310,7 +317,7 @@ class Checkpoints:
         ]
 
     def download(
-        self, job_id: str, step: str | int, out: Path, progress: Callable[[int, int], None] | None = None
+        self, job_id: str, step: Union[str, int], out: Path, progress: Optional[Callable[[int, int], None]] = None
     ) -> Path:
         """Download checkpoint `step` (a number, "latest" or "best") into `out` and unpack it; returns
         the model directory. A broken transfer goes on where it stopped (a Range request, also when
@@ -333,6 +340,8 @@ class Checkpoints:
         if sha256_file(partial) != chosen.archive_sha256:
             partial.unlink()
             raise ChecksumMismatch("the downloaded archive does not match its SHA-256; it was removed, download again")
+        if not hasattr(tarfile, "data_filter"):
+            raise RuntimeError("unpacking needs tarfile's data filter: Python 3.9.17, 3.10.12, 3.11.4 or newer")
         with tarfile.open(partial) as tar:
             tar.extractall(out, filter="data")
             names = tar.getnames()
@@ -344,7 +353,7 @@ class Checkpoints:
         return model_dir
 
     def _fetch(
-        self, method: str, url: str, partial: Path, total: int, progress: Callable[[int, int], None] | None
+        self, method: str, url: str, partial: Path, total: int, progress: Optional[Callable[[int, int], None]]
     ) -> None:
         """The archive's bytes appended to `partial` from where it ends (`method` and `url` first, as
         the retry log names them)."""

@@ -1,11 +1,15 @@
 """A job's statuses, defined once. The service stores and publishes them (the API's `JobStatus`
-schema, with the terminal ones as `x-terminal`, which the web page and the CLI read); the engine
-reports the outcomes and `running`."""
+schema, with the terminal ones as `x-terminal`, which the web page reads); the engine reports the
+outcomes and `running`; the client waits for a terminal one."""
 
-from enum import StrEnum
+from enum import Enum
 
 
-class JobStatus(StrEnum):
+class JobStatus(str, Enum):
+    # str and format() give the value, as enum.StrEnum's do (Python 3.11+; this package runs on 3.9).
+    __str__ = str.__str__
+    __format__ = str.__format__
+
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"  # asked to stop; the worker stops it at the next step

@@ -1,0 +1,3 @@
+from distill_client.cli import main
+
+main()
