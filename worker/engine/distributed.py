@@ -8,6 +8,7 @@ launcher or torchrun, which set the same variables. CPU uses gloo, GPUs NCCL.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -35,6 +36,22 @@ def use_gpu(spec: JobSpec) -> bool:
     return spec.resources.accelerator != "cpu" and torch.cuda.is_available()
 
 
+@contextmanager
+def _mlflow_hidden() -> Iterator[None]:
+    """DeepSpeed's autotuner imports MLflow where it is installed (the trackers' client is): 1.5 s of
+    every training process's start, for autotuning, which the engine never does. Hidden from that
+    import only: where the job's MLflow tracker (trackers.py) imported it first, DeepSpeed gets it too,
+    and `import mlflow` works as ever afterwards."""
+    if "mlflow" in sys.modules:
+        yield
+        return
+    sys.modules["mlflow"] = None  # an import of it raises ImportError, which DeepSpeed takes as "not installed"
+    try:
+        yield
+    finally:
+        del sys.modules["mlflow"]
+
+
 def init_process_group(spec: JobSpec) -> torch.device:
     """Join (or, alone, create) the process group; returns this rank's device."""
     prepare_op_builds()
@@ -45,7 +62,8 @@ def init_process_group(spec: JobSpec) -> torch.device:
         # Port 0: the rendezvous store binds whatever port the OS gives it. A port picked free first
         # and bound later can be taken meanwhile by another job starting on this machine (EADDRINUSE).
         os.environ.setdefault("MASTER_PORT", "0")
-    import deepspeed
+    with _mlflow_hidden():
+        import deepspeed
 
     if not dist.is_initialized():
         if not gpu and os.environ["WORLD_SIZE"] == "1":
