@@ -37,7 +37,7 @@ test-tools:
 test: install lint test-tools
 	$(PY) -m pytest -q $(PARALLEL)
 
-# The suite under coverage.py (pyproject.toml [tool.coverage]): line coverage of app/ and worker/, the
+# The suite under coverage.py (pyproject.toml [tool.coverage]): line coverage of app/, worker/ and the client, the
 # processes the tests start included; slower than make test, so timings come from make test.
 coverage: install test-tools
 	rm -rf .cache/coverage && mkdir -p .cache/coverage
@@ -45,7 +45,7 @@ coverage: install test-tools
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report --format=total > .cache/coverage/total.txt
 	$(VENV)/bin/coverage report --sort=cover | tail -n 40
-	@echo "line coverage of app/ and worker/: $$(cat .cache/coverage/total.txt)%"
+	@echo "line coverage of app/, worker/ and client/distill_client/: $$(cat .cache/coverage/total.txt)%"
 
 # The code's one format, its lint rules and the direction of its imports (pyproject.toml [tool.ruff],
 # [tool.importlinter]); `.venv/bin/ruff format .` fixes the first.
