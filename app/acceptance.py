@@ -59,7 +59,7 @@ def check(spec: JobSpec, reader: Reader) -> tuple[JobSpec, list[Problem]]:
     # The files of the checkpoints named are looked at; the spec keeps their names.
     problems += unknown + preflight(
         _with_models(confined, checkpoints),
-        lambda dataset_id: reader.upload(dataset_id) is not None,
+        reader.upload,
         reader.reads_files,
         skip={loc for loc, _ in problems + unknown},  # refused already: the disk is not even asked about them
     )

@@ -67,7 +67,7 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
         raise InUse(f"dataset {dataset.id} is read by {', '.join(readers)}, which has not ended")
     session.delete(dataset)
     session.commit()
-    path = dataset_file(settings, dataset.id)
+    path = dataset_file(settings, dataset.id, dataset.name)
     path.unlink(missing_ok=True)
     if (store := s3_store()) is not None:
         store.delete(store.datasets_url(), [path.name])

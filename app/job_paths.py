@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from app.core.config import Settings
+from worker.engine.data import TABLE_SUFFIXES
 from worker.engine.paths import PROJECT_ROOT, cache_dir
 
 
@@ -18,10 +19,14 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.resolved_artifacts_dir / "jobs" / job_id
 
 
-def dataset_file(settings: Settings, dataset_id: str) -> Path:
+def dataset_file(settings: Settings, dataset_id: str, name: str) -> Path:
     """An uploaded dataset on this machine: where the API stores it, or where a worker on another
-    machine copies it from the bucket."""
-    return settings.resolved_artifacts_dir / "datasets" / f"{dataset_id}.jsonl"
+    machine copies it from the bucket. A Parquet or Arrow upload (by its `name`) keeps its suffix, by
+    which the engine reads it; anything else is JSONL."""
+    suffix = Path(name).suffix.lower()
+    return (
+        settings.resolved_artifacts_dir / "datasets" / f"{dataset_id}{suffix if suffix in TABLE_SUFFIXES else '.jsonl'}"
+    )
 
 
 def hide_server_paths(value, settings: Settings, job_id: str):

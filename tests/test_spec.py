@@ -145,7 +145,7 @@ def test_preflight_checks_every_data_file(key):
     assert "no such file" in problems[("data", key)]
     builtin = dict(preflight(parse_spec({**STUDENT, "data": {key: "builtin:nope"}})))
     assert "unknown builtin" in builtin[("data", key)]
-    uploads = dict(preflight(parse_spec({**STUDENT, "data": {key: "dataset:ds-x"}}), dataset_exists=lambda _id: False))
+    uploads = dict(preflight(parse_spec({**STUDENT, "data": {key: "dataset:ds-x"}}), upload=lambda _id: None))
     assert "no such uploaded dataset" in uploads[("data", key)]
 
 

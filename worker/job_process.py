@@ -37,7 +37,7 @@ def readable_spec(job: Job, session, settings: Settings) -> JobSpec:
         dataset = crud.owned_dataset(session, dataset_id, job.user_id)
         if dataset is None:
             return None
-        copy = dataset_file(settings, dataset.id)
+        copy = dataset_file(settings, dataset.id, dataset.name)
         return str(copy) if copy.exists() else dataset.path
 
     def checkpoint(ref: str) -> str | None:

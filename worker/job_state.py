@@ -51,7 +51,7 @@ def bring_datasets(store: S3Store, datasets: list[Dataset], settings: Settings) 
     """Copy each of `datasets` that is on neither its recorded path nor this machine's place for it
     (`dataset_file`) from the bucket to that place, checked against the upload's hash."""
     for dataset in datasets:
-        target = dataset_file(settings, dataset.id)
+        target = dataset_file(settings, dataset.id, dataset.name)
         if target.exists() or Path(dataset.path).exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,8 @@ from .models import (
 from .status import TERMINAL, JobStatus
 
 log = logging.getLogger(__name__)
+# The media types of uploads by suffix; anything else is sent as JSONL.
+UPLOAD_TYPES = {".parquet": "application/vnd.apache.parquet", ".arrow": "application/vnd.apache.arrow.file"}
 # What a proxy or load balancer answers while the API restarts or is overloaded: the API did not refuse.
 TRANSIENT_STATUSES = (502, 503, 504)
 
@@ -267,15 +269,16 @@ class Datasets:
         self._client = client
 
     def upload(self, path: Path, content: Optional[bytes] = None) -> DatasetOut:
-        """Upload a JSONL file (or `content` under its name). Repeated only if it never reached the
-        server: a repeat after a lost answer would store the dataset twice."""
+        """Upload a JSONL, Parquet or Arrow file (or `content` under its name; the server reads it by
+        the name's suffix). Repeated only if it never reached the server: a repeat after a lost answer
+        would store the dataset twice."""
         answer = self._client.request(
             "POST",
             "/datasets",
             repeatable=False,
             params={"name": path.name},
             content=path.read_bytes() if content is None else content,
-            headers={"Content-Type": "application/x-ndjson"},
+            headers={"Content-Type": UPLOAD_TYPES.get(path.suffix.lower(), "application/x-ndjson")},
         )
         return DatasetOut.model_validate(answer.json())
 

@@ -32,7 +32,7 @@ def test_upload_a_dataset_and_use_it(client, auth, dataset):
     assert uploaded["size_bytes"] == len(body)
     assert uploaded["sha256"] == hashlib.sha256(body).hexdigest()
     assert f"{uploaded['id']}.jsonl" in dataset_files()
-    assert not [f for f in dataset_files() if f.endswith(".partial")]
+    assert not [f for f in dataset_files() if ".partial" in f]
 
     listed = client.get(DATASETS, headers=auth).json()
     assert [d["id"] for d in listed] == [uploaded["id"]]
@@ -208,3 +208,36 @@ def test_upload_a_chat_dataset_and_use_it(client, auth, dataset):
     bad = json.dumps({"messages": [{"role": "assistant", "content": "Hello."}]}).encode()
     refused = client.post(DATASETS, params={"name": "bad.jsonl"}, content=body + bad, headers=auth)
     assert refused.status_code == 422 and "bad.jsonl:4: `messages` must end with a user's message" in refused.text
+
+
+def test_upload_parquet_and_arrow_files_written_by_datasets_and_use_them(client, auth, dataset, tmp_path):
+    """Hugging Face datasets' own files, uploaded as they are: stored under their suffix, counted row by
+    row, and a job reads them with its column mapping; a file that is not one is refused, naming it."""
+    from datasets import Dataset
+
+    rows = {"question": ["What is 2+2?", "Name a colour.", "Say hi."], "answer": ["4", "Blue.", "Hi."]}
+    Dataset.from_dict(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))  # a folder: its Arrow file is uploaded
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    arrow.rename(tmp_path / "qa.arrow")
+    for name in ("qa.parquet", "qa.arrow"):
+        body = (tmp_path / name).read_bytes()
+        response = client.post(DATASETS, params={"name": name}, content=body, headers=auth)
+        assert response.status_code == 201, response.text
+        uploaded = response.json()
+        assert uploaded["num_records"] == 3 and uploaded["sha256"] == hashlib.sha256(body).hexdigest()
+        assert f"{uploaded['id']}{name[2:]}" in dataset_files()
+        columns = {"question": "instruction", "answer": "output"}
+        ref = f"dataset:{uploaded['id']}"
+        job = submit(client, auth, tiny_spec(dataset, data={"train": ref, "columns": columns}))
+        assert job.status_code == 201, job.text
+        unmapped = submit(client, auth, tiny_spec(dataset, data={"train": ref}))
+        message = unmapped.json()["message"]
+        assert unmapped.status_code == 422 and message.startswith(f"data.train: {ref}: row 1: a record needs"), message
+        assert "/datasets/" not in message  # the server's path is not shown
+
+    files_before = dataset_files()
+    refused = client.post(DATASETS, params={"name": "broken.parquet"}, content=b"PAR1 not really", headers=auth)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["msg"].startswith("broken.parquet: not a dataset file"), refused.text
+    assert dataset_files() == files_before

@@ -196,6 +196,17 @@ def test_validate_checks_like_submit_and_queues_nothing(server, auth, dataset, t
     assert _api(server, auth, "cancel", job["id"]).returncode == 0
     assert _api(server, auth, "delete", job["id"]).stdout.strip() == f"deleted {job['id']}"
     assert json.loads(_api(server, auth, "jobs", "--json").stdout) == []
+
+    # A local Parquet file (written by `datasets`) is uploaded as it is; the spec maps its columns.
+    from datasets import Dataset
+
+    Dataset.from_dict({"question": ["2+2?", "Hi?"], "answer": ["4", "Hello."]}).to_parquet(str(tmp_path / "qa.parquet"))
+    columns = {"question": "instruction", "answer": "output"}
+    table = _spec_file(tmp_path / "table.yaml", tiny_spec(dataset, data={"train": "qa.parquet", "columns": columns}))
+    valid = _api(server, auth, "validate", table, "--json")
+    assert valid.returncode == 0, valid.stderr
+    assert json.loads(valid.stdout)["data"]["train"].startswith("dataset:")
+    assert "qa.parquet" in [d["name"] for d in json.loads(_api(server, auth, "datasets", "--json").stdout)]
     for uploaded in json.loads(_api(server, auth, "datasets", "--json").stdout):
         assert _api(server, auth, "delete-dataset", uploaded["id"]).returncode == 0
     assert json.loads(_api(server, auth, "datasets", "--json").stdout) == []

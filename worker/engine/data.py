@@ -204,6 +204,12 @@ def read_records(source: str, columns: dict[str, str] | None = None, limit: int 
     return records
 
 
+def count_table_rows(path: Path, name: str) -> int:
+    """The rows of a Parquet or Arrow file, every batch decoded (one that does not is a DataError). Their
+    layout is checked where a job reads them, with its data.columns."""
+    return sum(1 for _ in _rows(path, name))
+
+
 def _rows(path: Path, name: str) -> Iterator[tuple[object, str]]:
     """(row, where) of a JSONL file, or of a dataset's files (parquet or arrow), a batch in memory at a time."""
     if not (path.is_dir() or path.suffix in TABLE_SUFFIXES):

@@ -9,22 +9,24 @@ first thing in a job (`models.check_compatible`), before anything is trained.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from pathlib import Path
 
 from distill_client.models import DATA_FILES
 
 from .corpus import check_corpus
-from .data import DataError, check_source
+from .data import TABLE_SUFFIXES, DataError, check_source
 from .references import ModelError, check_reference
 from .spec import JobSpec
 
 
 def preflight(
     spec: JobSpec,
-    dataset_exists: Callable[[str], bool] = lambda _id: False,
+    upload: Callable[[str], str | None] = lambda _id: None,
     check_files: bool = True,
     skip: Collection[tuple] = (),
 ) -> list[tuple[tuple, str]]:
-    """The spec's problems by field. Without `check_files`, model directories, data files and hub
+    """The spec's problems by field. `upload`: the file of an uploaded dataset (`dataset:ID`) on this
+    machine, by id; None where there is none. Without `check_files`, model directories, data files and hub
     ids are left to the machine that reads them (an API that does not see the workers' files).
     Fields in `skip` are not looked at (a service refused them already, and must not even ask the
     disk about them)."""
@@ -41,8 +43,15 @@ def preflight(
         if source is None or ("data", key) in skip:
             continue
         if source.startswith("dataset:"):
-            if not dataset_exists(source.removeprefix("dataset:")):
+            if (path := upload(source.removeprefix("dataset:"))) is None:
                 problems.append((("data", key), f"{source}: no such uploaded dataset"))
+            elif Path(path).suffix in TABLE_SUFFIXES and Path(path).exists():
+                # A JSONL upload was checked record by record as it arrived; a table's columns are mapped
+                # by this spec. Named as the user knows it, not by the server's path.
+                try:
+                    check_source(path, spec.data.columns)
+                except DataError as err:
+                    problems.append((("data", key), str(err).replace(path, source)))
             continue
         if not (check_files or source.startswith("builtin:")):
             continue

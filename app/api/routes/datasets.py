@@ -1,4 +1,4 @@
-"""/api/v1/datasets: upload a JSONL training or evaluation set, checked line by line."""
+"""/api/v1/datasets: upload a training or evaluation set (JSONL, Parquet or Arrow), checked record by record."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from app.job_paths import dataset_file
 from app.models import Dataset, User, new_id
 from app.schemas import DatasetOut, Deleted
 from worker.engine.corpus import is_text_jsonl, iter_text_records
-from worker.engine.data import DataError, iter_records
+from worker.engine.data import TABLE_SUFFIXES, DataError, count_table_rows, iter_records
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=ReleasingRoute)  # see app/api/release.py
@@ -35,7 +35,14 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=ReleasingR
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetOut,
     responses=errors(401, 408, 413, 422, 429, 503),
-    openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}},
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+            }
+        }
+    },
 )
 async def upload(
     request: Request,
@@ -44,10 +51,12 @@ async def upload(
     settings: SettingsDep,
     name: Annotated[str, Query(min_length=1, max_length=200, pattern=NO_NUL)],
 ) -> DatasetOut:
-    """The request body is the JSONL file itself (`curl --data-binary @train.jsonl`). Records use
-    Dolly's layout (instruction, input, output) or prompt/response; a bad line is named by number.
-    A job refers to the upload as `dataset:ID` in data.train, data.selection or data.eval; an upload
-    of {"text": ...} records is a pretraining corpus, for data.pretrain."""
+    """The request body is the file itself (`curl --data-binary @train.jsonl`): JSONL, or where `name`
+    ends in .parquet or .arrow, a Parquet or Arrow file (Hugging Face datasets' to_parquet, say).
+    Records use Dolly's layout (instruction, input, output), prompt/response or chat `messages`; a bad
+    line or row is named by number. A job refers to the upload as `dataset:ID` in data.train,
+    data.selection or data.eval (with data.columns for other column names); a JSONL upload of
+    {"text": ...} records is a pretraining corpus, for data.pretrain."""
     rate_limits.hit(settings.rate_limit_storage, settings.upload_limit, "uploads", f"upload:{user.id}")
     try:
         with slots.slot(("upload", user.id), settings.max_uploads_per_user):
@@ -62,9 +71,9 @@ async def upload(
 
 async def _receive(request: Request, session: Session, user: User, settings: Settings, name: str) -> DatasetOut:
     dataset_id = new_id("ds")
-    path, digest, size = dataset_file(settings, dataset_id), hashlib.sha256(), 0
+    path, digest, size = dataset_file(settings, dataset_id, name), hashlib.sha256(), 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_suffix(".partial" + path.suffix)  # the suffix the engine reads it by
     # No database connection is held while the client sends (20 stalled uploads held every one, and
     # froze the service): the quota is read first, an early answer, and checked again at the insert.
     room = settings.max_dataset_bytes_per_user - await run_in_threadpool(_bytes_used, session, user.id)
@@ -148,8 +157,11 @@ def _over_quota(settings: Settings, left: int) -> HTTPException:
 def _count_records(path: Path) -> int:
     """How many records the upload holds, pretraining documents or training records, whichever it holds:
     each checked, one line in memory at a time (a 200 MB upload of tiny lines is not a list of millions)."""
-    records = iter_text_records(path, str(path)) if is_text_jsonl(path) else iter_records(str(path))
-    count = sum(1 for _ in records)
+    if path.suffix in TABLE_SUFFIXES:  # its columns are mapped by the job's data.columns, checked at submit
+        count = count_table_rows(path, str(path))
+    else:
+        records = iter_text_records(path, str(path)) if is_text_jsonl(path) else iter_records(str(path))
+        count = sum(1 for _ in records)
     if count == 0:
         raise DataError(f"{path}: no records")
     return count
