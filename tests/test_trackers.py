@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 def mlflow_server(tmp_path_factory):
     folder, port = tmp_path_factory.mktemp("mlflow"), free_port()
     mlflow = subprocess.check_output([PROJECT_ROOT / "scripts/ensure-mlflow-server.sh"], text=True).strip()
-    command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port)]
+    # One worker process: the default four each import MLflow, which is most of a start on 2 cores.
+    command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "art")]
     with (folder / "server.log").open("w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
