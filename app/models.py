@@ -108,9 +108,13 @@ class JobEvent(Base):
     step's metrics are stored here and nowhere else (type `metrics`: step, stage, values)."""
 
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_job_type_id", "job_id", "type", "id"),)
+    # (job_id, id): a job's events in order, and its newest (max(id)) in one lookup.
+    __table_args__ = (
+        Index("ix_job_events_job_id_id", "job_id", "id"),
+        Index("ix_job_events_job_type_id", "job_id", "type", "id"),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     type: Mapped[str] = mapped_column(String(20))
     level: Mapped[str] = mapped_column(String(10), default="info")

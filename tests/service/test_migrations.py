@@ -114,3 +114,15 @@ def test_0010_keeps_the_metrics_in_their_events_and_refills_the_old_table_on_dow
             latest = db.execute(text("SELECT latest_metrics FROM jobs")).scalar_one()
         assert [tuple(p) for p in points] == [(1, "loss", 3.0), (2, "loss", 2.0)]
         assert latest == {"step": 2, "stage": "minillm", "loss": 2.0}
+
+
+def test_0012_indexes_job_events_by_job_and_id():
+    """max(id) of one job's events, which every event stream asks each tick, can be read from the end of
+    the (job_id, id) index; the index on job_id alone, a prefix of it, goes."""
+    with scratch_database() as (config, engine):
+        command.upgrade(config, "head")
+        indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("job_events")}
+        assert indexes["ix_job_events_job_id_id"] == ["job_id", "id"] and "ix_job_events_job_id" not in indexes
+        command.downgrade(config, "0011")
+        indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("job_events")}
+        assert indexes["ix_job_events_job_id"] == ["job_id"] and "ix_job_events_job_id_id" not in indexes
