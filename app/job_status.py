@@ -249,8 +249,11 @@ def resume(session: Session, job_id: str, attempts: int, max_active: int) -> boo
     """Queue a failed or cancelled job again, on its owner's request, with `attempts` more attempts: its
     next attempt continues from its newest checkpoint, as a retry does. The webhook delivery of the
     end it leaves is dropped (it ends again, and says so then). False if the job is in another status;
-    TooManyJobs past the owner's `max_active` unfinished jobs."""
-    _room_for_one_more(session, session.scalar(select(Job.user_id).where(Job.id == job_id)), max_active)
+    TooManyJobs past the owner's `max_active` unfinished jobs (asked only of a job that may resume)."""
+    status, user_id = session.execute(select(Job.status, Job.user_id).where(Job.id == job_id)).one()
+    if status not in (FAILED, CANCELLED):  # and _move below asks again, in its update
+        return False
+    _room_for_one_more(session, user_id, max_active)
     again = _move(
         session,
         job_id,

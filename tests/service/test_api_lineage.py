@@ -68,3 +68,16 @@ def test_a_failed_or_cancelled_job_is_queued_again_with_more_attempts_and_others
         assert session.scalar(select(func.count()).where(WebhookDelivery.job_id == job["id"])) == 0
     assert client.post(f"{JOBS}/{job['id']}/resume", headers=auth).status_code == 409  # queued already
     client.post(f"{JOBS}/{job['id']}/cancel", headers=auth)
+
+
+def test_at_the_active_job_limit_a_job_that_cannot_resume_is_409_and_one_that_can_is_429(
+    client, auth, dataset, monkeypatch
+):
+    queued, cancelled = new_job(client, auth, dataset), new_job(client, auth, dataset)
+    client.post(f"{JOBS}/{cancelled['id']}/cancel", headers=auth)
+    monkeypatch.setattr(get_settings(), "max_active_jobs_per_user", 1)  # the queued one fills it
+    assert client.post(f"{JOBS}/{queued['id']}/resume", headers=auth).status_code == 409  # what it is, not the limit
+    refused = client.post(f"{JOBS}/{cancelled['id']}/resume", headers=auth)
+    assert refused.status_code == 429, refused.text
+    assert client.get(f"{JOBS}/{cancelled['id']}", headers=auth).json()["status"] == "cancelled"  # left as it was
+    client.post(f"{JOBS}/{queued['id']}/cancel", headers=auth)
