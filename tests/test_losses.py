@@ -23,6 +23,8 @@ import torch
 from worker.engine.batch import SequenceBatch, collate, response_logits
 from worker.engine.losses import (
     forward_kl,
+    generalized_jsd,
+    gkd_loss,
     importance_weights,
     kd_loss,
     long_term_returns,
@@ -292,6 +294,88 @@ def test_kd_loss_ignores_padding_positions(kd_ratio):
     s3 = s2.clone().requires_grad_(True)
     kd_loss(s3, t2, targets2, mask, kd_ratio).backward()
     assert (s3.grad[pad] == 0).all() and (s3.grad[~pad] != 0).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3b. generalized_jsd / gkd_loss (GKD, TRL's semantics)
+# ----------------------------------------------------------------------------------------------
+
+
+def _py_gjsd(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q, in probability space with explicit loops; (B, L) float64."""
+    B, L, _ = s.shape
+    out = torch.zeros(B, L, dtype=torch.float64)
+    for b in range(B):
+        for i in range(L):
+            q = [math.exp(x) for x in _py_log_softmax(s[b, i].tolist())]
+            p = [math.exp(x) for x in _py_log_softmax(t[b, i].tolist())]
+            m = [beta * pv + (1 - beta) * qv for pv, qv in zip(p, q)]
+            out[b, i] = beta * sum(pv * math.log(pv / mv) for pv, mv in zip(p, m) if pv > 0) + (1 - beta) * sum(
+                qv * math.log(qv / mv) for qv, mv in zip(q, m) if qv > 0
+            )
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_generalized_jsd_matches_the_mixture_formula_by_hand(beta):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 2
+    out = generalized_jsd(s, t, beta)
+    assert out.shape == (2, 3) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _py_gjsd(s, t, beta), rtol=1e-5, atol=1e-6)
+    # At temperature T both distributions are softmax(logits / T).
+    torch.testing.assert_close(
+        generalized_jsd(s, t, beta, 2.0).double(), _py_gjsd(s / 2, t / 2, beta), rtol=1e-5, atol=1e-6
+    )
+    # Bounded like a JS divergence: at most the entropy of the two-point mixture (β, 1−β).
+    assert (out > 0).all() and (out <= -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta)) + 1e-6).all()
+
+
+def test_generalized_jsd_ends_are_forward_and_reverse_kl():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 2
+    torch.testing.assert_close(generalized_jsd(s, t, 0.0).double(), _py_kl(t, s), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(generalized_jsd(s, t, 1.0).double(), _py_kl(s, t), rtol=1e-5, atol=1e-6)
+    # The mixed form itself tends to 0 at the ends: they are defined, not the limit.
+    assert _py_gjsd(s, t, 1e-9).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_generalized_jsd_gradient_equals_plain_autograd_over_several_chunks(beta):
+    # 2**18 entries a row: 4 rows to a CPU chunk, so the 12 positions are 3 checkpointed chunks.
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(3, 4, 2**18, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(3, 4, 2**18, generator=g) * 3
+    weights = torch.rand(3, 4, generator=g)
+    (generalized_jsd(s, t, beta, 1.5) * weights).sum().backward()
+    s_plain = s.detach().double().requires_grad_(True)
+    log_q, log_p = torch.log_softmax(s_plain / 1.5, -1), torch.log_softmax(t.double() / 1.5, -1)
+    if beta == 0:
+        plain = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif beta == 1:
+        plain = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp())
+        plain = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    (plain * weights.double()).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s_plain.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_gkd_loss_is_the_token_mean_and_ignores_padding():
+    s, t, _, mask = _kd_inputs()
+    per_token = _py_gjsd(s.double(), t.double(), 0.5)
+    expected = float((per_token * mask).sum() / mask.sum())
+    assert gkd_loss(s, t, mask, 0.5, 1.0).item() == pytest.approx(expected, rel=1e-5)
+    pad = ~mask.bool()
+    s2 = s.clone()
+    s2[pad] = 1e3
+    s2.requires_grad_(True)
+    out = gkd_loss(s2, t, mask, 0.5, 1.0)
+    assert out.item() == pytest.approx(expected, rel=1e-5)
+    out.backward()
+    assert (s2.grad[pad] == 0).all() and (s2.grad[~pad] != 0).any()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -31,9 +32,13 @@ def scaled(logits: Tensor, temperature: float) -> Tensor:
     return logits if temperature == 1 else logits / temperature
 
 
+def _rows_per_chunk(vocab: int, device: torch.device) -> int:
+    """Rows of about 1M entries on the CPU (a few MB, cache-sized), 64M on a GPU."""
+    return max(1, (2**20 if device.type == "cpu" else 2**26) // vocab)
+
+
 def _row_chunks(rows: int, vocab: int, device: torch.device) -> list[slice]:
-    """Row ranges of about 1M entries on the CPU (a few MB, cache-sized), 64M on a GPU."""
-    step = max(1, (2**20 if device.type == "cpu" else 2**26) // vocab)
+    step = _rows_per_chunk(vocab, device)
     return [slice(i, i + step) for i in range(0, rows, step)]
 
 
@@ -147,6 +152,45 @@ def kd_loss(
         return masked_mean(-token_log_probs(student_logits, targets), mask)
     logp, _, forward = vocab_terms(student_logits, teacher_logits, targets)
     return masked_mean(-(1 - kd_ratio) * logp + kd_ratio * forward, mask)
+
+
+def _generalized_jsd_rows(student: Tensor, teacher: Tensor, beta: float, temperature: float) -> Tensor:
+    """`generalized_jsd` of one chunk of positions (rows, V) -> (rows,)."""
+    log_q, log_p = _log_softmaxes(student, teacher, temperature)
+    if beta == 0:
+        return _kl(log_p, log_q)
+    if beta == 1:
+        return _kl(log_q, log_p)
+    log_m = torch.logaddexp(log_q + math.log(1 - beta), log_p + math.log(beta))
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0) -> Tensor:
+    """GKD's generalised Jensen-Shannon divergence per position, TRL's semantics: (B, L, V) x2 -> (B, L), fp32.
+
+    With q = softmax(s / T), p = softmax(t / T) and the mixture m = β·p + (1−β)·q:
+    β·KL(p‖m) + (1−β)·KL(q‖m) for 0 < β < 1; β = 0 is forward KL(p‖q), β = 1 reverse KL(q‖p) (the
+    mixed form tends to 0 at both ends, so the ends are defined as the two KLs, as TRL does).
+    Computed a chunk of positions at a time, each under activation checkpointing: autograd keeps only
+    the chunk's inputs and recomputes its log-softmaxes in the backward, instead of holding several
+    fp32 copies of (B, L, V). The teacher's logits get no gradient.
+    """
+    v = student_logits.shape[-1]
+    s, t = student_logits.reshape(-1, v), teacher_logits.detach().reshape(-1, v)
+    step = _rows_per_chunk(v, s.device)
+    parts = [
+        checkpoint(_generalized_jsd_rows, s_rows, t_rows, beta, temperature, use_reentrant=False)
+        for s_rows, t_rows in zip(s.split(step), t.split(step))
+    ]
+    return torch.cat(parts).view(student_logits.shape[:-1])
+
+
+def gkd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, beta: float, temperature: float) -> Tensor:
+    """GKD's loss: `generalized_jsd` averaged over the valid response tokens (B, L, V) x2, (B, L) -> scalar.
+
+    The token mean is TRL's (its divergence summed over labelled tokens, divided by their number).
+    """
+    return masked_mean(generalized_jsd(student_logits, teacher_logits, beta, temperature), mask)
 
 
 def importance_weights(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
