@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from toy_stage import EOS, PAD, Engine, V, tiny
 
 from worker.engine.batch import response_logits
 from worker.engine.data import Example, Record
@@ -37,43 +37,6 @@ from worker.engine.spec import parse_spec
 from worker.engine.stages import METHODS
 from worker.engine.stages.base import Context, Schedule, Stopwatch, TrainingData
 from worker.engine.stages.minillm import MiniLLMStage, keeps_teacher_logits
-
-V, EOS, PAD = 48, 2, 0
-
-
-class Engine:
-    """The part of a DeepSpeedEngine that a MiniLLM step uses; `step` keeps the gradients instead of
-    applying them, so that two steps can be compared."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module, self.grads = module, []
-
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.grads.append([p.grad.clone() for p in self.module.parameters()])
-        self.module.zero_grad()
-
-
-def tiny(seed: int, layers: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # sharper distributions than the tiny init's near-uniform ones
-        model.lm_head.weight.mul_(20)
-    return model
 
 
 def collected(alpha: float, temperature: float, teacher_logits: str = "keep") -> MiniLLMStage:

@@ -116,6 +116,21 @@ def test_fingerprint_changes_with_the_spec():
     assert a.fingerprint() == parse_spec(STUDENT).fingerprint() != b.fingerprint()
 
 
+def test_gkd_parameters_shape_only_a_gkd_jobs_fingerprint():
+    gkd = {"beta": 1.0, "lmbda": 1.0, "seq_kd": True, "temperature": 1.0}
+    assert parse_spec({**STUDENT, "gkd": gkd}).fingerprint() == parse_spec(STUDENT).fingerprint()
+    as_gkd = {**STUDENT, "method": "gkd"}
+    assert parse_spec({**as_gkd, "gkd": gkd}).fingerprint() != parse_spec(as_gkd).fingerprint()
+
+
+def test_gkd_fields_are_bounded_and_named():
+    for field, value in (("beta", 1.5), ("lmbda", -0.1), ("temperature", 0)):
+        with pytest.raises(SpecError, match=f"gkd.{field}"):
+            parse_spec({**STUDENT, "method": "gkd", "gkd": {field: value}})
+    with pytest.raises(SpecError, match="gkd.lambda: Extra inputs"):
+        parse_spec({**STUDENT, "method": "gkd", "gkd": {"lambda": 0.5}})
+
+
 @pytest.mark.parametrize("name", ["tiny.yaml", "smollm2-minillm.yaml"])
 def test_examples_are_valid(name):
     spec = load_spec(PROJECT_ROOT / "examples" / name)

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from helpers import make_user, tiny_spec, wait_for
 
 from distill_client.status import JobStatus
@@ -124,6 +125,22 @@ def test_sign_in_submit_follow_download_compare(server, worker, dataset, browser
         re.compile(r"^The API refused this spec \(2 problems\)[^\n]*field\.$")
     )
     shot(page, "new-job.png")
+    # Every method is offered, GKD's fields among them; a yes/no field is sent as a boolean.
+    expect(page.locator("#f-method option")).to_have_text(["minillm", "gkd", "kd", "seqkd", "sft"])
+    page.locator("#f-gkd-lmbda").fill("1.5")
+    page.locator("#f-gkd-seq_kd").select_option("true")
+    page.get_by_role("button", name="Submit job").click()
+    expect(page.locator("#err-f-gkd-lmbda")).to_contain_text("less than or equal to 1")
+    page.get_by_text("Advanced: edit the full YAML spec").click()
+    assert yaml.safe_load(page.locator("#f-yaml").input_value())["gkd"] == {
+        "beta": 0.5,
+        "lmbda": 1.5,
+        "seq_kd": True,
+        "temperature": 0.9,
+    }
+    page.get_by_text("Advanced: edit the full YAML spec").click()
+    page.locator("#f-gkd-lmbda").fill("0.5")
+    page.locator("#f-gkd-seq_kd").select_option("false")
 
     # The tiny job, through the form's fields; its training set is uploaded from the page.
     spec = tiny_spec(dataset, name="tiny-ui")
@@ -292,7 +309,6 @@ def test_stages_smoothing_spec_log_and_clone_on_a_jobs_page(server, worker, data
     """A job with a recovery stage: its curves mark where MiniLLM takes over and smooth as the slider
     says; its page shows its spec, downloads its training log and clones it into the new-job form."""
     import httpx
-    import yaml
 
     from app.core.config import get_settings
     from app.job_paths import job_dir

@@ -60,11 +60,16 @@ def best_step(output_dir: Path) -> int | None:
 # The method's paper, for the card's text and the hub's arxiv: tag (SFT is no one paper's method).
 PAPERS = {
     "minillm": ("MiniLLM: Knowledge Distillation of Large Language Models (Gu et al., 2023)", "2306.08543"),
+    "gkd": (
+        "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes (Agarwal et al., 2024)",
+        "2306.13649",
+    ),
     "kd": ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "1503.02531"),
     "seqkd": ("Sequence-Level Knowledge Distillation (Kim and Rush, 2016)", "1606.07947"),
 }
 METHODS = {
     "minillm": "MiniLLM (reverse KL, policy gradient on the student's own samples)",
+    "gkd": "generalised knowledge distillation (a generalised JSD on the student's own samples and fixed responses)",
     "kd": "word-level knowledge distillation (forward KL on the gold responses)",
     "seqkd": "sequence-level knowledge distillation (fine-tuning on the teacher's samples)",
     "sft": "supervised fine-tuning on the gold responses",

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Method = Literal["minillm", "kd", "seqkd", "sft"]
+Method = Literal["minillm", "gkd", "kd", "seqkd", "sft"]
 
 # Whole numbers are stored in 32-bit columns and handed to 32-bit C code (seeds, sizes).
 INT32_MAX = 2**31 - 1
@@ -254,6 +254,35 @@ class MiniLLMSpec(_Section):
     )
 
 
+class GKDSpec(_Section):
+    # TRL's GKDTrainer (Agarwal et al., "On-Policy Distillation of Language Models", arXiv 2306.13649): its
+    # names and defaults. At beta 1 and lmbda 1 it is MiniLLM's single-step term alone: the exact
+    # per-token reverse KL on the student's own samples, without the long-term return or teacher mixing.
+    beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="β of the generalised Jensen-Shannon divergence: 0 forward KL(teacher‖student), 1 reverse "
+        "KL(student‖teacher), between: β·KL(p‖m) + (1−β)·KL(q‖m) with m = β·p + (1−β)·q (TRL: 0.5).",
+    )
+    lmbda: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of micro-batches trained on responses the student samples itself (on-policy); the rest "
+        "train on the training responses, or the teacher's samples with seq_kd (TRL: 0.5).",
+    )
+    seq_kd: bool = Field(
+        False, description="Off-policy micro-batches train on responses the teacher samples for their prompts."
+    )
+    temperature: float = Field(
+        0.9,
+        ge=0.01,
+        le=100,
+        description="Temperature of the sampling and of both distributions in the divergence (TRL: 0.9).",
+    )
+
+
 class KDSpec(_Section):
     kd_ratio: float = Field(0.5, ge=0, le=1, description="Loss = (1−r)·cross-entropy + r·forward KL(teacher‖student).")
 
@@ -374,7 +403,9 @@ class TrackingSpec(_Section):
 
 class JobSpec(_Section):
     name: str = Field("distill-job", min_length=1, max_length=200, description="A label for people.")
-    method: Method = Field("minillm", description="minillm, kd (word-level), seqkd or sft.")
+    method: Method = Field(
+        "minillm", description="minillm, gkd (generalised on-policy KD), kd (word-level), seqkd or sft."
+    )
     teacher: Reference = Field("builtin:smollm2-135m-instruct", description="Local directory, hub id, or builtin:NAME.")
     student: StudentSpec = Field(..., description="The model that is trained.")
     data: DataSpec = Field(
@@ -387,6 +418,7 @@ class JobSpec(_Section):
     minillm: MiniLLMSpec = Field(
         MiniLLMSpec(), description="MiniLLM parameters, its LM term included (used when method is minillm)."
     )
+    gkd: GKDSpec = Field(GKDSpec(), description="GKD parameters (used when method is gkd).")
     kd: KDSpec = Field(KDSpec(), description="Word-level KD parameters (method kd, and a kd recovery stage).")
     eval: EvalSpec = Field(
         EvalSpec(), description="When and how to evaluate: the selection and test sets' sizes and seeds."
@@ -424,11 +456,12 @@ class JobSpec(_Section):
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes the result; a resumed run must have the same one.
         How many sample answers an evaluation keeps, how long a job may run and where it is tracked do
-        not shape it (and runs from before `eval.samples`, `resources.max_run_minutes` and `tracking`
-        keep their hash)."""
-        shaping = self.model_dump(
-            mode="json", exclude={"eval": {"samples"}, "resources": {"max_run_minutes"}, "tracking": True}
-        )
+        not shape it, nor do GKD's parameters in a job of another method (and runs from before
+        `eval.samples`, `resources.max_run_minutes`, `tracking` and `gkd` keep their hash)."""
+        exclude = {"eval": {"samples"}, "resources": {"max_run_minutes"}, "tracking": True}
+        if self.method != "gkd":
+            exclude["gkd"] = True
+        shaping = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

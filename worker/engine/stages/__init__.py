@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..spec import JobSpec
 from .base import Method, Schedule
 from .finetune import FinetuneStage
+from .gkd import GKDStage
 from .minillm import MiniLLMStage
 
 METHODS: dict[str, Method] = {
@@ -17,6 +18,8 @@ METHODS: dict[str, Method] = {
     "kd": Method(FinetuneStage, responses="gold", word_kd=True),
     "seqkd": Method(FinetuneStage, responses="teacher-samples"),
     "minillm": Method(MiniLLMStage, responses="none"),
+    # The responses of its off-policy micro-batches; with gkd.seq_kd or gkd.lmbda 1 it uses the prompts alone.
+    "gkd": Method(GKDStage, responses="gold"),
 }
 
 

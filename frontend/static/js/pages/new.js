@@ -5,7 +5,7 @@ import { api } from "../api.js";
 import { dump, load } from "/vendor/js-yaml.mjs";
 import { apiSchemas, h, toast } from "../util.js";
 
-// [path, label, kind]; kind: text, int, float, select (options from the schema's enum), bool
+// [path, label, kind]; kind: text, int, float, select (options from the schema's enum), bool (false or true), data
 const SECTIONS = [
   ["Job", [["name", "Name", "text"], ["method", "Method", "select"], ["teacher", "Teacher", "text"]]],
   ["Data", [["data.train", "Training set", "data"], ["data.selection", "Selection set", "data"], ["data.eval", "Test set", "data"],
@@ -18,6 +18,8 @@ const SECTIONS = [
     ["training.seed", "Seed", "int"]]],
   ["MiniLLM", [["minillm.rollouts_per_phase", "Rollouts per phase", "int"], ["minillm.rollout_batch_size", "Rollout batch size", "int"],
     ["minillm.ppo_epochs", "PPO epochs", "int"], ["minillm.teacher_mix_alpha", "Teacher mix α", "float"]]],
+  ["GKD", [["gkd.beta", "β of the divergence", "float"], ["gkd.lmbda", "On-policy share λ", "float"],
+    ["gkd.seq_kd", "Teacher's samples off-policy (seq_kd)", "bool"], ["gkd.temperature", "Temperature", "float"]]],
   ["Evaluation and checkpoints", [["eval.every_steps", "Score the selection set every N steps", "int"], ["eval.num_prompts", "Test prompts", "int"],
     ["eval.selection_num_prompts", "Selection prompts", "int"],
     ["eval.batch_size", "Eval batch size", "int"], ["checkpoints.every_steps", "Checkpoint every N steps", "int"],
@@ -71,8 +73,8 @@ export function render(main, { params }) {
     const help = schema && schema.description;
     const def = schema && schema.default;
     let input;
-    if (kind === "select") {
-      const options = (schema && schema.enum) || [];
+    if (kind === "select" || kind === "bool") {
+      const options = kind === "bool" ? [false, true] : (schema && schema.enum) || [];
       input = h("select", { id }, options.map((o) => h("option", { value: String(o), selected: o === def }, String(o))));
     } else {
       input = h("input", { id, type: kind === "int" || kind === "float" ? "number" : "text", step: kind === "float" ? "any" : kind === "int" ? "1" : undefined,
@@ -135,7 +137,7 @@ export function render(main, { params }) {
       const raw = input.value.trim();
       if (raw === "") continue;
       const kind = input.dataset.kind;
-      const value = kind === "int" || kind === "float" ? (isNaN(Number(raw)) ? raw : Number(raw)) : raw;
+      const value = kind === "int" || kind === "float" ? (isNaN(Number(raw)) ? raw : Number(raw)) : kind === "bool" ? raw === "true" : raw;
       setPath(spec, path, value);
     }
     return spec;
