@@ -29,10 +29,8 @@ def train(
     from app import acceptance
     from app.schemas import JobRequest
     from distill_client.api import load_spec_file
-    from worker.engine.checkpoints import best_step, step_dir_name
-    from worker.engine.run import launch_command, run
+    from worker.engine.launch import launch_command
     from worker.engine.spec import format_validation_error
-    from worker.engine.trainer import Cancelled
 
     data = load_spec_file(spec, overrides)
     try:
@@ -50,7 +48,13 @@ def train(
     ran.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
     # With --json, stdout is the summary alone: the run's messages go to stderr (and events.jsonl).
     if job.resources.devices > 1 and "LOCAL_RANK" not in os.environ:
-        raise typer.Exit(subprocess.call(launch_command(job, ran, output), stdout=sys.stderr if as_json else None))
+        launch = launch_command(job.resources.devices, ran, output)
+        raise typer.Exit(subprocess.call(launch, stdout=sys.stderr if as_json else None))
+    # Only now the engine (seconds of imports): the launcher's processes import it themselves.
+    from worker.engine.checkpoints import best_step, step_dir_name
+    from worker.engine.run import run
+    from worker.engine.trainer import Cancelled
+
     try:
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             scores = run(ran, output)

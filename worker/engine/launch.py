@@ -23,3 +23,10 @@ def deepspeed_command(module_args: list[str], placement: list[str]) -> list[str]
     if "--master_port" not in placement:
         placement = ["--master_port", str(free_port()), *placement]
     return [str(Path(sys.executable).with_name("deepspeed")), *placement, "--module", *module_args]
+
+
+def launch_command(devices: int, spec_path: Path, output_dir: Path) -> list[str]:
+    """The DeepSpeed launcher command that runs `worker.engine.run` once per device on this machine."""
+    return deepspeed_command(
+        ["worker.engine.run", str(spec_path), "--output", str(output_dir)], ["--num_gpus", str(devices)]
+    )

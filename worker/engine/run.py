@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 from .events import Fanout, JsonlReporter, ProgressBarReporter
-from .launch import deepspeed_command
 from .spec import JobSpec, load_spec
 from .trackers import trackers_for
 from .trainer import train
@@ -20,13 +19,6 @@ def reporter_for(spec: JobSpec, output_dir: Path) -> Fanout:
     """events.jsonl plus a progress bar and the job's trackers; touching DIR/CANCEL stops the job at the next step."""
     jsonl = JsonlReporter(output_dir / "events.jsonl", cancel_file=output_dir / "CANCEL")
     return Fanout(jsonl, ProgressBarReporter(), *trackers_for(spec, output_dir))
-
-
-def launch_command(spec: JobSpec, spec_path: Path, output_dir: Path) -> list[str]:
-    """The DeepSpeed launcher command that runs this module once per device on this machine."""
-    return deepspeed_command(
-        ["worker.engine.run", str(spec_path), "--output", str(output_dir)], ["--num_gpus", str(spec.resources.devices)]
-    )
 
 
 def run(spec_path: Path, output_dir: Path) -> dict:
