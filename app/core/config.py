@@ -173,9 +173,10 @@ class Settings(BaseSettings):
     )
     trackers: str = Field(
         "",
-        pattern=r"^((mlflow|tensorboard)(,(mlflow|tensorboard))*)?$",
+        pattern=r"^((mlflow|tensorboard|wandb)(,(mlflow|tensorboard|wandb))*)?$",
         description="Read by the training processes: the experiment trackers of jobs whose spec names none "
-        "(tracking.trackers), a comma list of mlflow and tensorboard. MLflow's server: MLFLOW_TRACKING_URI.",
+        "(tracking.trackers), a comma list of mlflow, tensorboard and wandb. MLflow's server: MLFLOW_TRACKING_URI; "
+        "W&B reads its own WANDB_* variables.",
     )
     api_sees_worker_files: bool = Field(
         True,

@@ -389,15 +389,18 @@ class ResourcesSpec(_Section):
 
 
 class TrackingSpec(_Section):
-    trackers: list[Literal["mlflow", "tensorboard"]] = Field(
+    trackers: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
         [],
-        max_length=2,
+        max_length=3,
         description="Where the job's parameters, metrics, evaluations and best checkpoint are recorded besides the "
-        "service: mlflow (the server at MLFLOW_TRACKING_URI) and tensorboard (event files in the job's folder). "
-        "Empty: the operator's DISTILL_TRACKERS.",
+        "service: mlflow (the server at MLFLOW_TRACKING_URI), tensorboard (event files in the job's folder) and "
+        "wandb (Weights & Biases, as the worker's WANDB_* variables say). Empty: the operator's DISTILL_TRACKERS.",
     )
     experiment: str | None = Field(
-        None, min_length=1, max_length=200, description="The MLflow experiment of the job's run. Empty: the job's name."
+        None,
+        min_length=1,
+        max_length=200,
+        description="The MLflow experiment or W&B project of the job's run. Empty: the job's name.",
     )
 
 

@@ -1,12 +1,14 @@
 """Experiment trackers: a job's parameters, step metrics, evaluations and best checkpoint, sent to
-MLflow or written as TensorBoard event files as the job reports them. Each is a reporter, like
-events.jsonl (events.py), so the trainer knows nothing of them.
+MLflow or Weights & Biases, or written as TensorBoard event files, as the job reports them. Each is a
+reporter, like events.jsonl (events.py), so the trainer knows nothing of them.
 
 Which ones a job uses: its spec's `tracking.trackers`, else the operator's DISTILL_TRACKERS (a comma
-list). MLflow's server is the operator's too: MLFLOW_TRACKING_URI, as MLflow itself reads it.
+list). Where their records go is the operator's too, in the trackers' own variables: MLFLOW_TRACKING_URI;
+WANDB_API_KEY, WANDB_BASE_URL, WANDB_ENTITY and WANDB_MODE (offline keeps the run in the job's folder).
 
-A tracker never fails a job: a tracking server that is down costs its records (with a warning), not
-the training. A resumed job goes on in the same MLflow run and the same TensorBoard folder.
+A tracker never fails a job: a tracking server that is down, or a W&B client that is not installed
+(`pip install 'distill[wandb]'`), costs its records (with a warning), not the training. A resumed job
+goes on in the same MLflow or W&B run and the same TensorBoard folder.
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"  # under the job's output folder
 MLFLOW_RUN_FILE = "mlflow-run-id"  # under the job's output folder: the run a resumed job goes on in
+WANDB_RUN_FILE = "wandb-run-id"  # likewise for W&B (its own files go to the job's folder too, under wandb/)
 
 
 def trackers_for(spec: JobSpec, output_dir: Path) -> list[Reporter]:
     """The job's trackers, as reporters for the process that reports (rank 0)."""
     names = spec.tracking.trackers or [n.strip() for n in os.environ.get("DISTILL_TRACKERS", "").split(",") if n]
-    made = {"mlflow": lambda: MlflowReporter(spec, output_dir), "tensorboard": lambda: TensorBoardReporter(output_dir)}
+    made = {
+        "mlflow": lambda: MlflowReporter(spec, output_dir),
+        "tensorboard": lambda: TensorBoardReporter(output_dir),
+        "wandb": lambda: WandbReporter(spec, output_dir),
+    }
     unknown = set(names) - set(made)
     if unknown:
         raise ValueError(f"DISTILL_TRACKERS: unknown trackers {sorted(unknown)}; known: {sorted(made)}")
@@ -115,7 +122,7 @@ class MlflowReporter:
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
         state = event.data.get("state")
-        if state == JobStatus.SUCCEEDED and (best := self._best_checkpoint()) is not None:
+        if state == JobStatus.SUCCEEDED and (best := best_checkpoint(self.output_dir)) is not None:
             self.client.log_artifacts(self.run_id, str(best), "best_checkpoint")
         if state in self.STATUS:
             self.client.set_terminated(self.run_id, self.STATUS[state])
@@ -141,15 +148,77 @@ class MlflowReporter:
         self.client.log_batch(self.run_id, tags=[RunTag("distill.method", self.spec.method)])
         saved.write_text(self.run_id)
 
-    def _best_checkpoint(self) -> Path | None:
-        """The checkpoint the trainer chose as best, else the newest (none chosen: no selection set scored)."""
-        from .checkpoints import best_step
+    def should_cancel(self) -> bool:
+        return False
 
-        step, saved = best_step(self.output_dir), sorted((self.output_dir / "checkpoints").glob("step-*"))
-        folder = (
-            self.output_dir / "checkpoints" / f"step-{step:06d}" if step is not None else next(reversed(saved), None)
+
+def best_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint the trainer chose as best, else the newest (none chosen: no selection set scored)."""
+    from .checkpoints import best_step
+
+    step, saved = best_step(output_dir), sorted((output_dir / "checkpoints").glob("step-*"))
+    folder = output_dir / "checkpoints" / f"step-{step:06d}" if step is not None else next(reversed(saved), None)
+    return folder if folder is not None and folder.is_dir() else None
+
+
+class WandbReporter:
+    """One W&B run per job, in the project named like the job's (`tracking.experiment` to choose): the spec
+    as its config, `train/<metric>` per step, evaluations, the best checkpoint as a `model` artifact, and
+    the job's end as the run's exit code (0 when it succeeded)."""
+
+    def __init__(self, spec: JobSpec, output_dir: Path):
+        self.spec, self.output_dir = spec, output_dir
+        self.run, self.broken = None, False
+
+    def emit(self, event: Event) -> None:
+        if self.broken or event.type not in ("metrics", "eval", "state"):
+            return
+        try:
+            self._record(event)
+        except Exception as err:  # not installed, a server that is down, …: the job goes on without it
+            self.broken = True
+            log.warning("W&B tracking stopped for this attempt: %s: %s", type(err).__name__, err)
+
+    def _record(self, event: Event) -> None:
+        if self.run is None:
+            self._start()
+        # W&B's own step only grows, and the best checkpoint's scores come last at an earlier step: every
+        # metric is charted against `job_step` instead (W&B's define_metric, for data out of order).
+        if event.type == "metrics":
+            values = {f"train/{name}": value for name, value in event.data["values"].items()}
+            self.run.log({**values, "job_step": event.data["step"]})
+        elif event.type == "eval":
+            self.run.log({**eval_metrics(event.data), "job_step": event.data["step"]})
+        state = event.data.get("state")
+        if state == JobStatus.SUCCEEDED and (best := best_checkpoint(self.output_dir)) is not None:
+            import wandb
+
+            artifact = wandb.Artifact(f"{self.output_dir.name}-best", type="model")
+            artifact.add_dir(str(best))
+            self.run.log_artifact(artifact)
+        if state in TERMINAL:
+            self.run.finish(exit_code=0 if state == JobStatus.SUCCEEDED else 1)
+
+    def _start(self) -> None:
+        import wandb
+
+        saved = self.output_dir / WANDB_RUN_FILE
+        self.run = wandb.init(
+            project=self.spec.tracking.experiment or self.spec.name,
+            name=self.output_dir.name,
+            id=saved.read_text().strip() if saved.exists() else None,  # a resumed job: its run goes on
+            resume="allow",
+            dir=str(self.output_dir),
+            config=self.spec.model_dump(mode="json"),
+            tags=[self.spec.method],
+            # The job's log is its own output; no sampling process beside the training; no code or git state.
+            settings=wandb.Settings(
+                console="off", silent=True, x_disable_stats=True, disable_git=True, save_code=False
+            ),
         )
-        return folder if folder is not None and folder.is_dir() else None
+        self.run.define_metric("job_step")
+        self.run.define_metric("*", step_metric="job_step")
+        saved.write_text(self.run.id)
 
     def should_cancel(self) -> bool:
         return False
