@@ -159,8 +159,8 @@ def test_a_training_process_stuck_in_a_transaction_does_not_block_the_job_row(cl
 def test_the_training_process_gets_the_operators_engine_settings_and_bad_ones_are_refused():
     from pydantic import ValidationError
 
-    settings = get_settings().model_copy(update={"hub_max_gb": 7.5, "trackers": "mlflow,tensorboard"})
+    settings = get_settings().model_copy(update={"hub_max_gb": 7.5, "trackers": "mlflow,wandb"})
     env = child_environment(None, Inventory("cpu", 1), settings)
-    assert env["DISTILL_HUB_MAX_GB"] == "7.5" and env["DISTILL_TRACKERS"] == "mlflow,tensorboard"
+    assert env["DISTILL_HUB_MAX_GB"] == "7.5" and env["DISTILL_TRACKERS"] == "mlflow,wandb"
     with pytest.raises(ValidationError, match="trackers"):
-        Settings(trackers="wandb")
+        Settings(trackers="neptune")
