@@ -162,13 +162,19 @@ def test_a_cancelled_job_keeps_its_checkpoints_resumes_to_success_and_a_new_job_
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()
     assert [p["step"] for p in series["loss"]] == list(range(1, 41))
 
-    # A new job whose student is that job's best checkpoint; its model card says where it came from.
+    # A new job whose student is that job's best checkpoint, and whose SeqKD data that job's latest one
+    # samples (as its teacher); its model card says where both came from.
     best = next(c["step"] for c in checkpoints(client, auth, job_id) if c["best"])
-    chained = submit(client, auth, tiny_spec(dataset, student={"model": f"job:{job_id}@best"}))
+    chained = submit(
+        client,
+        auth,
+        tiny_spec(dataset, method="seqkd", teacher=f"job:{job_id}@latest", student={"model": f"job:{job_id}@best"}),
+    )
     done = wait_status(client, auth, chained, {"succeeded", "failed", "cancelled"})
     assert done["status"] == "succeeded", done["error"]
     card = client.get(f"/api/v1/jobs/{chained}/checkpoints/latest/files/README.md", headers=auth).text
     assert f"- Student initialisation: `job:{job_id}@step-{best}`" in card, card
+    assert f"- Teacher: `job:{job_id}@step-40`" in card, card
 
 
 def test_killed_worker_job_is_taken_up_again_and_resumes_from_its_checkpoint(client, auth, dataset, tmp_path):
