@@ -1,118 +1,202 @@
-"""The quality study: does MiniLLM beat SFT, word-level KD and SeqKD at equal compute?
+"""The quality study: does MiniLLM beat SFT, word-level KD, SeqKD and GKD in the paper's set-up?
 
-    .venv/bin/python bench/quality_study.py --train DOLLY/dev.jsonl --test DOLLY/valid.jsonl
+    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 4 h
+    .venv/bin/python bench/quality_study.py --data DATA --preset gpu --teacher DIR  # the paper's sizes
 
-What it does, in order (every run goes through the engine's own `train`):
+`--data` is a folder with the paper's sets in MiniLLM's record layout (`instruction`, `input`,
+`output`; `output` may be a list of references): `dolly/dev.jsonl` to train on, and the test sets
+`dolly/valid.jsonl`, `self-inst/valid.jsonl`, `vicuna/valid.jsonl`, `sinst/valid.jsonl` and
+`uinst/valid.jsonl` (evaluation only). Every run goes through the engine's own `train`. In order:
 
-1. **One shared student.** The student cut from the teacher's layers is recovered once by
-   word-level KD on the training set; every arm starts from that same checkpoint.
-2. **Calibration.** Each method trains a few steps from the shared student; its wall-clock seconds
-   per optimizer step (MiniLLM's rollout sampling and scoring included, amortised over the updates
-   of a phase) fix how many steps it gets.
-3. **Equal compute.** The unit is training wall-clock on this machine: every arm gets
-   `--budget-seconds` of training, i.e. budget ÷ its own seconds per step, steps. Set-up, evaluation
-   and one-off data generation (SeqKD's teacher samples, written once before training) are not
-   counted; SeqKD's generation time is reported beside it.
-4. **Learning rate per arm**, from a small sweep (`--lrs`): each arm trains once per rate and the
-   rate with the best Rouge-L on the selection set (the last `--selection-prompts` of the training
-   records, never trained on) is kept.
-5. **Ablations** of MiniLLM at its chosen rate and step count: no teacher-mixed sampling (α = 0),
-   no length normalisation.
-6. **Test set**, with the paper's protocol (`--seeds`, 5 by default): the teacher, the shared
-   student and each arm's chosen model are scored on the first `--test-prompts` records of
-   `--test`: Rouge-L, response length, distinct-4 and the reverse KL to the teacher on the model's
-   own samples (what MiniLLM minimises) per seed; reverse and forward KL to the teacher on the gold
-   responses (teacher-forced, so the same under every seed).
+1. **Teacher.** The teacher is fine-tuned on the training split first (SFT); every arm distils from
+   that teacher, and it is scored too.
+2. **Starting student.** The student cut from the teacher's (not fine-tuned) layers; scored too.
+3. **SFT, KD and SeqKD**, each from the starting student, with the selection set (the last
+   `--selection-prompts` training records, never trained on, sampled under `--selection-seeds`)
+   scored every `--select-every` steps; each arm's best-scoring checkpoint is the one reported.
+4. **MiniLLM and GKD** start from the SFT arm's selected checkpoint, as in the paper: MiniLLM with the
+   paper's update recipe (4 PPO epochs, a constant rate after warm-up, teacher mix 0.2), GKD at
+   β = 1, λ = 1 (MiniLLM's single-step term alone) and at TRL's defaults β = 0.5, λ = 0.5 (`gkd-jsd`),
+   the same number of updates and the same selection.
+5. **Test sets.** Every model answers the first `--dolly-prompts` Dolly test records under
+   `--dolly-seeds` and the first `--other-prompts` of each other set under `--other-seeds` (the
+   records whose prompt fits `--prompt-tokens`), sampled as the paper does (temperature 1, no
+   repeated 6-grams), scored by Rouge-L against every reference; each prompt's score under each seed
+   is kept.
+6. **Comparisons.** MiniLLM minus each other model on every set, with a paired bootstrap 95 %
+   interval over prompts (each prompt's mean over seeds; 10,000 resamples).
 
-It writes `quality.json` (per arm: method, learning rate, steps, compute, and each metric's mean
-and per-seed values), the tables into `quality.md` (between its markers, keeping the prose around
-them) and `quality.png` (the plot) into `--docs`.
-Interrupted, it resumes: finished runs are kept under `--out` and skipped; an unfinished run
-starts again. `--devices`, `--accelerator`, `--precision` and the model flags scale it to GPUs and
-bigger models.
+Compute is measured and charged: each arm's training steps (the engine's timed sections of every step:
+sampling, scoring, forwards, backward, optimizer; MiniLLM's rollouts and GKD's on-policy samples
+included), SeqKD's one-off teacher sampling, and for MiniLLM and GKD the SFT steps up to their starting
+checkpoint. The teacher's fine-tuning serves every arm and is reported apart.
+
+Each run is kept under `--out` in a folder named by its spec's fingerprint: interrupted, the study
+resumes where it stopped, and a changed setting never reuses a run made with another. It writes
+`quality.json` (what ran and every score), the tables into `quality.md` (between its markers, keeping
+the prose around them) and `quality.png` into `--docs`.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from minillm_step import cpu_name
 from report import write_block
 
-from worker.engine.distributed import DTYPES
+from worker.engine import checkpoints as ckpt
+from worker.engine.data import Record, tokenize
+from worker.engine.distributed import DTYPES, choose_precision, use_gpu
+from worker.engine.evaluation import rouge_l
 from worker.engine.events import JsonlReporter
-from worker.engine.models import load_model
+from worker.engine.models import derive_student, load_model, load_tokenizer, resolve_model
 from worker.engine.paths import PROJECT_ROOT, write_atomically
-from worker.engine.spec import JobSpec, parse_spec
-from worker.engine.trainer import Trainer, train
+from worker.engine.sampling import sample
+from worker.engine.spec import InitFromTeacher, JobSpec, parse_spec
+from worker.engine.trainer import train
 
-METHODS = ["sft", "kd", "seqkd", "minillm"]
-ABLATIONS = {
-    "minillm-no-teacher-mix": {"teacher_mix_alpha": 0.0},
-    "minillm-no-length-norm": {"length_normalization": False},
+SETS = {
+    "dolly": "dolly/valid.jsonl",
+    "self-inst": "self-inst/valid.jsonl",
+    "vicuna": "vicuna/valid.jsonl",
+    "sinst": "sinst/valid.jsonl",
+    "uinst": "uinst/valid.jsonl",
 }
-METRICS = ["rouge_l", "reverse_kl_samples", "reverse_kl", "forward_kl", "response_length", "distinct_4"]
-DEFAULT_LRS = {"sft": [1e-4, 3e-4], "kd": [1e-4, 3e-4], "seqkd": [1e-4, 3e-4], "minillm": [2e-5, 1e-4]}
+TRAIN = "dolly/dev.jsonl"
+# The models scored, in the table's order; MiniLLM is compared with each of the others.
+MODELS = ["teacher", "student", "sft", "kd", "seqkd", "gkd", "gkd-jsd", "minillm"]
+GKD_SETTINGS = {"gkd": {"beta": 1.0, "lmbda": 1.0}, "gkd-jsd": {"beta": 0.5, "lmbda": 0.5}}
+
+# Sizes. cpu: about 4 hours on 2 cores with the SmolLM2-135M teacher (measured: it answers 64 Dolly prompts
+# at 128 tokens in about 97 s a seed; a full-model SFT step at batch 8 takes about 8 s). gpu: the paper's.
+# smoke: tiny random models, every stage in a minute (the tests).
+PRESETS = {
+    "cpu": dict(
+        teacher="builtin:smollm2-135m-instruct",
+        student_layers=10,
+        train_records=1000,
+        selection_prompts=100,
+        selection_seeds=[10, 20],
+        dolly_prompts=200,
+        dolly_seeds=[10, 20, 30],
+        other_prompts=64,
+        other_seeds=[10, 20],
+        prompt_tokens=256,
+        response_tokens=128,
+        batch_size=8,
+        eval_batch_size=16,
+        teacher_steps=120,
+        teacher_lr=5e-5,
+        baseline_steps=160,
+        baseline_lr=1e-4,
+        select_every=40,
+        rl_steps=160,
+        rl_lr=2e-5,
+        rl_select_every=40,
+        rollouts_per_phase=64,
+        warmup_steps=10,
+    ),
+    "gpu": dict(
+        teacher="Qwen/Qwen2.5-1.5B-Instruct",
+        student_layers=7,
+        train_records=1000,
+        selection_prompts=200,
+        selection_seeds=[10, 20],
+        dolly_prompts=500,
+        dolly_seeds=[10, 20, 30, 40, 50],
+        other_prompts=256,
+        other_seeds=[10, 20, 30],
+        prompt_tokens=256,
+        response_tokens=256,
+        batch_size=64,
+        eval_batch_size=64,
+        teacher_steps=300,
+        teacher_lr=1e-5,
+        baseline_steps=300,
+        baseline_lr=5e-5,
+        select_every=50,
+        rl_steps=1000,
+        rl_lr=5e-6,
+        rl_select_every=100,
+        rollouts_per_phase=256,
+        warmup_steps=100,
+    ),
+    "smoke": dict(
+        teacher="builtin:tiny-teacher",
+        student_layers=1,
+        train_records=24,
+        selection_prompts=4,
+        selection_seeds=[10],
+        dolly_prompts=3,
+        dolly_seeds=[10, 20],
+        other_prompts=2,
+        other_seeds=[10],
+        prompt_tokens=128,
+        response_tokens=8,
+        batch_size=2,
+        eval_batch_size=4,
+        teacher_steps=2,
+        teacher_lr=1e-3,
+        baseline_steps=4,
+        baseline_lr=1e-3,
+        select_every=2,
+        rl_steps=4,
+        rl_lr=1e-3,
+        rl_select_every=2,
+        rollouts_per_phase=4,
+        warmup_steps=1,
+    ),
+}
 
 
-# -- specs ------------------------------------------------------------------------------------------
+# -- data -------------------------------------------------------------------------------------------
 
 
-def base_spec(args, student: dict) -> dict:
-    """The fields every run shares: teacher, data, lengths, batch, schedule, evaluation, hardware."""
-    return {
-        "teacher": args.teacher,
-        "student": student,
-        "data": {
-            "train": str(args.train),
-            "eval": str(args.test),
-            "prompt_format": "chat",
-            "max_prompt_tokens": args.prompt_tokens,
-            "max_response_tokens": args.response_tokens,
-            # The training records, the last `selection_prompts` of which are held out as the selection set.
-            "max_train_records": args.train_records + args.selection_prompts,
-        },
-        "training": {"batch_size": args.batch_size, "warmup_steps": 0, "lr_schedule": "cosine"},
-        # Runs score only the selection set (at their end); the test set is scored once, at the end
-        # of the study, so each run's own test evaluation is cut to one prompt and one seed.
-        "eval": {
-            "every_steps": 0,
-            "num_prompts": 1,
-            "seeds": [10],
-            "selection_num_prompts": args.selection_prompts,
-            "selection_seeds": [10],
-            "batch_size": args.eval_batch_size,
-        },
-        "checkpoints": {"every_steps": 0, "keep": 1},
-        "minillm": {
-            # 8 updates per phase at batch 8 (the demo's ratio), no L_PT: the study compares the
-            # objectives on the task, and the paper's L_PT needs a pretraining corpus to sample.
-            "rollouts_per_phase": 4 * args.batch_size,
-            "rollout_batch_size": args.eval_batch_size,
-            "ppo_epochs": 2,
-        },
-        "deepspeed": {"precision": args.precision},
-        "resources": {"devices": args.devices, "accelerator": args.accelerator},
-    }
+@dataclass
+class TestRecord:
+    record: Record  # what the prompt is made of
+    references: list[str]  # every reference answer: Rouge-L takes the best match, as the paper
 
 
-def arm_spec(
-    args, shared_student: Path, name: str, method: str, steps: int, lr: float, minillm: dict | None = None
-) -> JobSpec:
-    spec = base_spec(args, {"model": str(shared_student)})
-    spec.update(name=f"quality-{name}", method=method)
-    spec["training"].update(steps=steps, learning_rate=lr)
-    spec["minillm"].update(minillm or {})
-    return parse_spec(spec)
+def read_test_set(path: Path) -> list[TestRecord]:
+    """MiniLLM's evaluation layout: `instruction`, `input`, and `output` as one reference or a list of them."""
+    found = []
+    for line in path.read_text().splitlines():
+        obj = json.loads(line)
+        output = obj["output"]
+        references = [output] if isinstance(output, str) else list(output)
+        found.append(TestRecord(Record(obj["instruction"], obj.get("input") or "", references[0]), references))
+    return found
+
+
+def write_training_split(args, folder: Path) -> tuple[Path, Path]:
+    """The training records and the selection slice (the last `selection_prompts`), as files the engine reads."""
+    lines = (args.data / TRAIN).read_text().splitlines()[: args.train_records]
+    cut = len(lines) - args.selection_prompts
+    folder.mkdir(parents=True, exist_ok=True)
+    train_file, selection_file = folder / "train.jsonl", folder / "selection.jsonl"
+    for path, part in ((train_file, lines[:cut]), (selection_file, lines[cut:])):
+        text = "".join(json.dumps(_engine_record(json.loads(line))) + "\n" for line in part)
+        if not path.exists() or path.read_text() != text:
+            write_atomically(path, text)
+    return train_file, selection_file
+
+
+def _engine_record(obj: dict) -> dict:
+    """A Dolly-layout record with only the engine's fields (MiniLLM's files also carry a rendered `prompt`)."""
+    return {"instruction": obj["instruction"], "input": obj.get("input") or "", "output": obj["output"]}
 
 
 # -- runs -------------------------------------------------------------------------------------------
@@ -127,44 +211,54 @@ def finished(run_dir: Path) -> bool:
     return any(e["type"] == "state" and e["data"].get("state") == "succeeded" for e in events_of(run_dir))
 
 
-def run(spec: JobSpec, run_dir: Path) -> list[dict]:
-    """Train `spec` into `run_dir` unless a finished run is there already; its events."""
-    if not finished(run_dir):
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
-        run_dir.mkdir(parents=True)
-        (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
-        print(
-            f"[study] {run_dir.name}: {spec.method}, {spec.training.steps} steps, lr {spec.training.learning_rate:g}",
-            flush=True,
-        )
-        train(spec, run_dir, JsonlReporter(run_dir / "events.jsonl"))
-        gc.collect()
-    return events_of(run_dir)
+def step_seconds(events: list[dict], up_to: int | None = None) -> float:
+    """Training compute of a run: the timed sections of each step (`time_*` metrics), summed over its steps
+    (those up to `up_to`); set-up, evaluations and checkpoints are not in them."""
+    return sum(
+        value
+        for e in events
+        if e["type"] == "metrics" and (up_to is None or e["data"]["step"] <= up_to)
+        for name, value in e["data"]["values"].items()
+        if name.startswith("time_")
+    )
 
 
-def final_model(events: list[dict]) -> Path:
-    return Path([e for e in events if e["type"] == "checkpoint"][-1]["data"]["path"])
-
-
-def seconds_per_step(events: list[dict]) -> float:
-    """Mean wall-clock seconds per optimizer step, from the start of training to the last step."""
-    start = next(e["time"] for e in events if e["type"] == "state" and e["data"].get("state") == "running")
-    steps = [e for e in events if e["type"] == "metrics"]
-    return (steps[-1]["time"] - start) / len(steps)
-
-
-def one_off_seconds(events: list[dict], marker: str) -> float | None:
-    """Seconds from the log line that starts with `marker` to the next event (data written once)."""
+def one_off_seconds(events: list[dict], marker: str) -> float:
+    """Seconds from the log line that starts with `marker` to the next event (data written once), else 0."""
     for before, after in zip(events, events[1:]):
         if before["type"] == "log" and before["message"].startswith(marker):
             return after["time"] - before["time"]
-    return None
+    return 0.0
 
 
-def selection_rouge(events: list[dict]) -> float:
-    return [e for e in events if e["type"] == "eval" and e["data"].get("set") == "selection"][-1]["data"]["scores"][
-        "rouge_l"
-    ]
+def selection_scores(events: list[dict]) -> dict[int, dict]:
+    """step -> the selection set's scores at that step (mean Rouge-L and the per-seed values)."""
+    return {
+        e["data"]["step"]: {"rouge_l": e["data"]["scores"]["rouge_l"], "per_seed": e["data"].get("per_seed")}
+        for e in events
+        if e["type"] == "eval" and e["data"].get("set") == "selection"
+    }
+
+
+@dataclass
+class Run:
+    """A finished run: where it is, its events, and its selected checkpoint."""
+
+    folder: Path
+    events: list[dict]
+
+    @property
+    def selected_step(self) -> int:
+        """The step of the checkpoint the engine chose on the selection set (its `best` test evaluation)."""
+        return next(e["data"]["step"] for e in self.events if e["type"] == "eval" and e["data"]["label"] == "best")
+
+    @property
+    def selected(self) -> Path:
+        return self.folder / "checkpoints" / ckpt.step_dir_name(self.selected_step)
+
+
+def a_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 # -- the study --------------------------------------------------------------------------------------
@@ -175,195 +269,319 @@ class Study:
         self.args, self.out = args, args.out
         self.state_path = self.out / "study.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.train_file, self.selection_file = write_training_split(args, self.out / "data")
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_atomically(self.state_path, json.dumps(self.state, indent=2))
 
-    def shared_student(self) -> Path:
+    # -- training runs --
+
+    def spec(self, name: str, method: str, teacher: str, student: dict, steps: int, lr: float, **sections) -> JobSpec:
+        """A run's spec: the study's data, lengths and batch, the selection set scored every so often and
+        its best checkpoint kept; the engine's own test-set scoring cut to one prompt (the study scores)."""
         a = self.args
-        student = {"model": a.student} if a.student else {"init_from_teacher": {"num_layers": a.student_layers}}
-        spec = base_spec(a, student)
-        spec.update(name="quality-shared-student", method="kd")
-        spec["training"].update(steps=a.recovery_steps, learning_rate=a.recovery_lr)
-        events = run(parse_spec(spec), self.out / "shared-student")
-        self.state["shared_student"] = {
-            "steps": a.recovery_steps,
-            "learning_rate": a.recovery_lr,
-            "method": "kd",
-            "selection_rouge_l": selection_rouge(events),
-        }
-        return final_model(events)
-
-    def calibrate(self, shared: Path, method: str) -> float:
-        """Seconds per step of `method`, from a short run (MiniLLM: two whole phases)."""
-        probe = arm_spec(self.args, shared, f"calibrate-{method}", method, 1, 1e-5)
-        steps = 2 * probe.updates_per_phase if method == "minillm" else self.args.calibration_steps
-        events = run(
-            arm_spec(self.args, shared, f"calibrate-{method}", method, steps, 1e-5), self.out / f"calibrate-{method}"
-        )
-        seconds = seconds_per_step(events)
-        entry = {"seconds_per_step": seconds, "calibration_steps": steps}
-        if method == "seqkd":
-            entry["teacher_samples_seconds"] = one_off_seconds(events, "SeqKD: the teacher samples")
-        self.state.setdefault("calibration", {})[method] = entry
-        self.save()
-        return seconds
-
-    def sweep(self, shared: Path, method: str, steps: int) -> dict:
-        """Train `method` once per learning rate; the rate with the best selection-set Rouge-L wins."""
-        tried = {}
-        for lr in self.args.lrs[method]:
-            events = run(
-                arm_spec(self.args, shared, f"{method}-lr{lr:g}", method, steps, lr), self.out / f"{method}-lr{lr:g}"
-            )
-            tried[f"{lr:g}"] = {"selection_rouge_l": selection_rouge(events), "model": str(final_model(events))}
-        best = max(tried, key=lambda lr: tried[lr]["selection_rouge_l"])
-        return {
+        spec = {
+            "name": f"quality-{name}",
             "method": method,
-            "steps": steps,
-            "learning_rate": float(best),
-            "sweep": tried,
-            "model": tried[best]["model"],
+            "teacher": teacher,
+            "student": student,
+            "data": {
+                "train": str(self.train_file),
+                "selection": str(self.selection_file),
+                "eval": str(self.selection_file),
+                "prompt_format": "chat",
+                "max_prompt_tokens": a.prompt_tokens,
+                "max_response_tokens": a.response_tokens,
+            },
+            "training": {
+                "steps": steps,
+                "learning_rate": lr,
+                "batch_size": a.batch_size,
+                "warmup_steps": min(a.warmup_steps, steps - 1),
+                "lr_schedule": "constant",
+            },
+            "eval": {
+                "every_steps": a.select_every,
+                "num_prompts": 1,
+                "seeds": [10],
+                "selection_num_prompts": a.selection_prompts,
+                "selection_seeds": a.selection_seeds,
+                "batch_size": a.eval_batch_size,
+                "samples": 0,
+            },
+            "checkpoints": {"every_steps": a.select_every, "keep": 1},
+            "deepspeed": {"precision": a.precision},
+            "resources": {"devices": a.devices, "accelerator": a.accelerator},
+        }
+        for section, values in sections.items():
+            spec[section] = {**spec.get(section, {}), **values}
+        return parse_spec(spec)
+
+    def run(self, name: str, spec: JobSpec) -> Run:
+        """Train `spec` into OUT/NAME-FINGERPRINT unless a finished run is there: a changed setting is a new run."""
+        folder = self.out / "runs" / f"{name}-{spec.fingerprint()}"
+        if not finished(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # an unfinished run starts again
+            folder.mkdir(parents=True)
+            (folder / "spec.json").write_text(spec.model_dump_json(indent=2))
+            print(f"[study] {name}: {spec.method}, {spec.training.steps} steps, lr {spec.training.learning_rate:g}")
+            train(spec, folder, JsonlReporter(folder / "events.jsonl"))
+            gc.collect()
+        return Run(folder, events_of(folder))
+
+    def teacher(self) -> Run:
+        a = self.args
+        spec = self.spec("teacher", "sft", a.teacher, {"model": a.teacher}, a.teacher_steps, a.teacher_lr)
+        return self.run("teacher", spec)
+
+    def student(self) -> Path:
+        """The starting student: `student_layers` of the pretrained teacher's layers, evenly spaced."""
+        folder = self.out / "student" / f"{a_key(self.args.teacher)}-{self.args.student_layers}"
+        if not (folder / "config.json").exists():
+            init = InitFromTeacher(num_layers=self.args.student_layers)
+            derive_student(resolve_model(self.args.teacher), init, folder)
+        return folder
+
+    def arms(self, teacher: str, student: Path) -> dict[str, tuple[Run, dict]]:
+        """Every trained arm: its run and what it is (method, start, rate, steps, compute)."""
+        a = self.args
+        start = {"model": str(student)}
+        arms = {}
+        for method in ("sft", "kd", "seqkd"):
+            run = self.run(method, self.spec(method, method, teacher, start, a.baseline_steps, a.baseline_lr))
+            compute = {"steps": step_seconds(run.events)}
+            if method == "seqkd":
+                compute["teacher_samples"] = one_off_seconds(run.events, "SeqKD: the teacher samples")
+            arms[method] = (run, {"start": "student", "learning_rate": a.baseline_lr, "compute": compute})
+        sft = arms["sft"][0]
+        inherited = {"sft_steps": step_seconds(sft.events, up_to=sft.selected_step)}
+        from_sft = {"model": str(sft.selected)}
+        rl = dict(
+            method="minillm",
+            teacher=teacher,
+            student=from_sft,
+            steps=a.rl_steps,
+            lr=a.rl_lr,
+            eval={"every_steps": a.rl_select_every},
+            checkpoints={"every_steps": a.rl_select_every},
+        )
+        minillm = {  # the paper's recipe; rollouts at the study's response length, no L_PT corpus
+            "rollouts_per_phase": a.rollouts_per_phase,
+            "rollout_batch_size": a.eval_batch_size,
+            "ppo_epochs": 4,
+            "teacher_mix_alpha": 0.2,
+        }
+        run = self.run("minillm", self.spec(name="minillm", minillm=minillm, **rl))
+        arms["minillm"] = (run, {"start": f"sft@{sft.selected_step}", "learning_rate": a.rl_lr})
+        for name, setting in GKD_SETTINGS.items():
+            run = self.run(name, self.spec(name=name, gkd=setting, **{**rl, "method": "gkd"}))
+            arms[name] = (run, {"start": f"sft@{sft.selected_step}", "learning_rate": a.rl_lr, "gkd": setting})
+        for name in ("minillm", *GKD_SETTINGS):
+            arms[name][1]["compute"] = {"steps": step_seconds(arms[name][0].events), **inherited}
+        return arms
+
+    # -- test sets --
+
+    def test_sets(self) -> dict[str, tuple[list[TestRecord], list[int]]]:
+        a = self.args
+        return {
+            name: (read_test_set(a.data / path), a.dolly_seeds if name == "dolly" else a.other_seeds)
+            for name, path in SETS.items()
         }
 
-    def train_arms(self, shared: Path) -> None:
+    def score(self, label: str, model_dir: Path, tokenizer, device, dtype) -> dict[str, dict]:
+        """`label`'s Rouge-L on every test set, per prompt and seed (cached by model, set and settings)."""
         a = self.args
-        arms = self.state.setdefault("arms", {})
-        for method in METHODS:
-            per_step = self.calibrate(shared, method)
-            steps = max(1, round(a.budget_seconds / per_step))
-            arms[method] = self.sweep(shared, method, steps) | {
-                "seconds_per_step": per_step,
-                "compute_seconds": steps * per_step,
-            }
-            self.save()
-        if a.ablations:
-            chosen = arms["minillm"]
-            for name, change in ABLATIONS.items():
-                lr = chosen["learning_rate"]
-                events = run(arm_spec(a, shared, name, "minillm", chosen["steps"], lr, change), self.out / name)
-                per_step = seconds_per_step(events)
-                arms[name] = {
-                    "method": "minillm",
-                    "minillm": change,
-                    "steps": chosen["steps"],
-                    "learning_rate": lr,
-                    "selection_rouge_l": selection_rouge(events),
-                    "model": str(final_model(events)),
-                    "seconds_per_step": per_step,
-                    "compute_seconds": per_step * chosen["steps"],
-                }
+        found, model = {}, None
+        for set_name, (records, seeds) in self.test_sets().items():
+            limit = a.dolly_prompts if set_name == "dolly" else a.other_prompts
+            key = hashlib.sha256(
+                json.dumps([str(model_dir), set_name, limit, seeds, a.prompt_tokens, a.response_tokens]).encode()
+            ).hexdigest()[:16]
+            cached = self.state.setdefault("scores", {}).get(key)
+            if cached is None:
+                if model is None:
+                    print(f"[study] test sets: {label}", flush=True)
+                    model = load_model(model_dir, dtype, device).eval()
+                cached = score_set(model, tokenizer, records, limit, seeds, a, device)
+                self.state["scores"][key] = cached
                 self.save()
+            found[set_name] = cached
+        del model
+        gc.collect()
+        return found
 
-    def test(self, shared: Path) -> None:
-        """Score the teacher, the shared student and every arm on the test set, in one process."""
+    def run_all(self) -> dict:
         a = self.args
-        spec = base_spec(a, {"model": str(shared)})
-        spec.update(name="quality-test", method="sft")
-        spec["eval"].update(num_prompts=a.test_prompts, seeds=a.seeds, sample_kl=True)
-        trainer = Trainer(parse_spec(spec), self.out / "test", JsonlReporter(self.out / "test" / "events.jsonl"))
-        (self.out / "test").mkdir(parents=True, exist_ok=True)
-        trainer.setup()
-        scores = self.state.setdefault("test", {})
-        if "teacher" not in scores:
-            means, per_seed = trainer.teacher_scores()
-            scores["teacher"] = {"means": means, "per_seed": per_seed}
-            self.save()
-        models = {"shared student": str(shared)} | {name: arm["model"] for name, arm in self.state["arms"].items()}
-        for label, path in models.items():
-            if label in scores:
-                continue
-            print(f"[study] test set: {label}", flush=True)
-            model = load_model(path, DTYPES[trainer.precision], trainer.device)
-            trainer.evaluate_test(label, 0, model)
-            scores[label] = {"means": trainer.scores[label], "per_seed": trainer.per_seed[label]}
-            self.save()
-            del model
-            gc.collect()
-        self.state["test_prompts"] = len(trainer.test_examples)
-
-    def run(self) -> None:
         started = time.perf_counter()
-        shared = self.shared_student()
+        teacher_run, student = self.teacher(), self.student()
+        teacher = str(teacher_run.selected)
+        arms = self.arms(teacher, student)
+        probe = self.spec("probe", "sft", teacher, {"model": teacher}, 1, 1e-5)
+        device = torch.device("cuda" if use_gpu(probe) else "cpu")
+        dtype = DTYPES[choose_precision(probe, device)]
+        tokenizer = load_tokenizer(resolve_model(a.teacher))
+        models = {"teacher": teacher_run.selected, "student": student} | {n: r.selected for n, (r, _) in arms.items()}
+        scores = {label: self.score(label, path, tokenizer, device, dtype) for label, path in models.items()}
+        self.state["wall_seconds"] = self.state.get("wall_seconds", 0.0) + time.perf_counter() - started
         self.save()
-        self.train_arms(shared)
-        self.test(shared)
-        self.state["machine"] = machine()
-        self.state["command"] = command(self.args)
-        self.state.setdefault("wall_seconds", 0.0)
-        self.state["wall_seconds"] += time.perf_counter() - started
-        self.save()
+        return results(a, teacher_run, arms, scores, self.state["wall_seconds"])
+
+
+@torch.no_grad()
+def score_set(model, tokenizer, records: list[TestRecord], limit: int, seeds: list[int], a, device) -> dict:
+    """The first `limit` records whose prompt fits, each answered once per seed: Rouge-L and length per prompt."""
+    examples, _ = tokenize([r.record for r in records], tokenizer, "chat", a.prompt_tokens, a.response_tokens)
+    by_record = {id(r.record): r for r in records}
+    examples = examples[:limit]
+    out = {"prompts": len(examples), "rouge_l": {}, "length": {}}
+    for seed in seeds:
+        generator = torch.Generator(device=device).manual_seed(seed * 7919)
+        rouge, length = [], []
+        for start in range(0, len(examples), a.eval_batch_size):
+            chunk = examples[start : start + a.eval_batch_size]
+            width = max(len(e.prompt_ids) for e in chunk)
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e.prompt_ids)) + e.prompt_ids for e in chunk])
+            mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in chunk])
+            batch = sample(
+                model,
+                ids.to(device),
+                mask.to(device),
+                max_new_tokens=a.response_tokens,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                vocab_size=len(tokenizer),
+                generator=generator,
+                no_repeat_ngram_size=6,
+            ).batch
+            for example, response, valid in zip(chunk, batch.response_ids.cpu(), batch.response_mask.cpu()):
+                text = tokenizer.decode(response[valid.bool()], skip_special_tokens=True).strip()
+                rouge.append(rouge_l(text, by_record[id(example.record)].references))
+                length.append(int(valid.sum()))
+        out["rouge_l"][str(seed)], out["length"][str(seed)] = rouge, length
+    return out
 
 
 # -- report -----------------------------------------------------------------------------------------
 
 
-def results(state: dict, args) -> dict:
-    """quality.json: per arm its method, compute and each metric's mean and per-seed values."""
-    arms = {}
-    for label, scored in state["test"].items():
-        arm = state["arms"].get(label, {})
-        per_seed = {m: [v[m] for v in scored["per_seed"].values() if m in v] for m in METRICS}
-        arms[label] = {
-            "method": arm.get("method", "teacher" if label == "teacher" else "kd (shared start)"),
-            **{
-                k: arm[k]
-                for k in ("minillm", "learning_rate", "steps", "seconds_per_step", "compute_seconds")
-                if k in arm
-            },
-            **(
-                {"sweep": {lr: {"selection_rouge_l": v["selection_rouge_l"]} for lr, v in arm["sweep"].items()}}
-                if "sweep" in arm
-                else {}
-            ),
-            "metrics": {m: {"mean": scored["means"].get(m), "per_seed": per_seed[m] or None} for m in METRICS},
-        }
+def paired_bootstrap(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of mean(a − b) over prompts resampled with replacement (a, b: per-prompt scores, paired)."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def per_prompt(scored: dict) -> list[float]:
+    """Each prompt's Rouge-L averaged over the seeds."""
+    seeds = list(scored["rouge_l"].values())
+    return [sum(values) / len(values) for values in zip(*seeds)]
+
+
+def set_summary(scored: dict) -> dict:
+    per_seed = {seed: statistics.fmean(values) for seed, values in scored["rouge_l"].items()}
     return {
-        "compute_unit": "training wall-clock seconds on one machine (set-up, evaluation and one-off data generation "
-        "excluded); every main arm gets the same budget",
-        "budget_seconds": args.budget_seconds,
-        "seeds": args.seeds,
-        "test_prompts": state["test_prompts"],
-        "machine": state["machine"],
-        "command": state["command"],
-        "wall_seconds": state["wall_seconds"],
-        "shared_student": state["shared_student"],
-        "calibration": state["calibration"],
-        "arms": arms,
+        "rouge_l": {"mean": statistics.fmean(per_seed.values()), "per_seed": per_seed},
+        "response_length": statistics.fmean(v for values in scored["length"].values() for v in values),
+        "prompts": scored["prompts"],
+    }
+
+
+def selection_of(run: Run) -> dict:
+    """How the checkpoint was chosen, in numbers: the selection score at every scored step (0: the model it
+    started from), the chosen step, its margin over the runner-up checkpoint, and the seed-to-seed spread of
+    the chosen score."""
+    scores = selection_scores(run.events)
+    ranked = sorted((s for step, s in scores.items() if step > 0), key=lambda s: s["rouge_l"], reverse=True)
+    chosen = scores[run.selected_step]
+    seeds = list((chosen["per_seed"] or {}).values())
+    return {
+        "step": run.selected_step,
+        "rouge_l_by_step": {str(step): s["rouge_l"] for step, s in sorted(scores.items())},
+        "margin_over_runner_up": ranked[0]["rouge_l"] - ranked[1]["rouge_l"] if len(ranked) > 1 else None,
+        "seed_sd": statistics.stdev(s["rouge_l"] for s in seeds) if len(seeds) > 1 else None,
+    }
+
+
+def results(a, teacher: Run, arms: dict[str, tuple[Run, dict]], scores: dict[str, dict], wall: float) -> dict:
+    out_arms = {
+        "teacher": {
+            "method": "sft (the teacher, fine-tuned on the training split)",
+            "steps": a.teacher_steps,
+            "learning_rate": a.teacher_lr,
+            "selection": selection_of(teacher),
+            "compute": {"steps": step_seconds(teacher.events)},
+        },
+        "student": {"method": f"the starting student: {a.student_layers} of the teacher's layers, not trained"},
+    }
+    for name, (run, about) in arms.items():
+        spec = json.loads((run.folder / "spec.json").read_text())
+        out_arms[name] = {
+            "method": spec["method"],
+            **about,
+            "steps": spec["training"]["steps"],
+            "selection": selection_of(run),
+            "compute_seconds": sum(about["compute"].values()),
+        }
+    for name in out_arms:
+        out_arms[name]["sets"] = {s: set_summary(scored) for s, scored in scores[name].items()}
+    comparisons = {}
+    for set_name in SETS:
+        ours = per_prompt(scores["minillm"][set_name])
+        comparisons[set_name] = {}
+        for name in MODELS:
+            if name == "minillm":
+                continue
+            theirs = per_prompt(scores[name][set_name])
+            low, high = paired_bootstrap(ours, theirs)
+            comparisons[set_name][name] = {
+                "minillm_minus_arm": statistics.fmean(ours) - statistics.fmean(theirs),
+                "ci95": [low, high],
+            }
+    return {
+        "study": {
+            "preset": a.preset,
+            "command": command(a),
+            "machine": machine(),
+            "wall_seconds": wall,
+            "teacher": a.teacher,
+            "train": {"file": TRAIN, "records": a.train_records - a.selection_prompts},
+            "selection": {"prompts": a.selection_prompts, "seeds": a.selection_seeds},
+            "sets": {
+                name: {
+                    "file": path,
+                    "prompts": scores["minillm"][name]["prompts"],
+                    "seeds": a.dolly_seeds if name == "dolly" else a.other_seeds,
+                }
+                for name, path in SETS.items()
+            },
+            "response_tokens": a.response_tokens,
+            "compute_unit": "seconds of training steps on this machine (see the docstring of bench/quality_study.py)",
+        },
+        "arms": out_arms,
+        "comparisons": comparisons,
     }
 
 
 def markdown(res: dict) -> str:
-    def cell(arm: dict, metric: str) -> str:
-        m = arm["metrics"][metric]
-        if m["mean"] is None:
-            return "–"
-        spread = f" ± {statistics.stdev(m['per_seed']):.2f}" if m["per_seed"] and len(m["per_seed"]) > 1 else ""
-        return f"{m['mean']:.2f}{spread}"
-
-    rows = [
-        "| model | method | lr | steps | compute (s) | Rouge-L | reverse KL, own samples | reverse KL, gold | "
-        "forward KL, gold | length | distinct-4 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, arm in res["arms"].items():
-        lr = f"{arm['learning_rate']:g}" if "learning_rate" in arm else "–"
+    """Table 1 of the paper's shape (models × sets, Rouge-L), then MiniLLM minus each model with its interval."""
+    sets = list(SETS)
+    rows = ["| model | " + " | ".join(sets) + " | compute (s) |", "|---" * (len(sets) + 2) + "|"]
+    for name, arm in res["arms"].items():
+        cells = [f"{arm['sets'][s]['rouge_l']['mean']:.2f}" for s in sets]
         compute = f"{arm['compute_seconds']:.0f}" if "compute_seconds" in arm else "–"
-        rows.append(
-            f"| {label} | {arm['method']} | {lr} | {arm.get('steps', '–')} | {compute} | "
-            + " | ".join(cell(arm, m) for m in METRICS)
-            + " |"
-        )
-    sweep = ["| arm | " + "learning rate → selection Rouge-L |", "|---|---|"]
-    for label, arm in res["arms"].items():
-        if "sweep" in arm:
-            sweep.append(
-                f"| {label} | "
-                + ", ".join(f"{lr}: {v['selection_rouge_l']:.2f}" for lr, v in arm["sweep"].items())
-                + " |"
-            )
-    return "\n".join(rows) + "\n\n" + "\n".join(sweep) + "\n"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {compute} |")
+    diffs = ["| MiniLLM minus | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for name in res["comparisons"][sets[0]]:
+        cells = []
+        for s in sets:
+            c = res["comparisons"][s][name]
+            cells.append(f"{c['minillm_minus_arm']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]")
+        diffs.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n\n" + "\n".join(diffs) + "\n"
 
 
 def plot(res: dict, path: Path) -> None:
@@ -372,34 +590,23 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for label in res["arms"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, title in zip(
-        axes,
-        ["rouge_l", "reverse_kl_samples"],
-        ["Rouge-L on the test set (higher is better)", "reverse KL to the teacher on own samples (lower is better)"],
-    ):
-        present = [label for label in labels if res["arms"][label]["metrics"][metric]["mean"] is not None]
-        means = [res["arms"][label]["metrics"][metric]["mean"] for label in present]
-        ax.bar(
-            present, means, color=["#888" if label in ("teacher", "shared student") else "#3a7" for label in present]
-        )
-        for x, label in enumerate(present):
-            seeds = res["arms"][label]["metrics"][metric]["per_seed"] or []
-            ax.scatter([x] * len(seeds), seeds, color="black", s=8, zorder=3)
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=35)
-        for tick in ax.get_xticklabels():
-            tick.set_horizontalalignment("right")
-    fig.suptitle(f"{res['test_prompts']} test prompts × seeds {res['seeds']}; dots: one seed each")
+    sets, names = list(SETS), list(res["arms"])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        means = [res["arms"][name]["sets"][s]["rouge_l"]["mean"] for s in sets]
+        ax.bar([x + i * width for x in range(len(sets))], means, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(sets))], sets)
+    ax.set_ylabel("Rouge-L")
+    ax.legend(ncol=4, fontsize="small")
+    ax.set_title("Rouge-L on the five test sets (each model at its selected checkpoint)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def machine() -> str:
-    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}"
 
 
 def command(args) -> str:
@@ -410,83 +617,48 @@ def command(args) -> str:
     return f"bench/quality_study.py {' '.join(args.argv)} (commit {git('rev-parse', '--short', 'HEAD')}{dirty})"
 
 
-def tables(res: dict) -> str:
-    """The block quality.md shows between its markers."""
-    return (
-        f"{res['test_prompts']} test prompts × seeds {res['seeds']}; machine: {res['machine']}; "
-        f"`{res['command']}`; {res['wall_seconds'] / 60:.0f} min in all.\n\n{markdown(res)}\n"
-        "![Rouge-L and reverse KL per arm](quality.png)"
+def write_report(res: dict, docs: Path) -> None:
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "quality.json").write_text(json.dumps(res, indent=2) + "\n")
+    study = res["study"]
+    block = (
+        f"`{study['command']}`; machine: {study['machine']}; {study['wall_seconds'] / 60:.0f} min in all.\n\n"
+        f"{markdown(res)}\n![Rouge-L per model and test set](quality.png)"
     )
-
-
-def write_report(state: dict, args) -> None:
-    res = results(state, args)
-    args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "quality.json").write_text(json.dumps(res, indent=2) + "\n")
-    write_block(args.docs / "quality.md", "quality_study.py", tables(res), "Quality study")
-    plot(res, args.docs / "quality.png")
-    print(markdown(res))
-
-
-def parse_lrs(values: list[str]) -> dict[str, list[float]]:
-    lrs = {method: list(rates) for method, rates in DEFAULT_LRS.items()}
-    for value in values:
-        method, _, rates = value.partition("=")
-        if method not in lrs or not rates:
-            raise SystemExit(f"--lrs: expected METHOD=LR[,LR...] with METHOD one of {', '.join(lrs)}, got {value!r}")
-        lrs[method] = [float(r) for r in rates.split(",")]
-    return lrs
+    write_block(docs / "quality.md", "quality_study.py", block, "Quality study")
 
 
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--train",
-        type=Path,
-        required=True,
-        help="training records (Dolly layout JSONL); the selection set is cut from them",
-    )
-    p.add_argument("--test", type=Path, required=True, help="test records (Dolly layout JSONL)")
+    p.add_argument("--data", type=Path, required=True, help="the folder of the paper's sets (see above)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes; each flag below overrides one")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "runs" / "quality-study", help="runs and resume state")
-    p.add_argument(
-        "--docs", type=Path, default=PROJECT_ROOT / "docs", help="where quality.json, quality.md and quality.png go"
-    )
-    p.add_argument("--teacher", default="builtin:smollm2-135m-instruct")
-    p.add_argument("--student", default=None, help="a student model to recover from (default: cut from the teacher)")
-    p.add_argument("--student-layers", type=int, default=10, help="teacher layers the student keeps (evenly spaced)")
-    p.add_argument("--train-records", type=int, default=400, help="training records used (before the selection slice)")
-    p.add_argument("--selection-prompts", type=int, default=32)
-    p.add_argument("--test-prompts", type=int, default=100)
-    p.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
-    p.add_argument("--prompt-tokens", type=int, default=192)
-    p.add_argument("--response-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--recovery-steps", type=int, default=60, help="word-level KD steps that make the shared student")
-    p.add_argument("--recovery-lr", type=float, default=5e-4)
-    p.add_argument("--calibration-steps", type=int, default=6, help="steps timed per method (MiniLLM: two phases)")
-    p.add_argument("--budget-seconds", type=float, default=300, help="training wall-clock of each arm")
-    p.add_argument(
-        "--lrs", nargs="*", default=[], metavar="METHOD=LR,LR", help=f"learning rates swept (default {DEFAULT_LRS})"
-    )
-    p.add_argument("--no-ablations", dest="ablations", action="store_false")
+    p.add_argument("--docs", type=Path, default=PROJECT_ROOT / "docs", help="where quality.json, .md and .png go")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
-    p.add_argument("--report-only", action="store_true", help="redraw the report from --out's study.json")
+    for name, value in PRESETS["cpu"].items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, list):
+            p.add_argument(flag, type=int, nargs="+", default=None)
+        else:
+            p.add_argument(flag, type=type(value), default=None)
     args = p.parse_args(argv)
-    args.lrs = parse_lrs(args.lrs)
-    args.train, args.test = args.train.resolve(), args.test.resolve()
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.data, args.out, args.docs = args.data.resolve(), args.out.resolve(), args.docs.resolve()
     args.argv = argv if argv is not None else sys.argv[1:]
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    study = Study(args)
-    if not args.report_only:
-        study.run()
-    write_report(study.state, args)
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    res = Study(args).run_all()
+    write_report(res, args.docs)
+    plot(res, args.docs / "quality.png")  # matplotlib: the [bench] extra
+    print(markdown(res))
+    return res
 
 
 if __name__ == "__main__":
