@@ -1,6 +1,6 @@
 """The quality study: does MiniLLM beat SFT, word-level KD, SeqKD and GKD in the paper's set-up?
 
-    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 4 h
+    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 3 h
     .venv/bin/python bench/quality_study.py --data DATA --preset gpu --teacher DIR  # the paper's sizes
 
 `--data` is a folder with the paper's sets in MiniLLM's record layout (`instruction`, `input`,
@@ -79,9 +79,12 @@ TRAIN = "dolly/dev.jsonl"
 MODELS = ["teacher", "student", "sft", "kd", "seqkd", "gkd", "gkd-jsd", "minillm"]
 GKD_SETTINGS = {"gkd": {"beta": 1.0, "lmbda": 1.0}, "gkd-jsd": {"beta": 0.5, "lmbda": 0.5}}
 
-# Sizes. cpu: about 4 hours on 2 cores with the SmolLM2-135M teacher (measured: it answers 64 Dolly prompts
-# at 128 tokens in about 97 s a seed; a full-model SFT step at batch 8 takes about 8 s). gpu: the paper's.
-# smoke: tiny random models, every stage in a minute (the tests).
+# Sizes. cpu: about 3 hours on 2 cores (AMD EPYC, bf16) with the SmolLM2-135M teacher, from what one answer of
+# 128 tokens costs there (`score_set`, 32 Dolly test prompts, batch 16-32): 0.26 s from the 10-layer student and
+# 0.6 s from the teacher. Test sets: 1,518 answers per model, 15 min for the teacher and 6.6 min for each of the
+# 7 students; selection every 40 steps, 200 answers each; training steps about 80 min in all (a full-model SFT
+# step of the teacher at batch 8 takes about 8 s). gpu: the paper's sizes. smoke: tiny random models, every
+# stage in half a minute (the tests).
 PRESETS = {
     "cpu": dict(
         teacher="builtin:smollm2-135m-instruct",
@@ -89,20 +92,20 @@ PRESETS = {
         train_records=1000,
         selection_prompts=100,
         selection_seeds=[10, 20],
-        dolly_prompts=200,
+        dolly_prompts=250,
         dolly_seeds=[10, 20, 30],
-        other_prompts=64,
+        other_prompts=96,
         other_seeds=[10, 20],
         prompt_tokens=256,
         response_tokens=128,
         batch_size=8,
-        eval_batch_size=16,
+        eval_batch_size=32,
         teacher_steps=120,
         teacher_lr=5e-5,
         baseline_steps=160,
         baseline_lr=1e-4,
         select_every=40,
-        rl_steps=160,
+        rl_steps=240,
         rl_lr=2e-5,
         rl_select_every=40,
         rollouts_per_phase=64,
