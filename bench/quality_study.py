@@ -1,6 +1,6 @@
 """The quality study: does MiniLLM beat SFT, word-level KD, SeqKD and GKD in the paper's set-up?
 
-    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 3 h
+    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 3.5 h
     .venv/bin/python bench/quality_study.py --data DATA --preset gpu --teacher DIR  # the paper's sizes
 
 `--data` is a folder with the paper's sets in MiniLLM's record layout (`instruction`, `input`,
@@ -79,12 +79,12 @@ TRAIN = "dolly/dev.jsonl"
 MODELS = ["teacher", "student", "sft", "kd", "seqkd", "gkd", "gkd-jsd", "minillm"]
 GKD_SETTINGS = {"gkd": {"beta": 1.0, "lmbda": 1.0}, "gkd-jsd": {"beta": 0.5, "lmbda": 0.5}}
 
-# Sizes. cpu: about 3 hours on 2 cores (AMD EPYC, bf16) with the SmolLM2-135M teacher, from what one answer of
-# 128 tokens costs there (`score_set`, 32 Dolly test prompts, batch 16-32): 0.26 s from the 10-layer student and
-# 0.6 s from the teacher. Test sets: 1,518 answers per model, 15 min for the teacher and 6.6 min for each of the
-# 7 students; selection every 40 steps, 200 answers each; training steps about 80 min in all (a full-model SFT
-# step of the teacher at batch 8 takes about 8 s). gpu: the paper's sizes. smoke: tiny random models, every
-# stage in half a minute (the tests).
+# Sizes. cpu: about 3.5 hours on 2 cores (AMD EPYC, bf16) with the SmolLM2-135M teacher, from what its parts
+# cost there. One answer of 128 tokens (`score_set`, 32 Dolly test prompts, batch 32): 0.26 s from the 10-layer
+# student, 0.6 s from the teacher. A step at batch 8 (a pilot run of every stage): 7 to 12 s for the teacher's
+# SFT, about 3.3 s for the student's. So the test sets (1,518 answers per model) take about 15 min for the
+# teacher and 7 for each student; selection (200 answers every 40 steps) about 45 min; training about 2 h.
+# gpu: the paper's sizes. smoke: tiny random models, every stage in half a minute (the tests).
 PRESETS = {
     "cpu": dict(
         teacher="builtin:smollm2-135m-instruct",
@@ -105,7 +105,7 @@ PRESETS = {
         baseline_steps=160,
         baseline_lr=1e-4,
         select_every=40,
-        rl_steps=240,
+        rl_steps=160,
         rl_lr=2e-5,
         rl_select_every=40,
         rollouts_per_phase=64,
@@ -517,6 +517,7 @@ def results(a, teacher: Run, arms: dict[str, tuple[Run, dict]], scores: dict[str
             "learning_rate": a.teacher_lr,
             "selection": selection_of(teacher),
             "compute": {"steps": step_seconds(teacher.events)},
+            "compute_seconds": step_seconds(teacher.events),  # serves every arm; charged to none
         },
         "student": {"method": f"the starting student: {a.student_layers} of the teacher's layers, not trained"},
     }
