@@ -613,12 +613,12 @@ def machine() -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}"
 
 
-def command(args) -> str:
+def command(args, script: str = "bench/quality_study.py") -> str:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
 
     dirty = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return f"bench/quality_study.py {' '.join(args.argv)} (commit {git('rev-parse', '--short', 'HEAD')}{dirty})"
+    return f"{script} {' '.join(args.argv)} (commit {git('rev-parse', '--short', 'HEAD')}{dirty})"
 
 
 def write_report(res: dict, docs: Path) -> None:

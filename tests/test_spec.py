@@ -4,7 +4,7 @@ import pytest
 
 from worker.engine.paths import PROJECT_ROOT
 from worker.engine.preflight import preflight
-from worker.engine.spec import MAX_STEPS, JobSpec, SpecError, load_spec, parse_spec
+from worker.engine.spec import DEFAULT_LEARNING_RATES, MAX_STEPS, JobSpec, SpecError, load_spec, parse_spec
 
 STUDENT = {"student": {"model": "builtin:tiny-student"}}
 
@@ -114,6 +114,19 @@ def test_yaml_and_json_files(tmp_path):
 def test_fingerprint_changes_with_the_spec():
     a, b = parse_spec(STUDENT), parse_spec({**STUDENT, "training": {"seed": 11}})
     assert a.fingerprint() == parse_spec(STUDENT).fingerprint() != b.fingerprint()
+
+
+def test_a_spec_without_a_learning_rate_gets_its_methods_measured_default_written_in():
+    for method, rate in DEFAULT_LEARNING_RATES.items():
+        spec = parse_spec({**STUDENT, "method": method, "training": {"steps": 7}})
+        assert (spec.training.learning_rate, spec.training.steps) == (rate, 7)
+        assert (
+            spec.model_dump()["training"]["learning_rate"] == rate
+        )  # stored with the job: a later default never moves it
+    assert parse_spec({**STUDENT, "method": "sft", "training": {"learning_rate": 0.25}}).training.learning_rate == 0.25
+    assert parse_spec({**STUDENT, "method": "kd"}).training.learning_rate == DEFAULT_LEARNING_RATES["kd"]
+    with pytest.raises(SpecError, match="training.learning_rate: Input should be greater than 0"):
+        parse_spec({**STUDENT, "training": {"learning_rate": 0}})
 
 
 def test_gkd_parameters_shape_only_a_gkd_jobs_fingerprint():

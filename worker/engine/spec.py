@@ -143,14 +143,31 @@ class DataSpec(_Section):
     )
 
 
+# The main method's learning rate when a spec gives none: the best of the rates bench/learning_rates.py tried
+# for each method on the demo pair (a 10-layer student of SmolLM2-135M-Instruct, Dolly), docs/learning-rates.md.
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "minillm": 5e-06,
+    "gkd": 0.0001,
+    "kd": 0.0003,
+    "seqkd": 0.0003,
+    "sft": 0.0001,
+}
+
+
 class TrainingSpec(_Section):
     steps: int = Field(
         1000, ge=1, le=MAX_STEPS, description="Optimizer steps of the main method (after any recovery stage)."
     )
     batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Sequences per micro-batch per process.")
     gradient_accumulation: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(
-        5e-6, gt=0, le=1, description="Peak learning rate of the main method (paper: 5e-6 for MiniLLM)."
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Peak learning rate of the main method. Empty: the method's default, measured on the demo pair "
+        "(docs/learning-rates.md): "
+        + ", ".join(f"{method} {rate:g}" for method, rate in DEFAULT_LEARNING_RATES.items())
+        + " (the MiniLLM paper: 5e-6).",
     )
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="Shape after warmup (paper, MiniLLM: constant)."
@@ -430,6 +447,20 @@ class JobSpec(_Section):
     deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="ZeRO stage, precision, offload.")
     resources: ResourcesSpec = Field(ResourcesSpec(), description="How many devices, and which kind.")
     tracking: TrackingSpec = Field(TrackingSpec(), description="Experiment trackers: MLflow, TensorBoard.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_learning_rate(cls, data: object) -> object:
+        """A spec without training.learning_rate gets its method's (`DEFAULT_LEARNING_RATES`), written into it."""
+        if not isinstance(data, dict) or data.get("method", "minillm") not in DEFAULT_LEARNING_RATES:
+            return data  # not a spec, or a method its own field refuses
+        rate = DEFAULT_LEARNING_RATES[data.get("method", "minillm")]
+        training = data.get("training")
+        if training is None or (isinstance(training, dict) and training.get("learning_rate") is None):
+            return {**data, "training": {**(training or {}), "learning_rate": rate}}
+        if isinstance(training, TrainingSpec) and training.learning_rate is None:
+            return {**data, "training": training.model_copy(update={"learning_rate": rate})}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
