@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ from minillm_step import cpu_name
 from report import write_block
 
 from worker.engine import checkpoints as ckpt
+from worker.engine.batch import collate
 from worker.engine.data import Record, tokenize
 from worker.engine.distributed import DTYPES, choose_precision, use_gpu
 from worker.engine.evaluation import rouge_l
@@ -260,8 +262,9 @@ class Run:
         return self.folder / "checkpoints" / ckpt.step_dir_name(self.selected_step)
 
 
-def a_key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def short_hash(value: object) -> str:
+    """A short stable name for `value` (JSON-serialisable): what a cache entry or folder is keyed by."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 # -- the study --------------------------------------------------------------------------------------
@@ -340,7 +343,7 @@ class Study:
 
     def student(self) -> Path:
         """The starting student: `student_layers` of the pretrained teacher's layers, evenly spaced."""
-        folder = self.out / "student" / f"{a_key(self.args.teacher)}-{self.args.student_layers}"
+        folder = self.out / "student" / f"{short_hash(self.args.teacher)}-{self.args.student_layers}"
         if not (folder / "config.json").exists():
             init = InitFromTeacher(num_layers=self.args.student_layers)
             derive_student(resolve_model(self.args.teacher), init, folder)
@@ -386,7 +389,9 @@ class Study:
 
     # -- test sets --
 
+    @cached_property
     def test_sets(self) -> dict[str, tuple[list[TestRecord], list[int]]]:
+        """Each test set's records and seeds, read once for all the models."""
         a = self.args
         return {
             name: (read_test_set(a.data / path), a.dolly_seeds if name == "dolly" else a.other_seeds)
@@ -397,11 +402,9 @@ class Study:
         """`label`'s Rouge-L on every test set, per prompt and seed (cached by model, set and settings)."""
         a = self.args
         found, model = {}, None
-        for set_name, (records, seeds) in self.test_sets().items():
+        for set_name, (records, seeds) in self.test_sets.items():
             limit = a.dolly_prompts if set_name == "dolly" else a.other_prompts
-            key = hashlib.sha256(
-                json.dumps([str(model_dir), set_name, limit, seeds, a.prompt_tokens, a.response_tokens]).encode()
-            ).hexdigest()[:16]
+            key = short_hash([str(model_dir), set_name, limit, seeds, a.prompt_tokens, a.response_tokens])
             cached = self.state.setdefault("scores", {}).get(key)
             if cached is None:
                 if model is None:
@@ -444,13 +447,11 @@ def score_set(model, tokenizer, records: list[TestRecord], limit: int, seeds: li
         rouge, length = [], []
         for start in range(0, len(examples), a.eval_batch_size):
             chunk = examples[start : start + a.eval_batch_size]
-            width = max(len(e.prompt_ids) for e in chunk)
-            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e.prompt_ids)) + e.prompt_ids for e in chunk])
-            mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in chunk])
+            prompts = collate([(e.prompt_ids, []) for e in chunk], tokenizer.pad_token_id).to(device)
             batch = sample(
                 model,
-                ids.to(device),
-                mask.to(device),
+                prompts.prompt_ids,
+                prompts.prompt_mask,
                 max_new_tokens=a.response_tokens,
                 eos_id=tokenizer.eos_token_id,
                 pad_id=tokenizer.pad_token_id,

@@ -458,8 +458,6 @@ class JobSpec(_Section):
         training = data.get("training")
         if training is None or (isinstance(training, dict) and training.get("learning_rate") is None):
             return {**data, "training": {**(training or {}), "learning_rate": rate}}
-        if isinstance(training, TrainingSpec) and training.learning_rate is None:
-            return {**data, "training": training.model_copy(update={"learning_rate": rate})}
         return data
 
     @model_validator(mode="after")
