@@ -1,6 +1,6 @@
 """The quality study: does MiniLLM beat SFT, word-level KD, SeqKD and GKD in the paper's set-up?
 
-    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 3.5 h
+    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 2.5 h
     .venv/bin/python bench/quality_study.py --data DATA --preset gpu --teacher DIR  # the paper's sizes
 
 `--data` is a folder with the paper's sets in MiniLLM's record layout (`instruction`, `input`,
@@ -81,35 +81,36 @@ TRAIN = "dolly/dev.jsonl"
 MODELS = ["teacher", "student", "sft", "kd", "seqkd", "gkd", "gkd-jsd", "minillm"]
 GKD_SETTINGS = {"gkd": {"beta": 1.0, "lmbda": 1.0}, "gkd-jsd": {"beta": 0.5, "lmbda": 0.5}}
 
-# Sizes. cpu: about 3.5 hours on 2 cores (AMD EPYC, bf16) with the SmolLM2-135M teacher, from what its parts
-# cost there. One answer of 128 tokens (`score_set`, 32 Dolly test prompts, batch 32): 0.26 s from the 10-layer
-# student, 0.6 s from the teacher. A step at batch 8 (a pilot run of every stage): 7 to 12 s for the teacher's
-# SFT, about 3.3 s for the student's. So the test sets (1,518 answers per model) take about 15 min for the
-# teacher and 7 for each student; selection (200 answers every 40 steps) about 45 min; training about 2 h.
+# Sizes. cpu: the issue's floors for the test sets (200 Dolly prompts x 3 seeds, 64 x 2 from each other set,
+# 128-token responses) and for MiniLLM (150 updates), about 2.5 hours on 2 cores (AMD EPYC, bf16) with the
+# SmolLM2-135M teacher, from what its parts cost there. One answer of 128 tokens (`score_set`, batch 32): 0.26 s
+# from the 10-layer student, 0.6 s from the teacher. A step at batch 8 (a pilot run of every stage): 7 to 12 s for
+# the teacher's SFT, about 3.3 s for the student's. So the test sets (1,112 answers per model) take about 11 min
+# for the teacher and 5 for each student; selection (128 answers) about 35 s a time; training about 1.5 h.
 # gpu: the paper's sizes. smoke: tiny random models, every stage in half a minute (the tests).
 PRESETS = {
     "cpu": dict(
         teacher="builtin:smollm2-135m-instruct",
         student_layers=10,
         train_records=1000,
-        selection_prompts=100,
+        selection_prompts=64,
         selection_seeds=[10, 20],
-        dolly_prompts=250,
+        dolly_prompts=200,
         dolly_seeds=[10, 20, 30],
-        other_prompts=96,
+        other_prompts=64,
         other_seeds=[10, 20],
         prompt_tokens=256,
         response_tokens=128,
         batch_size=8,
         eval_batch_size=32,
-        teacher_steps=120,
+        teacher_steps=80,
         teacher_lr=5e-5,
-        baseline_steps=160,
+        baseline_steps=100,
         baseline_lr=1e-4,
-        select_every=40,
-        rl_steps=160,
+        select_every=25,
+        rl_steps=150,
         rl_lr=2e-5,
-        rl_select_every=40,
+        rl_select_every=50,
         rollouts_per_phase=64,
         warmup_steps=10,
     ),
@@ -338,7 +339,17 @@ class Study:
 
     def teacher(self) -> Run:
         a = self.args
-        spec = self.spec("teacher", "sft", a.teacher, {"model": a.teacher}, a.teacher_steps, a.teacher_lr)
+        every = max(1, a.teacher_steps // 2)  # the teacher answers slowly: its selection at half and at the end
+        spec = self.spec(
+            "teacher",
+            "sft",
+            a.teacher,
+            {"model": a.teacher},
+            a.teacher_steps,
+            a.teacher_lr,
+            eval={"every_steps": every},
+            checkpoints={"every_steps": every},
+        )
         return self.run("teacher", spec)
 
     def student(self) -> Path:
