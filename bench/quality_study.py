@@ -17,7 +17,9 @@
 4. **MiniLLM and GKD** start from the SFT arm's selected checkpoint, as in the paper: MiniLLM with the
    paper's update recipe (4 PPO epochs, a constant rate after warm-up, teacher mix 0.2), GKD at
    β = 1, λ = 1 (MiniLLM's single-step term alone) and at TRL's defaults β = 0.5, λ = 0.5 (`gkd-jsd`),
-   the same number of updates and the same selection.
+   the same number of updates and the same selection. `sft-more` is their control: SFT continued from
+   that checkpoint with the same steps, rate and selection, so that a gain over it is the objective's
+   and not just more updates.
 5. **Test sets.** Every model answers the first `--dolly-prompts` Dolly test records under
    `--dolly-seeds` and the first `--other-prompts` of each other set under `--other-seeds` (the
    records whose prompt fits `--prompt-tokens`), sampled as the paper does (temperature 1, no
@@ -28,8 +30,8 @@
 
 Compute is measured and charged: each arm's training steps (the engine's timed sections of every step:
 sampling, scoring, forwards, backward, optimizer; MiniLLM's rollouts and GKD's on-policy samples
-included), SeqKD's one-off teacher sampling, and for MiniLLM and GKD the SFT steps up to their starting
-checkpoint. The teacher's fine-tuning serves every arm and is reported apart.
+included), SeqKD's one-off teacher sampling, and for the arms that start from SFT's checkpoint the SFT
+steps up to it. The teacher's fine-tuning serves every arm and is reported apart.
 
 Each run is kept under `--out` in a folder named by its spec's fingerprint: interrupted, the study
 resumes where it stopped, and a changed setting never reuses a run made with another. It writes
@@ -78,7 +80,7 @@ SETS = {
 }
 TRAIN = "dolly/dev.jsonl"
 # The models scored, in the table's order; MiniLLM is compared with each of the others.
-MODELS = ["teacher", "student", "sft", "kd", "seqkd", "gkd", "gkd-jsd", "minillm"]
+MODELS = ["teacher", "student", "sft", "kd", "seqkd", "sft-more", "gkd", "gkd-jsd", "minillm"]
 GKD_SETTINGS = {"gkd": {"beta": 1.0, "lmbda": 1.0}, "gkd-jsd": {"beta": 0.5, "lmbda": 0.5}}
 
 # Sizes. cpu: the floors for the test sets (200 Dolly prompts x 3 seeds, 64 x 2 from each other set,
@@ -394,7 +396,11 @@ class Study:
         for name, setting in GKD_SETTINGS.items():
             run = self.run(name, self.spec(name=name, gkd=setting, **{**rl, "method": "gkd"}))
             arms[name] = (run, {"start": f"sft@{sft.selected_step}", "learning_rate": a.rl_lr, "gkd": setting})
-        for name in ("minillm", *GKD_SETTINGS):
+        # The control for the extra updates MiniLLM and GKD get: SFT itself, continued from the same start
+        # with the same steps, rate and selection, so a gain over it is the objective's, not more training.
+        run = self.run("sft-more", self.spec(name="sft-more", **{**rl, "method": "sft"}))
+        arms["sft-more"] = (run, {"start": f"sft@{sft.selected_step}", "learning_rate": a.rl_lr})
+        for name in ("minillm", *GKD_SETTINGS, "sft-more"):
             arms[name][1]["compute"] = {"steps": step_seconds(arms[name][0].events), **inherited}
         return arms
 

@@ -61,9 +61,13 @@ def test_the_study_runs_every_stage_reports_every_arm_on_every_set_and_reuses_on
         assert set(written["comparisons"][set_name]) == set(study.MODELS) - {"minillm"}
         for c in written["comparisons"][set_name].values():
             assert c["ci95"][0] - 1e-9 <= c["minillm_minus_arm"] <= c["ci95"][1] + 1e-9
-    # MiniLLM and GKD start from SFT's selected checkpoint, and are charged SFT's steps up to it.
-    sft, minillm = written["arms"]["sft"], written["arms"]["minillm"]
+    # MiniLLM, GKD and their control, SFT continued, start from SFT's selected checkpoint with one recipe,
+    # and are charged SFT's steps up to it.
+    sft, minillm, control = written["arms"]["sft"], written["arms"]["minillm"], written["arms"]["sft-more"]
     assert minillm["start"] == f"sft@{sft['selection']['step']}" and written["arms"]["gkd"]["start"] == minillm["start"]
+    assert control["method"] == "sft" and control["start"] == minillm["start"]
+    assert (control["steps"], control["learning_rate"]) == (minillm["steps"], minillm["learning_rate"])
+    assert control["compute"]["sft_steps"] == minillm["compute"]["sft_steps"]
     assert minillm["compute"]["sft_steps"] > 0 and minillm["compute_seconds"] > minillm["compute"]["steps"] > 0
     assert written["arms"]["seqkd"]["compute"]["teacher_samples"] > 0
     assert written["arms"]["gkd"]["gkd"] == {"beta": 1.0, "lmbda": 1.0}
