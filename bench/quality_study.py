@@ -1,6 +1,6 @@
 """The quality study: does MiniLLM beat SFT, word-level KD, SeqKD and GKD in the paper's set-up?
 
-    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 2.5 h
+    .venv/bin/python bench/quality_study.py --data ../shared/data                 # 2 CPU cores, about 2 h
     .venv/bin/python bench/quality_study.py --data DATA --preset gpu --teacher DIR  # the paper's sizes
 
 `--data` is a folder with the paper's sets in MiniLLM's record layout (`instruction`, `input`,
@@ -84,11 +84,9 @@ MODELS = ["teacher", "student", "sft", "kd", "seqkd", "sft-more", "gkd", "gkd-js
 GKD_SETTINGS = {"gkd": {"beta": 1.0, "lmbda": 1.0}, "gkd-jsd": {"beta": 0.5, "lmbda": 0.5}}
 
 # Sizes. cpu: the issue's floors for the test sets (200 Dolly prompts x 3 seeds, 64 x 2 from each other set,
-# 128-token responses) and for MiniLLM (150 updates), about 2.5 hours on 2 cores (AMD EPYC, bf16) with the
-# SmolLM2-135M teacher, from what its parts cost there. One answer of 128 tokens (`score_set`, batch 32): 0.26 s
-# from the 10-layer student, 0.6 s from the teacher. A step at batch 8 (a pilot run of every stage): 7 to 12 s for
-# the teacher's SFT, about 3.3 s for the student's. So the test sets (1,112 answers per model) take about 11 min
-# for the teacher and 5 for each student; selection (128 answers) about 35 s a time; training about 1.5 h.
+# 128-token responses) and for MiniLLM (150 updates). Measured on 2 cores (AMD EPYC, bf16) with the SmolLM2-135M
+# teacher: 2 h 3 min in all (docs/quality.md); the teacher's SFT about 11 min, each student arm 9 to 18 min with
+# its selection (a selection pass about 55 s), every model's test sets 2 to 5 min.
 # gpu: the paper's sizes. smoke: tiny random models, every stage in half a minute (the tests).
 PRESETS = {
     "cpu": dict(

@@ -121,3 +121,23 @@ def test_test_sets_keep_every_reference_and_the_training_split_holds_the_selecti
     assert (len(rows), len(held)) == (args.train_records - args.selection_prompts, args.selection_prompts)
     assert set(rows[0]) == {"instruction", "input", "output"}  # the rendered `prompt` is left to the engine
     assert not {r["output"] for r in rows} & {r["output"] for r in held}
+
+
+def test_the_committed_results_cover_every_model_and_set_at_the_issues_floors_and_agree_with_themselves():
+    """docs/quality.json is the study's own output: every model on every set, MiniLLM minus each other model
+    equal to the difference of their means (prompts paired, so the mean of differences is the difference of
+    means), and the sizes at least the floors the study was sized to."""
+    res = json.loads((PROJECT_ROOT / "docs" / "quality.json").read_text())
+    assert set(res["arms"]) == set(study.MODELS)
+    for name, arm in res["arms"].items():
+        assert set(arm["sets"]) == set(study.SETS), name
+    for set_name, about in res["study"]["sets"].items():
+        floor = (200, 3) if set_name == "dolly" else (64, 2)
+        assert (about["prompts"], len(about["seeds"])) >= floor, set_name
+        ours = res["arms"]["minillm"]["sets"][set_name]["rouge_l"]["mean"]
+        assert set(res["comparisons"][set_name]) == set(study.MODELS) - {"minillm"}
+        for name, c in res["comparisons"][set_name].items():
+            theirs = res["arms"][name]["sets"][set_name]["rouge_l"]["mean"]
+            assert c["minillm_minus_arm"] == pytest.approx(ours - theirs, abs=1e-9), (set_name, name)
+            assert c["ci95"][0] <= c["minillm_minus_arm"] <= c["ci95"][1]
+    assert res["study"]["response_tokens"] >= 128 and res["arms"]["minillm"]["steps"] >= 150
