@@ -276,10 +276,13 @@ class Study:
         self.args, self.out = args, args.out
         self.state_path = self.out / "study.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        # Wall time adds up over invocations, saved with every run and score so a stopped one is counted.
+        self.wall_before, self.started = self.state.get("wall_seconds", 0.0), time.perf_counter()
         self.train_file, self.selection_file = write_training_split(args, self.out / "data")
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.state["wall_seconds"] = self.wall_before + time.perf_counter() - self.started
         write_atomically(self.state_path, json.dumps(self.state, indent=2))
 
     # -- training runs --
@@ -335,6 +338,7 @@ class Study:
             print(f"[study] {name}: {spec.method}, {spec.training.steps} steps, lr {spec.training.learning_rate:g}")
             train(spec, folder, JsonlReporter(folder / "events.jsonl"))
             gc.collect()
+            self.save()
         return Run(folder, events_of(folder))
 
     def teacher(self) -> Run:
@@ -435,7 +439,6 @@ class Study:
 
     def run_all(self) -> dict:
         a = self.args
-        started = time.perf_counter()
         teacher_run, student = self.teacher(), self.student()
         teacher = str(teacher_run.selected)
         arms = self.arms(teacher, student)
@@ -445,7 +448,6 @@ class Study:
         tokenizer = load_tokenizer(resolve_model(a.teacher))
         models = {"teacher": teacher_run.selected, "student": student} | {n: r.selected for n, (r, _) in arms.items()}
         scores = {label: self.score(label, path, tokenizer, device, dtype) for label, path in models.items()}
-        self.state["wall_seconds"] = self.state.get("wall_seconds", 0.0) + time.perf_counter() - started
         self.save()
         return results(a, teacher_run, arms, scores, self.state["wall_seconds"])
 
