@@ -62,7 +62,6 @@ def sweep(args) -> dict:
         )
     )
     teacher, start = study.args.teacher, {"model": str(study.student())}
-    minillm = {"rollouts_per_phase": 64, "rollout_batch_size": 32, "ppo_epochs": 4, "teacher_mix_alpha": 0.2}
     found = {}
     for method, rates in GRID.items():
         if method in FROM_SFT:
@@ -70,7 +69,9 @@ def sweep(args) -> dict:
             start = {"model": str(found["sft"]["runs"][best_sft].selected)}
         runs, scores = {}, {}
         for lr in rates:
-            spec = study.spec(f"lr-{method}-{lr:g}", method, teacher, start, args.steps, lr, minillm=minillm)
+            spec = study.spec(
+                f"lr-{method}-{lr:g}", method, teacher, start, args.steps, lr, minillm=study.minillm_recipe()
+            )
             run = study.run(f"lr-{method}-{lr:g}", spec)
             final = selection_scores(run.events)[args.steps]
             runs[f"{lr:g}"], scores[f"{lr:g}"] = run, {"rouge_l": final["rouge_l"], "per_seed": final["per_seed"]}

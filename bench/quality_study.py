@@ -341,6 +341,16 @@ class Study:
             self.save()
         return Run(folder, events_of(folder))
 
+    def minillm_recipe(self) -> dict:
+        """MiniLLM's section: the paper's recipe; rollouts at the study's response length, no L_PT corpus."""
+        a = self.args
+        return {
+            "rollouts_per_phase": a.rollouts_per_phase,
+            "rollout_batch_size": a.eval_batch_size,
+            "ppo_epochs": 4,
+            "teacher_mix_alpha": 0.2,
+        }
+
     def teacher(self) -> Run:
         a = self.args
         every = max(1, a.teacher_steps // 2)  # the teacher answers slowly: its selection at half and at the end
@@ -387,13 +397,7 @@ class Study:
             eval={"every_steps": a.rl_select_every},
             checkpoints={"every_steps": a.rl_select_every},
         )
-        minillm = {  # the paper's recipe; rollouts at the study's response length, no L_PT corpus
-            "rollouts_per_phase": a.rollouts_per_phase,
-            "rollout_batch_size": a.eval_batch_size,
-            "ppo_epochs": 4,
-            "teacher_mix_alpha": 0.2,
-        }
-        run = self.run("minillm", self.spec(name="minillm", minillm=minillm, **rl))
+        run = self.run("minillm", self.spec(name="minillm", minillm=self.minillm_recipe(), **rl))
         arms["minillm"] = (run, {"start": f"sft@{sft.selected_step}", "learning_rate": a.rl_lr})
         for name, setting in GKD_SETTINGS.items():
             run = self.run(name, self.spec(name=name, gkd=setting, **{**rl, "method": "gkd"}))

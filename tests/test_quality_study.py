@@ -77,9 +77,8 @@ def test_the_study_runs_every_stage_reports_every_arm_on_every_set_and_reuses_on
 
     # Again with the same settings: nothing trains again; with more rollouts a phase, only MiniLLM does.
     runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
-    trained = json.loads((tmp_path / "out" / "study.json").read_text())["wall_seconds"]
     again = study.Study(study.parse_args(argv)).run_all()
-    assert again["study"]["wall_seconds"] > res["study"]["wall_seconds"] >= trained > 0  # adds up over invocations
+    assert again["study"]["wall_seconds"] > res["study"]["wall_seconds"] > 0  # adds up over invocations
     assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == runs
     assert again["arms"]["minillm"]["sets"] == res["arms"]["minillm"]["sets"]
     study.Study(study.parse_args([*argv, "--rollouts-per-phase", "8"])).run_all()
